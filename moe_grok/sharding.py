@@ -1,0 +1,55 @@
+"""Mesh helpers shared by every jitted entry point.
+
+Convention: a mesh has a "data" axis (batch / sample parallelism) and optionally an "expert"
+axis (expert and large-matrix parallelism). Every entry point takes ``mesh=None`` meaning
+"single device, no sharding constraints".
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+EXPERT_AXIS = "expert"
+
+
+def make_mesh(data: int | None = None, expert: int = 1, devices=None) -> Mesh:
+    """A ("data", "expert") mesh over ``devices`` (default: all); ``data`` defaults to the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data is None:
+        data = len(devices) // expert
+    if data * expert > len(devices):
+        raise ValueError(f"mesh {data}x{expert} needs {data * expert} devices, have {len(devices)}")
+    grid = np.array(devices[: data * expert]).reshape(data, expert)
+    return Mesh(grid, (DATA_AXIS, EXPERT_AXIS))
+
+
+def batch_spec(mesh: Mesh, ndim: int) -> P:
+    """PartitionSpec sharding axis 0 over the mesh's data axis, replicating the rest."""
+    axis = DATA_AXIS if DATA_AXIS in mesh.axis_names else mesh.axis_names[0]
+    return P(axis, *([None] * (ndim - 1)))
+
+
+def shard_batch(x, mesh: Mesh | None):
+    """Place an array (or pytree) with its leading axis split over the data axis.
+
+    The leading axis must be divisible by the data-axis size; callers pad batches first.
+    """
+    if mesh is None:
+        return x
+    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, batch_spec(mesh, np.ndim(a)))), x)
+
+
+def replicate(x, mesh: Mesh | None):
+    """Place an array (or pytree) fully replicated over the mesh."""
+    if mesh is None:
+        return x
+    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P())), x)
+
+
+def data_axis_size(mesh: Mesh | None) -> int:
+    if mesh is None:
+        return 1
+    axis = DATA_AXIS if DATA_AXIS in mesh.axis_names else mesh.axis_names[0]
+    return mesh.shape[axis]

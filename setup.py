@@ -1,0 +1,30 @@
+"""moe_grok: find grokking inside Mixture-of-Experts LMs by watching routing pathways."""
+import setuptools
+
+setuptools.setup(
+    name="moe_grok",
+    version="0.1.0",
+    description="Routing-pathway grokking analysis for MoE language models (JAX/Flax).",
+    packages=setuptools.find_packages(include=["moe_grok", "moe_grok.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "numpy",
+        "chex",
+        "absl-py",
+        "ml_collections",
+        "safetensors",
+        "matplotlib",
+        "rapidfuzz",
+        "scipy",
+        "tqdm",
+        "tokenizers",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "transformers", "torch==2.13.0"],
+        "hub": ["huggingface_hub"],
+    },
+)

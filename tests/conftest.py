@@ -1,0 +1,25 @@
+"""Test setup: 8 simulated CPU devices so mesh-sharded code paths run in every test session."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS is set)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    """A 1-D data-parallel mesh over the 8 simulated CPU devices."""
+    devices = np.array(jax.devices()[:8])
+    return jax.sharding.Mesh(devices, ("data",))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
