@@ -1,0 +1,326 @@
+"""OLMoE-architecture Mixture-of-Experts decoder in Flax, numerically matching HF's OlmoeForCausalLM.
+
+Shapes: B = batch, S = sequence, D = hidden, H = heads, K = kv heads, Dh = head dim,
+E = experts, k = experts per token, F = expert intermediate, L = layers, V = vocab, T = B*S tokens.
+
+Parameters are a plain pytree; layers are stacked on a leading [L] axis (nn.scan), every
+parameter carries logical axis names (see LOGICAL_RULES) for mesh sharding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_grok.config import MoEConfig
+
+# Logical axis -> mesh axis (moe_grok.sharding's "data" / "expert" axes).
+LOGICAL_RULES = (
+    ("batch", "data"),
+    ("expert", "expert"),
+    ("layers", None),
+    ("vocab", None),
+    ("embed", None),
+    ("q_width", None),
+    ("kv_width", None),
+    ("mlp", None),
+    ("norm", None),
+)
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array | None  # [B, S, V] (None when the LM head is skipped)
+    router_logits: jax.Array  # [B, S, L, E] float32
+    hidden: jax.Array  # [B, S, D] after the final norm
+
+
+def _init(std: float, *names: str):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, then scaled (HF OlmoeRMSNorm order)."""
+
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
+
+
+def rotary_embedding(x, positions, theta: float):
+    """NeoX-style RoPE (rotate-half). x: [B, S, heads, Dh]; positions: [B, S] int."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, Dh/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with full-width q/k RMSNorm before RoPE, optional GQA and clip_qkv."""
+
+    config: MoEConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg, dtype = self.config, self.config.jnp_dtype
+        b, s, _ = x.shape
+        h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dtype, param_dtype=dtype)
+        q = dense(h * hd, kernel_init=_init(cfg.init_std, "embed", "q_width"), name="q_proj")(x)
+        k = dense(kv * hd, kernel_init=_init(cfg.init_std, "embed", "kv_width"), name="k_proj")(x)
+        v = dense(kv * hd, kernel_init=_init(cfg.init_std, "embed", "kv_width"), name="v_proj")(x)
+        q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
+        k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = rotary_embedding(q.reshape(b, s, h, hd), positions, cfg.rope_theta)
+        k = rotary_embedding(k.reshape(b, s, kv, hd), positions, cfg.rope_theta)
+        v = v.reshape(b, s, kv, hd)
+
+        q = q.reshape(b, s, kv, h // kv, hd)  # GQA: query heads grouped under their kv head
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * hd**-0.5
+        causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+        allowed = causal[None, :, :] & mask[:, None, :].astype(bool)  # [B, S_q, S_k]
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, h * hd)
+        return dense(cfg.hidden_size, kernel_init=_init(cfg.init_std, "q_width", "embed"), name="o_proj")(out)
+
+
+# ----------------------------------------------------------------------------------------
+# Expert computation: tokens dispatched to their k experts (never all experts on all tokens,
+# except in the dense test oracle).
+# ----------------------------------------------------------------------------------------
+def _swiglu(x, w_gate, w_up, w_down, matmul):
+    return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
+
+
+def _sort_by_expert(top_idx, num_experts):
+    """Order the T*k (token, choice) assignments by expert. Returns (order, group_sizes [E])."""
+    flat = top_idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, group_sizes
+
+
+def experts_ragged(x, top_idx, top_w, w_gate, w_up, w_down):
+    """Sorted tokens through jax.lax.ragged_dot (grouped matmul; the GPU/TPU path).
+
+    x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] -> [T, D].
+    """
+    t, k = top_idx.shape
+    order, group_sizes = _sort_by_expert(top_idx, w_gate.shape[0])
+    token = order // k
+    matmul = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes)
+    y = _swiglu(x[token], w_gate, w_up, w_down, matmul)
+    y = y * top_w.reshape(-1)[order][:, None]
+    return jnp.zeros_like(x).at[token].add(y)
+
+
+def experts_capacity(x, top_idx, top_w, w_gate, w_up, w_down, capacity_factors=(1.25, 2.0)):
+    """Exact capacity-tiered dispatch (the CPU path): batched per-expert einsum `ecd,edf->ecf`.
+
+    Each tier packs every expert's tokens into C = factor * T*k/E slots; the smallest tier
+    whose C holds the busiest expert runs (lax.switch). A final tier with C = T always fits,
+    because a token picks an expert at most once, so no token is ever dropped.
+    """
+    t, k = top_idx.shape
+    num_experts = w_gate.shape[0]
+    order, group_sizes = _sort_by_expert(top_idx, num_experts)
+    token = order // k
+    sorted_expert = top_idx.reshape(-1)[order]
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    slot_in_expert = jnp.arange(t * k) - starts[sorted_expert]
+    weights = top_w.reshape(-1)[order][:, None]
+    mean = t * k / num_experts
+    capacities = sorted({min(t, max(1, int(-(-f * mean // 1)))) for f in capacity_factors} | {t})
+
+    def run(capacity):
+        def branch(xs):
+            slot = jnp.where(slot_in_expert < capacity, sorted_expert * capacity + slot_in_expert,
+                             num_experts * capacity)  # out of range -> dropped (never taken: tier fits)
+            packed = jnp.zeros((num_experts * capacity, x.shape[-1]), x.dtype).at[slot].set(xs, mode="drop")
+            packed = packed.reshape(num_experts, capacity, -1)
+            matmul = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)  # noqa: E731
+            y = _swiglu(packed, w_gate, w_up, w_down, matmul).reshape(num_experts * capacity, -1)
+            y = y.at[slot].get(mode="fill", fill_value=0) * weights
+            return jnp.zeros_like(x).at[token].add(y)
+        return branch
+
+    tier = jnp.searchsorted(jnp.array(capacities), jnp.max(group_sizes), side="left")
+    return jax.lax.switch(tier, [run(c) for c in capacities], x[token])
+
+
+def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down):
+    """Test oracle: every expert on every token, combined with the top-k weights. [T, D]."""
+    matmul = lambda a, w: jnp.einsum("td,edf->etf", a, w) if a.ndim == 2 else jnp.einsum("etd,edf->etf", a, w)  # noqa: E731
+    y = _swiglu(x, w_gate, w_up, w_down, matmul)  # [E, T, D]
+    combine = jnp.zeros((x.shape[0], w_gate.shape[0]), top_w.dtype)
+    combine = combine.at[jnp.arange(x.shape[0])[:, None], top_idx].add(top_w)
+    return jnp.einsum("etd,te->td", y, combine.astype(y.dtype))
+
+
+EXPERT_IMPLS = {"ragged": experts_ragged, "capacity": experts_capacity, "dense": experts_dense}
+
+
+def resolve_moe_impl(impl: str) -> str:
+    """'auto' -> 'capacity' on CPU (ragged_dot is very slow there), 'ragged' on GPU/TPU."""
+    if impl != "auto":
+        return impl
+    return "capacity" if jax.default_backend() == "cpu" else "ragged"
+
+
+class SparseMoE(nn.Module):
+    """Router + SwiGLU experts. Returns (output [B, S, D], router_logits [B, S, E] float32)."""
+
+    config: MoEConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dtype = self.config, self.config.jnp_dtype
+        b, s, d = x.shape
+        e, f = cfg.num_experts, cfg.expert_intermediate_size
+        router = self.param("router", _init(cfg.init_std, "embed", "expert"), (d, e), dtype)
+        w_gate = self.param("gate_proj", _init(cfg.init_std, "expert", "embed", "mlp"), (e, d, f), dtype)
+        w_up = self.param("up_proj", _init(cfg.init_std, "expert", "embed", "mlp"), (e, d, f), dtype)
+        w_down = self.param("down_proj", _init(cfg.init_std, "expert", "mlp", "embed"), (e, f, d), dtype)
+
+        tokens = x.reshape(b * s, d)
+        router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
+        probs = jax.nn.softmax(router_logits, axis=-1)
+        top_w, top_idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+        if cfg.norm_topk_prob:
+            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        impl = resolve_moe_impl(cfg.moe_impl)
+        kwargs = {"capacity_factors": cfg.capacity_factors} if impl == "capacity" else {}
+        out = EXPERT_IMPLS[impl](tokens, top_idx, top_w.astype(dtype), w_gate, w_up, w_down, **kwargs)
+        return out.reshape(b, s, d), router_logits.reshape(b, s, e)
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(input_norm(x)); then + moe(post_attention_norm(.)). Scanned over layers."""
+
+    config: MoEConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.config
+        x = x + Attention(cfg, name="attn")(RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="input_norm")(x),
+                                            positions, mask)
+        moe_out, router_logits = SparseMoE(cfg, name="moe")(
+            RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="post_attention_norm")(x))
+        return x + moe_out, router_logits
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE LM. __call__(tokens [B, S], mask [B, S]) -> ModelOutput."""
+
+    config: MoEConfig
+
+    @nn.compact
+    def __call__(self, tokens, mask=None, positions=None, with_lm_head: bool = True):
+        cfg, dtype = self.config, self.config.jnp_dtype
+        b, s = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, s), jnp.int32)
+        if positions is None:  # HF default: 0..S-1 for every row, whatever the padding
+            positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                         embedding_init=_init(cfg.init_std, "vocab", "embed"), name="embed")
+        x = embed(tokens)
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, router_logits = layers(cfg, name="layers")(x, positions, mask)  # router_logits [L, B, S, E]
+        x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
+        router_logits = jnp.transpose(router_logits, (1, 2, 0, 3))
+        if not with_lm_head:
+            return ModelOutput(None, router_logits, x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
+                                     kernel_init=_init(cfg.init_std, "embed", "vocab"), name="lm_head")(x)
+        return ModelOutput(logits, router_logits, x)
+
+
+# ----------------------------------------------------------------------------------------
+# Parameters and sharding
+# ----------------------------------------------------------------------------------------
+def _abstract_boxed_params(config: MoEConfig):
+    model = MoETransformer(config)
+    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+
+
+def param_shapes(config: MoEConfig):
+    """Pytree of jax.ShapeDtypeStruct for the model's parameters (no allocation)."""
+    return nn.meta.unbox(_abstract_boxed_params(config))
+
+
+def param_shardings(config: MoEConfig, mesh: jax.sharding.Mesh | None):
+    """Pytree of NamedSharding (experts over the mesh's "expert" axis, the rest replicated)."""
+    if mesh is None:
+        return None
+    specs = nn.get_partition_spec(_abstract_boxed_params(config))
+    rules = tuple((logical, axis if axis in mesh.axis_names else None) for logical, axis in LOGICAL_RULES)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def init_params(config: MoEConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None):
+    """Random parameters (normal(init_std), norms at 1) as a plain pytree, sharded if a mesh is given."""
+    model = MoETransformer(config)
+
+    def init(key):
+        return nn.meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32))["params"])
+
+    return jax.jit(init, out_shardings=param_shardings(config, mesh))(rng)
+
+
+def router_matrices(params) -> jax.Array:
+    """Router weight matrices W_l with experts as rows: [L, E, D] (row k = expert embedding v_lk)."""
+    return jnp.swapaxes(params["layers"]["moe"]["router"], -1, -2)
+
+
+def forward(config: MoEConfig, params, tokens, mask=None, with_lm_head: bool = True) -> ModelOutput:
+    """Apply the model (un-jitted; jit at the caller's boundary)."""
+    return MoETransformer(config).apply({"params": params}, tokens, mask, with_lm_head=with_lm_head)
+
+
+# ----------------------------------------------------------------------------------------
+# Auxiliary router losses (training)
+# ----------------------------------------------------------------------------------------
+def load_balancing_loss(router_logits, mask, top_k: int):
+    """HF's load_balancing_loss_func: E * sum_e f_e * P_e over all layers' tokens.
+
+    router_logits: [B, S, L, E]; mask: [B, S] (1 = real token). f_e = fraction of top-k
+    assignments to expert e, P_e = mean router probability, both over real tokens of all layers.
+    """
+    num_experts = router_logits.shape[-1]
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    _, top_idx = jax.lax.top_k(probs, top_k)
+    weight = jnp.broadcast_to(mask.astype(jnp.float32)[:, :, None], probs.shape[:3])  # [B, S, L]
+    total = jnp.sum(weight)
+    counts = jnp.sum(jax.nn.one_hot(top_idx, num_experts) * weight[..., None, None], axis=(0, 1, 2, 3))
+    prob_sum = jnp.sum(probs * weight[..., None], axis=(0, 1, 2))
+    return num_experts * jnp.sum((counts / total) * (prob_sum / total))
+
+
+def router_z_loss(router_logits, mask):
+    """ST-MoE router z-loss: mean over real tokens and layers of logsumexp(logits)^2."""
+    z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1) ** 2  # [B, S, L]
+    weight = jnp.broadcast_to(mask.astype(jnp.float32)[:, :, None], z.shape)
+    return jnp.sum(z * weight) / jnp.sum(weight)

@@ -1,0 +1,213 @@
+"""Model + conversion: exact parity with HF OlmoeForCausalLM, dispatch vs dense oracle, orbax, errors."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_reference import hf_outputs, save_hf_model
+from moe_grok import model as model_lib
+from moe_grok.config import MoEConfig, olmoe_1b_7b, toy
+from moe_grok.convert import CheckpointError, load_hf, restore_params, save_params
+from moe_grok.sharding import make_mesh
+
+TOL = 1e-4
+
+
+def _batch(rng, vocab=96, batch=3, seq=10):
+    tokens = rng.integers(0, vocab, (batch, seq))
+    mask = np.ones((batch, seq), np.int32)
+    mask[1, 7:] = 0  # right padding on two rows
+    mask[2, 4:] = 0
+    return tokens, mask
+
+
+def _assert_parity(hf_model, config, params, tokens, mask):
+    ref_logits, ref_router = hf_outputs(hf_model, tokens, mask)
+    out = model_lib.forward(config, params, jnp.asarray(tokens), jnp.asarray(mask))
+    real = mask.astype(bool)
+    assert out.logits.shape == ref_logits.shape and out.router_logits.shape == ref_router.shape
+    np.testing.assert_array_less(np.abs(np.asarray(out.logits) - ref_logits)[real].max(), TOL)
+    np.testing.assert_array_less(np.abs(np.asarray(out.router_logits) - ref_router)[real].max(), TOL)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # MHA, no renormalization
+    dict(num_key_value_heads=2, norm_topk_prob=True),  # GQA + renormalized top-k
+    dict(num_key_value_heads=1, clip_qkv=0.5, num_experts_per_tok=3),  # MQA + clipping
+    dict(tie_word_embeddings=True, num_hidden_layers=3),
+])
+def test_logits_and_router_logits_match_hf(tmp_path, rng, overrides):
+    hf_model = save_hf_model(tmp_path, **overrides)
+    config, params = load_hf(str(tmp_path))
+    tokens, mask = _batch(rng)
+    _assert_parity(hf_model, config, params, tokens, mask)
+
+
+def test_sharded_index_and_fused_layouts_load_identically(tmp_path, rng):
+    import safetensors.torch
+
+    hf_model = save_hf_model(tmp_path / "sharded", max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    fused_dir = tmp_path / "fused"  # transformers>=5 keeps experts fused in memory
+    fused_dir.mkdir()
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    safetensors.torch.save_file(state, str(fused_dir / "model.safetensors"))
+    (fused_dir / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    config_a, params_a = load_hf(str(tmp_path / "sharded"))
+    config_b, params_b = load_hf(str(fused_dir))
+    assert config_a == config_b
+    jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+    tokens, mask = _batch(rng)
+    _assert_parity(hf_model, config_b, params_b, tokens, mask)
+
+
+def test_bfloat16_weights_run_and_stay_close(tmp_path, rng):
+    save_hf_model(tmp_path)
+    config32, params32 = load_hf(str(tmp_path))
+    config16, params16 = load_hf(str(tmp_path), dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
+    tokens, mask = _batch(rng)
+    out16 = model_lib.forward(config16, params16, jnp.asarray(tokens), jnp.asarray(mask))
+    out32 = model_lib.forward(config32, params32, jnp.asarray(tokens), jnp.asarray(mask))
+    assert out16.logits.dtype == jnp.bfloat16 and out16.router_logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out16.logits, np.float32)).all()
+    err = np.abs(np.asarray(out16.logits, np.float32) - np.asarray(out32.logits))[mask.astype(bool)]
+    assert err.max() < 0.15 * np.abs(np.asarray(out32.logits)).max()
+
+
+@pytest.mark.parametrize("impl", ["capacity", "ragged"])
+@pytest.mark.parametrize("skew", [0.0, 8.0])  # skew routes most tokens to expert 0: exact overflow tiers
+def test_dispatch_equals_dense_oracle(impl, skew):
+    rng = np.random.default_rng(1)
+    t, d, f, e, k = 64, 16, 12, 8, 3
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    logits = rng.normal(size=(t, e)) + skew * (np.arange(e) == 0)
+    probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32))
+    top_w, top_idx = jax.lax.top_k(probs, k)
+    w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    expected = model_lib.experts_dense(x, top_idx, top_w, *w)
+    got = jax.jit(model_lib.EXPERT_IMPLS[impl])(x, top_idx, top_w, *w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-5)
+    if skew:  # expert 0 takes every token: only the exact C = T tier holds it
+        assert int(jnp.sum(top_idx == 0)) == t
+
+
+def test_capacity_dispatch_gradients_match_dense():
+    rng = np.random.default_rng(2)
+    t, d, f, e, k = 32, 8, 6, 4, 2
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    top_w, top_idx = jax.lax.top_k(jax.nn.softmax(jnp.asarray(rng.normal(size=(t, e)), jnp.float32)), k)
+    w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+
+    def loss(impl):
+        return lambda x, tw, *ws: jnp.sum(jnp.sin(model_lib.EXPERT_IMPLS[impl](x, top_idx, tw, *ws)))
+
+    g_dense = jax.grad(loss("dense"), argnums=(0, 1, 2, 3, 4))(x, top_w, *w)
+    g_cap = jax.grad(loss("capacity"), argnums=(0, 1, 2, 3, 4))(x, top_w, *w)
+    for a, b in zip(g_dense, g_cap):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_load_balancing_loss_matches_hf(tmp_path, rng):
+    import torch
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    router = rng.normal(size=(3, 10, 2, 8)).astype(np.float32)
+    _, mask = _batch(rng)
+    ref = load_balancing_loss_func(tuple(torch.as_tensor(router[:, :, l].reshape(-1, 8)) for l in range(2)),
+                                   8, 2, torch.as_tensor(mask))
+    got = model_lib.load_balancing_loss(jnp.asarray(router), jnp.asarray(mask), 2)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+    z = model_lib.router_z_loss(jnp.asarray(router), jnp.asarray(mask))
+    lse = np.log(np.exp(router).sum(-1)) ** 2
+    np.testing.assert_allclose(float(z), lse[mask.astype(bool)].mean(), rtol=1e-5)
+
+
+def test_orbax_round_trip(tmp_path):
+    config = toy(vocab_size=20, num_layers=2)
+    params = model_lib.init_params(config, jax.random.key(0))
+    save_params(str(tmp_path / "ckpt"), config, params)
+    config2, params2 = restore_params(str(tmp_path / "ckpt"))
+    assert config2 == config
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    with pytest.raises(CheckpointError, match="not a moe_grok checkpoint"):
+        restore_params(str(tmp_path))
+
+
+def test_mesh_loading_and_forward_equal_single_device(tmp_path, rng):
+    save_hf_model(tmp_path)
+    config, params = load_hf(str(tmp_path))
+    mesh = make_mesh(data=4, expert=2)
+    _, sharded = load_hf(str(tmp_path), mesh=mesh)
+    gate = sharded["layers"]["moe"]["gate_proj"]
+    assert gate.sharding.spec[1] == "expert"
+    assert gate.addressable_shards[0].data.shape[1] == config.num_experts // 2  # read directly into shards
+    jax.tree.map(np.testing.assert_array_equal, params, sharded)
+    tokens, mask = _batch(rng, batch=8)
+    single = jax.jit(lambda p, t, m: model_lib.forward(config, p, t, m))(params, tokens, mask)
+    from moe_grok.sharding import shard_batch
+    multi = jax.jit(lambda p, t, m: model_lib.forward(config, p, t, m))(
+        sharded, shard_batch(jnp.asarray(tokens), mesh), shard_batch(jnp.asarray(mask), mesh))
+    np.testing.assert_allclose(np.asarray(multi.logits), np.asarray(single.logits), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(multi.router_logits), np.asarray(single.router_logits), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: each names its problem
+# --------------------------------------------------------------------------------------
+def _rewrite_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unsupported_model_type(tmp_path):
+    save_hf_model(tmp_path)
+    _rewrite_config(tmp_path, model_type="mixtral")
+    with pytest.raises(ValueError, match="unsupported model_type 'mixtral'"):
+        load_hf(str(tmp_path))
+
+
+def test_shape_mismatch_with_config(tmp_path):
+    save_hf_model(tmp_path)
+    _rewrite_config(tmp_path, intermediate_size=48)
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight: shape \(24, 32\) does not match config"):
+        load_hf(str(tmp_path))
+
+
+def test_missing_and_unexpected_keys(tmp_path):
+    import safetensors.torch
+
+    save_hf_model(tmp_path)
+    state = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    state.pop("model.layers.1.mlp.gate.weight")
+    state["model.layers.0.mlp.shared_expert.weight"] = state["model.norm.weight"].clone()
+    safetensors.torch.save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\).*layers.1.mlp.gate.weight.*"
+                                              r"1 unexpected key\(s\).*shared_expert"):
+        load_hf(str(tmp_path))
+
+
+def test_missing_files_and_unknown_repo(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe"}))
+    with pytest.raises(CheckpointError, match="local directory; revision"):
+        load_hf(str(tmp_path), revision="step1000-tokens4B")
+
+
+def test_config_validation_and_presets():
+    real = olmoe_1b_7b()
+    assert (real.hidden_size, real.num_layers, real.num_experts, real.expert_intermediate_size) == (2048, 16, 64, 1024)
+    # ~1.3B active parameters -> ~2.6 GFLOP/token forward without attention context
+    assert 2.0e9 < real.active_flops_per_token(1) < 3.0e9
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        MoEConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=3, num_kv_heads=2, head_dim=4,
+                  num_experts=4, num_experts_per_tok=2, expert_intermediate_size=4)
+    with pytest.raises(ValueError, match="num_experts_per_tok=5"):
+        toy(vocab_size=8, num_experts_per_tok=5, num_experts=4)
+    assert MoEConfig.from_json(real.to_json()) == real
