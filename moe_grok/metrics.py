@@ -1,0 +1,399 @@
+"""Pathway metrics (SPEC.md, metrics 1 and 2).
+
+Metric 1, pathway distance: Levenshtein edit distance between pathways, at
+``level="char"`` on pathway strings (paper default, see ``pathways.pathway_strings``) or at
+``level="token"`` on token tuples (one symbol per expert id, layer boundaries kept, see
+``pathways.pathway_tokens``). ``normalized=True`` divides by the longer length (0 for two
+empty pathways). CPU: rapidfuzz. Accelerators: ``levenshtein_jax`` / ``pairwise_distances_jax``
+(equal to rapidfuzz exactly).
+
+Metric 2, pathway complexity / consistency of one sample from its token-mean router weights
+and the router weight matrices.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+from moe_grok.sharding import data_axis_size, replicate, shard_batch
+
+Level = Literal["char", "token"]
+OnSmall = Literal["raise", "nan"]
+Pathway = str | Sequence[int]
+
+# ---------------------------------------------------------------------------------------
+# Metric 1 on CPU (rapidfuzz)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_pathways(pathways: Sequence[Pathway], level: Level) -> list[Pathway]:
+    if level not in ("char", "token"):
+        raise ValueError(f"level must be 'char' or 'token', got {level!r}")
+    pathways = list(pathways)
+    for index, pathway in enumerate(pathways):
+        if level == "char" and not isinstance(pathway, str):
+            raise ValueError(
+                f"level='char' needs str pathways (pathway_strings); item {index} is "
+                f"{type(pathway).__name__}"
+            )
+        if level == "token" and isinstance(pathway, str):
+            raise ValueError(
+                f"level='token' needs integer token sequences (pathway_tokens); item {index} is str"
+            )
+    return pathways
+
+
+def _check_pairs(pairs, num_pathways: int) -> np.ndarray:
+    pairs = np.asarray(pairs, dtype=np.int64)
+    if pairs.size == 0:
+        pairs = pairs.reshape(0, 2)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be an index array [m, 2], got shape {pairs.shape}")
+    if pairs.size and (pairs.min() < 0 or pairs.max() >= num_pathways):
+        raise ValueError(f"pair indices must lie in [0, {num_pathways}), got [{pairs.min()}, {pairs.max()}]")
+    return pairs
+
+
+def _scorer_and_dtype(normalized: bool):
+    if normalized:
+        return Levenshtein.normalized_distance, np.float64
+    return Levenshtein.distance, np.int32
+
+
+def pairwise_pathway_distances(
+    pathways: Sequence[Pathway],
+    level: Level = "char",
+    normalized: bool = False,
+    pairs=None,
+) -> np.ndarray:
+    """Levenshtein distances between pathways (rapidfuzz, all CPU cores).
+
+    pairs: None -> the full symmetric ``[n, n]`` matrix; an int array ``[m, 2]`` of index
+    pairs -> ``[m]`` distances of those pairs.
+    Returns int32 edit counts, or float64 in [0, 1] when ``normalized``.
+    """
+    pathways = _check_pathways(pathways, level)
+    scorer, dtype = _scorer_and_dtype(normalized)
+    if pairs is None:
+        return process.cdist(pathways, pathways, scorer=scorer, dtype=dtype, workers=-1)
+    pairs = _check_pairs(pairs, len(pathways))
+    if not len(pairs):
+        return np.zeros(0, dtype)
+    return process.cpdist(
+        [pathways[i] for i in pairs[:, 0]],
+        [pathways[j] for j in pairs[:, 1]],
+        scorer=scorer,
+        dtype=dtype,
+        workers=-1,
+    )
+
+
+def _check_max_pairs(max_pairs: int | None) -> None:
+    if max_pairs is not None and max_pairs < 1:
+        raise ValueError(f"max_pairs must be >= 1 or None, got {max_pairs}")
+
+
+def _too_small(message: str, on_small: OnSmall) -> float:
+    if on_small == "nan":
+        return float("nan")
+    if on_small == "raise":
+        raise ValueError(message)
+    raise ValueError(f"on_small must be 'raise' or 'nan', got {on_small!r}")
+
+
+def _unordered_pairs(num_pathways: int, condensed: np.ndarray) -> np.ndarray:
+    """Condensed indices over i<j pairs (order (0,1), (0,2), ..., (1,2), ...) -> ``[m, 2]``."""
+    rows = np.arange(num_pathways, dtype=np.int64)
+    row_starts = rows * (2 * num_pathways - rows - 1) // 2
+    first = np.searchsorted(row_starts, condensed, side="right") - 1
+    second = condensed - row_starts[first] + first + 1
+    return np.stack([first, second], axis=1)
+
+
+def group_pathway_distance(
+    pathways: Sequence[Pathway],
+    level: Level = "char",
+    normalized: bool = False,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    on_small: OnSmall = "raise",
+) -> float:
+    """Mean pathway distance over all unordered pairs i<j of one group (SPEC metric 1).
+
+    max_pairs: if set and the group has more pairs, the mean over a uniform random subset of
+    ``max_pairs`` distinct pairs drawn with ``seed``.
+    on_small: a group with fewer than 2 pathways raises ValueError ("raise") or gives NaN ("nan").
+    """
+    _check_max_pairs(max_pairs)
+    pathways = _check_pathways(pathways, level)
+    count = len(pathways)
+    if count < 2:
+        return _too_small(f"group pathway distance needs >= 2 pathways, got {count}", on_small)
+    total_pairs = count * (count - 1) // 2
+    if max_pairs is None or total_pairs <= max_pairs:
+        matrix = pairwise_pathway_distances(pathways, level, normalized)
+        return float(matrix.sum(dtype=np.float64) / (count * (count - 1)))  # zero diagonal
+    condensed = np.random.default_rng(seed).choice(total_pairs, size=max_pairs, replace=False)
+    pairs = _unordered_pairs(count, condensed)
+    return float(pairwise_pathway_distances(pathways, level, normalized, pairs).mean(dtype=np.float64))
+
+
+def cross_group_distance(
+    group_a: Sequence[Pathway],
+    group_b: Sequence[Pathway],
+    level: Level = "char",
+    normalized: bool = False,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    on_small: OnSmall = "raise",
+) -> float:
+    """Mean distance over all pairs (a_i, b_j) (the paper's math-vs-code control).
+
+    max_pairs / seed: as in ``group_pathway_distance``. An empty group raises ValueError
+    (``on_small="raise"``) or gives NaN (``on_small="nan"``).
+    """
+    _check_max_pairs(max_pairs)
+    group_a = _check_pathways(group_a, level)
+    group_b = _check_pathways(group_b, level)
+    if not group_a or not group_b:
+        return _too_small(
+            f"cross-group distance needs non-empty groups, got sizes {len(group_a)} and {len(group_b)}",
+            on_small,
+        )
+    scorer, dtype = _scorer_and_dtype(normalized)
+    total_pairs = len(group_a) * len(group_b)
+    if max_pairs is None or total_pairs <= max_pairs:
+        matrix = process.cdist(group_a, group_b, scorer=scorer, dtype=dtype, workers=-1)
+        return float(matrix.mean(dtype=np.float64))
+    flat = np.random.default_rng(seed).choice(total_pairs, size=max_pairs, replace=False)
+    index_a, index_b = np.divmod(flat, len(group_b))
+    distances = process.cpdist(
+        [group_a[i] for i in index_a],
+        [group_b[j] for j in index_b],
+        scorer=scorer,
+        dtype=dtype,
+        workers=-1,
+    )
+    return float(distances.mean(dtype=np.float64))
+
+
+# ---------------------------------------------------------------------------------------
+# Metric 1 on accelerators (JAX anti-diagonal dynamic programme)
+# ---------------------------------------------------------------------------------------
+
+
+def encode_pathways(pathways: Sequence[Pathway], level: Level = "char") -> tuple[np.ndarray, np.ndarray]:
+    """Pathways -> (codes ``[n, max_len]`` int32, lengths ``[n]`` int32).
+
+    char level: Unicode code points; token level: the integer tokens. Rows are padded with 0
+    beyond their length; ``max_len >= 1`` so shapes never have a zero axis.
+    """
+    pathways = _check_pathways(pathways, level)
+    lengths = np.array([len(p) for p in pathways], dtype=np.int32)
+    codes = np.zeros((len(pathways), max(1, int(lengths.max(initial=0)))), np.int32)
+    for index, (row, pathway) in enumerate(zip(codes, pathways)):
+        if level == "char":
+            symbols = np.frombuffer(pathway.encode("utf-32-le"), dtype="<u4")
+        else:
+            symbols = np.asarray(pathway, dtype=np.int64)
+            if symbols.size and not np.array_equal(symbols, symbols.astype(np.int32)):
+                raise ValueError(f"token ids of item {index} do not fit in int32")
+        row[: len(pathway)] = symbols
+    return codes, lengths
+
+
+_FAR = 1 << 30  # stands for "infinite" cost outside the DP table; +1 cannot overflow int32
+
+
+@jax.jit
+def _levenshtein_kernel(a: jax.Array, a_len: jax.Array, b: jax.Array, b_len: jax.Array) -> jax.Array:
+    """Edit distances of ``[pairs, width]`` code arrays; one anti-diagonal of the DP per step.
+
+    Cell (i, j) of the table sits on anti-diagonal d = i + j at position i, so each diagonal is
+    a ``[pairs, width + 1]`` array computed from the two previous ones.
+    """
+    pairs, width = a.shape
+    rows = jnp.arange(width + 1, dtype=jnp.int32)
+    a_before_row = jnp.pad(a, ((0, 0), (1, 0)))  # [:, i] = a[:, i - 1]
+    # b[:, d - i - 1] == b_reversed[:, 2 * width - d + i]: a contiguous slice per diagonal.
+    b_reversed = jnp.pad(b[:, ::-1], ((0, 0), (width, width + 1)))
+    final_diagonal = a_len + b_len
+
+    def shift_down(diagonal):  # [:, i] <- [:, i - 1]
+        return jnp.pad(diagonal[:, :-1], ((0, 0), (1, 0)), constant_values=_FAR)
+
+    def step(d, carry):
+        before_previous, previous, distances = carry
+        cols = d - rows
+        b_at_col = lax.dynamic_slice_in_dim(b_reversed, 2 * width - d, width + 1, axis=1)
+        substitution = shift_down(before_previous) + (a_before_row != b_at_col)
+        deletion = shift_down(previous) + 1
+        insertion = previous + 1
+        current = jnp.minimum(jnp.minimum(substitution, deletion), insertion)
+        current = jnp.where(cols == 0, rows, current)
+        current = jnp.where(rows == 0, cols, current)
+        current = jnp.where((cols < 0) | (cols > width), _FAR, current)
+        at_end = jnp.take_along_axis(current, a_len[:, None], axis=1)[:, 0]
+        distances = jnp.where(final_diagonal == d, at_end, distances)
+        return previous, current, distances
+
+    first = jnp.broadcast_to(jnp.where(rows == 0, 0, _FAR), (pairs, width + 1)).astype(jnp.int32)
+    init = (jnp.full_like(first, _FAR), first, jnp.zeros(pairs, jnp.int32))
+    return lax.fori_loop(1, final_diagonal.max() + 1, step, init)[2]
+
+
+def levenshtein_jax(a, a_len, b, b_len, mesh: Mesh | None = None) -> jax.Array:
+    """Batched Levenshtein distance on the default JAX backend.
+
+    a, b: ``[pairs, max_len]`` int32 symbol codes (widths may differ); a_len, b_len:
+    ``[pairs]`` lengths. Returns ``[pairs]`` int32. With ``mesh``, pairs are padded to a
+    multiple of the data-axis size and sharded over it.
+    """
+    a, b = jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)
+    a_len, b_len = jnp.asarray(a_len, jnp.int32), jnp.asarray(b_len, jnp.int32)
+    if a.ndim != 2 or b.ndim != 2 or not (a.shape[0] == b.shape[0] == a_len.shape[0] == b_len.shape[0]):
+        raise ValueError(
+            f"need codes [pairs, max_len] and lengths [pairs]; got {a.shape}, {a_len.shape}, "
+            f"{b.shape}, {b_len.shape}"
+        )
+    for name, lengths, codes in (("a_len", a_len, a), ("b_len", b_len, b)):
+        host_lengths = np.asarray(lengths)
+        if host_lengths.size and (host_lengths.min() < 0 or host_lengths.max() > codes.shape[1]):
+            raise ValueError(f"{name} must lie in [0, {codes.shape[1]}]")
+    width = max(a.shape[1], b.shape[1], 1)
+    pairs = a.shape[0]
+    padded_pairs = -(-max(pairs, 1) // data_axis_size(mesh)) * data_axis_size(mesh)
+    a = jnp.pad(a, ((0, padded_pairs - pairs), (0, width - a.shape[1])))
+    b = jnp.pad(b, ((0, padded_pairs - pairs), (0, width - b.shape[1])))
+    a_len = jnp.pad(a_len, (0, padded_pairs - pairs))
+    b_len = jnp.pad(b_len, (0, padded_pairs - pairs))
+    return _levenshtein_kernel(*shard_batch((a, a_len, b, b_len), mesh))[:pairs]
+
+
+def pairwise_distances_jax(
+    pathways: Sequence[Pathway],
+    pairs=None,
+    level: Level = "char",
+    normalized: bool = False,
+    mesh: Mesh | None = None,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """``pairwise_pathway_distances`` computed with ``levenshtein_jax``, same outputs exactly.
+
+    Pairs are streamed in fixed-size batches of ``batch_size`` (rounded up to a multiple of the
+    data-axis size; the last batch is padded) so the kernel compiles once per max length.
+    Default: 512 pairs on CPU (cache-sized, fastest there), 8192 on accelerators.
+    """
+    if batch_size is None:
+        batch_size = 512 if jax.default_backend() == "cpu" else 8192
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    codes, lengths = encode_pathways(pathways, level)
+    count = len(lengths)
+    pair_array = np.stack(np.triu_indices(count, 1), axis=1) if pairs is None else _check_pairs(pairs, count)
+    shards = data_axis_size(mesh)
+    batch_size = -(-batch_size // shards) * shards
+    batches = []
+    for start in range(0, len(pair_array), batch_size):
+        chunk = pair_array[start : start + batch_size]
+        chunk = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0)))
+        first, second = chunk[:, 0], chunk[:, 1]
+        batches.append(levenshtein_jax(codes[first], lengths[first], codes[second], lengths[second], mesh))
+    distances = np.concatenate([np.asarray(batch) for batch in batches])[: len(pair_array)]
+    if normalized:
+        longer = np.maximum(lengths[pair_array[:, 0]], lengths[pair_array[:, 1]])
+        distances = distances / np.maximum(longer, 1)
+    else:
+        distances = distances.astype(np.int32)
+    if pairs is not None:
+        return distances
+    matrix = np.zeros((count, count), distances.dtype)
+    matrix[pair_array[:, 0], pair_array[:, 1]] = distances
+    return matrix + matrix.T
+
+
+# ---------------------------------------------------------------------------------------
+# Metric 2: pathway complexity / consistency
+# ---------------------------------------------------------------------------------------
+
+
+def _check_router_shapes(mean_weights: jax.Array, router_matrices: jax.Array) -> None:
+    if (
+        mean_weights.ndim != 3
+        or router_matrices.ndim != 3
+        or mean_weights.shape[1:] != router_matrices.shape[:2]
+    ):
+        raise ValueError(
+            "need mean_weights [batch, layers, experts] and router_matrices [layers, experts, hidden]; "
+            f"got {mean_weights.shape} and {router_matrices.shape}"
+        )
+
+
+@jax.jit
+def _routing_embeddings(mean_weights: jax.Array, router_matrices: jax.Array) -> jax.Array:
+    return jnp.einsum(
+        "ble,leh->blh",
+        mean_weights.astype(jnp.float32),
+        router_matrices.astype(jnp.float32),
+        precision=lax.Precision.HIGHEST,
+    )
+
+
+@jax.jit
+def _pathway_complexity(mean_weights: jax.Array, router_matrices: jax.Array) -> jax.Array:
+    embeddings = _routing_embeddings(mean_weights, router_matrices)  # [batch, layers, hidden]
+    norms = jnp.linalg.norm(embeddings, axis=-1)
+    dots = jnp.sum(embeddings[:, :-1] * embeddings[:, 1:], axis=-1)
+    cosines = dots / jnp.maximum(norms[:, :-1] * norms[:, 1:], 1e-8)  # [batch, layers - 1]
+    return 1.0 - jnp.mean(cosines / (cosines.max(axis=1, keepdims=True) + 1e-8), axis=1)
+
+
+def _batch_sharded(kernel, mean_weights, router_matrices, mesh: Mesh | None) -> jax.Array:
+    """Run ``kernel`` with the batch axis of ``mean_weights`` sharded over the data axis."""
+    if mesh is None:
+        return kernel(mean_weights, router_matrices)
+    batch = mean_weights.shape[0]
+    padded = -(-max(batch, 1) // data_axis_size(mesh)) * data_axis_size(mesh)
+    mean_weights = jnp.pad(mean_weights, ((0, padded - batch), (0, 0), (0, 0)))
+    return kernel(shard_batch(mean_weights, mesh), replicate(router_matrices, mesh))[:batch]
+
+
+def routing_embeddings(mean_weights, router_matrices, mesh: Mesh | None = None) -> jax.Array:
+    """e_l(i) = sum_k g_l(i, k) v_lk, v_lk = row k of layer l's router matrix W_l.
+
+    mean_weights: ``[batch, layers, experts]`` token-mean router weights g (all experts).
+    router_matrices: ``[layers, experts, hidden]`` (W_l stacked). Returns
+    ``[batch, layers, hidden]`` float32 (computed in float32 whatever the input dtype).
+    """
+    mean_weights, router_matrices = jnp.asarray(mean_weights), jnp.asarray(router_matrices)
+    _check_router_shapes(mean_weights, router_matrices)
+    return _batch_sharded(_routing_embeddings, mean_weights, router_matrices, mesh)
+
+
+def pathway_complexity(mean_weights, router_matrices, mesh: Mesh | None = None) -> jax.Array:
+    """Pathway complexity C_i (SPEC metric 2; lower = smoother), ``[batch]`` float32.
+
+    C_i = 1 - (1/(L-1)) sum_l c_l / (max_l c_l + 1e-8), c_l = cos(e_l(i), e_{l+1}(i)).
+    Shapes as in ``routing_embeddings``; needs layers >= 2. Cosines use a 1e-8 floor on the
+    norm product (a zero embedding gives cosine 0). Implemented literally: if max_l c_l is
+    negative (or near 0) the ratio is no longer in [-1, 1] and C_i can leave [0, 2].
+    """
+    mean_weights, router_matrices = jnp.asarray(mean_weights), jnp.asarray(router_matrices)
+    _check_router_shapes(mean_weights, router_matrices)
+    if mean_weights.shape[1] < 2:
+        raise ValueError(f"pathway complexity needs at least 2 layers, got {mean_weights.shape[1]}")
+    return _batch_sharded(_pathway_complexity, mean_weights, router_matrices, mesh)
+
+
+def pathway_consistency(mean_weights, router_matrices, mesh: Mesh | None = None) -> jax.Array:
+    """Pathway consistency 1 - C_i, ``[batch]`` float32 (the paper reports it rising with test
+    accuracy). Arguments as in ``pathway_complexity``."""
+    return 1.0 - pathway_complexity(mean_weights, router_matrices, mesh)

@@ -1,0 +1,168 @@
+"""Algorithmic datasets mod a prime (Power et al. 2022) for a decoder-only transformer.
+
+Each example is the 4-token sequence ``[a, op, b, =]``; the model predicts the answer ``c``
+at the last position (index ``ANSWER_POSITION``). Token layout for ``TaskSpec(p, ops)``:
+
+    0 .. p-1               the numbers
+    p + g                  the operator token of ``ops[g]`` (g = data-group index)
+    p + len(ops)           "="
+
+so ``vocab_size(p, ops) = p + len(ops) + 1``. A dataset with several operations is a
+mixed-task dataset: every operation is one data group, split on its own (stratified), with
+a split that depends only on ``(seed, op)`` - adding another operation to ``ops`` leaves the
+split of the existing ones unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+OPERATIONS = ("add", "sub", "mul", "div", "x2xyy2")
+"""Known operations: a+b, a-b, a*b, a*b^-1 (b != 0), a^2+ab+b^2; all mod p."""
+
+SEQ_LEN = 4
+ANSWER_POSITION = SEQ_LEN - 1
+
+
+def is_prime(n: int) -> bool:
+    """Trial-division primality test (fine for the small moduli used here)."""
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Which operations, which modulus, and how to split.
+
+    p: prime modulus. ops: operation names from ``OPERATIONS`` (order = group order = operator
+    token order). train_fraction: per-group share of pairs in train, in (0, 1). seed: split seed.
+    """
+
+    p: int = 97
+    ops: tuple[str, ...] = ("add",)
+    train_fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
+        object.__setattr__(self, "ops", ops)
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.p, (int, np.integer)) or not is_prime(self.p):
+            raise ValueError(f"p must be prime, got {self.p}")
+        if not ops:
+            raise ValueError("ops must name at least one operation")
+        unknown = [op for op in ops if op not in OPERATIONS]
+        if unknown:
+            raise ValueError(f"unknown operations {unknown}; known: {OPERATIONS}")
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"ops must not repeat, got {ops}")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.p + len(self.ops) + 1
+
+    @property
+    def eq_token(self) -> int:
+        return self.p + len(self.ops)
+
+    def op_token(self, op: str) -> int:
+        """Token id of operation ``op`` (must be one of ``self.ops``)."""
+        if op not in self.ops:
+            raise ValueError(f"operation {op!r} is not in this task's ops {self.ops}")
+        return self.p + self.ops.index(op)
+
+
+def vocab_size(p: int, ops) -> int:
+    """Number of token ids: p numbers + one operator token per op + "=" (validates p and ops)."""
+    return TaskSpec(p=p, ops=ops).vocab_size
+
+
+def operand_pairs(op: str, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (a, b) operand pairs of ``op`` in row-major order: b ranges over 1..p-1 for "div".
+
+    Returns a, b: [n_pairs] int64 (p*p pairs, or p*(p-1) for "div").
+    """
+    b_values = np.arange(1 if op == "div" else 0, p)
+    a, b = np.meshgrid(np.arange(p), b_values, indexing="ij")
+    return a.ravel(), b.ravel()
+
+
+def apply_op(op: str, a: np.ndarray, b: np.ndarray, p: int) -> np.ndarray:
+    """c = op(a, b) mod p, elementwise. a, b: [n] ints in 0..p-1 -> c: [n] int64."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    if op == "add":
+        return (a + b) % p
+    if op == "sub":
+        return (a - b) % p
+    if op == "mul":
+        return (a * b) % p
+    if op == "div":
+        if np.any(b % p == 0):
+            raise ValueError("div is undefined for b = 0 mod p")
+        inverse_b = np.array([pow(int(x), p - 2, p) for x in range(p)])  # Fermat; [0] unused
+        return (a * inverse_b[b % p]) % p
+    if op == "x2xyy2":
+        return (a * a + a * b + b * b) % p
+    raise ValueError(f"unknown operation {op!r}; known: {OPERATIONS}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AlgorithmicDataset:
+    """A train/test split of one or more operations (read-only numpy arrays).
+
+    *_inputs: [n, SEQ_LEN] int32 token ids ``[a, op, b, =]``; *_targets: [n] int32 answer c
+    (a number token, 0..p-1); *_groups: [n] int32 index into ``group_names`` (= ``spec.ops``).
+    Within each split, examples are ordered by group, then by (a, b).
+    """
+
+    spec: TaskSpec
+    train_inputs: np.ndarray
+    train_targets: np.ndarray
+    train_groups: np.ndarray
+    test_inputs: np.ndarray
+    test_targets: np.ndarray
+    test_groups: np.ndarray
+    group_names: tuple[str, ...]
+
+
+def make_dataset(spec: TaskSpec) -> AlgorithmicDataset:
+    """Every operand pair of every op, encoded and split per group by ``spec.train_fraction``.
+
+    Per group: n_train = round(train_fraction * n_pairs), clipped to [1, n_pairs - 1]; the
+    train pairs are a uniformly random subset drawn with ``default_rng([seed, op id])``.
+    """
+    splits = {"train": ([], [], []), "test": ([], [], [])}
+    for group, op in enumerate(spec.ops):
+        a, b = operand_pairs(op, spec.p)
+        inputs = np.stack(
+            [a, np.full_like(a, spec.op_token(op)), b, np.full_like(a, spec.eq_token)], axis=1
+        )
+        targets = apply_op(op, a, b, spec.p)
+        n_pairs = len(a)
+        n_train = min(max(round(spec.train_fraction * n_pairs), 1), n_pairs - 1)
+        split_rng = np.random.default_rng([spec.seed, OPERATIONS.index(op)])
+        permutation = split_rng.permutation(n_pairs)
+        is_train = np.zeros(n_pairs, dtype=bool)
+        is_train[permutation[:n_train]] = True
+        for name, mask in (("train", is_train), ("test", ~is_train)):
+            splits[name][0].append(inputs[mask])
+            splits[name][1].append(targets[mask])
+            splits[name][2].append(np.full(int(mask.sum()), group))
+
+    def frozen_int32(parts):
+        array = np.concatenate(parts).astype(np.int32)
+        array.setflags(write=False)
+        return array
+
+    arrays = {
+        f"{name}_{field}": frozen_int32(parts)
+        for name, fields in splits.items()
+        for field, parts in zip(("inputs", "targets", "groups"), fields)
+    }
+    return AlgorithmicDataset(spec=spec, group_names=spec.ops, **arrays)
