@@ -130,38 +130,99 @@ def experts_ragged(x, top_idx, top_w, w_gate, w_up, w_down):
     return jnp.zeros_like(x).at[token].add(y)
 
 
+@jax.custom_vjp
+def gather_rows(x, index, transpose_index):
+    """x[index] with rows of index -1 zero, whose gradient is also a gather (no scatter).
+
+    x: [N, D]; index: [M] rows of x (or -1); transpose_index: [N, R] the output rows that read
+    each row of x (-1 padded). XLA's CPU scatter (the default transpose of a gather) is
+    slow; the dispatch maps here are injective so both directions can gather.
+    """
+    return jnp.where((index >= 0)[:, None], x[jnp.maximum(index, 0)], 0)
+
+
+def _gather_rows_fwd(x, index, transpose_index):
+    return gather_rows(x, index, transpose_index), (index, transpose_index)
+
+
+def _gather_rows_bwd(residuals, grad):
+    index, transpose_index = residuals
+    picked = jnp.where((transpose_index >= 0)[..., None], grad[jnp.maximum(transpose_index, 0)], 0)
+    return jnp.sum(picked, axis=1), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _capacity_branch(capacity: int, x, top_idx, top_w, w_gate, w_up, w_down):
+    """Experts on tokens packed into [E, capacity] slots (every expert's count <= capacity)."""
+    t, k = top_idx.shape
+    num_experts = w_gate.shape[0]
+    order, group_sizes = _sort_by_expert(top_idx, num_experts)
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    flat_expert = top_idx.reshape(-1)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))  # sorted position of each assignment
+    slot_of_assignment = (flat_expert * capacity + rank - starts[flat_expert]).reshape(t, k)
+    cell = jnp.arange(num_experts * capacity)
+    expert_of_cell, pos_of_cell = cell // capacity, cell % capacity
+    filled = pos_of_cell < group_sizes[expert_of_cell]
+    assignment = jnp.where(filled, order[jnp.minimum(starts[expert_of_cell] + pos_of_cell, t * k - 1)], -1)
+    token_of_cell = jnp.where(filled, assignment // k, -1)  # [E*C]
+    packed = gather_rows(x, token_of_cell, slot_of_assignment).reshape(num_experts, capacity, -1)
+    matmul = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)  # noqa: E731
+    y = _swiglu(packed, w_gate, w_up, w_down, matmul).reshape(num_experts * capacity, -1)
+    assignment_rows = gather_rows(y, slot_of_assignment.reshape(-1), assignment[:, None])
+    return jnp.einsum("tkd,tk->td", assignment_rows.reshape(t, k, -1), top_w)
+
+
+def _capacity_tier(capacities, top_idx, num_experts):
+    """Index of the smallest capacity that holds the busiest expert."""
+    busiest = jnp.max(jnp.bincount(top_idx.reshape(-1), length=num_experts))
+    return jnp.searchsorted(jnp.array(capacities), busiest, side="left")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _capacity_dispatch(capacities, x, top_idx, top_w, w_gate, w_up, w_down):
+    tier = _capacity_tier(capacities, top_idx, w_gate.shape[0])
+    branches = [functools.partial(_capacity_branch, c) for c in capacities]
+    return jax.lax.switch(tier, branches, x, top_idx, top_w, w_gate, w_up, w_down)
+
+
+def _capacity_dispatch_fwd(capacities, *args):
+    return _capacity_dispatch(capacities, *args), args
+
+
+def _capacity_dispatch_bwd(capacities, args, grad):
+    # Differentiating lax.switch directly keeps every branch's residuals (zero-filled), which
+    # costs more than the experts themselves on CPU; instead the taken branch is recomputed.
+    x, top_idx, top_w, w_gate, w_up, w_down = args
+
+    def branch_vjp(capacity):
+        def pull(grad, x, top_w, w_gate, w_up, w_down):
+            fn = lambda x, tw, wg, wu, wd: _capacity_branch(capacity, x, top_idx, tw, wg, wu, wd)  # noqa: E731
+            return jax.vjp(fn, x, top_w, w_gate, w_up, w_down)[1](grad)
+        return pull
+
+    tier = _capacity_tier(capacities, top_idx, w_gate.shape[0])
+    grads = jax.lax.switch(tier, [branch_vjp(c) for c in capacities], grad, x, top_w, w_gate, w_up, w_down)
+    return grads[0], None, *grads[1:]
+
+
+_capacity_dispatch.defvjp(_capacity_dispatch_fwd, _capacity_dispatch_bwd)
+
+
 def experts_capacity(x, top_idx, top_w, w_gate, w_up, w_down, capacity_factors=(1.25, 2.0)):
     """Exact capacity-tiered dispatch (the CPU path): batched per-expert einsum `ecd,edf->ecf`.
 
     Each tier packs every expert's tokens into C = factor * T*k/E slots; the smallest tier
     whose C holds the busiest expert runs (lax.switch). A final tier with C = T always fits,
-    because a token picks an expert at most once, so no token is ever dropped.
+    because a token picks an expert at most once, so no token is ever dropped. Dispatch and
+    combine are gathers in both directions (see gather_rows).
     """
     t, k = top_idx.shape
-    num_experts = w_gate.shape[0]
-    order, group_sizes = _sort_by_expert(top_idx, num_experts)
-    token = order // k
-    sorted_expert = top_idx.reshape(-1)[order]
-    starts = jnp.cumsum(group_sizes) - group_sizes
-    slot_in_expert = jnp.arange(t * k) - starts[sorted_expert]
-    weights = top_w.reshape(-1)[order][:, None]
-    mean = t * k / num_experts
-    capacities = sorted({min(t, max(1, int(-(-f * mean // 1)))) for f in capacity_factors} | {t})
-
-    def run(capacity):
-        def branch(xs):
-            slot = jnp.where(slot_in_expert < capacity, sorted_expert * capacity + slot_in_expert,
-                             num_experts * capacity)  # out of range -> dropped (never taken: tier fits)
-            packed = jnp.zeros((num_experts * capacity, x.shape[-1]), x.dtype).at[slot].set(xs, mode="drop")
-            packed = packed.reshape(num_experts, capacity, -1)
-            matmul = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)  # noqa: E731
-            y = _swiglu(packed, w_gate, w_up, w_down, matmul).reshape(num_experts * capacity, -1)
-            y = y.at[slot].get(mode="fill", fill_value=0) * weights
-            return jnp.zeros_like(x).at[token].add(y)
-        return branch
-
-    tier = jnp.searchsorted(jnp.array(capacities), jnp.max(group_sizes), side="left")
-    return jax.lax.switch(tier, [run(c) for c in capacities], x[token])
+    mean = t * k / w_gate.shape[0]
+    capacities = tuple(sorted({min(t, max(1, int(-(-f * mean // 1)))) for f in capacity_factors} | {t}))
+    return _capacity_dispatch(capacities, x, top_idx, top_w, w_gate, w_up, w_down)
 
 
 def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down):

@@ -1,0 +1,112 @@
+"""Routing extraction throughput: moe_grok (jitted JAX) vs HF transformers, same weights, one run.
+
+  python benchmarks/pathways.py            # OLMoE-shaped: hidden 512, 8 layers, 64 experts top-8
+  python benchmarks/pathways.py --quick    # a smaller shape, for a smoke test
+
+Prints tokens/second of both, their ratio, the machine's measured fp32 matmul FLOP/s
+(a 2048^3 jnp.matmul, same process), and the fraction of it our extraction reaches, counting
+active FLOPs per token (k of E experts). Both sides compute routing without the LM head.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, a).block_until_ready()
+    return 2 * n**3 / median_time(lambda: mm(a, a).block_until_ready(), repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import OlmoeConfig, OlmoeModel
+
+    from moe_grok.convert import load_hf
+    from moe_grok.extraction import make_extractor
+
+    shape = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                 num_experts=64, num_experts_per_tok=8, intermediate_size=256, vocab_size=50304)
+    if args.quick:
+        shape.update(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                     vocab_size=1024)
+    hf_config = OlmoeConfig(**shape, max_position_embeddings=4096, pad_token_id=1, eos_token_id=None,
+                            bos_token_id=None)
+    torch.manual_seed(0)
+    hf_model = OlmoeModel(hf_config).eval()
+    torch.set_num_threads(os.cpu_count())
+    with tempfile.TemporaryDirectory() as ckpt:
+        # OlmoeModel has no lm_head; save as the causal LM (with a random head) for load_hf.
+        from transformers import OlmoeForCausalLM
+
+        lm = OlmoeForCausalLM(hf_config)
+        lm.model = hf_model
+        lm.save_pretrained(ckpt)
+        config, params = load_hf(ckpt)
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, shape["vocab_size"], (args.batch, args.seq))
+    mask = np.ones_like(tokens)
+    n_tokens = tokens.size
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf_model(input_ids=torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask),
+                           output_router_logits=True)
+        return out.router_logits
+
+    extractor = make_extractor(config, with_loss=False)
+    jt, jm = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
+    run_ours = lambda: jax.block_until_ready(extractor(params, jt, jm, jt, jm))  # noqa: E731
+
+    # Same routing on both sides (a correctness guard for the timing).
+    ours = np.asarray(run_ours().mean_weights)
+    hf_probs = torch.stack([torch.softmax(r.float(), -1).reshape(args.batch, args.seq, -1) for r in run_hf()], 2)
+    np.testing.assert_allclose(ours, hf_probs.mean(1).numpy(), atol=1e-4)
+
+    run_hf()
+    t_hf = median_time(run_hf, args.repeats)
+    t_ours = median_time(run_ours, args.repeats)
+    peak = matmul_flops_per_s()
+    flops = config.active_flops_per_token(args.seq) * n_tokens
+    print(f"config: hidden {config.hidden_size}, {config.num_layers} layers, {config.num_experts} experts "
+          f"top-{config.num_experts_per_tok}, expert intermediate {config.expert_intermediate_size}; "
+          f"batch {args.batch} x {args.seq} tokens; backend {jax.default_backend()}, {os.cpu_count()} cores")
+    print(f"{'':<34}{'tokens/s':>10}{'GFLOP/s':>10}{'% matmul peak':>15}")
+    print(f"{'HF OlmoeModel (router logits)':<34}{n_tokens / t_hf:>10,.0f}{flops / t_hf / 1e9:>10.1f}"
+          f"{100 * flops / t_hf / peak:>14.0f}%")
+    print(f"{'moe_grok extraction (jit)':<34}{n_tokens / t_ours:>10,.0f}{flops / t_ours / 1e9:>10.1f}"
+          f"{100 * flops / t_ours / peak:>14.0f}%")
+    print(f"speedup vs HF: {t_hf / t_ours:.2f}x; measured fp32 matmul peak (2048^3 jnp.matmul): "
+          f"{peak / 1e9:.0f} GFLOP/s; active FLOPs/token: {config.active_flops_per_token(args.seq) / 1e6:.1f} M")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Routing extraction: one forward pass gives every sample's routing and (optionally) its loss.
+
+`routing_stats` is the pure per-batch function; `make_extractor` jits it (optionally over a
+mesh: batch over "data", experts over "expert"); `extract_dataset` streams a whole dataset
+through it in fixed-shape batches with a progress bar and returns host numpy arrays.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from moe_grok import model as model_lib
+from moe_grok import sharding
+from moe_grok.config import MoEConfig
+from moe_grok.pathways import check_nonempty, token_mean_weights
+
+
+class RoutingStats(NamedTuple):
+    """Per-sample outputs of one pass. Shapes for a batch of B samples, S tokens."""
+
+    mean_weights: jax.Array  # [B, L, E] float32 token-mean router softmax (over ALL experts)
+    loss: jax.Array | None  # [B] float32 mean next-token NLL (nats) over target positions
+    correct: jax.Array | None  # [B] float32 fraction of target positions predicted exactly (argmax)
+    router_probs: jax.Array | None = None  # [B, S, L, E] float32 (per_token=True)
+    top_experts: jax.Array | None = None  # [B, S, L, k] int32 (per_token=True)
+    top_weights: jax.Array | None = None  # [B, S, L, k] float32 (per_token=True)
+
+
+def next_token_targets(tokens, mask):
+    """Language-model targets: predict token t+1 at position t. Returns (targets, target_mask) [B, S]."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    target_mask = jnp.concatenate([mask[:, 1:] * mask[:, :-1], jnp.zeros_like(mask[:, :1])], axis=1)
+    return targets, target_mask
+
+
+def per_sample_loss(logits, targets, target_mask):
+    """Mean NLL and exact-match fraction per sample over target positions.
+
+    logits: [B, S, V]; targets, target_mask: [B, S]. Returns (loss [B], correct [B]) float32.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    weight = target_mask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weight, axis=1), 1.0)
+    hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(nll * weight, axis=1) / count, jnp.sum(hit * weight, axis=1) / count
+
+
+def routing_stats(config: MoEConfig, params, tokens, mask, targets=None, target_mask=None,
+                  with_loss: bool = True, per_token: bool = False) -> RoutingStats:
+    """One forward pass -> RoutingStats. tokens, mask: [B, S] (mask 1 = real token).
+
+    targets/target_mask default to next-token prediction over the real tokens. Without
+    `with_loss` the LM head is skipped entirely.
+    """
+    out = model_lib.forward(config, params, tokens, mask, with_lm_head=with_loss)
+    probs = jax.nn.softmax(out.router_logits.astype(jnp.float32), axis=-1)  # [B, S, L, E]
+    loss = correct = None
+    if with_loss:
+        if targets is None:
+            targets, target_mask = next_token_targets(tokens, mask)
+        loss, correct = per_sample_loss(out.logits, targets, target_mask)
+    extra = {}
+    if per_token:
+        top_w, top_idx = jax.lax.top_k(probs, config.num_experts_per_tok)
+        if config.norm_topk_prob:
+            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        extra = dict(router_probs=probs, top_experts=top_idx.astype(jnp.int32), top_weights=top_w)
+    return RoutingStats(token_mean_weights(probs, mask), loss, correct, **extra)
+
+
+def make_extractor(config: MoEConfig, mesh: jax.sharding.Mesh | None = None, with_loss: bool = True,
+                   per_token: bool = False):
+    """Jitted fn(params, tokens, mask, targets, target_mask) -> RoutingStats.
+
+    With a mesh, batch inputs/outputs are split over the "data" axis and params keep the
+    shardings of `model.param_shardings` (experts over "expert").
+    """
+
+    def fn(params, tokens, mask, targets, target_mask):
+        return routing_stats(config, params, tokens, mask, targets, target_mask, with_loss, per_token)
+
+    if mesh is None:
+        return jax.jit(fn)
+    batch2d = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, 2))
+    out_shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), RoutingStats(
+        sharding.batch_spec(mesh, 3),
+        *(sharding.batch_spec(mesh, 1) if with_loss else None for _ in range(2)),
+        *((sharding.batch_spec(mesh, 4),) * 3 if per_token else (None,) * 3)),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return jax.jit(fn, in_shardings=(model_lib.param_shardings(config, mesh), batch2d, batch2d, batch2d, batch2d),
+                   out_shardings=out_shardings)
+
+
+def extract_dataset(config: MoEConfig, params, tokens: np.ndarray, mask: np.ndarray | None = None,
+                    targets: np.ndarray | None = None, target_mask: np.ndarray | None = None,
+                    batch_size: int = 32, mesh: jax.sharding.Mesh | None = None, with_loss: bool = True,
+                    per_token: bool = False, extractor=None, progress: bool | str = True) -> dict[str, np.ndarray]:
+    """Stream `tokens [N, S]` through the model in fixed-shape batches; return host arrays.
+
+    The last batch is padded (with copies of the first row, then dropped) so every batch has
+    one compiled shape; batch_size is rounded up to a multiple of the mesh's data axis.
+    Returns {"mean_weights": [N, L, E], "loss": [N], "correct": [N], (per_token: ...)}.
+    """
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"tokens must be a non-empty [samples, seq] array, got shape {tokens.shape}")
+    if tokens.shape[1] > config.max_seq_len:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len {config.max_seq_len}")
+    if tokens.max() >= config.vocab_size or tokens.min() < 0:
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
+    mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
+    check_nonempty(mask)
+    if targets is None:
+        targets, target_mask = (np.asarray(a) for a in next_token_targets(tokens, mask))
+    targets = np.asarray(targets, np.int32)
+    target_mask = np.asarray(target_mask, np.int32)
+    n = tokens.shape[0]
+    step = -(-batch_size // sharding.data_axis_size(mesh)) * sharding.data_axis_size(mesh)
+    extractor = extractor or make_extractor(config, mesh, with_loss, per_token)
+    chunks: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(range(0, n, step), desc=progress if isinstance(progress, str) else "extract",
+               disable=not progress, unit="batch")
+    for start in bar:
+        rows = np.arange(start, start + step)
+        rows = np.where(rows < n, rows, 0)
+        batch = [a[rows] for a in (tokens, mask, targets, target_mask)]
+        stats = extractor(params, *batch)
+        valid = min(step, n - start)
+        for name, value in stats._asdict().items():
+            if value is not None:
+                chunks.setdefault(name, []).append(np.asarray(value)[:valid])
+    result = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    if with_loss and not np.isfinite(result["loss"]).all():
+        bad = np.flatnonzero(~np.isfinite(result["loss"]))
+        raise FloatingPointError(f"non-finite loss for samples {bad[:10].tolist()} (of {bad.size})")
+    return result

@@ -1,0 +1,132 @@
+"""Toy pipeline end to end: training, exact resume, checkpoint analysis with caching, reports."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from moe_grok import analysis, model as model_lib, training
+from moe_grok.config import toy
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import toy_grokking  # noqa: E402
+
+
+def tiny_config(steps=30):
+    config = toy_grokking.get_config()
+    config.task.p = 11
+    config.task.ops = ("add", "mul")
+    config.model.update(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
+                        num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16)
+    config.train.update(steps=steps, batch_size=32, eval_every=10, checkpoint_every=10, learning_rate=1e-2)
+    config.analysis.update(batch_size=64, max_pairs=200)
+    return config
+
+
+def _metrics_without_time(workdir):
+    return [{k: v for k, v in m.items() if k != "elapsed_s"} for m in training.read_metrics(workdir)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_config()
+    training.train(config, workdir, progress=False)
+    return config, workdir
+
+
+def test_training_learns_and_writes_checkpoints(finished_run):
+    config, workdir = finished_run
+    metrics = training.read_metrics(workdir)
+    assert [m["step"] for m in metrics] == [0, 10, 20, 30]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] - 0.3
+    assert set(metrics[-1]) >= {"train_accuracy/add", "test_accuracy/mul", "balance_loss", "ce"}
+    assert training.RunCheckpoints(workdir).steps() == [0, 10, 20, 30]
+
+
+def test_resume_after_kill_is_identical(finished_run, tmp_path):
+    config, reference = finished_run
+    workdir = str(tmp_path / "resumed")
+    training.train(config, workdir, stop_at=20, progress=False)  # "killed" after step 20
+    assert training.RunCheckpoints(workdir).steps() == [0, 10, 20]
+    training.train(config, workdir, progress=False)
+    assert _metrics_without_time(workdir) == _metrics_without_time(reference)
+    sources = {s.step: s for s in training.run_checkpoint_sources(workdir)}
+    ref_sources = {s.step: s for s in training.run_checkpoint_sources(reference)}
+    jax.tree.map(np.testing.assert_array_equal, sources[30].load()[1], ref_sources[30].load()[1])
+
+
+def test_workdir_with_other_model_is_refused(finished_run):
+    config, workdir = finished_run
+    other = tiny_config()
+    other.model.hidden_size = 32
+    with pytest.raises(ValueError, match="different model config"):
+        training.train(other, workdir, progress=False)
+
+
+def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
+    config, workdir = finished_run
+    report = training.analyze_run(config, workdir, progress=False)
+    assert report["steps"] == [0, 10, 20, 30]
+    for name in ("add", "mul"):
+        g = report["groups"][name]
+        assert 0.15 <= g["n_memorized"] / g["n_train"] <= 0.30  # eps calibrated to 20-25% (ties aside)
+        assert len(g["curves"]["pathway_distance"]) == 4
+        assert np.all(np.isfinite(g["curves"]["pathway_consistency"]))
+        assert set(g["correlations"]) >= {"pathway_distance", "pathway_consistency", "train_loss"}
+    out = os.path.join(workdir, "report")
+    for name in ("summary.json", "per_checkpoint.csv", "table.csv", "table.txt", "analysis.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    assert "add" in open(os.path.join(out, "table.txt")).read()
+
+    # A second analysis reads every checkpoint from the cache: no model is loaded.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached checkpoint was recomputed")
+
+    monkeypatch.setattr(training.RunCheckpoints, "restore_params", refuse)
+    again = training.analyze_run(config, workdir, progress=False)
+    assert json.dumps(again, default=float) == json.dumps(report, default=float)
+
+
+def test_analysis_metrics_match_direct_computation(finished_run):
+    """The cached per-checkpoint routing equals a fresh forward pass + pathway metrics."""
+    from moe_grok import metrics, pathways
+    from moe_grok.extraction import extract_dataset
+    from moe_grok.tasks import make_dataset
+
+    config, workdir = finished_run
+    data = make_dataset(training.task_spec(config))
+    splits = training.task_splits(data)
+    source = training.run_checkpoint_sources(workdir)[-1]
+    mconfig, params = source.load()
+    stats = analysis.collect_checkpoint_stats([source], splits, os.path.join(workdir, "analysis_cache"),
+                                              progress=False)[0]
+    train = splits["train"]
+    direct = extract_dataset(mconfig, params, train.tokens, train.mask, train.targets, train.target_mask,
+                             progress=False)
+    np.testing.assert_allclose(stats.splits["train"]["mean_weights"], direct["mean_weights"], atol=1e-6)
+    np.testing.assert_allclose(stats.splits["train"]["loss"], direct["loss"], atol=1e-5)
+    strings = pathways.pathway_strings(direct["mean_weights"][:5])
+    assert metrics.group_pathway_distance(strings) >= 0
+
+
+def test_architecture_mismatch_keeps_finished_checkpoints(tmp_path):
+    splits = {"train": analysis.EvalSplit(np.ones((4, 3), np.int32), np.ones((4, 3), np.int32),
+                                          np.ones((4, 3), np.int32), np.ones((4, 3), np.int32),
+                                          np.array([0, 0, 1, 1]), ("a", "b"))}
+    small = toy(vocab_size=8, num_layers=2, hidden_size=16, head_dim=8, num_heads=2, num_kv_heads=2)
+    big = small.replace(hidden_size=32)
+    sources = [analysis.CheckpointSource(s, f"ckpt{s}", lambda c=c: (c, model_lib.init_params(c, jax.random.key(0))))
+               for s, c in ((1, small), (2, small), (3, big))]
+    cache = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"ckpt3 \(step 3\) differs in architecture.*hidden_size.*16, 32"):
+        analysis.collect_checkpoint_stats(sources, splits, cache, progress=False)
+    assert sorted(os.listdir(cache)) == ["step_0000000001.npz", "step_0000000002.npz"]
+
+
+def test_empty_group_is_refused():
+    tokens = np.ones((2, 3), np.int32)
+    with pytest.raises(ValueError, match=r"empty group\(s\) \['b'\]"):
+        analysis.EvalSplit(tokens, tokens, tokens, tokens, np.array([0, 0]), ("a", "b"))
