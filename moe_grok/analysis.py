@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,6 +89,36 @@ class CheckpointStats:
     name: str
     splits: dict[str, dict[str, np.ndarray]]
     router: np.ndarray
+
+
+def parse_checkpoint_spec(spec: str) -> tuple[str, str | None, int]:
+    """"repo@revision" or a local path -> (path_or_repo, revision, step).
+
+    The step comes from an explicit "=STEP" suffix, else from "step{S}" in the revision
+    (OLMoE's "step245000-tokens1027B") or the directory name.
+    """
+    spec, _, explicit = spec.partition("=")
+    path_or_repo, _, revision = spec.partition("@")
+    if explicit:
+        return path_or_repo, revision or None, int(explicit)
+    found = re.search(r"step(\d+)", revision or os.path.basename(os.path.normpath(path_or_repo)))
+    if found is None:
+        raise ValueError(f"cannot tell the training step of checkpoint {spec!r}: name it 'step<N>...' "
+                         f"or append '=<step>'")
+    return path_or_repo, revision or None, int(found.group(1))
+
+
+def hf_checkpoint_sources(specs: Sequence[str], dtype="bfloat16", mesh=None) -> list[CheckpointSource]:
+    """CheckpointSources for HF checkpoints ("allenai/OLMoE-1B-7B-0924@step245000-tokens1027B",
+    "/ckpts/step5000", "/ckpts/latest=1100000"). Loading (and any hub download) happens lazily,
+    one checkpoint at a time, inside collect_checkpoint_stats."""
+    from moe_grok.convert import load_hf
+
+    sources = []
+    for spec in specs:
+        path_or_repo, revision, step = parse_checkpoint_spec(spec)
+        sources.append(CheckpointSource(step, spec, lambda p=path_or_repo, r=revision: load_hf(p, r, dtype, mesh)))
+    return sources
 
 
 def _cache_path(cache_dir: str, step: int) -> str:
