@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-MOE_IMPLS = ("auto", "ragged", "capacity", "dense")
+MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +36,8 @@ class MoEConfig:
     tie_word_embeddings: bool = False
     # Numerics / implementation choices (not part of the checkpoint's architecture).
     dtype: str = "float32"  # parameter and activation dtype; routing softmax and norms stay float32
-    moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, capacity-tiered einsum on CPU
-    capacity_factors: tuple[float, ...] = (1.25, 2.0)  # tried in order; an exact all-tokens tier always follows
+    moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, block-sparse matmuls on CPU
+    expert_block_size: int = 128  # rows per block of the CPU "blocked" dispatch
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -125,9 +125,7 @@ class MoEConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "MoEConfig":
-        fields = json.loads(text)
-        fields["capacity_factors"] = tuple(fields.get("capacity_factors", ()))
-        return cls(**fields)
+        return cls(**json.loads(text))
 
 
 def olmoe_1b_7b(**overrides) -> MoEConfig:

@@ -135,8 +135,8 @@ def gather_rows(x, index, transpose_index):
     """x[index] with rows of index -1 zero, whose gradient is also a gather (no scatter).
 
     x: [N, D]; index: [M] rows of x (or -1); transpose_index: [N, R] the output rows that read
-    each row of x (-1 padded). XLA's CPU scatter (the default transpose of a gather) is
-    slow; the dispatch maps here are injective so both directions can gather.
+    each row of x (-1 padded). The dispatch maps are injective, so the transpose of the
+    gather is a gather too, which XLA's CPU backend runs much faster than a scatter-add.
     """
     return jnp.where((index >= 0)[:, None], x[jnp.maximum(index, 0)], 0)
 
@@ -154,75 +154,84 @@ def _gather_rows_bwd(residuals, grad):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def _capacity_branch(capacity: int, x, top_idx, top_w, w_gate, w_up, w_down):
-    """Experts on tokens packed into [E, capacity] slots (every expert's count <= capacity)."""
+def _block_swiglu(x_block, w_gate, w_up, w_down):
+    return _swiglu(x_block, w_gate, w_up, w_down, jnp.matmul)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def blocked_swiglu(block: int, rows, block_expert, num_blocks, w_gate, w_up, w_down):
+    """SwiGLU of row blocks, block i through expert block_expert[i]; rows past num_blocks stay 0.
+
+    rows: [R, D] (R a multiple of block); block_expert: [R / block]; num_blocks: dynamic
+    scalar, so the loop runs exactly as many blocks as the routing fills.
+    """
+
+    def body(i, out):
+        e = block_expert[i]
+        x_block = jax.lax.dynamic_slice_in_dim(rows, i * block, block)
+        return jax.lax.dynamic_update_slice_in_dim(out, _block_swiglu(x_block, w_gate[e], w_up[e], w_down[e]),
+                                                   i * block, 0)
+
+    return jax.lax.fori_loop(0, num_blocks, body, jnp.zeros(rows.shape[:-1] + (w_down.shape[-1],), rows.dtype))
+
+
+def _blocked_swiglu_fwd(block, rows, block_expert, num_blocks, w_gate, w_up, w_down):
+    out = blocked_swiglu(block, rows, block_expert, num_blocks, w_gate, w_up, w_down)
+    return out, (rows, block_expert, num_blocks, w_gate, w_up, w_down)
+
+
+def _blocked_swiglu_bwd(block, residuals, grad):
+    # A dynamic-trip-count loop has no automatic reverse mode: the same loop runs each
+    # block's VJP, accumulating the expert's weight gradients.
+    rows, block_expert, num_blocks, w_gate, w_up, w_down = residuals
+
+    def body(i, grads):
+        d_rows, d_gate, d_up, d_down = grads
+        e = block_expert[i]
+        x_block = jax.lax.dynamic_slice_in_dim(rows, i * block, block)
+        g_block = jax.lax.dynamic_slice_in_dim(grad, i * block, block)
+        _, pull = jax.vjp(_block_swiglu, x_block, w_gate[e], w_up[e], w_down[e])
+        dx, dg, du, dd = pull(g_block)
+        return (jax.lax.dynamic_update_slice_in_dim(d_rows, dx, i * block, 0),
+                d_gate.at[e].add(dg), d_up.at[e].add(du), d_down.at[e].add(dd))
+
+    zeros = tuple(jnp.zeros_like(a) for a in (rows, w_gate, w_up, w_down))
+    d_rows, d_gate, d_up, d_down = jax.lax.fori_loop(0, num_blocks, body, zeros)
+    return d_rows, None, None, d_gate, d_up, d_down
+
+
+blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
+
+
+def experts_blocked(x, top_idx, top_w, w_gate, w_up, w_down, block: int = 128):
+    """Exact block-sparse dispatch (the CPU path): the (token, choice) assignments sorted by
+    expert, each expert's run padded to a multiple of `block` rows, then one [block, D] x
+    [D, F] matmul per filled block. Work is T*k plus at most block-1 padding rows per
+    expert, however unbalanced the routing; no token is ever dropped.
+
+    x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] -> [T, D].
+    """
     t, k = top_idx.shape
     num_experts = w_gate.shape[0]
     order, group_sizes = _sort_by_expert(top_idx, num_experts)
     starts = jnp.cumsum(group_sizes) - group_sizes
+    padded_sizes = -(-group_sizes // block) * block
+    padded_ends = jnp.cumsum(padded_sizes)
+    padded_starts = padded_ends - padded_sizes
     flat_expert = top_idx.reshape(-1)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))  # sorted position of each assignment
-    slot_of_assignment = (flat_expert * capacity + rank - starts[flat_expert]).reshape(t, k)
-    cell = jnp.arange(num_experts * capacity)
-    expert_of_cell, pos_of_cell = cell // capacity, cell % capacity
-    filled = pos_of_cell < group_sizes[expert_of_cell]
-    assignment = jnp.where(filled, order[jnp.minimum(starts[expert_of_cell] + pos_of_cell, t * k - 1)], -1)
-    token_of_cell = jnp.where(filled, assignment // k, -1)  # [E*C]
-    packed = gather_rows(x, token_of_cell, slot_of_assignment).reshape(num_experts, capacity, -1)
-    matmul = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)  # noqa: E731
-    y = _swiglu(packed, w_gate, w_up, w_down, matmul).reshape(num_experts * capacity, -1)
-    assignment_rows = gather_rows(y, slot_of_assignment.reshape(-1), assignment[:, None])
-    return jnp.einsum("tkd,tk->td", assignment_rows.reshape(t, k, -1), top_w)
-
-
-def _capacity_tier(capacities, top_idx, num_experts):
-    """Index of the smallest capacity that holds the busiest expert."""
-    busiest = jnp.max(jnp.bincount(top_idx.reshape(-1), length=num_experts))
-    return jnp.searchsorted(jnp.array(capacities), busiest, side="left")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _capacity_dispatch(capacities, x, top_idx, top_w, w_gate, w_up, w_down):
-    tier = _capacity_tier(capacities, top_idx, w_gate.shape[0])
-    branches = [functools.partial(_capacity_branch, c) for c in capacities]
-    return jax.lax.switch(tier, branches, x, top_idx, top_w, w_gate, w_up, w_down)
-
-
-def _capacity_dispatch_fwd(capacities, *args):
-    return _capacity_dispatch(capacities, *args), args
-
-
-def _capacity_dispatch_bwd(capacities, args, grad):
-    # Differentiating lax.switch directly keeps every branch's residuals (zero-filled), which
-    # costs more than the experts themselves on CPU; instead the taken branch is recomputed.
-    x, top_idx, top_w, w_gate, w_up, w_down = args
-
-    def branch_vjp(capacity):
-        def pull(grad, x, top_w, w_gate, w_up, w_down):
-            fn = lambda x, tw, wg, wu, wd: _capacity_branch(capacity, x, top_idx, tw, wg, wu, wd)  # noqa: E731
-            return jax.vjp(fn, x, top_w, w_gate, w_up, w_down)[1](grad)
-        return pull
-
-    tier = _capacity_tier(capacities, top_idx, w_gate.shape[0])
-    grads = jax.lax.switch(tier, [branch_vjp(c) for c in capacities], grad, x, top_w, w_gate, w_up, w_down)
-    return grads[0], None, *grads[1:]
-
-
-_capacity_dispatch.defvjp(_capacity_dispatch_fwd, _capacity_dispatch_bwd)
-
-
-def experts_capacity(x, top_idx, top_w, w_gate, w_up, w_down, capacity_factors=(1.25, 2.0)):
-    """Exact capacity-tiered dispatch (the CPU path): batched per-expert einsum `ecd,edf->ecf`.
-
-    Each tier packs every expert's tokens into C = factor * T*k/E slots; the smallest tier
-    whose C holds the busiest expert runs (lax.switch). A final tier with C = T always fits,
-    because a token picks an expert at most once, so no token is ever dropped. Dispatch and
-    combine are gathers in both directions (see gather_rows).
-    """
-    t, k = top_idx.shape
-    mean = t * k / w_gate.shape[0]
-    capacities = tuple(sorted({min(t, max(1, int(-(-f * mean // 1)))) for f in capacity_factors} | {t}))
-    return _capacity_dispatch(capacities, x, top_idx, top_w, w_gate, w_up, w_down)
+    row_of_assignment = padded_starts[flat_expert] + rank - starts[flat_expert]  # [T*k]
+    num_rows = -(-(t * k + num_experts * (block - 1)) // block) * block  # static bound on padded rows
+    row = jnp.arange(num_rows)
+    expert_of_row = jnp.minimum(jnp.searchsorted(padded_ends, row, side="right"), num_experts - 1)
+    position = row - padded_starts[expert_of_row]
+    filled = (position < group_sizes[expert_of_row]) & (row < padded_ends[-1])
+    assignment_of_row = jnp.where(filled, order[jnp.clip(starts[expert_of_row] + position, 0, t * k - 1)], -1)
+    token_of_row = jnp.where(filled, assignment_of_row // k, -1)
+    rows = gather_rows(x, token_of_row, row_of_assignment.reshape(t, k))  # [R, D]
+    out_rows = blocked_swiglu(block, rows, expert_of_row[::block], padded_ends[-1] // block, w_gate, w_up, w_down)
+    per_assignment = gather_rows(out_rows, row_of_assignment, assignment_of_row[:, None])  # [T*k, D]
+    return jnp.einsum("tkd,tk->td", per_assignment.reshape(t, k, -1), top_w)
 
 
 def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down):
@@ -234,14 +243,14 @@ def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down):
     return jnp.einsum("etd,te->td", y, combine.astype(y.dtype))
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "capacity": experts_capacity, "dense": experts_dense}
+EXPERT_IMPLS = {"ragged": experts_ragged, "blocked": experts_blocked, "dense": experts_dense}
 
 
 def resolve_moe_impl(impl: str) -> str:
-    """'auto' -> 'capacity' on CPU (ragged_dot is very slow there), 'ragged' on GPU/TPU."""
+    """'auto' -> 'blocked' on CPU (ragged_dot is very slow there), 'ragged' on GPU/TPU."""
     if impl != "auto":
         return impl
-    return "capacity" if jax.default_backend() == "cpu" else "ragged"
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
 class SparseMoE(nn.Module):
@@ -266,7 +275,7 @@ class SparseMoE(nn.Module):
         if cfg.norm_topk_prob:
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
         impl = resolve_moe_impl(cfg.moe_impl)
-        kwargs = {"capacity_factors": cfg.capacity_factors} if impl == "capacity" else {}
+        kwargs = {"block": cfg.expert_block_size} if impl == "blocked" else {}
         out = EXPERT_IMPLS[impl](tokens, top_idx, top_w.astype(dtype), w_gate, w_up, w_down, **kwargs)
         return out.reshape(b, s, d), router_logits.reshape(b, s, e)
 
