@@ -29,7 +29,7 @@ def main(argv):
               f"test acc {last.get('test_accuracy', float('nan')):.3f}")
     report = training.analyze_run(config, _WORKDIR.value)
     print(analysis.format_table(report))
-    print(f"report: {os.path.join(_WORKDIR.value, 'report')}")
+    print(f"report: {os.path.join(_WORKDIR.value, 'analysis', 'report')}")
 
 
 if __name__ == "__main__":

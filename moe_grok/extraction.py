@@ -130,12 +130,12 @@ def extract_dataset(config: MoEConfig, params, tokens: np.ndarray, mask: np.ndar
     for start in bar:
         rows = np.arange(start, start + step)
         rows = np.where(rows < n, rows, 0)
-        batch = [a[rows] for a in (tokens, mask, targets, target_mask)]
+        batch = sharding.shard_batch([a[rows] for a in (tokens, mask, targets, target_mask)], mesh)
         stats = extractor(params, *batch)
         valid = min(step, n - start)
         for name, value in stats._asdict().items():
             if value is not None:
-                chunks.setdefault(name, []).append(np.asarray(value)[:valid])
+                chunks.setdefault(name, []).append(sharding.to_host(value)[:valid])
     result = {name: np.concatenate(parts) for name, parts in chunks.items()}
     if with_loss and not np.isfinite(result["loss"]).all():
         bad = np.flatnonzero(~np.isfinite(result["loss"]))

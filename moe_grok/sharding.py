@@ -34,11 +34,27 @@ def batch_spec(mesh: Mesh, ndim: int) -> P:
 def shard_batch(x, mesh: Mesh | None):
     """Place an array (or pytree) with its leading axis split over the data axis.
 
-    The leading axis must be divisible by the data-axis size; callers pad batches first.
+    Every process holds the same full host batch (multi-host runs load identical data) and
+    contributes the shards its devices own. The leading axis must be divisible by the
+    data-axis size; callers pad batches first.
     """
     if mesh is None:
         return x
-    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, batch_spec(mesh, np.ndim(a)))), x)
+
+    def place(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, NamedSharding(mesh, batch_spec(mesh, a.ndim)), lambda i: a[i])
+
+    return jax.tree.map(place, x)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one full numpy array on every process."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def replicate(x, mesh: Mesh | None):

@@ -243,19 +243,12 @@ def task_splits(data: tasks.AlgorithmicDataset) -> dict[str, analysis.EvalSplit]
 
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
                 progress: bool = True) -> dict[str, Any]:
-    """Checkpoint stats (cached in workdir/analysis_cache), the per-group report, and its files
-    in workdir/report. Returns the report."""
+    """analysis.run_pipeline over the run's checkpoints (cache in workdir/analysis/cache,
+    report files in workdir/analysis/report). Returns the report."""
     data = tasks.make_dataset(task_spec(config))
-    splits = task_splits(data)
-    stats = analysis.collect_checkpoint_stats(run_checkpoint_sources(workdir), splits,
-                                              os.path.join(workdir, "analysis_cache"),
-                                              batch_size=config.analysis.batch_size, mesh=mesh, progress=progress)
-    test = splits["test"]
-    test_accuracy = {name: np.array([s.splits["test"]["correct"][test.groups == g].mean() for s in stats])
-                     for g, name in enumerate(data.group_names)}
     a = config.analysis
     options = analysis.AnalysisOptions(tau=a.tau, delta=a.delta, target_fraction=tuple(a.target_fraction),
                                        distance_level=a.distance_level, max_pairs=a.max_pairs)
-    report = analysis.analyze(stats, "train", splits["train"].groups, data.group_names, test_accuracy, options)
-    analysis.write_report(report, os.path.join(workdir, "report"))
-    return report
+    return analysis.run_pipeline(run_checkpoint_sources(workdir), task_splits(data),
+                                 os.path.join(workdir, "analysis"), test_split="test", options=options,
+                                 batch_size=a.batch_size, mesh=mesh, progress=progress)

@@ -76,7 +76,7 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
         assert len(g["curves"]["pathway_distance"]) == 4
         assert np.all(np.isfinite(g["curves"]["pathway_consistency"]))
         assert set(g["correlations"]) >= {"pathway_distance", "pathway_consistency", "train_loss"}
-    out = os.path.join(workdir, "report")
+    out = os.path.join(workdir, "analysis", "report")
     for name in ("summary.json", "per_checkpoint.csv", "table.csv", "table.txt", "analysis.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     assert "add" in open(os.path.join(out, "table.txt")).read()
@@ -101,7 +101,7 @@ def test_analysis_metrics_match_direct_computation(finished_run):
     splits = training.task_splits(data)
     source = training.run_checkpoint_sources(workdir)[-1]
     mconfig, params = source.load()
-    stats = analysis.collect_checkpoint_stats([source], splits, os.path.join(workdir, "analysis_cache"),
+    stats = analysis.collect_checkpoint_stats([source], splits, os.path.join(workdir, "analysis", "cache"),
                                               progress=False)[0]
     train = splits["train"]
     direct = extract_dataset(mconfig, params, train.tokens, train.mask, train.targets, train.target_mask,
