@@ -19,6 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint read at INFO
+        logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     import jax
 

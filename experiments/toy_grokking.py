@@ -9,7 +9,7 @@ the cached analysis of finished checkpoints.
 """
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moe_grok import analysis, training
@@ -22,6 +22,8 @@ _SKIP_TRAINING = flags.DEFINE_bool("skip_training", False, "Only analyze the che
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint read at INFO
+        logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     if not _SKIP_TRAINING.value:
         last = training.train(config, _WORKDIR.value)

@@ -8,6 +8,12 @@ the top-k softmax weights), random router FROZEN, experts trained with Adam. --r
 is the router's inverse temperature; several values vary routing sharpness beyond what router
 seeds do (sharper routing = shorter pathways, so raw character edit distance also shrinks).
 Writes results.csv, results.json and theory.png under --out.
+
+    python experiments/verify_theory.py --toy_workdir=runs/toy --out=runs/theory_toy
+
+instead follows a finished toy grokking run (experiments/toy_grokking.py): at every checkpoint,
+the multi-layer routing Gram (K_l = 1) of a fixed sample of training examples, its d_eff and
+the bound (targets: centered one-hot answers), next to the measured test error.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from moe_grok import theory_synthetic as ts
 
@@ -43,11 +49,25 @@ flags.DEFINE_integer("steps", 500, "Full-batch Adam steps.")
 flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
 flags.DEFINE_integer("data_seed", 0, "Seed of the cluster data (shared by all router seeds).")
 flags.DEFINE_integer("expert_seed", 0, "Seed of the expert initialization (shared by all runs).")
+flags.DEFINE_string("toy_workdir", None, "A toy grokking run: compute the bound along its checkpoints instead.")
+flags.DEFINE_integer("toy_samples", 1000, "Training samples (seeded subset) for the toy-run Gram.")
 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint read at INFO
+        logging.set_verbosity(logging.WARNING)
     start = time.time()
+    if FLAGS.toy_workdir:
+        rows = ts.toy_run_bounds(FLAGS.toy_workdir, FLAGS.toy_samples, FLAGS.lam, FLAGS.noise_std, FLAGS.delta,
+                                 FLAGS.c1)
+        print(ts.format_toy_bounds(rows))
+        os.makedirs(FLAGS.out, exist_ok=True)
+        with open(os.path.join(FLAGS.out, "toy_bounds.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        ts.save_toy_bound_plot(rows, os.path.join(FLAGS.out, "toy_bounds.png"))
+        print(f"wrote {FLAGS.out}/toy_bounds.json, toy_bounds.png in {time.time() - start:.0f} s")
+        return
     base = ts.SyntheticConfig(
         dim=FLAGS.dim, n_train=FLAGS.n_train, n_test=FLAGS.n_test, noise_std=FLAGS.noise_std,
         num_experts=FLAGS.num_experts, width=FLAGS.width, top_k=FLAGS.top_k, tau=FLAGS.tau,

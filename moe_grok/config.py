@@ -125,7 +125,11 @@ class MoEConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "MoEConfig":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"config has fields this moe_grok version does not know: {unknown}")
+        return cls(**fields)
 
 
 def olmoe_1b_7b(**overrides) -> MoEConfig:

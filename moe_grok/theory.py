@@ -360,3 +360,16 @@ def kernel_ridge_predict(gram_or_spectrum, y, cross_gram, lam):
     projections = jnp.dot(u.T, y32.reshape(y32.shape[0], -1), precision=HIGHEST)
     coeffs = jnp.dot(u, projections / (spectrum.eigenvalues[:, None] + lam), precision=HIGHEST)
     return jnp.dot(cross32, coeffs, precision=HIGHEST).reshape((cross32.shape[0],) + y32.shape[1:])
+
+
+# ----------------------------------------------------------------------------- along checkpoints
+def routing_bounds_along_checkpoints(mean_weights_per_checkpoint, y, lam, noise_std, delta, c1: float = 1.0,
+                                     mesh: Mesh | None = None) -> list[GeneralizationBound]:
+    """The bound of `multilayer_routing_gram` (K_l = 1) at each checkpoint, for fixed samples.
+
+    mean_weights_per_checkpoint: sequence of [n, L, E] token-mean routing weights of the same
+    n samples at successive checkpoints; y: [n] or [n, outputs] targets. Under the frozen-
+    router assumption each checkpoint's routing is treated as if frozen from then on.
+    """
+    return [generalization_bound(multilayer_routing_gram(w, mesh=mesh), y, lam, noise_std, delta, c1)
+            for w in mean_weights_per_checkpoint]

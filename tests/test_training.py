@@ -130,3 +130,27 @@ def test_empty_group_is_refused():
     tokens = np.ones((2, 3), np.int32)
     with pytest.raises(ValueError, match=r"empty group\(s\) \['b'\]"):
         analysis.EvalSplit(tokens, tokens, tokens, tokens, np.array([0, 0]), ("a", "b"))
+
+
+def test_theory_bounds_along_toy_checkpoints(finished_run):
+    from moe_grok import theory, theory_synthetic
+
+    config, workdir = finished_run
+    training.analyze_run(config, workdir, progress=False)  # fills the cache the bounds read
+    rows = theory_synthetic.toy_run_bounds(workdir, n_samples=30, lam=0.1)
+    assert [r["step"] for r in rows] == [0, 10, 20, 30]
+    for r in rows:
+        assert 0 < r["d_eff"] < 30 and np.isclose(r["bound"], r["bias"] + r["variance"] + 0.1**2 * np.log(20) / 30,
+                                                   rtol=1e-4)
+        assert 0.0 <= r["test_error"] <= 1.0
+    text = theory_synthetic.format_toy_bounds(rows)
+    assert "d_eff ~ test error over 4 checkpoints" in text
+    # The last row equals the theory module applied directly to that checkpoint's routing.
+    data = training.tasks.make_dataset(training.task_spec(config))
+    chosen = np.sort(np.random.default_rng(0).choice(len(data.train_targets), 30, replace=False))
+    stats = analysis.collect_checkpoint_stats(training.run_checkpoint_sources(workdir), training.task_splits(data),
+                                              os.path.join(workdir, "analysis", "cache"), progress=False)
+    gram = theory.multilayer_routing_gram(stats[-1].splits["train"]["mean_weights"][chosen])
+    y = np.eye(config.task.p)[data.train_targets[chosen]] - 1.0 / config.task.p
+    direct = theory.generalization_bound(gram, y, 0.1, 0.1, 0.05)
+    assert np.isclose(float(direct.total), rows[-1]["bound"], rtol=1e-5)
