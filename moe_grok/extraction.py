@@ -126,7 +126,7 @@ def extract_dataset(config: MoEConfig, params, tokens: np.ndarray, mask: np.ndar
     extractor = extractor or make_extractor(config, mesh, with_loss, per_token)
     chunks: dict[str, list[np.ndarray]] = {}
     bar = tqdm(range(0, n, step), desc=progress if isinstance(progress, str) else "extract",
-               disable=not progress, unit="batch")
+               disable=not progress, unit="batch", leave=False)
     for start in bar:
         rows = np.arange(start, start + step)
         rows = np.where(rows < n, rows, 0)
