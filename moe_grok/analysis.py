@@ -125,14 +125,17 @@ def _cache_path(cache_dir: str, step: int) -> str:
     return os.path.join(cache_dir, f"step_{step:010d}.npz")
 
 
-def _load_cached(path: str, fingerprints: dict[str, str], source: CheckpointSource) -> CheckpointStats | None:
+def _load_cached(path: str, fingerprints: dict[str, str], source: CheckpointSource
+                 ) -> tuple[CheckpointStats, dict] | None:
+    """(stats, architecture) from a cache file made for the same data, else None."""
     if not os.path.exists(path):
         return None
     with np.load(path, allow_pickle=False) as data:
         if json.loads(str(data["fingerprints"])) != fingerprints:
             return None  # cached for other data: recompute
         splits = {split: {f: data[f"{split}/{f}"] for f in STAT_FIELDS} for split in fingerprints}
-        return CheckpointStats(source.step, source.name, splits, data["router"])
+        stats = CheckpointStats(source.step, source.name, splits, data["router"])
+        return stats, json.loads(str(data["architecture"]))
 
 
 def _save_cached(path: str, stats: CheckpointStats, fingerprints: dict[str, str], architecture: dict) -> None:
@@ -167,24 +170,20 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
     for source in tqdm(sorted(sources, key=lambda s: s.step), desc="checkpoints", disable=not progress):
         path = _cache_path(cache_dir, source.step)
         cached = _load_cached(path, fingerprints, source)
-        if cached is not None:
-            with np.load(path) as data:
-                arch = json.loads(str(data["architecture"]))
-            reference_arch = reference_arch or arch
-            reference_name = reference_name or source.name
-            if arch != reference_arch:
-                raise ValueError(f"checkpoint {source.name} (step {source.step}) has architecture {arch}, "
-                                 f"unlike {reference_name}: {reference_arch}")
-            results.append(cached)
-            continue
-        config, params = source.load()
-        arch = config.architecture()
+        if cached is None:
+            config, params = source.load()
+            arch = config.architecture()
+        else:
+            stats, arch = cached
         if reference_arch is None:
             reference_arch, reference_name = arch, source.name
         elif arch != reference_arch:
-            diff = {k: (reference_arch[k], arch[k]) for k in arch if arch[k] != reference_arch.get(k)}
+            diff = {k: (reference_arch.get(k), arch[k]) for k in arch if arch[k] != reference_arch.get(k)}
             raise ValueError(f"checkpoint {source.name} (step {source.step}) differs in architecture from "
                              f"{reference_name}: {diff}; finished checkpoints stay cached in {cache_dir}")
+        if cached is not None:
+            results.append(stats)
+            continue
         extractor = extractor or make_extractor(config, mesh)
         per_split = {}
         for split_name, split in splits.items():
