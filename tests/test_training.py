@@ -154,3 +154,13 @@ def test_theory_bounds_along_toy_checkpoints(finished_run):
     y = np.eye(config.task.p)[data.train_targets[chosen]] - 1.0 / config.task.p
     direct = theory.generalization_bound(gram, y, 0.1, 0.1, 0.05)
     assert np.isclose(float(direct.total), rows[-1]["bound"], rtol=1e-5)
+
+
+def test_mesh_training_equals_single_device(tmp_path):
+    from moe_grok.sharding import make_mesh
+
+    config = tiny_config(steps=10)
+    single = training.train(config, str(tmp_path / "single"), progress=False)
+    multi = training.train(config, str(tmp_path / "mesh"), mesh=make_mesh(data=4, expert=2), progress=False)
+    for key in ("loss", "train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+        np.testing.assert_allclose(multi[key], single[key], rtol=2e-4, atol=1e-5)
