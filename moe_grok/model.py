@@ -90,16 +90,13 @@ class Attention(nn.Module):
         k = rotary_embedding(k.reshape(b, s, kv, hd), positions, cfg.rope_theta)
         v = v.reshape(b, s, kv, hd)
 
-        # Heads-first batched matmuls ([B, K, G, S, Dh], G = query heads per kv head for GQA):
-        # on CPU this layout runs about 2x faster than the equivalent einsum.
-        q = jnp.transpose(q.reshape(b, s, kv, h // kv, hd), (0, 2, 3, 1, 4))
-        k, v = (jnp.transpose(t, (0, 2, 1, 3))[:, :, None] for t in (k, v))  # [B, K, 1, S, Dh]
-        scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * hd**-0.5  # [B, K, G, S, S]
+        q = q.reshape(b, s, kv, h // kv, hd)  # GQA: query heads grouped under their kv head
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * hd**-0.5
         causal = jnp.tril(jnp.ones((s, s), dtype=bool))
         allowed = causal[None, :, :] & mask[:, None, :].astype(bool)  # [B, S_q, S_k]
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.transpose(jnp.matmul(probs, v), (0, 3, 1, 2, 4)).reshape(b, s, h * hd)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, h * hd)
         return dense(cfg.hidden_size, kernel_init=_init(cfg.init_std, "q_width", "embed"), name="o_proj")(out)
 
 
