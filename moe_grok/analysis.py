@@ -217,14 +217,19 @@ class AnalysisOptions:
     onset_threshold: float = 0.8
 
 
+def _pathways(weights: np.ndarray, options: AnalysisOptions) -> list:
+    """[n, L, E] routing -> pathways in the form options.distance_level compares."""
+    return (pathways.pathway_strings(weights, options.tau) if options.distance_level == "char"
+            else pathways.pathway_tokens(weights, options.tau))
+
+
 def _group_curves(stats: list[CheckpointStats], split: str, rows: np.ndarray, options: AnalysisOptions,
                   ) -> dict[str, np.ndarray]:
     """Pathway distance, consistency and complexity over checkpoints for samples `rows`."""
     distance, complexity = [], []
     for s in stats:
         weights = s.splits[split]["mean_weights"][rows]
-        strings = (pathways.pathway_strings(weights, options.tau) if options.distance_level == "char"
-                   else pathways.pathway_tokens(weights, options.tau))
+        strings = _pathways(weights, options)
         distance.append(metrics.group_pathway_distance(strings, options.distance_level, options.distance_normalized,
                                                        options.max_pairs, options.seed, on_small="nan"))
         complexity.append(float(np.mean(np.asarray(metrics.pathway_complexity(weights, s.router)))))
@@ -245,6 +250,7 @@ def analyze(stats: list[CheckpointStats], train_split: str, groups: np.ndarray, 
     loss = np.stack([s.splits[train_split]["loss"] for s in stats])  # [C, N]
     correct = np.stack([s.splits[train_split]["correct"] for s in stats])
     report: dict[str, Any] = {"steps": steps.tolist(), "options": dataclasses.asdict(options), "groups": {}}
+    memorized_rows: dict[str, np.ndarray] = {}
     for g, name in enumerate(group_names):
         rows = np.flatnonzero(groups == g)
         if rows.size == 0:
@@ -282,7 +288,25 @@ def analyze(stats: list[CheckpointStats], train_split: str, groups: np.ndarray, 
                 if metric in entry["curves"]}
         entry["curves"] = {k: np.asarray(v, np.float64).tolist() for k, v in entry["curves"].items()}
         report["groups"][name] = entry
+        memorized_rows[name] = memorized
+    report["cross_group_distance"] = _cross_group_curves(stats, train_split, memorized_rows, options)
     return report
+
+
+def _cross_group_curves(stats: list[CheckpointStats], split: str, rows_by_group: dict[str, np.ndarray],
+                        options: AnalysisOptions) -> dict[str, list[float]]:
+    """The paper's control: mean distance between memorized samples of two different groups,
+    per checkpoint, for every pair of groups ("a|b" -> [checkpoints])."""
+    names = [n for n, rows in rows_by_group.items() if rows.size]
+    curves = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            curves[f"{a}|{b}"] = [metrics.cross_group_distance(
+                _pathways(s.splits[split]["mean_weights"][rows_by_group[a]], options),
+                _pathways(s.splits[split]["mean_weights"][rows_by_group[b]], options),
+                options.distance_level, options.distance_normalized, options.max_pairs, options.seed)
+                for s in stats]
+    return curves
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -359,14 +383,17 @@ def plot_report(report: dict[str, Any], path: str) -> None:
                 value = g.get(key)
                 if value is not None and np.isfinite(value) and value >= 0:
                     ax.axvline(value, color=color, linestyle=style, alpha=0.5)
+        if curves == ("pathway_distance",):
+            for pair, values in report.get("cross_group_distance", {}).items():
+                ax.plot(steps, values, color="gray", linestyle=":", label=f"control {pair}")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if "loss" in title:
             ax.set_yscale("log")
     for ax in axes[1]:
         ax.set_xlabel("training step (dotted: median memorization step, dash-dot: test onset)")
-    axes[0, 0].legend(fontsize=7)
-    axes[0, 1].legend(fontsize=7)
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

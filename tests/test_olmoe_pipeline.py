@@ -118,3 +118,28 @@ def test_experiment_script(workspace, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "math" in result.stdout and "r(dist)" in result.stdout
     assert os.path.exists(tmp_path / "run" / "report" / "analysis.png")
+
+
+def test_cross_group_control_curve(workspace, tmp_path):
+    from moe_grok import metrics, pathways
+
+    split = _split(workspace)
+    report = analysis.run_pipeline(_sources(workspace), {"train": split}, str(tmp_path / "out"), batch_size=8,
+                                   options=analysis.AnalysisOptions(max_pairs=None), progress=False)
+    curve = report["cross_group_distance"]["math|code"]
+    assert len(curve) == 3
+    # Recompute the last checkpoint's control by hand from the cache and the memorized sets.
+    stats = analysis.collect_checkpoint_stats(_sources(workspace), {"train": split}, str(tmp_path / "out" / "cache"),
+                                              progress=False)
+    from moe_grok import grokking
+
+    loss = np.stack([s.splits["train"]["loss"] for s in stats])
+    memorized = {}
+    for g, name in enumerate(split.group_names):
+        rows = np.flatnonzero(split.groups == g)
+        eps = grokking.calibrate_eps(loss[:, rows]).eps
+        memorized[name] = rows[grokking.memorization_steps(loss[:, rows], np.array(STEPS), eps) >= 0]
+    weights = stats[-1].splits["train"]["mean_weights"]
+    expected = metrics.cross_group_distance(pathways.pathway_strings(weights[memorized["math"]]),
+                                            pathways.pathway_strings(weights[memorized["code"]]))
+    assert np.isclose(curve[-1], expected)
