@@ -215,3 +215,40 @@ def test_config_validation_and_presets():
     with pytest.raises(ValueError, match="num_experts_per_tok=5"):
         toy(vocab_size=8, num_experts_per_tok=5, num_experts=4)
     assert MoEConfig.from_json(real.to_json()) == real
+
+
+def test_convert_cli_writes_a_restorable_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    save_hf_model(tmp_path / "hf")
+    out = tmp_path / "orbax"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run([sys.executable, "-m", "moe_grok.convert", f"--hf_path={tmp_path / 'hf'}",
+                             f"--out={out}", "--dtype=float32"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "parameters in float32" in result.stdout
+    config, params = restore_params(str(out))
+    config_hf, params_hf = load_hf(str(tmp_path / "hf"))
+    assert config == config_hf
+    jax.tree.map(np.testing.assert_array_equal, params, params_hf)
+
+
+def test_hub_repos_go_through_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    save_hf_model(tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        if revision == "step1-tokens0B":
+            raise FileNotFoundError("404: revision not found")  # stands in for the hub's error types
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    config, _ = load_hf("allenai/OLMoE-1B-7B-0924", revision="step245000-tokens1027B")
+    assert calls == [("allenai/OLMoE-1B-7B-0924", "step245000-tokens1027B")] and config.num_experts == 8
+    with pytest.raises(CheckpointError, match=r"could not fetch 'allenai/OLMoE-1B-7B-0924' at revision "
+                                              r"'step1-tokens0B' from the hub: FileNotFoundError: 404"):
+        load_hf("allenai/OLMoE-1B-7B-0924", revision="step1-tokens0B")
