@@ -66,9 +66,7 @@ def routing_stats(config: MoEConfig, params, tokens, mask, targets=None, target_
         loss, correct = per_sample_loss(out.logits, targets, target_mask)
     extra = {}
     if per_token:
-        top_w, top_idx = jax.lax.top_k(probs, config.num_experts_per_tok)
-        if config.norm_topk_prob:
-            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        top_w, top_idx = model_lib.select_experts(probs, config)
         extra = dict(router_probs=probs, top_experts=top_idx.astype(jnp.int32), top_weights=top_w)
     return RoutingStats(token_mean_weights(probs, mask), loss, correct, **extra)
 
@@ -122,7 +120,7 @@ def extract_dataset(config: MoEConfig, params, tokens: np.ndarray, mask: np.ndar
     targets = np.asarray(targets, np.int32)
     target_mask = np.asarray(target_mask, np.int32)
     n = tokens.shape[0]
-    step = -(-batch_size // sharding.data_axis_size(mesh)) * sharding.data_axis_size(mesh)
+    step = sharding.round_up_to_data_axis(batch_size, mesh)
     extractor = extractor or make_extractor(config, mesh, with_loss, per_token)
     chunks: dict[str, list[np.ndarray]] = {}
     bar = tqdm(range(0, n, step), desc=progress if isinstance(progress, str) else "extract",

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from moe_grok.sharding import data_axis_size, replicate, shard_batch
+from moe_grok.sharding import replicate, round_up_to_data_axis, shard_batch
 
 Level = Literal["char", "token"]
 OnSmall = Literal["raise", "nan"]
@@ -270,7 +270,7 @@ def levenshtein_jax(a, a_len, b, b_len, mesh: Mesh | None = None) -> jax.Array:
             raise ValueError(f"{name} must lie in [0, {codes.shape[1]}]")
     width = max(a.shape[1], b.shape[1], 1)
     pairs = a.shape[0]
-    padded_pairs = -(-max(pairs, 1) // data_axis_size(mesh)) * data_axis_size(mesh)
+    padded_pairs = round_up_to_data_axis(pairs, mesh)
     a = jnp.pad(a, ((0, padded_pairs - pairs), (0, width - a.shape[1])))
     b = jnp.pad(b, ((0, padded_pairs - pairs), (0, width - b.shape[1])))
     a_len = jnp.pad(a_len, (0, padded_pairs - pairs))
@@ -299,8 +299,7 @@ def pairwise_distances_jax(
     codes, lengths = encode_pathways(pathways, level)
     count = len(lengths)
     pair_array = np.stack(np.triu_indices(count, 1), axis=1) if pairs is None else _check_pairs(pairs, count)
-    shards = data_axis_size(mesh)
-    batch_size = -(-batch_size // shards) * shards
+    batch_size = round_up_to_data_axis(batch_size, mesh)
     batches = []
     for start in range(0, len(pair_array), batch_size):
         chunk = pair_array[start : start + batch_size]
@@ -361,7 +360,7 @@ def _batch_sharded(kernel, mean_weights, router_matrices, mesh: Mesh | None) -> 
     if mesh is None:
         return kernel(mean_weights, router_matrices)
     batch = mean_weights.shape[0]
-    padded = -(-max(batch, 1) // data_axis_size(mesh)) * data_axis_size(mesh)
+    padded = round_up_to_data_axis(batch, mesh)
     mean_weights = jnp.pad(mean_weights, ((0, padded - batch), (0, 0), (0, 0)))
     return kernel(shard_batch(mean_weights, mesh), replicate(router_matrices, mesh))[:batch]
 

@@ -253,6 +253,15 @@ def resolve_moe_impl(impl: str) -> str:
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
+def select_experts(probs, config: MoEConfig):
+    """Top-k of router probabilities [..., E] -> (weights [..., k], expert ids [..., k]),
+    renormalized to sum to 1 when config.norm_topk_prob."""
+    top_w, top_idx = jax.lax.top_k(probs, config.num_experts_per_tok)
+    if config.norm_topk_prob:
+        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    return top_w, top_idx
+
+
 class SparseMoE(nn.Module):
     """Router + SwiGLU experts. Returns (output [B, S, D], router_logits [B, S, E] float32)."""
 
@@ -270,10 +279,7 @@ class SparseMoE(nn.Module):
 
         tokens = x.reshape(b * s, d)
         router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
-        probs = jax.nn.softmax(router_logits, axis=-1)
-        top_w, top_idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-        if cfg.norm_topk_prob:
-            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        top_w, top_idx = select_experts(jax.nn.softmax(router_logits, axis=-1), cfg)
         impl = resolve_moe_impl(cfg.moe_impl)
         kwargs = {"block": cfg.expert_block_size} if impl == "blocked" else {}
         out = EXPERT_IMPLS[impl](tokens, top_idx, top_w.astype(dtype), w_gate, w_up, w_down, **kwargs)

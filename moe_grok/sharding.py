@@ -69,3 +69,9 @@ def data_axis_size(mesh: Mesh | None) -> int:
         return 1
     axis = DATA_AXIS if DATA_AXIS in mesh.axis_names else mesh.axis_names[0]
     return mesh.shape[axis]
+
+
+def round_up_to_data_axis(n: int, mesh: Mesh | None) -> int:
+    """The smallest multiple of the data-axis size that is >= n (>= 1): a batch that shards evenly."""
+    shards = data_axis_size(mesh)
+    return -(-max(n, 1) // shards) * shards

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from moe_grok.sharding import batch_spec, data_axis_size, shard_batch
+from moe_grok.sharding import batch_spec, data_axis_size, round_up_to_data_axis, shard_batch
 
 HIGHEST = jax.lax.Precision.HIGHEST
 _NORM_FLOOR = 1e-30  # keeps zero (padding) rows finite in the angle computation
@@ -139,8 +139,7 @@ def empirical_ntk(apply_fn: Callable, params, x, x2=None, *, batch_size: int = 6
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     x = jnp.asarray(x, jnp.float32)
     x2 = x if x2 is None else jnp.asarray(x2, jnp.float32)
-    shards = data_axis_size(mesh)
-    row_block = -(-min(batch_size, x.shape[0]) // shards) * shards
+    row_block = round_up_to_data_axis(min(batch_size, x.shape[0]), mesh)
     col_block = min(batch_size, x2.shape[0])
     rows_out = []
     for r0 in range(0, x.shape[0], row_block):
