@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
+MOE_IMPLS = ("auto", "ragged", "chunked", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +36,9 @@ class MoEConfig:
     tie_word_embeddings: bool = False
     # Numerics / implementation choices (not part of the checkpoint's architecture).
     dtype: str = "float32"  # parameter and activation dtype; routing softmax and norms stay float32
-    moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, block-sparse matmuls on CPU
-    expert_block_size: int = 128  # rows per block of the CPU "blocked" dispatch
+    moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, per-expert chunked matmuls on CPU
+    expert_chunk_size: int = 512  # CPU "chunked" dispatch: most rows in one expert matmul
+    expert_chunk_granule: int = 32  # ... and chunk rows are rounded up to a multiple of this
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -50,6 +51,10 @@ class MoEConfig:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.moe_impl not in MOE_IMPLS:
             problems.append(f"moe_impl={self.moe_impl!r} not in {MOE_IMPLS}")
+        if not 0 < self.expert_chunk_granule <= self.expert_chunk_size or \
+                self.expert_chunk_size % self.expert_chunk_granule:
+            problems.append(f"expert_chunk_size={self.expert_chunk_size} must be a positive multiple of "
+                            f"expert_chunk_granule={self.expert_chunk_granule}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype={self.dtype!r} not in float32/bfloat16/float16")
         if problems:

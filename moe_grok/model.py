@@ -14,6 +14,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_grok.config import MoEConfig
 
@@ -154,83 +155,126 @@ def _gather_rows_bwd(residuals, grad):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def _block_swiglu(x_block, w_gate, w_up, w_down):
-    return _swiglu(x_block, w_gate, w_up, w_down, jnp.matmul)
+class ChunkPlan(NamedTuple):
+    """Expert-sorted rows cut into per-expert chunks, one [rows, D] x [D, F] matmul each.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def blocked_swiglu(block: int, rows, block_expert, num_blocks, w_gate, w_up, w_down):
-    """SwiGLU of row blocks, block i through expert block_expert[i]; rows past num_blocks stay 0.
-
-    rows: [R, D] (R a multiple of block); block_expert: [R / block]; num_blocks: dynamic
-    scalar, so the loop runs exactly as many blocks as the routing fills.
+    An expert's run of n rows is n // max_chunk full chunks plus a remainder of r rows,
+    computed as one chunk of ceil(r / granule) * granule rows (its size class). Each size
+    class runs as its own loop, so every matmul has a static shape, an expert's weights are
+    read once per chunk, and at most granule - 1 rows per expert are wasted. Rows past a
+    chunk's valid count belong to the next expert: they are computed, never written.
     """
 
-    def body(i, out):
-        e = block_expert[i]
-        x_block = jax.lax.dynamic_slice_in_dim(rows, i * block, block)
-        return jax.lax.dynamic_update_slice_in_dim(out, _block_swiglu(x_block, w_gate[e], w_up[e], w_down[e]),
-                                                   i * block, 0)
-
-    return jax.lax.fori_loop(0, num_blocks, body, jnp.zeros(rows.shape[:-1] + (w_down.shape[-1],), rows.dtype))
-
-
-def _blocked_swiglu_fwd(block, rows, block_expert, num_blocks, w_gate, w_up, w_down):
-    out = blocked_swiglu(block, rows, block_expert, num_blocks, w_gate, w_up, w_down)
-    return out, (rows, block_expert, num_blocks, w_gate, w_up, w_down)
+    full_expert: jax.Array  # [T*k // max_chunk] expert of each full chunk
+    full_start: jax.Array  # [T*k // max_chunk] first sorted row of each full chunk
+    num_full: jax.Array  # scalar: full chunks in use
+    rem_expert: jax.Array  # [E] experts ordered by remainder size class
+    rem_start: jax.Array  # [E] first sorted row of each expert's remainder (same order)
+    rem_valid: jax.Array  # [E] remainder rows (same order; 0 = none)
+    class_bounds: jax.Array  # [max_chunk // granule + 2]: class c is rem_*[bounds[c]:bounds[c + 1]]
 
 
-def _blocked_swiglu_bwd(block, residuals, grad):
-    # A dynamic-trip-count loop has no automatic reverse mode: the same loop runs each
-    # block's VJP, accumulating the expert's weight gradients.
-    rows, block_expert, num_blocks, w_gate, w_up, w_down = residuals
+def plan_chunks(group_sizes, num_rows: int, max_chunk: int, granule: int) -> ChunkPlan:
+    """ChunkPlan for `num_rows` expert-sorted rows, `group_sizes` [E] of them per expert."""
+    if max_chunk % granule:
+        raise ValueError(f"expert chunk size {max_chunk} is not a multiple of its granule {granule}")
+    num_experts = group_sizes.shape[0]
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    full_per_expert = group_sizes // max_chunk
+    full_ends = jnp.cumsum(full_per_expert)
+    chunk = jnp.arange(num_rows // max_chunk)
+    full_expert = jnp.minimum(jnp.searchsorted(full_ends, chunk, side="right"), num_experts - 1)
+    full_start = starts[full_expert] + (chunk - full_ends[full_expert] + full_per_expert[full_expert]) * max_chunk
+    remainder = group_sizes - full_per_expert * max_chunk
+    size_class = -(-remainder // granule)  # 0 (no remainder) .. max_chunk // granule
+    rem_expert = jnp.argsort(size_class, stable=True)
+    class_bounds = jnp.searchsorted(size_class[rem_expert], jnp.arange(max_chunk // granule + 2), side="left")
+    return ChunkPlan(full_expert, full_start, full_ends[-1], rem_expert,
+                     (starts + full_per_expert * max_chunk)[rem_expert], remainder[rem_expert], class_bounds)
 
-    def body(i, grads):
+
+def _for_each_chunk(plan: ChunkPlan, max_chunk: int, granule: int, body, carry):
+    """carry = body(size, expert, start, valid, carry) over every chunk; size is static."""
+    def loop(size, lo, hi, chunk_of, carry):
+        return jax.lax.fori_loop(lo, hi, lambda i, c: body(size, *chunk_of(i), c), carry)
+
+    if plan.full_expert.shape[0]:  # static: fewer rows than one full chunk can hold
+        carry = loop(max_chunk, 0, plan.num_full,
+                     lambda i: (plan.full_expert[i], plan.full_start[i], max_chunk), carry)
+    for size_class in range(1, max_chunk // granule + 1):
+        carry = loop(size_class * granule, plan.class_bounds[size_class], plan.class_bounds[size_class + 1],
+                     lambda i: (plan.rem_expert[i], plan.rem_start[i], plan.rem_valid[i]), carry)
+    return carry
+
+
+def _chunk_swiglu(x_chunk, w_gate, w_up, w_down):
+    return _swiglu(x_chunk, w_gate, w_up, w_down, jnp.matmul)
+
+
+def _write_valid(buffer, values, start, valid):
+    """buffer[start + i] = values[i] for i < valid (a chunk's other rows are left alone)."""
+    window = jax.lax.dynamic_slice_in_dim(buffer, start, values.shape[0])
+    keep = (jnp.arange(values.shape[0]) < valid)[:, None]
+    return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.where(keep, values, window), start, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def chunked_swiglu(max_chunk: int, granule: int, rows, plan: ChunkPlan, w_gate, w_up, w_down):
+    """SwiGLU of expert-sorted rows [R + max_chunk, D] (the tail is slack for the last chunk's
+    overhang), each chunk through its expert; returns [R + max_chunk, D], the tail zero."""
+
+    def body(size, expert, start, valid, out):
+        x_chunk = jax.lax.dynamic_slice_in_dim(rows, start, size)
+        return _write_valid(out, _chunk_swiglu(x_chunk, w_gate[expert], w_up[expert], w_down[expert]), start, valid)
+
+    out = jnp.zeros(rows.shape[:-1] + (w_down.shape[-1],), rows.dtype)
+    return _for_each_chunk(plan, max_chunk, granule, body, out)
+
+
+def _chunked_swiglu_fwd(max_chunk, granule, rows, plan, w_gate, w_up, w_down):
+    out = chunked_swiglu(max_chunk, granule, rows, plan, w_gate, w_up, w_down)
+    return out, (rows, plan, w_gate, w_up, w_down)
+
+
+def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
+    # Dynamic-trip-count loops have no automatic reverse mode: the same loops run each
+    # chunk's VJP (rows past `valid` get zero cotangent), accumulating the weight gradients.
+    rows, plan, w_gate, w_up, w_down = residuals
+
+    def body(size, expert, start, valid, grads):
         d_rows, d_gate, d_up, d_down = grads
-        e = block_expert[i]
-        x_block = jax.lax.dynamic_slice_in_dim(rows, i * block, block)
-        g_block = jax.lax.dynamic_slice_in_dim(grad, i * block, block)
-        _, pull = jax.vjp(_block_swiglu, x_block, w_gate[e], w_up[e], w_down[e])
-        dx, dg, du, dd = pull(g_block)
-        return (jax.lax.dynamic_update_slice_in_dim(d_rows, dx, i * block, 0),
-                d_gate.at[e].add(dg), d_up.at[e].add(du), d_down.at[e].add(dd))
+        x_chunk = jax.lax.dynamic_slice_in_dim(rows, start, size)
+        g_chunk = jax.lax.dynamic_slice_in_dim(grad, start, size)
+        g_chunk = jnp.where((jnp.arange(size) < valid)[:, None], g_chunk, 0)
+        _, pull = jax.vjp(_chunk_swiglu, x_chunk, w_gate[expert], w_up[expert], w_down[expert])
+        dx, dg, du, dd = pull(g_chunk)
+        return (_write_valid(d_rows, dx, start, valid),
+                d_gate.at[expert].add(dg), d_up.at[expert].add(du), d_down.at[expert].add(dd))
 
     zeros = tuple(jnp.zeros_like(a) for a in (rows, w_gate, w_up, w_down))
-    d_rows, d_gate, d_up, d_down = jax.lax.fori_loop(0, num_blocks, body, zeros)
-    return d_rows, None, None, d_gate, d_up, d_down
+    d_rows, d_gate, d_up, d_down = _for_each_chunk(plan, max_chunk, granule, body, zeros)
+    plan_zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), plan)
+    return d_rows, plan_zeros, d_gate, d_up, d_down
 
 
-blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
+chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
 
 
-def experts_blocked(x, top_idx, top_w, w_gate, w_up, w_down, block: int = 128):
-    """Exact block-sparse dispatch (the CPU path): the (token, choice) assignments sorted by
-    expert, each expert's run padded to a multiple of `block` rows, then one [block, D] x
-    [D, F] matmul per filled block. Work is T*k plus at most block-1 padding rows per
-    expert, however unbalanced the routing; no token is ever dropped.
+def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, max_chunk: int = 512, granule: int = 32):
+    """Exact sparse dispatch for CPU: the T*k (token, choice) assignments sorted by expert,
+    then one matmul per expert chunk (see ChunkPlan). Work is T*k rows plus under `granule`
+    rows per expert however unbalanced the routing; no token is ever dropped.
 
     x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] -> [T, D].
     """
     t, k = top_idx.shape
-    num_experts = w_gate.shape[0]
-    order, group_sizes = _sort_by_expert(top_idx, num_experts)
-    starts = jnp.cumsum(group_sizes) - group_sizes
-    padded_sizes = -(-group_sizes // block) * block
-    padded_ends = jnp.cumsum(padded_sizes)
-    padded_starts = padded_ends - padded_sizes
-    flat_expert = top_idx.reshape(-1)
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))  # sorted position of each assignment
-    row_of_assignment = padded_starts[flat_expert] + rank - starts[flat_expert]  # [T*k]
-    num_rows = -(-(t * k + num_experts * (block - 1)) // block) * block  # static bound on padded rows
-    row = jnp.arange(num_rows)
-    expert_of_row = jnp.minimum(jnp.searchsorted(padded_ends, row, side="right"), num_experts - 1)
-    position = row - padded_starts[expert_of_row]
-    filled = (position < group_sizes[expert_of_row]) & (row < padded_ends[-1])
-    assignment_of_row = jnp.where(filled, order[jnp.clip(starts[expert_of_row] + position, 0, t * k - 1)], -1)
-    token_of_row = jnp.where(filled, assignment_of_row // k, -1)
-    rows = gather_rows(x, token_of_row, row_of_assignment.reshape(t, k))  # [R, D]
-    out_rows = blocked_swiglu(block, rows, expert_of_row[::block], padded_ends[-1] // block, w_gate, w_up, w_down)
-    per_assignment = gather_rows(out_rows, row_of_assignment, assignment_of_row[:, None])  # [T*k, D]
+    order, group_sizes = _sort_by_expert(top_idx, w_gate.shape[0])
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))  # sorted row of each assignment
+    slack = jnp.full((max_chunk,), -1, order.dtype)
+    rows = gather_rows(x, jnp.concatenate([order // k, slack]), rank.reshape(t, k))  # [T*k + max_chunk, D]
+    plan = plan_chunks(group_sizes, t * k, max_chunk, granule)
+    out_rows = chunked_swiglu(max_chunk, granule, rows, plan, w_gate, w_up, w_down)
+    per_assignment = gather_rows(out_rows, rank, jnp.concatenate([order, slack])[:, None])  # [T*k, D]
     return jnp.einsum("tkd,tk->td", per_assignment.reshape(t, k, -1), top_w)
 
 
@@ -243,14 +287,14 @@ def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down):
     return jnp.einsum("etd,te->td", y, combine.astype(y.dtype))
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "blocked": experts_blocked, "dense": experts_dense}
+EXPERT_IMPLS = {"ragged": experts_ragged, "chunked": experts_chunked, "dense": experts_dense}
 
 
 def resolve_moe_impl(impl: str) -> str:
-    """'auto' -> 'blocked' on CPU (ragged_dot is very slow there), 'ragged' on GPU/TPU."""
+    """'auto' -> 'chunked' on CPU (ragged_dot is very slow there), 'ragged' on GPU/TPU."""
     if impl != "auto":
         return impl
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return "chunked" if jax.default_backend() == "cpu" else "ragged"
 
 
 def select_experts(probs, config: MoEConfig):
@@ -281,7 +325,7 @@ class SparseMoE(nn.Module):
         router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
         top_w, top_idx = select_experts(jax.nn.softmax(router_logits, axis=-1), cfg)
         impl = resolve_moe_impl(cfg.moe_impl)
-        kwargs = {"block": cfg.expert_block_size} if impl == "blocked" else {}
+        kwargs = {"max_chunk": cfg.expert_chunk_size, "granule": cfg.expert_chunk_granule} if impl == "chunked" else {}
         out = EXPERT_IMPLS[impl](tokens, top_idx, top_w.astype(dtype), w_gate, w_up, w_down, **kwargs)
         return out.reshape(b, s, d), router_logits.reshape(b, s, e)
 

@@ -80,7 +80,7 @@ def test_bfloat16_weights_run_and_stay_close(tmp_path, rng):
     assert err.max() < 0.15 * np.abs(np.asarray(out32.logits)).max()
 
 
-@pytest.mark.parametrize("impl", ["blocked", "ragged"])
+@pytest.mark.parametrize("impl", ["chunked", "ragged"])
 @pytest.mark.parametrize("skew", [0.0, 8.0])  # skew routes every token to expert 0
 def test_dispatch_equals_dense_oracle(impl, skew):
     rng = np.random.default_rng(1)
@@ -91,7 +91,7 @@ def test_dispatch_equals_dense_oracle(impl, skew):
     top_w, top_idx = jax.lax.top_k(probs, k)
     w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
     expected = model_lib.experts_dense(x, top_idx, top_w, *w)
-    kwargs = {"block": 16} if impl == "blocked" else {}
+    kwargs = {"max_chunk": 16, "granule": 4} if impl == "chunked" else {}
     got = jax.jit(functools.partial(model_lib.EXPERT_IMPLS[impl], **kwargs))(x, top_idx, top_w, *w)
     scale = float(np.abs(np.asarray(expected)).max())  # outputs reach ~1e2: float32 summation order
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6 * scale, rtol=1e-5)
@@ -99,7 +99,7 @@ def test_dispatch_equals_dense_oracle(impl, skew):
         assert int(jnp.sum(top_idx == 0)) == t
 
 
-@pytest.mark.parametrize("impl", ["blocked", "ragged"])
+@pytest.mark.parametrize("impl", ["chunked", "ragged"])
 def test_dispatch_gradients_match_dense(impl):
     rng = np.random.default_rng(2)
     t, d, f, e, k = 32, 8, 6, 4, 2
@@ -111,9 +111,24 @@ def test_dispatch_gradients_match_dense(impl):
         return lambda x, tw, *ws: jnp.sum(jnp.sin(model_lib.EXPERT_IMPLS[impl](x, top_idx, tw, *ws, **kwargs)))
 
     g_dense = jax.grad(loss("dense"), argnums=(0, 1, 2, 3, 4))(x, top_w, *w)
-    g_impl = jax.grad(loss(impl, **({"block": 8} if impl == "blocked" else {})), argnums=(0, 1, 2, 3, 4))(x, top_w, *w)
+    kwargs = {"max_chunk": 8, "granule": 2} if impl == "chunked" else {}
+    g_impl = jax.grad(loss(impl, **kwargs), argnums=(0, 1, 2, 3, 4))(x, top_w, *w)
     for a, b in zip(g_dense, g_impl):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_plan_by_hand():
+    # Rows per expert [0, 5, 16, 33]; chunks of at most 16 rows, rounded up to 4.
+    plan = model_lib.plan_chunks(jnp.asarray([0, 5, 16, 33]), 54, max_chunk=16, granule=4)
+    assert int(plan.num_full) == 3  # expert 2 once, expert 3 twice
+    np.testing.assert_array_equal(plan.full_expert[:3], [2, 3, 3])
+    np.testing.assert_array_equal(plan.full_start[:3], [5, 21, 37])
+    # Remainders: expert 3 has 1 row (class 1: 4 rows), expert 1 has 5 (class 2: 8 rows).
+    bounds = np.asarray(plan.class_bounds)
+    assert bounds[1] == 2 and bounds[2] == 3 and bounds[3] == bounds[-1] == 4
+    np.testing.assert_array_equal(plan.rem_expert[2:], [3, 1])
+    np.testing.assert_array_equal(plan.rem_start[2:], [53, 0])
+    np.testing.assert_array_equal(plan.rem_valid[2:], [1, 5])
 
 
 def test_load_balancing_loss_matches_hf(tmp_path, rng):
