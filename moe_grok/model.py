@@ -91,13 +91,19 @@ class Attention(nn.Module):
         k = rotary_embedding(k.reshape(b, s, kv, hd), positions, cfg.rope_theta)
         v = v.reshape(b, s, kv, hd)
 
-        q = q.reshape(b, s, kv, h // kv, hd)  # GQA: query heads grouped under their kv head
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * hd**-0.5
+        # Heads first ([B, H, S, Dh]); GQA repeats each kv head for its group of query heads.
+        q = jnp.swapaxes(q, 1, 2)
+        k, v = (jnp.repeat(jnp.swapaxes(t, 1, 2), h // kv, axis=1) for t in (k, v))
+        scores = (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * hd**-0.5  # [B, H, S_q, S_k]
         causal = jnp.tril(jnp.ones((s, s), dtype=bool))
         allowed = causal[None, :, :] & mask[:, None, :].astype(bool)  # [B, S_q, S_k]
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, h * hd)
+        scores = scores + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # additive mask, as HF
+        # Softmax with the normalization applied after the value matmul: one pass fewer over the
+        # [B, H, S, S] scores, the same float32 math.
+        unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        out = jnp.matmul(unnormalized.astype(dtype), v, preferred_element_type=jnp.float32)
+        out = (out / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(dtype)  # [B, H, S, Dh]
+        out = jnp.swapaxes(out, 1, 2).reshape(b, s, h * hd)
         return dense(cfg.hidden_size, kernel_init=_init(cfg.init_std, "q_width", "embed"), name="o_proj")(out)
 
 
@@ -111,8 +117,12 @@ def _swiglu(x, w_gate, w_up, w_down, matmul):
 
 def _sort_by_expert(top_idx, num_experts):
     """Order the T*k (token, choice) assignments by expert. Returns (order, group_sizes [E])."""
-    flat = top_idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    flat = top_idx.reshape(-1).astype(jnp.int32)
+    n = flat.shape[0]
+    if num_experts * n < 2**31:  # sort one int32 key (expert, position): ~4x faster than argsort on CPU
+        order = jnp.sort(flat * n + jnp.arange(n, dtype=jnp.int32)) % n
+    else:
+        order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     return order, group_sizes
 
@@ -221,14 +231,15 @@ def _write_valid(buffer, values, start, valid):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def chunked_swiglu(max_chunk: int, granule: int, rows, plan: ChunkPlan, w_gate, w_up, w_down):
     """SwiGLU of expert-sorted rows [R + max_chunk, D] (the tail is slack for the last chunk's
-    overhang), each chunk through its expert; returns [R + max_chunk, D], the tail zero."""
+    overhang), each chunk through its expert; returns [R + max_chunk, D] (tail rows unchanged)."""
 
-    def body(size, expert, start, valid, out):
-        x_chunk = jax.lax.dynamic_slice_in_dim(rows, start, size)
-        return _write_valid(out, _chunk_swiglu(x_chunk, w_gate[expert], w_up[expert], w_down[expert]), start, valid)
+    def body(size, expert, start, valid, buffer):
+        # Each row belongs to one chunk, which reads it before writing its output there, so
+        # the outputs can overwrite the inputs in place (the overhang is never written).
+        x_chunk = jax.lax.dynamic_slice_in_dim(buffer, start, size)
+        return _write_valid(buffer, _chunk_swiglu(x_chunk, w_gate[expert], w_up[expert], w_down[expert]), start, valid)
 
-    out = jnp.zeros(rows.shape[:-1] + (w_down.shape[-1],), rows.dtype)
-    return _for_each_chunk(plan, max_chunk, granule, body, out)
+    return _for_each_chunk(plan, max_chunk, granule, body, rows)
 
 
 def _chunked_swiglu_fwd(max_chunk, granule, rows, plan, w_gate, w_up, w_down):
