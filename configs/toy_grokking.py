@@ -1,6 +1,7 @@
 """Default toy grokking run: modular addition mod 97 (40% of pairs for training) with a small
-4-layer MoE, 8 experts top-2 (CPU, minutes). Train accuracy passes 0.9 by step ~200; test
-accuracy stays below 0.5 until step ~1400 and passes 0.9 around step 1700."""
+4-layer MoE, 8 experts top-2 (CPU, minutes). With seed 0, train accuracy passes 0.9 at step
+200; test accuracy stays below 0.5 until step 800 and passes 0.9 at step 1100. Other seeds
+grok later or not within 2,000 steps (README, toy grokking reproduction)."""
 import ml_collections
 
 

@@ -132,7 +132,7 @@ def _expert_sources(config: MoEConfig, keys: set[str], layer: int) -> dict[str, 
             "down_proj": lambda e: Source(down, index=(e,)),
         }
     return {name: (lambda e, name=name: Source(_layer_key(layer, f"mlp.experts.{e}.{name}.weight")))
-            for name in ("gate_proj", "up_proj", "down_proj")}
+            for name in model_lib.EXPERT_WEIGHTS}
 
 
 def key_map(config: MoEConfig, keys: set[str]) -> dict[tuple[str, ...], Callable]:
@@ -157,7 +157,7 @@ def key_map(config: MoEConfig, keys: set[str]) -> dict[tuple[str, ...], Callable
     for path, name in per_layer.items():
         is_matrix = path[-1] != "scale"
         mapping[("layers", *path)] = (lambda l, e, name=name, t=is_matrix: Source(_layer_key(l, name), transpose=t))
-    for name in ("gate_proj", "up_proj", "down_proj"):
+    for name in model_lib.EXPERT_WEIGHTS:
         mapping[("layers", "moe", name)] = (
             lambda l, e, name=name: _expert_sources(config, keys, l)[name](e))
     return mapping
@@ -190,7 +190,7 @@ def _shard_reader(reader: SafetensorsReader, source_fn: Callable, lead_sizes: tu
 
 def _cell_shape(path: tuple[str, ...], target_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one (layer, expert) cell of a target param: its shape minus stacked axes."""
-    return target_shape[(path[0] == "layers") + (path[-1] in ("gate_proj", "up_proj", "down_proj")):]
+    return target_shape[(path[0] == "layers") + (path[-1] in model_lib.EXPERT_WEIGHTS):]
 
 
 def validate_keys(config: MoEConfig, reader: SafetensorsReader) -> None:
@@ -201,7 +201,7 @@ def validate_keys(config: MoEConfig, reader: SafetensorsReader) -> None:
     needed: dict[str, tuple] = {}
     for path, fn in mapping.items():
         layers = range(config.num_layers) if path[0] == "layers" else [None]
-        experts = range(config.num_experts) if path[-1] in ("gate_proj", "up_proj", "down_proj") else [None]
+        experts = range(config.num_experts) if path[-1] in model_lib.EXPERT_WEIGHTS else [None]
         cell = _cell_shape(path, shapes[path])
         for layer in layers:
             for expert in experts:
@@ -251,7 +251,7 @@ def load_hf(path_or_repo: str, revision: str | None = None, dtype=jnp.float32,
     def build(path, leaf, sharding=None):
         name = tuple(k.key for k in path)
         stacked_layers = name[0] == "layers"
-        lead_sizes = leaf.shape[:stacked_layers + (name[-1] in ("gate_proj", "up_proj", "down_proj"))]
+        lead_sizes = leaf.shape[:stacked_layers + (name[-1] in model_lib.EXPERT_WEIGHTS)]
         callback = _shard_reader(reader, mapping[name], lead_sizes, stacked_layers, dtype)
         return jax.make_array_from_callback(leaf.shape, sharding or default, callback)
 

@@ -3,8 +3,9 @@
 Shapes: B = batch, S = sequence, D = hidden, H = heads, K = kv heads, Dh = head dim,
 E = experts, k = experts per token, F = expert intermediate, L = layers, V = vocab, T = B*S tokens.
 
-Parameters are a plain pytree; layers are stacked on a leading [L] axis (nn.scan), every
-parameter carries logical axis names (see LOGICAL_RULES) for mesh sharding.
+Parameters are a plain pytree; layers are stacked on a leading [L] axis (nn.scan; the expert
+weights [L, E, ...] are declared outside the scan, see ExpertStacks), every parameter carries
+logical axis names (see LOGICAL_RULES) for mesh sharding.
 """
 from __future__ import annotations
 
@@ -127,11 +128,18 @@ def _sort_by_expert(top_idx, num_experts):
     return order, group_sizes
 
 
-def experts_ragged(x, top_idx, top_w, w_gate, w_up, w_down):
+def _of_layer(layer, *weights):
+    """The expert weights of one layer: [L, E, ...] stacks at `layer`, or as given when layer is None."""
+    return weights if layer is None else tuple(w[layer] for w in weights)
+
+
+def experts_ragged(x, top_idx, top_w, w_gate, w_up, w_down, layer=None):
     """Sorted tokens through jax.lax.ragged_dot (grouped matmul; the GPU/TPU path).
 
-    x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] -> [T, D].
+    x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] (or [L, E, ...]
+    stacks with `layer` picking one) -> [T, D].
     """
+    w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
     t, k = top_idx.shape
     order, group_sizes = _sort_by_expert(top_idx, w_gate.shape[0])
     token = order // k
@@ -229,68 +237,78 @@ def _write_valid(buffer, values, start, valid):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def chunked_swiglu(max_chunk: int, granule: int, rows, plan: ChunkPlan, w_gate, w_up, w_down):
+def chunked_swiglu(max_chunk: int, granule: int, rows, plan: ChunkPlan, layer, w_gate, w_up, w_down):
     """SwiGLU of expert-sorted rows [R + max_chunk, D] (the tail is slack for the last chunk's
-    overhang), each chunk through its expert; returns [R + max_chunk, D] (tail rows unchanged)."""
+    overhang), each chunk through its expert of `layer`; returns [R + max_chunk, D] (tail rows
+    unchanged). w_gate/w_up: [L, E, D, F]; w_down: [L, E, F, D]. Each chunk slices its expert's
+    matrices straight from the stacks (no per-layer copy of all experts)."""
 
     def body(size, expert, start, valid, buffer):
         # Each row belongs to one chunk, which reads it before writing its output there, so
         # the outputs can overwrite the inputs in place (the overhang is never written).
         x_chunk = jax.lax.dynamic_slice_in_dim(buffer, start, size)
-        return _write_valid(buffer, _chunk_swiglu(x_chunk, w_gate[expert], w_up[expert], w_down[expert]), start, valid)
+        y = _chunk_swiglu(x_chunk, w_gate[layer, expert], w_up[layer, expert], w_down[layer, expert])
+        return _write_valid(buffer, y, start, valid)
 
     return _for_each_chunk(plan, max_chunk, granule, body, rows)
 
 
-def _chunked_swiglu_fwd(max_chunk, granule, rows, plan, w_gate, w_up, w_down):
-    out = chunked_swiglu(max_chunk, granule, rows, plan, w_gate, w_up, w_down)
-    return out, (rows, plan, w_gate, w_up, w_down)
+def _chunked_swiglu_fwd(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down):
+    out = chunked_swiglu(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down)
+    return out, (rows, plan, layer, w_gate, w_up, w_down)
 
 
 def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
     # Dynamic-trip-count loops have no automatic reverse mode: the same loops run each
-    # chunk's VJP (rows past `valid` get zero cotangent), accumulating the weight gradients.
-    rows, plan, w_gate, w_up, w_down = residuals
+    # chunk's VJP (rows past `valid` get zero cotangent), accumulating the weight gradients
+    # into full [L, E, ...] stacks (zero outside `layer`; fine for the small models trained here).
+    rows, plan, layer, w_gate, w_up, w_down = residuals
 
     def body(size, expert, start, valid, grads):
         d_rows, d_gate, d_up, d_down = grads
         x_chunk = jax.lax.dynamic_slice_in_dim(rows, start, size)
         g_chunk = jax.lax.dynamic_slice_in_dim(grad, start, size)
         g_chunk = jnp.where((jnp.arange(size) < valid)[:, None], g_chunk, 0)
-        _, pull = jax.vjp(_chunk_swiglu, x_chunk, w_gate[expert], w_up[expert], w_down[expert])
+        _, pull = jax.vjp(_chunk_swiglu, x_chunk, w_gate[layer, expert], w_up[layer, expert], w_down[layer, expert])
         dx, dg, du, dd = pull(g_chunk)
-        return (_write_valid(d_rows, dx, start, valid),
-                d_gate.at[expert].add(dg), d_up.at[expert].add(du), d_down.at[expert].add(dd))
+        return (_write_valid(d_rows, dx, start, valid), d_gate.at[layer, expert].add(dg),
+                d_up.at[layer, expert].add(du), d_down.at[layer, expert].add(dd))
 
     zeros = tuple(jnp.zeros_like(a) for a in (rows, w_gate, w_up, w_down))
     d_rows, d_gate, d_up, d_down = _for_each_chunk(plan, max_chunk, granule, body, zeros)
-    plan_zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), plan)
-    return d_rows, plan_zeros, d_gate, d_up, d_down
+    int_zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0), (plan, layer))
+    return d_rows, *int_zeros, d_gate, d_up, d_down
 
 
 chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
 
 
-def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, max_chunk: int = 512, granule: int = 32):
+def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, max_chunk: int = 512,
+                    granule: int = 32):
     """Exact sparse dispatch for CPU: the T*k (token, choice) assignments sorted by expert,
     then one matmul per expert chunk (see ChunkPlan). Work is T*k rows plus under `granule`
     rows per expert however unbalanced the routing; no token is ever dropped.
 
-    x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] -> [T, D].
+    x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] (or [L, E, ...]
+    stacks with `layer` picking one) -> [T, D].
     """
+    if layer is None:
+        layer, w_gate, w_up, w_down = jnp.int32(0), w_gate[None], w_up[None], w_down[None]
     t, k = top_idx.shape
-    order, group_sizes = _sort_by_expert(top_idx, w_gate.shape[0])
+    max_chunk = min(max_chunk, -(-t * k // granule) * granule)  # no size classes larger than all rows
+    order, group_sizes = _sort_by_expert(top_idx, w_gate.shape[1])
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))  # sorted row of each assignment
     slack = jnp.full((max_chunk,), -1, order.dtype)
     rows = gather_rows(x, jnp.concatenate([order // k, slack]), rank.reshape(t, k))  # [T*k + max_chunk, D]
     plan = plan_chunks(group_sizes, t * k, max_chunk, granule)
-    out_rows = chunked_swiglu(max_chunk, granule, rows, plan, w_gate, w_up, w_down)
+    out_rows = chunked_swiglu(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down)
     per_assignment = gather_rows(out_rows, rank, jnp.concatenate([order, slack])[:, None])  # [T*k, D]
     return jnp.einsum("tkd,tk->td", per_assignment.reshape(t, k, -1), top_w)
 
 
-def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down):
+def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down, layer=None):
     """Test oracle: every expert on every token, combined with the top-k weights. [T, D]."""
+    w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
     matmul = lambda a, w: jnp.einsum("td,edf->etf", a, w) if a.ndim == 2 else jnp.einsum("etd,edf->etf", a, w)  # noqa: E731
     y = _swiglu(x, w_gate, w_up, w_down, matmul)  # [E, T, D]
     combine = jnp.zeros((x.shape[0], w_gate.shape[0]), top_w.dtype)
@@ -317,27 +335,47 @@ def select_experts(probs, config: MoEConfig):
     return top_w, top_idx
 
 
-class SparseMoE(nn.Module):
-    """Router + SwiGLU experts. Returns (output [B, S, D], router_logits [B, S, E] float32)."""
+class ExpertStacks(nn.Module):
+    """The SwiGLU expert weights of all layers: gate/up [L, E, D, F], down [L, E, F, D].
+
+    Declared once outside the layer scan, so each layer's dispatch slices its experts from the
+    stacks itself (the CPU path one expert at a time) instead of the scan copying all of a
+    layer's experts first. `forward`/`init_params` show them at layers/moe/ like HF's nesting.
+    """
 
     config: MoEConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self):
+        cfg, dtype = self.config, self.config.jnp_dtype
+        l, e, d, f = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+        return tuple(self.param(name, _init(cfg.init_std, "layers", "expert", *axes), (l, e, *shape), dtype)
+                     for name, axes, shape in (("gate_proj", ("embed", "mlp"), (d, f)),
+                                               ("up_proj", ("embed", "mlp"), (d, f)),
+                                               ("down_proj", ("mlp", "embed"), (f, d))))
+
+
+class SparseMoE(nn.Module):
+    """Router + SwiGLU experts. Returns (output [B, S, D], router_logits [B, S, E] float32).
+
+    experts: ExpertStacks' (gate, up, down) of all layers; layer: this layer's index (scalar).
+    """
+
+    config: MoEConfig
+
+    @nn.compact
+    def __call__(self, x, experts, layer):
         cfg, dtype = self.config, self.config.jnp_dtype
         b, s, d = x.shape
-        e, f = cfg.num_experts, cfg.expert_intermediate_size
+        e = cfg.num_experts
         router = self.param("router", _init(cfg.init_std, "embed", "expert"), (d, e), dtype)
-        w_gate = self.param("gate_proj", _init(cfg.init_std, "expert", "embed", "mlp"), (e, d, f), dtype)
-        w_up = self.param("up_proj", _init(cfg.init_std, "expert", "embed", "mlp"), (e, d, f), dtype)
-        w_down = self.param("down_proj", _init(cfg.init_std, "expert", "mlp", "embed"), (e, f, d), dtype)
 
         tokens = x.reshape(b * s, d)
         router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
         top_w, top_idx = select_experts(jax.nn.softmax(router_logits, axis=-1), cfg)
         impl = resolve_moe_impl(cfg.moe_impl)
         kwargs = {"max_chunk": cfg.expert_chunk_size, "granule": cfg.expert_chunk_granule} if impl == "chunked" else {}
-        out = EXPERT_IMPLS[impl](tokens, top_idx, top_w.astype(dtype), w_gate, w_up, w_down, **kwargs)
+        out = EXPERT_IMPLS[impl](tokens, top_idx, top_w.astype(dtype), *experts, layer=layer, **kwargs)
         return out.reshape(b, s, d), router_logits.reshape(b, s, e)
 
 
@@ -347,12 +385,12 @@ class DecoderLayer(nn.Module):
     config: MoEConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, experts, layer):
         cfg = self.config
         x = x + Attention(cfg, name="attn")(RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="input_norm")(x),
                                             positions, mask)
         moe_out, router_logits = SparseMoE(cfg, name="moe")(
-            RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="post_attention_norm")(x))
+            RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="post_attention_norm")(x), experts, layer)
         return x + moe_out, router_logits
 
 
@@ -372,10 +410,12 @@ class MoETransformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                          embedding_init=_init(cfg.init_std, "vocab", "embed"), name="embed")
         x = embed(tokens)
+        experts = ExpertStacks(cfg, name="experts")()
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, router_logits = layers(cfg, name="layers")(x, positions, mask)  # router_logits [L, B, S, E]
+        x, router_logits = layers(cfg, name="layers")(x, positions, mask, experts,
+                                                      jnp.arange(cfg.num_layers))  # router_logits [L, B, S, E]
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
         router_logits = jnp.transpose(router_logits, (1, 2, 0, 3))
         if not with_lm_head:
@@ -391,10 +431,31 @@ class MoETransformer(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Parameters and sharding
 # ----------------------------------------------------------------------------------------
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # ExpertStacks' params, public path layers/moe/<name>
+
+
+def _public_layout(module_params):
+    """The module's tree -> the public one: ExpertStacks' weights go to layers/moe/ (HF's nesting)."""
+    params = dict(module_params)
+    experts = params.pop("experts")
+    params["layers"] = {**params["layers"], "moe": {**params["layers"]["moe"], **experts}}
+    return params
+
+
+def _module_layout(params):
+    """The public tree -> the module's: layers/moe/{gate,up,down}_proj back to experts/."""
+    params = dict(params)
+    moe = dict(params["layers"]["moe"])
+    params["experts"] = {name: moe.pop(name) for name in EXPERT_WEIGHTS}
+    params["layers"] = {**params["layers"], "moe": moe}
+    return params
+
+
 def _abstract_boxed_params(config: MoEConfig):
     model = MoETransformer(config)
     tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+    return _public_layout(boxed)
 
 
 def param_shapes(config: MoEConfig):
@@ -416,7 +477,7 @@ def init_params(config: MoEConfig, rng: jax.Array, mesh: jax.sharding.Mesh | Non
     model = MoETransformer(config)
 
     def init(key):
-        return nn.meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32))["params"])
+        return _public_layout(nn.meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
 
     return jax.jit(init, out_shardings=param_shardings(config, mesh))(rng)
 
@@ -428,7 +489,7 @@ def router_matrices(params) -> jax.Array:
 
 def forward(config: MoEConfig, params, tokens, mask=None, with_lm_head: bool = True) -> ModelOutput:
     """Apply the model (un-jitted; jit at the caller's boundary)."""
-    return MoETransformer(config).apply({"params": params}, tokens, mask, with_lm_head=with_lm_head)
+    return MoETransformer(config).apply({"params": _module_layout(params)}, tokens, mask, with_lm_head=with_lm_head)
 
 
 # ----------------------------------------------------------------------------------------
