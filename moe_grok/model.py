@@ -100,7 +100,7 @@ class Attention(nn.Module):
         allowed = causal[None, :, :] & mask[:, None, :].astype(bool)  # [B, S_q, S_k]
         scores = scores + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # additive mask, as HF
         # Softmax with the normalization applied after the value matmul: one pass fewer over the
-        # [B, H, S, S] scores, the same float32 math.
+        # [B, H, S, S] scores, mathematically the same (float32 throughout).
         unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
         out = jnp.matmul(unnormalized.astype(dtype), v, preferred_element_type=jnp.float32)
         out = (out / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(dtype)  # [B, H, S, Dh]
@@ -335,6 +335,9 @@ def select_experts(probs, config: MoEConfig):
     return top_w, top_idx
 
 
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # ExpertStacks' params, public path layers/moe/<name>
+
+
 class ExpertStacks(nn.Module):
     """The SwiGLU expert weights of all layers: gate/up [L, E, D, F], down [L, E, F, D].
 
@@ -349,10 +352,9 @@ class ExpertStacks(nn.Module):
     def __call__(self):
         cfg, dtype = self.config, self.config.jnp_dtype
         l, e, d, f = cfg.num_layers, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+        axes_and_shapes = ((("embed", "mlp"), (d, f)), (("embed", "mlp"), (d, f)), (("mlp", "embed"), (f, d)))
         return tuple(self.param(name, _init(cfg.init_std, "layers", "expert", *axes), (l, e, *shape), dtype)
-                     for name, axes, shape in (("gate_proj", ("embed", "mlp"), (d, f)),
-                                               ("up_proj", ("embed", "mlp"), (d, f)),
-                                               ("down_proj", ("mlp", "embed"), (f, d))))
+                     for name, (axes, shape) in zip(EXPERT_WEIGHTS, axes_and_shapes))
 
 
 class SparseMoE(nn.Module):
@@ -431,9 +433,6 @@ class MoETransformer(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Parameters and sharding
 # ----------------------------------------------------------------------------------------
-EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # ExpertStacks' params, public path layers/moe/<name>
-
-
 def _public_layout(module_params):
     """The module's tree -> the public one: ExpertStacks' weights go to layers/moe/ (HF's nesting)."""
     params = dict(module_params)
