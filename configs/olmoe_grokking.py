@@ -1,34 +1,50 @@
 """OLMoE-1B-7B checkpoint analysis (the paper's main experiment).
 
-Checkpoints are "repo@revision" (hub, needs huggingface_hub), local HF directories whose
-name contains step<N>, or anything with "=<step>" appended. The paper's steps are
-5k,125k,245k,370k,490k,615k,735k,855k,980k,1100k; hub revisions are named
-step{S}-tokens{T}B (e.g. step245000-tokens1027B) — list them with
-huggingface_hub.list_repo_refs("allenai/OLMoE-1B-7B-0924") and fill `checkpoints`.
+Checkpoints are "repo@revision" (hub, needs huggingface_hub), local HF directories or
+moe_grok checkpoint directories whose name contains step<N>, or anything with "=<step>"
+appended. The paper's steps are 5k,125k,245k,370k,490k,615k,735k,855k,980k,1100k; hub
+revisions are named step{S}-tokens{T}B (e.g. step245000-tokens1027B): list them with
+huggingface_hub.list_repo_refs("allenai/OLMoE-1B-7B-0924").
 """
 import ml_collections
+
+from moe_grok.analysis.analyze import analysis_config
 
 
 def get_config():
     config = ml_collections.ConfigDict()
-    config.checkpoints = "allenai/OLMoE-1B-7B-0924@step245000-tokens1027B"  # comma-separated
-    config.dtype = "bfloat16"
-    config.out_dir = "runs/olmoe"
-    config.batch_size = 16  # global batch; rounded up to a multiple of the mesh's data axis
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))  # data=-1: all devices / expert
-    config.distributed = False  # multi-host: call jax.distributed.initialize() first
-    config.data = ml_collections.ConfigDict(dict(
-        format="jsonl_text",  # jsonl_text | jsonl_ids | npy | olmo_memmap
-        paths="data/open-web-math.jsonl,data/starcoder.jsonl",  # comma-separated
-        tokenizer="tokenizer.json",  # jsonl_text only (OLMoE's tokenizer.json from the hub repo)
-        groups_from_files=True,  # one group per file; or set group_field
-        group_field="",
-        seq_len=512,
-        max_samples_per_group=1000,
-        seed=0,
-        memmap_dtype="uint32",  # olmo_memmap only
+    config.checkpoints = "allenai/OLMoE-1B-7B-0924@step245000-tokens1027B"  # comma-separated specs
+    config.dtype = "bfloat16"  # parameter dtype: bfloat16 or float32
+    config.out_dir = "runs/olmoe"  # cache/ (per-checkpoint stats) and report/
+    config.mesh = ml_collections.ConfigDict(dict(
+        data=-1,  # devices splitting the batch (-1: all devices / expert)
+        expert=1,  # devices splitting the experts
     ))
-    config.test_accuracy_csv = ""  # optional CSV step,group,accuracy for correlations and delays
-    config.analysis = ml_collections.ConfigDict(dict(
-        tau=0.7, delta=0.05, target_fraction=(0.20, 0.25), distance_level="char", max_pairs=5000))
+    config.distributed = False  # multi-host: call jax.distributed.initialize() first
+    config.data = ml_collections.ConfigDict(dict(  # moe_grok.data.corpus.load_split reads every key
+        format="jsonl_text",  # jsonl_text | jsonl_ids | npy | olmo_memmap
+        paths="data/open-web-math.jsonl,data/starcoder.jsonl",  # comma-separated files
+        seq_len=512,  # tokens per sample (longer samples are truncated)
+        tokenizer="tokenizer.json",  # jsonl_text: a `tokenizers` tokenizer.json (OLMoE's, from the hub repo)
+        text_field="text",  # jsonl_text: the record field holding the text
+        add_eos=False,  # jsonl_text: append eos_token to every text, as OLMo's data pipeline does
+        eos_token="<|endoftext|>",  # jsonl_text: OLMoE's eos token (id 50279)
+        add_special_tokens=True,  # jsonl_text: apply the tokenizer's post-processor template
+        ids_field="input_ids",  # jsonl_ids: the record field holding token ids
+        group_field="",  # jsonl_*: a record field naming each sample's group ("" = use groups_from_files)
+        groups_from_files=True,  # jsonl_*: one group per file, named by the file stem
+        max_samples_per_group=1000,  # seeded subsample per group (0 = all)
+        seed=0,  # subsampling seed
+        pad_id=1,  # padding token id (OLMoE's)
+        vocab_size=0,  # check token ids < vocab_size (0 = unchecked)
+        on_short="drop",  # samples with < 2 tokens: "drop" (logged) or "error"
+        lengths="",  # npy: comma-separated lengths .npy files aligned with paths ("" = none)
+        file_pad_id=-1,  # npy: trailing id marking padding inside the files (-1 = none)
+        memmap_dtype="uint32",  # olmo_memmap: uint16 or uint32 token files
+        instance_length=0,  # olmo_memmap: tokens per instance (0 = seq_len)
+        instances="",  # olmo_memmap: an .npy instance index ("" = fixed chunks of the stream)
+    ))
+    config.test_accuracy_csv = ""  # optional CSV step,group,accuracy for onsets, delays and correlations
+    config.analysis = analysis_config(max_pairs=5000)  # AnalysisOptions fields (moe_grok.analysis.analyze)
+    config.batch_size = 16  # samples per extraction batch (global; rounded up to the mesh's data axis)
     return config

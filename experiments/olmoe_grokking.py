@@ -10,8 +10,10 @@ An interrupted run resumes: finished checkpoints are read from out_dir/cache.
 """
 import os
 
-from absl import app, flags, logging
+from absl import app
 from ml_collections import config_flags
+
+from moe_grok.studies import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "olmoe_grokking.py"), "Run config.")
@@ -19,33 +21,18 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint read at INFO
-        logging.set_verbosity(logging.WARNING)
+    launch.quiet_logs()
     config = _CONFIG.value
     import jax
 
-    if config.distributed:
+    if config.distributed:  # before any other JAX call
         jax.distributed.initialize()
-    from moe_grok import analysis, data, sharding
+    from moe_grok.report.files import format_table
+    from moe_grok.studies import olmoe_run
 
-    expert = config.mesh.expert
-    mesh = sharding.make_mesh(data=None if config.mesh.data < 0 else config.mesh.data, expert=expert)
-    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-    split = data.load_split(config.data)
-    sources = analysis.hf_checkpoint_sources([c for c in config.checkpoints.split(",") if c],
-                                             dtype=config.dtype, mesh=mesh)
-    test_accuracy = None
-    if config.test_accuracy_csv:
-        _, test_accuracy = data.load_test_accuracy_csv(config.test_accuracy_csv,
-                                                       steps=[s.step for s in sources])
-    a = config.analysis
-    options = analysis.AnalysisOptions(tau=a.tau, delta=a.delta, target_fraction=tuple(a.target_fraction),
-                                       distance_level=a.distance_level, max_pairs=a.max_pairs)
-    report = analysis.run_pipeline(sources, {"train": split}, config.out_dir, test_accuracy=test_accuracy,
-                                   options=options, batch_size=config.batch_size, mesh=mesh,
-                                   progress=jax.process_index() == 0)
+    report = olmoe_run.run(config)
     if jax.process_index() == 0:
-        print(analysis.format_table(report))
+        print(format_table(report))
         print(f"report: {os.path.join(config.out_dir, 'report')}")
 
 

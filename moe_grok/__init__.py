@@ -1,8 +1,29 @@
-"""moe_grok: grokking detection in Mixture-of-Experts models via routing pathways."""
-from moe_grok.config import MoEConfig, olmoe_1b_7b, olmoe_small, toy
-from moe_grok.convert import CheckpointError, load_hf, restore_params, save_params
-from moe_grok.extraction import extract_dataset, make_extractor
-from moe_grok.model import forward, init_params, router_matrices
+"""moe_grok: find grokking inside Mixture-of-Experts LMs by watching their routing pathways.
 
-__all__ = ["MoEConfig", "olmoe_1b_7b", "olmoe_small", "toy", "CheckpointError", "load_hf", "restore_params",
-           "save_params", "extract_dataset", "make_extractor", "forward", "init_params", "router_matrices"]
+Layers (imports point down only; docs/architecture.md):
+  sharding, config -> data -> model -> extraction -> analysis / training / theory -> report
+  -> pipeline -> studies (experiment code; launchers in experiments/).
+
+The names below are the public API, imported lazily so that `import moe_grok.data` does
+not pull in JAX or Flax.
+"""
+import importlib
+
+_PUBLIC = {
+    "MoEConfig": "moe_grok.config", "olmoe_1b_7b": "moe_grok.config", "olmoe_small": "moe_grok.config",
+    "toy": "moe_grok.config",
+    "CheckpointError": "moe_grok.model.hf", "load_hf": "moe_grok.model.hf",
+    "save_params": "moe_grok.model.checkpoint_io", "restore_params": "moe_grok.model.checkpoint_io",
+    "forward": "moe_grok.model.params", "init_params": "moe_grok.model.params",
+    "router_matrices": "moe_grok.model.params",
+    "extract_dataset": "moe_grok.extraction.routing", "make_extractor": "moe_grok.extraction.routing",
+    "EvalSplit": "moe_grok.data.splits",
+    "run_pipeline": "moe_grok.pipeline",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'moe_grok' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax.numpy as jnp
 
 MOE_IMPLS = ("auto", "ragged", "chunked", "dense")
+CONFIG_FILE = "moe_config.json"  # the MoEConfig beside a saved checkpoint or training run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +137,26 @@ class MoEConfig:
         if unknown:
             raise ValueError(f"config has fields this moe_grok version does not know: {unknown}")
         return cls(**fields)
+
+    def save(self, directory: str) -> str:
+        """Write ``directory/moe_config.json``; returns its path."""
+        path = os.path.join(directory, CONFIG_FILE)
+        with open(path, "w") as f:
+            f.write(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, directory: str) -> "MoEConfig":
+        """Read ``directory/moe_config.json`` (ValueError naming the file if absent or invalid)."""
+        path = os.path.join(directory, CONFIG_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
+        with open(path) as f:
+            text = f.read()
+        try:
+            return cls.from_json(text)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: not a valid MoEConfig ({err})") from None
 
 
 def olmoe_1b_7b(**overrides) -> MoEConfig:

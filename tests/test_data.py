@@ -4,13 +4,18 @@ import gzip
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from moe_grok import data
-from moe_grok.analysis import EvalSplit
+from config_files import CONFIG_DIR, load_config
+from moe_grok.analysis import test_accuracy
+from moe_grok.data import corpus as data
+from moe_grok.data.splits import EvalSplit
 
 PAD = data.OLMOE_PAD_ID
 WORDS = ("the cat sat on a mat while seven dogs ran past two red cars and one blue "
@@ -456,15 +461,15 @@ def test_test_accuracy_csv_parsing(tmp_path):
     path = write_csv(tmp_path / "acc.csv", "step,group,accuracy,note\n"
                      "2000,math,0.5,x\n1000,math,0.25,\n1000,code,0.1,\n2000,code,1,\n 3000 ,math, 0.75\n"
                      "3000.0,code,0.0,\n\n")
-    steps, acc = data.load_test_accuracy_csv(path)
+    steps, acc = test_accuracy.load_test_accuracy_csv(path)
     assert steps.tolist() == [1000, 2000, 3000] and steps.dtype == np.int64
     assert list(acc) == ["math", "code"]
     np.testing.assert_allclose(acc["math"], [0.25, 0.5, 0.75])
     np.testing.assert_allclose(acc["code"], [0.1, 1.0, 0.0])
-    steps, acc = data.load_test_accuracy_csv(path, steps=[3000, 1000])
+    steps, acc = test_accuracy.load_test_accuracy_csv(path, steps=[3000, 1000])
     assert steps.tolist() == [1000, 3000] and acc["math"].tolist() == [0.25, 0.75]
     with pytest.raises(ValueError, match=r"no accuracy for checkpoint step\(s\) \[1500\]"):
-        data.load_test_accuracy_csv(path, steps=[1000, 1500])
+        test_accuracy.load_test_accuracy_csv(path, steps=[1000, 1500])
 
 
 @pytest.mark.parametrize("text, match", [
@@ -484,24 +489,22 @@ def test_test_accuracy_csv_parsing(tmp_path):
 ])
 def test_test_accuracy_csv_errors(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):
-        data.load_test_accuracy_csv(write_csv(tmp_path / "bad.csv", text))
+        test_accuracy.load_test_accuracy_csv(write_csv(tmp_path / "bad.csv", text))
 
 
 # ----------------------------------------------------------------------------------------
 # Config-driven entry point
 # ----------------------------------------------------------------------------------------
-def test_load_split_from_config_every_format(tmp_path, tokenizer, tokenizer_path, rng):
-    import importlib.util
+def _data_config(**values):
+    config = load_config("olmoe_grokking").data
+    config.update(values)
+    return config
 
-    spec = importlib.util.spec_from_file_location(
-        "olmoe_config", os.path.join(os.path.dirname(__file__), "..", "configs", "olmoe_grokking.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config().data
+
+def test_load_split_from_config_every_format(tmp_path, tokenizer, tokenizer_path, rng):
     texts = {"owm": ["one two three", "the cat sat on a mat"], "code": ["red cars and bikes"]}
     paths = [write_jsonl(tmp_path / f"{g}.jsonl", [{"text": t} for t in ts]) for g, ts in texts.items()]
-    config.paths, config.tokenizer, config.seq_len = ",".join(paths), tokenizer_path, 16
-    split = data.load_split(config)
+    split = data.load_split(_data_config(paths=",".join(paths), tokenizer=tokenizer_path, seq_len=16))
     assert split.group_names == ("owm", "code")
     direct = data.load_jsonl_text(paths, tokenizer_path, 16, groups_from_files=True, max_samples_per_group=1000)
     assert split.fingerprint() == direct.fingerprint()
@@ -510,20 +513,67 @@ def test_load_split_from_config_every_format(tmp_path, tokenizer, tokenizer_path
     npys = [str(tmp_path / "x.npy"), str(tmp_path / "y.npy")]
     for p, a in zip(npys, ids):
         np.save(p, a)
-    split = data.load_split({"format": "npy", "paths": npys, "seq_len": 6, "max_samples_per_group": 0})
+    split = data.load_split(_data_config(format="npy", paths=",".join(npys), seq_len=6, max_samples_per_group=0))
     assert split.group_names == ("x", "y")
     np.testing.assert_array_equal(split.tokens, np.concatenate(ids))
 
     flat = write_tokens(tmp_path / "shard.npy", np.arange(40), np.uint16)
     np.save(tmp_path / "idx.npy", np.array([3, 1]))
-    split = data.load_split({"format": "olmo_memmap", "paths": flat, "seq_len": 10, "memmap_dtype": "uint16",
-                             "instances": str(tmp_path / "idx.npy")})
+    split = data.load_split(_data_config(format="olmo_memmap", paths=flat, seq_len=10, memmap_dtype="uint16",
+                                         instances=str(tmp_path / "idx.npy")))
     assert split.tokens[:, 0].tolist() == [30, 10]
     ids_file = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [1, 2, 3], "d": "a"}])
-    split, info = data.load_split({"format": "jsonl_ids", "paths": ids_file, "seq_len": 2, "group_field": "d"},
-                                  return_info=True)
+    split, info = data.load_split(_data_config(format="jsonl_ids", paths=ids_file, seq_len=2, group_field="d",
+                                               groups_from_files=False), return_info=True)
     assert split.tokens.tolist() == [[1, 2]] and info.n_truncated == 1
     with pytest.raises(ValueError, match="data format must be one of"):
-        data.load_split({"format": "parquet", "paths": flat, "seq_len": 8})
+        data.load_split(_data_config(format="parquet", paths=flat, seq_len=8))
     with pytest.raises(ValueError, match="needs `tokenizer`"):
-        data.load_split({"format": "jsonl_text", "paths": paths[0], "seq_len": 8, "groups_from_files": True})
+        data.load_split(_data_config(paths=paths[0], tokenizer="", seq_len=8))
+    with pytest.raises(ValueError, match=r"lacks key\(s\) \['tokenizer'"):
+        data.load_split({"format": "npy", "paths": npys, "seq_len": 6})
+
+
+class _Recorder(dict):
+    """A mapping that records which keys were read."""
+
+    def __init__(self, values):
+        super().__init__(values)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def test_every_key_the_loader_reads_is_declared_and_settable_from_the_command_line(tmp_path, tokenizer_path):
+    declared = load_config("olmoe_grokking").data
+    assert set(declared) == set(data.DATA_CONFIG_KEYS)
+    for fmt in data.FORMATS:  # the loader reads only declared keys (it fails before reading files otherwise)
+        recorder = _Recorder(_data_config(format=fmt, paths=str(tmp_path / "absent")).to_dict())
+        with pytest.raises((FileNotFoundError, ValueError)):
+            data.load_split(recorder)
+        assert recorder.read <= set(declared), recorder.read - set(declared)
+
+    overrides = {"add_eos": "True", "eos_token": "<eos>", "add_special_tokens": "False", "text_field": "body",
+                 "ids_field": "ids", "pad_id": "0", "vocab_size": "50304", "on_short": "error", "lengths": "a.npy",
+                 "file_pad_id": "0", "instance_length": "256", "instances": "idx.npy", "group_field": "domain",
+                 "groups_from_files": "False", "max_samples_per_group": "7", "seed": "3", "seq_len": "64",
+                 "memmap_dtype": "uint16", "format": "npy", "paths": "a.npy,b.npy", "tokenizer": "tok.json"}
+    assert set(overrides) == set(declared)
+    script = tmp_path / "show_config.py"
+    script.write_text(textwrap.dedent(f"""
+        import json
+        from absl import app
+        from ml_collections import config_flags
+        _CONFIG = config_flags.DEFINE_config_file("config", {os.path.join(CONFIG_DIR, "olmoe_grokking.py")!r})
+        def main(argv):
+            print(json.dumps(_CONFIG.value.data.to_dict()))
+        app.run(main)
+        """))
+    result = subprocess.run([sys.executable, str(script), *(f"--config.data.{k}={v}" for k, v in overrides.items())],
+                            capture_output=True, text=True, check=True)
+    parsed = json.loads(result.stdout.strip().splitlines()[-1])
+    for key, text in overrides.items():
+        expected = {"True": True, "False": False}.get(text, text)
+        assert str(parsed[key]) == str(expected), (key, parsed[key])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from moe_grok import grokking
+from moe_grok.analysis import grokking
 
 STEPS5 = np.array([0, 100, 200, 300, 400])
 

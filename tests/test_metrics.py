@@ -1,23 +1,20 @@
-"""Pathway distance (rapidfuzz and JAX) and pathway complexity / consistency."""
+"""Pathway distance (rapidfuzz) and pathway complexity / consistency."""
 import itertools
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_grok import metrics
-from moe_grok.metrics import (
+from moe_grok.analysis import metrics
+from moe_grok.analysis.metrics import (
     cross_group_distance,
-    encode_pathways,
     group_pathway_distance,
-    levenshtein_jax,
-    pairwise_distances_jax,
     pairwise_pathway_distances,
     pathway_complexity,
     pathway_consistency,
     routing_embeddings,
 )
-from moe_grok.pathways import pathway_strings, pathway_tokens
+from moe_grok.extraction.pathways import pathway_strings, pathway_tokens
 
 
 def reference_levenshtein(a, b):
@@ -159,79 +156,6 @@ def test_cross_group():
 
 
 # --- JAX Levenshtein ----------------------------------------------------------------------
-
-
-def test_encode_pathways():
-    codes, lengths = encode_pathways(["1,2", "", "3"])
-    np.testing.assert_array_equal(codes, [[49, 44, 50], [0, 0, 0], [51, 0, 0]])
-    np.testing.assert_array_equal(lengths, [3, 0, 1])
-    codes, lengths = encode_pathways([(5, -1, 63), ()], level="token")
-    np.testing.assert_array_equal(codes, [[5, -1, 63], [0, 0, 0]])
-    assert codes.dtype == lengths.dtype == np.int32
-    codes, lengths = encode_pathways(["", ""])
-    assert codes.shape == (2, 1) and lengths.tolist() == [0, 0]
-    with pytest.raises(ValueError, match="token ids of item 1 do not fit in int32"):
-        encode_pathways([(1,), (2**31,)], level="token")
-
-
-def test_levenshtein_jax_equals_rapidfuzz(rng):
-    strings, tokens = random_pathways(rng, 16)
-    strings[0], tokens[0] = "", ()
-    strings[1], tokens[1] = "", ()
-    pairs = np.array(list(itertools.combinations(range(16), 2)))
-    for pathways, level in ((strings, "char"), (tokens, "token")):
-        codes, lengths = encode_pathways(pathways, level)
-        first, second = pairs[:, 0], pairs[:, 1]
-        got = levenshtein_jax(codes[first], lengths[first], codes[second], lengths[second])
-        assert got.dtype == jnp.int32
-        np.testing.assert_array_equal(np.asarray(got), pairwise_pathway_distances(pathways, level, pairs=pairs))
-
-
-def test_levenshtein_jax_different_widths():
-    a_codes, a_lengths = encode_pathways(["kitten", "", "abc"])
-    b_codes, b_lengths = encode_pathways(["sitting", "xy", ""])
-    got = levenshtein_jax(a_codes, a_lengths, b_codes[:, :7], b_lengths)
-    np.testing.assert_array_equal(np.asarray(got), [3, 2, 3])
-
-
-def test_levenshtein_jax_mesh_matches_single_device(rng, mesh8):
-    strings, _ = random_pathways(rng, 13, layers=2)
-    codes, lengths = encode_pathways(strings)
-    order = rng.permutation(13)  # 13 pairs: not a multiple of 8
-    single = levenshtein_jax(codes, lengths, codes[order], lengths[order])
-    sharded = levenshtein_jax(codes, lengths, codes[order], lengths[order], mesh=mesh8)
-    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
-    np.testing.assert_array_equal(
-        np.asarray(single), pairwise_pathway_distances(strings, pairs=np.stack([np.arange(13), order], 1))
-    )
-
-
-@pytest.mark.parametrize("normalized", [False, True])
-def test_pairwise_distances_jax_streams_batches(rng, mesh8, normalized):
-    strings, tokens = random_pathways(rng, 9, layers=2)
-    strings[4], tokens[4] = "", ()
-    expected = pairwise_pathway_distances(tokens, "token", normalized)
-    got = pairwise_distances_jax(tokens, level="token", normalized=normalized, batch_size=5)
-    assert got.dtype == expected.dtype
-    np.testing.assert_array_equal(got, expected)
-    pairs = np.array([[0, 4], [4, 4], [8, 1]])
-    np.testing.assert_array_equal(
-        pairwise_distances_jax(strings, pairs, normalized=normalized, mesh=mesh8, batch_size=3),
-        pairwise_pathway_distances(strings, normalized=normalized, pairs=pairs),
-    )
-
-
-def test_levenshtein_jax_bad_inputs():
-    codes, lengths = encode_pathways(["12", "3"])
-    with pytest.raises(ValueError, match=r"a_len must lie in \[0, 2\]"):
-        levenshtein_jax(codes, lengths + 1, codes, lengths)
-    with pytest.raises(ValueError, match=r"need codes \[pairs, max_len\]"):
-        levenshtein_jax(codes, lengths, codes[:1], lengths[:1])
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        pairwise_distances_jax(["1", "2"], batch_size=0)
-
-
-# --- pathway complexity / consistency -----------------------------------------------------
 
 
 def test_complexity_by_hand():

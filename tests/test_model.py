@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from hf_reference import hf_outputs, save_hf_model
-from moe_grok import model as model_lib
 from moe_grok.config import MoEConfig, olmoe_1b_7b, toy
-from moe_grok.convert import CheckpointError, load_hf, restore_params, save_params
+from moe_grok.model import dispatch
+from moe_grok.model import params as model_lib
+from moe_grok.model.checkpoint_io import restore_params, save_params
+from moe_grok.model.hf import CheckpointError, load_hf
+from moe_grok.training import losses
 from moe_grok.sharding import make_mesh
 
 TOL = 1e-4
@@ -90,9 +93,9 @@ def test_dispatch_equals_dense_oracle(impl, skew):
     probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32))
     top_w, top_idx = jax.lax.top_k(probs, k)
     w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
-    expected = model_lib.experts_dense(x, top_idx, top_w, *w)
+    expected = dispatch.experts_dense(x, top_idx, top_w, *w)
     kwargs = {"max_chunk": 16, "granule": 4} if impl == "chunked" else {}
-    got = jax.jit(functools.partial(model_lib.EXPERT_IMPLS[impl], **kwargs))(x, top_idx, top_w, *w)
+    got = jax.jit(functools.partial(dispatch.EXPERT_IMPLS[impl], **kwargs))(x, top_idx, top_w, *w)
     scale = float(np.abs(np.asarray(expected)).max())  # outputs reach ~1e2: float32 summation order
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6 * scale, rtol=1e-5)
     if skew:  # one expert takes every token: 5x its balanced share
@@ -111,7 +114,7 @@ def test_dispatch_gradients_match_dense(impl, stacked):
     layer = jnp.int32(1) if stacked else None
 
     def loss(impl, **kwargs):
-        return lambda x, tw, *ws: jnp.sum(jnp.sin(model_lib.EXPERT_IMPLS[impl](x, top_idx, tw, *ws, layer=layer,
+        return lambda x, tw, *ws: jnp.sum(jnp.sin(dispatch.EXPERT_IMPLS[impl](x, top_idx, tw, *ws, layer=layer,
                                                                                 **kwargs)))
 
     g_dense = jax.grad(loss("dense"), argnums=(0, 1, 2, 3, 4))(x, top_w, *w)
@@ -126,7 +129,7 @@ def test_dispatch_gradients_match_dense(impl, stacked):
 
 def test_chunk_plan_by_hand():
     # Rows per expert [0, 5, 16, 33]; chunks of at most 16 rows, rounded up to 4.
-    plan = model_lib.plan_chunks(jnp.asarray([0, 5, 16, 33]), 54, max_chunk=16, granule=4)
+    plan = dispatch.plan_chunks(jnp.asarray([0, 5, 16, 33]), 54, max_chunk=16, granule=4)
     assert int(plan.num_full) == 3  # expert 2 once, expert 3 twice
     np.testing.assert_array_equal(plan.full_expert[:3], [2, 3, 3])
     np.testing.assert_array_equal(plan.full_start[:3], [5, 21, 37])
@@ -146,9 +149,9 @@ def test_load_balancing_loss_matches_hf(tmp_path, rng):
     _, mask = _batch(rng)
     ref = load_balancing_loss_func(tuple(torch.as_tensor(router[:, :, l].reshape(-1, 8)) for l in range(2)),
                                    8, 2, torch.as_tensor(mask))
-    got = model_lib.load_balancing_loss(jnp.asarray(router), jnp.asarray(mask), 2)
+    got = losses.load_balancing_loss(jnp.asarray(router), jnp.asarray(mask), 2)
     np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
-    z = model_lib.router_z_loss(jnp.asarray(router), jnp.asarray(mask))
+    z = losses.router_z_loss(jnp.asarray(router), jnp.asarray(mask))
     lse = np.log(np.exp(router).sum(-1)) ** 2
     np.testing.assert_allclose(float(z), lse[mask.astype(bool)].mean(), rtol=1e-5)
 
@@ -246,7 +249,7 @@ def test_convert_cli_writes_a_restorable_checkpoint(tmp_path):
     save_hf_model(tmp_path / "hf")
     out = tmp_path / "orbax"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    result = subprocess.run([sys.executable, "-m", "moe_grok.convert", f"--hf_path={tmp_path / 'hf'}",
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "experiments", "convert_checkpoint.py"), f"--hf_path={tmp_path / 'hf'}",
                              f"--out={out}", "--dtype=float32"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "parameters in float32" in result.stdout

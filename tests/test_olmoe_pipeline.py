@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from hf_reference import save_hf_model
-from moe_grok import analysis, data
-from moe_grok.convert import CheckpointError
+from moe_grok import pipeline
+from moe_grok.analysis import analyze, test_accuracy
+from moe_grok.analysis import sources as sources_lib
+from moe_grok.analysis import stats as stats_lib
+from moe_grok.data import corpus as data
+from moe_grok.model.hf import CheckpointError
 from moe_grok.sharding import make_mesh
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -40,16 +44,16 @@ def _split(root):
 
 
 def _sources(root, mesh=None):
-    return analysis.hf_checkpoint_sources([str(root / f"step{s}-tokens{s // 250}B") for s in STEPS],
+    return sources_lib.checkpoint_sources([str(root / f"step{s}-tokens{s // 250}B") for s in STEPS],
                                           dtype="float32", mesh=mesh)
 
 
 def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
     split = _split(workspace)
-    _, accuracy = data.load_test_accuracy_csv(workspace / "test_accuracy.csv", steps=STEPS)
+    _, accuracy = test_accuracy.load_test_accuracy_csv(workspace / "test_accuracy.csv", steps=STEPS)
     out = str(tmp_path / "out")
-    report = analysis.run_pipeline(_sources(workspace), {"train": split}, out, test_accuracy=accuracy,
-                                   options=analysis.AnalysisOptions(max_pairs=50), batch_size=8, progress=False)
+    report = pipeline.run_pipeline(_sources(workspace), {"train": split}, out, test_accuracy=accuracy,
+                                   options=analyze.AnalysisOptions(max_pairs=50), batch_size=8, progress=False)
     assert report["steps"] == list(STEPS)
     assert set(report["groups"]) == {"math", "code"}
     for group in report["groups"].values():
@@ -58,49 +62,49 @@ def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
         assert "pathway_consistency" in group["correlations"]
     assert sorted(os.listdir(os.path.join(out, "cache"))) == [f"step_{s:010d}.npz" for s in STEPS]
 
-    from moe_grok import convert
+    from moe_grok.model import hf
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished checkpoint was loaded again")
 
-    monkeypatch.setattr(convert, "load_hf", refuse)
-    again = analysis.run_pipeline(_sources(workspace), {"train": split}, out, test_accuracy=accuracy,
-                                  options=analysis.AnalysisOptions(max_pairs=50), batch_size=8, progress=False)
+    monkeypatch.setattr(hf, "load_hf", refuse)
+    again = pipeline.run_pipeline(_sources(workspace), {"train": split}, out, test_accuracy=accuracy,
+                                  options=analyze.AnalysisOptions(max_pairs=50), batch_size=8, progress=False)
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
 
 
 def test_sharded_pipeline_equals_single_device(workspace, tmp_path):
     split = _split(workspace)
-    single = analysis.collect_checkpoint_stats(_sources(workspace)[:1], {"train": split}, str(tmp_path / "a"),
+    single = stats_lib.collect_checkpoint_stats(_sources(workspace)[:1], {"train": split}, str(tmp_path / "a"),
                                                batch_size=8, progress=False)
     mesh = make_mesh(data=4, expert=2)
-    sharded = analysis.collect_checkpoint_stats(_sources(workspace, mesh)[:1], {"train": split},
+    sharded = stats_lib.collect_checkpoint_stats(_sources(workspace, mesh)[:1], {"train": split},
                                                 str(tmp_path / "b"), batch_size=8, mesh=mesh, progress=False)
-    for field in analysis.STAT_FIELDS:
+    for field in stats_lib.STAT_FIELDS:
         np.testing.assert_allclose(sharded[0].splits["train"][field], single[0].splits["train"][field], atol=1e-5)
 
 
 def test_missing_revision_keeps_finished_checkpoints(workspace, tmp_path):
-    sources = _sources(workspace) + analysis.hf_checkpoint_sources([str(workspace / "step9000-missing")])
+    sources = _sources(workspace) + sources_lib.checkpoint_sources([str(workspace / "step9000-missing")])
     cache = tmp_path / "out" / "cache"
     with pytest.raises(CheckpointError, match="step9000-missing"):
-        analysis.run_pipeline(sources, {"train": _split(workspace)}, str(tmp_path / "out"), batch_size=8,
+        pipeline.run_pipeline(sources, {"train": _split(workspace)}, str(tmp_path / "out"), batch_size=8,
                               progress=False)
     assert len(os.listdir(cache)) == 3
 
 
 def test_checkpoint_specs():
-    assert analysis.parse_checkpoint_spec("allenai/OLMoE-1B-7B-0924@step245000-tokens1027B") == (
+    assert sources_lib.parse_checkpoint_spec("allenai/OLMoE-1B-7B-0924@step245000-tokens1027B") == (
         "allenai/OLMoE-1B-7B-0924", "step245000-tokens1027B", 245000)
-    assert analysis.parse_checkpoint_spec("/ckpts/final=1100000") == ("/ckpts/final", None, 1100000)
+    assert sources_lib.parse_checkpoint_spec("/ckpts/final=1100000") == ("/ckpts/final", None, 1100000)
     with pytest.raises(ValueError, match="cannot tell the training step"):
-        analysis.parse_checkpoint_spec("/ckpts/final")
+        sources_lib.parse_checkpoint_spec("/ckpts/final")
 
 
 def test_too_long_sequences_are_refused(workspace, tmp_path):
     long_split = data.load_jsonl_ids([workspace / "math.jsonl"], seq_len=80, groups_from_files=True)  # model: 64
     with pytest.raises(ValueError, match="longer than the model's limit 64"):
-        analysis.collect_checkpoint_stats(_sources(workspace)[:1], {"train": long_split}, str(tmp_path),
+        stats_lib.collect_checkpoint_stats(_sources(workspace)[:1], {"train": long_split}, str(tmp_path),
                                           progress=False)
 
 
@@ -121,17 +125,18 @@ def test_experiment_script(workspace, tmp_path):
 
 
 def test_cross_group_control_curve(workspace, tmp_path):
-    from moe_grok import metrics, pathways
+    from moe_grok.analysis import metrics
+    from moe_grok.extraction import pathways
 
     split = _split(workspace)
-    report = analysis.run_pipeline(_sources(workspace), {"train": split}, str(tmp_path / "out"), batch_size=8,
-                                   options=analysis.AnalysisOptions(max_pairs=None), progress=False)
+    report = pipeline.run_pipeline(_sources(workspace), {"train": split}, str(tmp_path / "out"), batch_size=8,
+                                   options=analyze.AnalysisOptions(max_pairs=None), progress=False)
     curve = report["cross_group_distance"]["math|code"]
     assert len(curve) == 3
     # Recompute the last checkpoint's control by hand from the cache and the memorized sets.
-    stats = analysis.collect_checkpoint_stats(_sources(workspace), {"train": split}, str(tmp_path / "out" / "cache"),
+    stats = stats_lib.collect_checkpoint_stats(_sources(workspace), {"train": split}, str(tmp_path / "out" / "cache"),
                                               progress=False)
-    from moe_grok import grokking
+    from moe_grok.analysis import grokking
 
     loss = np.stack([s.splits["train"]["loss"] for s in stats])
     memorized = {}

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_grok.pathways import (
+from moe_grok.extraction.pathways import (
     LAYER_BOUNDARY,
     check_nonempty,
     pathway_expert_lists,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from moe_grok import tasks
+from moe_grok.data import tasks
 
 ALL_OPS = ("add", "sub", "mul", "div", "x2xyy2")
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_grok import theory
-from moe_grok.theory_synthetic import OneLayerMoE, ReluExperts, init_moe, make_cluster_data, train_experts
+from moe_grok.theory import kernels as theory
+from moe_grok.studies.synthetic_theory import OneLayerMoE, ReluExperts, init_moe, make_cluster_data, train_experts
 
 
 # ----------------------------------------------------------------------------- numpy references

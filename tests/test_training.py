@@ -1,21 +1,24 @@
 """Toy pipeline end to end: training, exact resume, checkpoint analysis with caching, reports."""
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from moe_grok import analysis, model as model_lib, training
+from config_files import load_config
+from moe_grok.analysis import sources as sources_lib
+from moe_grok.analysis import stats as stats_lib
 from moe_grok.config import toy
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import toy_grokking  # noqa: E402
+from moe_grok.data import tasks
+from moe_grok.data.splits import EvalSplit
+from moe_grok.model import params as model_lib
+from moe_grok.studies import toy_bounds, toy_run
+from moe_grok.training import loop as training
 
 
 def tiny_config(steps=30):
-    config = toy_grokking.get_config()
+    config = load_config("toy_grokking")
     config.task.p = 11
     config.task.ops = ("add", "mul")
     config.model.update(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
@@ -53,8 +56,8 @@ def test_resume_after_kill_is_identical(finished_run, tmp_path):
     assert training.RunCheckpoints(workdir).steps() == [0, 10, 20]
     training.train(config, workdir, progress=False)
     assert _metrics_without_time(workdir) == _metrics_without_time(reference)
-    sources = {s.step: s for s in training.run_checkpoint_sources(workdir)}
-    ref_sources = {s.step: s for s in training.run_checkpoint_sources(reference)}
+    sources = {s.step: s for s in toy_run.run_checkpoint_sources(workdir)}
+    ref_sources = {s.step: s for s in toy_run.run_checkpoint_sources(reference)}
     jax.tree.map(np.testing.assert_array_equal, sources[30].load()[1], ref_sources[30].load()[1])
 
 
@@ -68,7 +71,7 @@ def test_workdir_with_other_model_is_refused(finished_run):
 
 def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
     config, workdir = finished_run
-    report = training.analyze_run(config, workdir, progress=False)
+    report = toy_run.analyze_run(config, workdir, progress=False)
     assert report["steps"] == [0, 10, 20, 30]
     for name in ("add", "mul"):
         g = report["groups"][name]
@@ -86,22 +89,22 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
         raise AssertionError("a cached checkpoint was recomputed")
 
     monkeypatch.setattr(training.RunCheckpoints, "restore_params", refuse)
-    again = training.analyze_run(config, workdir, progress=False)
+    again = toy_run.analyze_run(config, workdir, progress=False)
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
 
 
 def test_analysis_metrics_match_direct_computation(finished_run):
     """The cached per-checkpoint routing equals a fresh forward pass + pathway metrics."""
-    from moe_grok import metrics, pathways
-    from moe_grok.extraction import extract_dataset
-    from moe_grok.tasks import make_dataset
+    from moe_grok.analysis import metrics
+    from moe_grok.extraction import pathways
+    from moe_grok.extraction.routing import extract_dataset
 
     config, workdir = finished_run
-    data = make_dataset(training.task_spec(config))
-    splits = training.task_splits(data)
-    source = training.run_checkpoint_sources(workdir)[-1]
+    data = tasks.make_dataset(training.task_spec(config))
+    splits = toy_run.task_splits(data)
+    source = toy_run.run_checkpoint_sources(workdir)[-1]
     mconfig, params = source.load()
-    stats = analysis.collect_checkpoint_stats([source], splits, os.path.join(workdir, "analysis", "cache"),
+    stats = stats_lib.collect_checkpoint_stats([source], splits, os.path.join(workdir, "analysis", "cache"),
                                               progress=False)[0]
     train = splits["train"]
     direct = extract_dataset(mconfig, params, train.tokens, train.mask, train.targets, train.target_mask,
@@ -113,42 +116,42 @@ def test_analysis_metrics_match_direct_computation(finished_run):
 
 
 def test_architecture_mismatch_keeps_finished_checkpoints(tmp_path):
-    splits = {"train": analysis.EvalSplit(np.ones((4, 3), np.int32), np.ones((4, 3), np.int32),
+    splits = {"train": EvalSplit(np.ones((4, 3), np.int32), np.ones((4, 3), np.int32),
                                           np.ones((4, 3), np.int32), np.ones((4, 3), np.int32),
                                           np.array([0, 0, 1, 1]), ("a", "b"))}
     small = toy(vocab_size=8, num_layers=2, hidden_size=16, head_dim=8, num_heads=2, num_kv_heads=2)
     big = small.replace(hidden_size=32)
-    sources = [analysis.CheckpointSource(s, f"ckpt{s}", lambda c=c: (c, model_lib.init_params(c, jax.random.key(0))))
+    sources = [sources_lib.CheckpointSource(s, f"ckpt{s}", lambda c=c: (c, model_lib.init_params(c, jax.random.key(0))))
                for s, c in ((1, small), (2, small), (3, big))]
     cache = str(tmp_path / "cache")
     with pytest.raises(ValueError, match=r"ckpt3 \(step 3\) differs in architecture.*hidden_size.*16, 32"):
-        analysis.collect_checkpoint_stats(sources, splits, cache, progress=False)
+        stats_lib.collect_checkpoint_stats(sources, splits, cache, progress=False)
     assert sorted(os.listdir(cache)) == ["step_0000000001.npz", "step_0000000002.npz"]
 
 
 def test_empty_group_is_refused():
     tokens = np.ones((2, 3), np.int32)
     with pytest.raises(ValueError, match=r"empty group\(s\) \['b'\]"):
-        analysis.EvalSplit(tokens, tokens, tokens, tokens, np.array([0, 0]), ("a", "b"))
+        EvalSplit(tokens, tokens, tokens, tokens, np.array([0, 0]), ("a", "b"))
 
 
 def test_theory_bounds_along_toy_checkpoints(finished_run):
-    from moe_grok import theory, theory_synthetic
+    from moe_grok.theory import kernels as theory
 
     config, workdir = finished_run
-    training.analyze_run(config, workdir, progress=False)  # fills the cache the bounds read
-    rows = theory_synthetic.toy_run_bounds(workdir, n_samples=30, lam=0.1)
+    toy_run.analyze_run(config, workdir, progress=False)  # fills the cache the bounds read
+    rows = toy_bounds.toy_run_bounds(workdir, n_samples=30, lam=0.1)
     assert [r["step"] for r in rows] == [0, 10, 20, 30]
     for r in rows:
         assert 0 < r["d_eff"] < 30 and np.isclose(r["bound"], r["bias"] + r["variance"] + 0.1**2 * np.log(20) / 30,
                                                    rtol=1e-4)
         assert 0.0 <= r["test_error"] <= 1.0
-    text = theory_synthetic.format_toy_bounds(rows)
+    text = toy_bounds.format_toy_bounds(rows)
     assert "d_eff ~ test error over 4 checkpoints" in text
     # The last row equals the theory module applied directly to that checkpoint's routing.
-    data = training.tasks.make_dataset(training.task_spec(config))
+    data = tasks.make_dataset(training.task_spec(config))
     chosen = np.sort(np.random.default_rng(0).choice(len(data.train_targets), 30, replace=False))
-    stats = analysis.collect_checkpoint_stats(training.run_checkpoint_sources(workdir), training.task_splits(data),
+    stats = stats_lib.collect_checkpoint_stats(toy_run.run_checkpoint_sources(workdir), toy_run.task_splits(data),
                                               os.path.join(workdir, "analysis", "cache"), progress=False)
     gram = theory.multilayer_routing_gram(stats[-1].splits["train"]["mean_weights"][chosen])
     y = np.eye(config.task.p)[data.train_targets[chosen]] - 1.0 / config.task.p

@@ -6,8 +6,6 @@ layout (hub: per-expert `experts.{e}.{gate,up,down}_proj.weight`; fused in memor
 transformers: `experts.gate_up_proj [E, 2F, D]` gate rows first, `experts.down_proj [E, D, F]`).
 Every parameter is built with `jax.make_array_from_callback`, so each device shard is read
 straight from the (memory-mapped) files: no second full copy of the model is ever held.
-
-CLI: python -m moe_grok.convert --hf_path=DIR_OR_REPO [--revision=step245000-tokens1027B] --out=DIR
 """
 from __future__ import annotations
 
@@ -21,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from moe_grok import model as model_lib
 from moe_grok.config import MoEConfig
+from moe_grok.model import params as params_lib
+from moe_grok.model.layers import EXPERT_WEIGHTS
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -120,9 +119,9 @@ def _layer_key(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{name}"
 
 
-def _expert_sources(config: MoEConfig, keys: set[str], layer: int) -> dict[str, Callable[[int], Source]]:
+def _expert_sources(model_config: MoEConfig, keys: set[str], layer: int) -> dict[str, Callable[[int], Source]]:
     """Per-expert sources for gate/up/down in whichever layout the checkpoint uses."""
-    f = config.expert_intermediate_size
+    f = model_config.expert_intermediate_size
     fused = _layer_key(layer, "mlp.experts.gate_up_proj")
     if fused in keys:
         down = _layer_key(layer, "mlp.experts.down_proj")
@@ -132,10 +131,10 @@ def _expert_sources(config: MoEConfig, keys: set[str], layer: int) -> dict[str, 
             "down_proj": lambda e: Source(down, index=(e,)),
         }
     return {name: (lambda e, name=name: Source(_layer_key(layer, f"mlp.experts.{e}.{name}.weight")))
-            for name in model_lib.EXPERT_WEIGHTS}
+            for name in EXPERT_WEIGHTS}
 
 
-def key_map(config: MoEConfig, keys: set[str]) -> dict[tuple[str, ...], Callable]:
+def key_map(model_config: MoEConfig, keys: set[str]) -> dict[tuple[str, ...], Callable]:
     """moe_grok param path -> function(layer, expert) -> Source (layer/expert None where absent)."""
     per_layer = {
         ("attn", "q_proj", "kernel"): "self_attn.q_proj.weight",
@@ -152,14 +151,14 @@ def key_map(config: MoEConfig, keys: set[str]) -> dict[tuple[str, ...], Callable
         ("embed", "embedding"): lambda l, e: Source("model.embed_tokens.weight", transpose=False),
         ("final_norm", "scale"): lambda l, e: Source("model.norm.weight", transpose=False),
     }
-    if not config.tie_word_embeddings:
+    if not model_config.tie_word_embeddings:
         mapping[("lm_head", "kernel")] = lambda l, e: Source("lm_head.weight")
     for path, name in per_layer.items():
         is_matrix = path[-1] != "scale"
         mapping[("layers", *path)] = (lambda l, e, name=name, t=is_matrix: Source(_layer_key(l, name), transpose=t))
-    for name in model_lib.EXPERT_WEIGHTS:
+    for name in EXPERT_WEIGHTS:
         mapping[("layers", "moe", name)] = (
-            lambda l, e, name=name: _expert_sources(config, keys, l)[name](e))
+            lambda l, e, name=name: _expert_sources(model_config, keys, l)[name](e))
     return mapping
 
 
@@ -190,18 +189,18 @@ def _shard_reader(reader: SafetensorsReader, source_fn: Callable, lead_sizes: tu
 
 def _cell_shape(path: tuple[str, ...], target_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one (layer, expert) cell of a target param: its shape minus stacked axes."""
-    return target_shape[(path[0] == "layers") + (path[-1] in model_lib.EXPERT_WEIGHTS):]
+    return target_shape[(path[0] == "layers") + (path[-1] in EXPERT_WEIGHTS):]
 
 
-def validate_keys(config: MoEConfig, reader: SafetensorsReader) -> None:
+def validate_keys(model_config: MoEConfig, reader: SafetensorsReader) -> None:
     """Raise CheckpointError naming missing keys, unexpected keys and shape mismatches."""
     keys = reader.keys()
-    shapes = param_shape_dict(config)
-    mapping = key_map(config, keys)
+    shapes = param_shape_dict(model_config)
+    mapping = key_map(model_config, keys)
     needed: dict[str, tuple] = {}
     for path, fn in mapping.items():
-        layers = range(config.num_layers) if path[0] == "layers" else [None]
-        experts = range(config.num_experts) if path[-1] in model_lib.EXPERT_WEIGHTS else [None]
+        layers = range(model_config.num_layers) if path[0] == "layers" else [None]
+        experts = range(model_config.num_experts) if path[-1] in EXPERT_WEIGHTS else [None]
         cell = _cell_shape(path, shapes[path])
         for layer in layers:
             for expert in experts:
@@ -218,7 +217,7 @@ def validate_keys(config: MoEConfig, reader: SafetensorsReader) -> None:
         if key in keys:
             got = reader.shape(key)
             if src.index:  # fused expert tensors: check the whole tensor
-                f, e, d = config.expert_intermediate_size, config.num_experts, config.hidden_size
+                f, e, d = model_config.expert_intermediate_size, model_config.num_experts, model_config.hidden_size
                 want = (e, 2 * f, d) if key.endswith("gate_up_proj") else (e, d, f)
             if got != want:
                 problems.append(f"{key}: shape {got} does not match config (expected {want} for {'/'.join(path)})")
@@ -226,8 +225,8 @@ def validate_keys(config: MoEConfig, reader: SafetensorsReader) -> None:
         raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems[:12]))
 
 
-def param_shape_dict(config: MoEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(model_lib.param_shapes(config))[0]
+def param_shape_dict(model_config: MoEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(params_lib.param_shapes(model_config))[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
@@ -240,18 +239,18 @@ def load_hf(path_or_repo: str, revision: str | None = None, dtype=jnp.float32,
     """
     ckpt_dir = resolve_checkpoint_dir(path_or_repo, revision)
     dtype = jnp.dtype(dtype)
-    config = MoEConfig.from_hf_config(read_hf_config(ckpt_dir), dtype=dtype.name, **config_overrides)
+    model_config = MoEConfig.from_hf_config(read_hf_config(ckpt_dir), dtype=dtype.name, **config_overrides)
     reader = SafetensorsReader(ckpt_dir)
-    validate_keys(config, reader)
-    shardings = model_lib.param_shardings(config, mesh)
+    validate_keys(model_config, reader)
+    shardings = params_lib.param_shardings(model_config, mesh)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    mapping = key_map(config, reader.keys())
-    shapes = model_lib.param_shapes(config)
+    mapping = key_map(model_config, reader.keys())
+    shapes = params_lib.param_shapes(model_config)
 
     def build(path, leaf, sharding=None):
         name = tuple(k.key for k in path)
         stacked_layers = name[0] == "layers"
-        lead_sizes = leaf.shape[:stacked_layers + (name[-1] in model_lib.EXPERT_WEIGHTS)]
+        lead_sizes = leaf.shape[:stacked_layers + (name[-1] in EXPERT_WEIGHTS)]
         callback = _shard_reader(reader, mapping[name], lead_sizes, stacked_layers, dtype)
         return jax.make_array_from_callback(leaf.shape, sharding or default, callback)
 
@@ -259,63 +258,4 @@ def load_hf(path_or_repo: str, revision: str | None = None, dtype=jnp.float32,
         params = jax.tree_util.tree_map_with_path(build, shapes)
     else:
         params = jax.tree_util.tree_map_with_path(build, shapes, shardings)
-    return config, params
-
-
-# ----------------------------------------------------------------------------------------
-# orbax save / restore
-# ----------------------------------------------------------------------------------------
-CONFIG_FILE = "moe_config.json"
-
-
-def save_params(directory: str, config: MoEConfig, params) -> None:
-    """Write params with orbax (StandardCheckpointer) and the config as JSON beside them."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, "params"), params, force=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        f.write(config.to_json())
-
-
-def restore_params(directory: str, mesh: jax.sharding.Mesh | None = None) -> tuple[MoEConfig, dict]:
-    """Read back what save_params wrote, placing params in their mesh shards when given."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise CheckpointError(f"no {CONFIG_FILE} in {directory}: not a moe_grok checkpoint")
-    with open(config_path) as f:
-        config = MoEConfig.from_json(f.read())
-    shapes = model_lib.param_shapes(config)
-    shardings = model_lib.param_shardings(config, mesh)
-    if shardings is not None:
-        shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(directory, "params"), shapes)
-    return config, params
-
-
-def main(argv):
-    del argv
-    from absl import flags, logging
-
-    f = flags.FLAGS
-    config, params = load_hf(f.hf_path, revision=f.revision, dtype=f.dtype)
-    save_params(f.out, config, params)
-    n = sum(x.size for x in jax.tree.leaves(params))
-    logging.info("wrote %s (%.1fM parameters, %s)", f.out, n / 1e6, f.dtype)
-    print(f"wrote {f.out}: {n / 1e6:.1f}M parameters in {f.dtype}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("hf_path", None, "Local HF checkpoint directory or hub repo id.", required=True)
-    flags.DEFINE_string("revision", None, "Hub revision, e.g. step245000-tokens1027B.")
-    flags.DEFINE_string("out", None, "Output directory for the orbax checkpoint.", required=True)
-    flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Parameter dtype.")
-    app.run(main)
+    return model_config, params

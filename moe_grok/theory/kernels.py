@@ -1,4 +1,4 @@
-"""Routing kernel, effective dimension and the generalization bound (SPEC "Theory").
+"""Routing kernel, effective dimension and the generalization bound (docs/method.md, "Theory").
 
 One-layer MoE with a frozen router: F(x) = sum_j g_j(x) f_j(x). Its NTK with respect to the
 expert parameters is the routing kernel
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from moe_grok.sharding import batch_spec, data_axis_size, round_up_to_data_axis, shard_batch
+from moe_grok.sharding import data_axis, data_axis_size, round_up_to_data_axis, shard_batch
 
 HIGHEST = jax.lax.Precision.HIGHEST
 _NORM_FLOOR = 1e-30  # keeps zero (padding) rows finite in the angle computation
@@ -53,13 +53,10 @@ def _map_row_blocks(block_fn, rows, cols, *, block_size: int | None, mesh: Mesh 
     if mesh is None:
         out = local(rows, cols)
     else:
-        row_specs = tuple(batch_spec(mesh, a.ndim) for a in rows)
+        split = P(data_axis(mesh))
+        row_specs = tuple(split for _ in rows)
         col_specs = tuple(P() for _ in cols)
-        one_block = tuple(jax.ShapeDtypeStruct((block, *a.shape[1:]), a.dtype) for a in rows)
-        out_ndim = jax.eval_shape(block_fn, one_block, cols).ndim
-        out = jax.shard_map(
-            local, mesh=mesh, in_specs=(row_specs, col_specs), out_specs=batch_spec(mesh, out_ndim)
-        )(rows, cols)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(row_specs, col_specs), out_specs=split)(rows, cols)
     return out[:n]
 
 

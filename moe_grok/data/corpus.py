@@ -1,11 +1,11 @@
-"""Training data grouped by domain -> `analysis.EvalSplit` for next-token-prediction analysis.
+"""Training data grouped by domain -> `splits.EvalSplit` for next-token-prediction analysis.
 
 Every loader returns an EvalSplit of N samples padded to S = seq_len tokens:
 
   tokens      [N, S] int32  token ids, right-padded with `pad_id` (default 1, OLMoE's pad id)
   mask        [N, S] int32  1 = real token, 0 = padding
-  targets     [N, S] int32  tokens[:, t + 1] at position t (0 in the last column), as
-                            `extraction.next_token_targets` (which computes them)
+  targets     [N, S] int32  tokens[:, t + 1] at position t (0 in the last column), from
+                            `splits.next_token_targets`
   target_mask [N, S] int32  1 where both position t and t + 1 are real tokens
   groups      [N]    int32  index into group_names (one group = one data domain)
 
@@ -17,7 +17,6 @@ Sources:
                     fixed chunks of the stream or from an explicit instance index
   make_lm_split     in-memory id lists per group (what the loaders share)
   load_split        any of the above from a config (configs/olmoe_grokking.py's `data`)
-and `load_test_accuracy_csv` for a user-supplied per-checkpoint test accuracy.
 
 Common rules (all loaders):
   * Groups keep their order of first appearance (files in the order given, records in file
@@ -39,23 +38,18 @@ Pass `return_info=True` to get `(split, LoadInfo)` with each row's provenance.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gzip
 import json
-import logging
-import math
 import os
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
+from absl import logging
 
-from moe_grok.analysis import EvalSplit
-from moe_grok.extraction import next_token_targets
-
-logger = logging.getLogger(__name__)
+from moe_grok.data.splits import EvalSplit, next_token_targets
 
 OLMOE_PAD_ID = 1  # allenai/OLMoE-1B-7B-0924 pad_token_id ("<|padding|>")
 OLMOE_EOS_TOKEN = "<|endoftext|>"  # its eos token (id 50279)
@@ -171,9 +165,9 @@ def _assemble(groups: Sequence[tuple[str, Sequence[_Sample]]], seq_len: int, pad
             raise ValueError(f"group {name!r} has no sample with >= 2 tokens ({len(samples)} candidate(s) read); "
                              "every group needs at least one sample")
     if n_truncated:
-        logger.warning("truncated %d of %d sample(s) to seq_len=%d tokens", n_truncated, len(rows) + n_short, seq_len)
+        logging.warning("truncated %d of %d sample(s) to seq_len=%d tokens", n_truncated, len(rows) + n_short, seq_len)
     if n_short:
-        logger.warning("dropped %d sample(s) with < 2 tokens (no next-token target), e.g. %s",
+        logging.warning("dropped %d sample(s) with < 2 tokens (no next-token target), e.g. %s",
                        n_short, ", ".join(short_examples))
     n = len(rows)
     tokens = np.full((n, seq_len), pad_id, np.int32)
@@ -181,7 +175,7 @@ def _assemble(groups: Sequence[tuple[str, Sequence[_Sample]]], seq_len: int, pad
     for i, ids in enumerate(rows):
         tokens[i, :len(ids)] = ids
         mask[i, :len(ids)] = 1
-    targets, target_mask = (np.asarray(a, np.int32) for a in next_token_targets(tokens, mask))
+    targets, target_mask = next_token_targets(tokens, mask)
     split = EvalSplit(tokens, mask, targets, target_mask, np.asarray(group_ids, np.int32),
                       tuple(name for name, _ in groups))
     if not return_info:
@@ -558,7 +552,7 @@ def load_olmo_memmap(data_paths: PathLike | Sequence[PathLike] | Mapping[str, Pa
         candidates = {g: [] for g in file_groups}
         for f, (path, g) in enumerate(files):
             if n_chunks[f] == 0:
-                logger.warning("%s: %d tokens, fewer than one %d-token instance", path, n_tokens[f], length)
+                logging.warning("%s: %d tokens, fewer than one %d-token instance", path, n_tokens[f], length)
             candidates[g].append(f)  # expanded lazily below: chunk counts can be huge
         groups_order = file_groups
     elif isinstance(instances, Mapping):
@@ -620,47 +614,53 @@ def _path_list(value: Any) -> list[str]:
     return [os.fspath(p) for p in value]
 
 
-def load_split(config: Any, return_info: bool = False):
-    """EvalSplit from a config (ml_collections.ConfigDict or dict), as configs/olmoe_grokking.py's `data`.
+DATA_CONFIG_KEYS = (
+    "format", "paths", "seq_len", "tokenizer", "text_field", "add_eos", "eos_token", "add_special_tokens",
+    "ids_field", "group_field", "groups_from_files", "max_samples_per_group", "seed", "pad_id", "vocab_size",
+    "on_short", "lengths", "file_pad_id", "memmap_dtype", "instance_length", "instances")
+"""Every key `load_split` reads; configs/olmoe_grokking.py's `data` declares each with a comment."""
 
-    Keys: format (one of FORMATS), paths (comma-separated string or list), seq_len, and
-    optionally: tokenizer (jsonl_text), text_field, ids_field, group_field ("" = none),
-    groups_from_files, add_eos, max_samples_per_group (None / <= 0 = all), seed, pad_id,
-    vocab_size (None / 0 = unchecked), on_short, lengths (npy: comma-separated lengths files
-    aligned with paths), file_pad_id (npy), memmap_dtype, instance_length, instances
-    (olmo_memmap: an .npy instance index). npy and olmo_memmap name one group per file stem.
+
+def load_split(config: Any, return_info: bool = False):
+    """EvalSplit from a `data` config (ml_collections.ConfigDict or mapping) holding every key of
+    DATA_CONFIG_KEYS (configs/olmoe_grokking.py documents each). "Unset" is spelled so the key
+    keeps its type on the command line: "" for paths and names, 0 for vocab_size /
+    max_samples_per_group / instance_length, -1 for file_pad_id.
     Logs samples per group, truncated and dropped counts.
     """
-    def get(key, default=None):
-        value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-        return default if value is None else value
+    missing = [key for key in DATA_CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"data config lacks key(s) {missing}; start from configs/olmoe_grokking.py's `data`")
+
+    def get(key):
+        return config[key]
 
     fmt = get("format")
     if fmt not in FORMATS:
         raise ValueError(f"data format must be one of {FORMATS}, got {fmt!r}")
-    paths = _path_list(get("paths", ""))
+    paths = _path_list(get("paths"))
     if not paths:
         raise ValueError("data config: no paths given")
     max_samples = get("max_samples_per_group")
-    vocab_size = get("vocab_size") or None
     common = dict(max_samples_per_group=max_samples if max_samples and max_samples > 0 else None,
-                  seed=int(get("seed", 0)), pad_id=int(get("pad_id", OLMOE_PAD_ID)),
-                  vocab_size=vocab_size, on_short=get("on_short", "drop"), return_info=True)
+                  seed=int(get("seed")), pad_id=int(get("pad_id")),
+                  vocab_size=get("vocab_size") or None, on_short=get("on_short"), return_info=True)
     seq_len = int(get("seq_len"))
     if fmt in ("jsonl_text", "jsonl_ids"):
-        grouping = dict(group_field=get("group_field") or None, groups_from_files=bool(get("groups_from_files", False)))
+        grouping = dict(group_field=get("group_field") or None, groups_from_files=bool(get("groups_from_files")))
         if fmt == "jsonl_text":
             if not get("tokenizer"):
                 raise ValueError("data config: format jsonl_text needs `tokenizer` (a tokenizer.json path)")
-            split, info = load_jsonl_text(paths, get("tokenizer"), seq_len, text_field=get("text_field", "text"),
-                                          add_eos=bool(get("add_eos", False)), **grouping, **common)
+            split, info = load_jsonl_text(paths, get("tokenizer"), seq_len, text_field=get("text_field"),
+                                          add_eos=bool(get("add_eos")), eos_token=get("eos_token"),
+                                          add_special_tokens=bool(get("add_special_tokens")), **grouping, **common)
         else:
-            split, info = load_jsonl_ids(paths, seq_len, ids_field=get("ids_field", "input_ids"), **grouping, **common)
+            split, info = load_jsonl_ids(paths, seq_len, ids_field=get("ids_field"), **grouping, **common)
     elif fmt == "npy":
         names = [file_group_name(p) for p in paths]
         if len(set(names)) != len(names):
             raise ValueError(f"npy format: file stems must be distinct group names, got {names}")
-        lengths = _path_list(get("lengths", ""))
+        lengths = _path_list(get("lengths"))
         if lengths and len(lengths) != len(paths):
             raise ValueError(f"npy format: {len(lengths)} lengths file(s) for {len(paths)} data file(s)")
         file_pad_id = get("file_pad_id")
@@ -669,96 +669,18 @@ def load_split(config: Any, return_info: bool = False):
                                    file_pad_id=None if file_pad_id is None or file_pad_id < 0 else int(file_pad_id),
                                    **common)
     else:
-        split, info = load_olmo_memmap(paths, seq_len, dtype=np.dtype(get("memmap_dtype", "uint32")),
+        split, info = load_olmo_memmap(paths, seq_len, dtype=np.dtype(get("memmap_dtype")),
                                        instance_length=get("instance_length") or None,
                                        instances=get("instances") or None, **common)
     counts = np.bincount(split.groups, minlength=len(split.group_names))
-    logger.info("loaded %d samples of %d tokens: %s (truncated %d, dropped %d short)", len(split.tokens), seq_len,
+    logging.info("loaded %d samples of %d tokens: %s (truncated %d, dropped %d short)", len(split.tokens), seq_len,
                 ", ".join(f"{g}={c}/{info.available[g]}" for g, c in zip(split.group_names, counts)),
                 info.n_truncated, info.n_dropped_short)
     return (split, info) if return_info else split
 
 
-# ----------------------------------------------------------------------------------------
-# Per-checkpoint test accuracy
-# ----------------------------------------------------------------------------------------
-def _parse_step(text: str, where: str) -> int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{where}: step {text!r} is not a number") from None
-    if not math.isfinite(value) or value != int(value) or value < 0:
-        raise ValueError(f"{where}: step {text!r} must be a non-negative integer")
-    return int(value)
-
-
-def load_test_accuracy_csv(path: PathLike, *, steps: Sequence[int] | None = None,
-                           ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """CSV with columns step,group,accuracy (one row per checkpoint and group; extra columns
-    ignored) -> (steps [C] int64 ascending, {group: accuracy [C] float64}) for analysis.analyze.
-
-    Validation (ValueError naming the line): numeric integer steps, non-empty group,
-    accuracy a finite number in [0, 1], no duplicate (step, group), and every group has a
-    row for every step in the file. steps: if given, keep exactly these checkpoint steps
-    (returned ascending); a step missing from the file is an error.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: file is empty (expected a header step,group,accuracy)")
-        header = [h.strip().lower() for h in header]
-        missing = [c for c in ("step", "group", "accuracy") if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; header is {header}")
-        col = {c: header.index(c) for c in ("step", "group", "accuracy")}
-        values: dict[str, dict[int, float]] = {}
-        first_line: dict[tuple[str, int], int] = {}
-        for row in reader:
-            where = f"{path}:line {reader.line_num}"
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) <= max(col.values()):
-                raise ValueError(f"{where}: expected {len(header)} columns, got {len(row)}: {row}")
-            step = _parse_step(row[col["step"]].strip(), where)
-            group = row[col["group"]].strip()
-            if not group:
-                raise ValueError(f"{where}: empty group")
-            text = row[col["accuracy"]].strip()
-            try:
-                acc = float(text)
-            except ValueError:
-                raise ValueError(f"{where}: accuracy {text!r} is not a number") from None
-            if not (math.isfinite(acc) and 0.0 <= acc <= 1.0):
-                raise ValueError(f"{where}: accuracy {text} outside [0, 1]")
-            if (group, step) in first_line:
-                raise ValueError(f"{where}: duplicate row for group {group!r} step {step} "
-                                 f"(first at line {first_line[group, step]})")
-            first_line[group, step] = reader.line_num
-            values.setdefault(group, {})[step] = acc
-    if not values:
-        raise ValueError(f"{path}: no data rows")
-    all_steps = sorted({s for per in values.values() for s in per})
-    for group, per in values.items():
-        absent = [s for s in all_steps if s not in per]
-        if absent:
-            raise ValueError(f"{path}: group {group!r} has no row for step(s) {absent[:10]}"
-                             f"{' ...' if len(absent) > 10 else ''}; every group needs every step")
-    if steps is not None:
-        wanted = sorted({int(s) for s in steps})
-        absent = [s for s in wanted if s not in values[next(iter(values))]]
-        if absent:
-            raise ValueError(f"{path}: no accuracy for checkpoint step(s) {absent}; file has steps {all_steps}")
-        all_steps = wanted
-    return (np.asarray(all_steps, np.int64),
-            {g: np.asarray([per[s] for s in all_steps], np.float64) for g, per in values.items()})
-
-
 __all__ = [
-    "FORMATS", "LoadInfo", "OLMOE_EOS_TOKEN", "OLMOE_PAD_ID", "file_group_name", "load_jsonl_ids",
-    "load_jsonl_text", "load_npy_ids", "load_olmo_memmap", "load_split", "load_test_accuracy_csv", "make_lm_split",
+    "DATA_CONFIG_KEYS", "FORMATS", "LoadInfo", "OLMOE_EOS_TOKEN", "OLMOE_PAD_ID", "file_group_name", "load_jsonl_ids",
+    "load_jsonl_text", "load_npy_ids", "load_olmo_memmap", "load_split", "make_lm_split",
     "open_token_file",
 ]

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from moe_grok import model as model_lib
 from moe_grok import sharding
 from moe_grok.config import MoEConfig
-from moe_grok.pathways import check_nonempty, token_mean_weights
+from moe_grok.data.splits import next_token_targets
+from moe_grok.extraction.pathways import check_nonempty, token_mean_weights
+from moe_grok.model import params as params_lib
+from moe_grok.model.layers import select_experts
 
 
 class RoutingStats(NamedTuple):
@@ -28,13 +30,6 @@ class RoutingStats(NamedTuple):
     router_probs: jax.Array | None = None  # [B, S, L, E] float32 (per_token=True)
     top_experts: jax.Array | None = None  # [B, S, L, k] int32 (per_token=True)
     top_weights: jax.Array | None = None  # [B, S, L, k] float32 (per_token=True)
-
-
-def next_token_targets(tokens, mask):
-    """Language-model targets: predict token t+1 at position t. Returns (targets, target_mask) [B, S]."""
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    target_mask = jnp.concatenate([mask[:, 1:] * mask[:, :-1], jnp.zeros_like(mask[:, :1])], axis=1)
-    return targets, target_mask
 
 
 def per_sample_loss(logits, targets, target_mask):
@@ -50,28 +45,23 @@ def per_sample_loss(logits, targets, target_mask):
     return jnp.sum(nll * weight, axis=1) / count, jnp.sum(hit * weight, axis=1) / count
 
 
-def routing_stats(config: MoEConfig, params, tokens, mask, targets=None, target_mask=None,
+def routing_stats(model_config: MoEConfig, params, tokens, mask, targets, target_mask,
                   with_loss: bool = True, per_token: bool = False) -> RoutingStats:
-    """One forward pass -> RoutingStats. tokens, mask: [B, S] (mask 1 = real token).
-
-    targets/target_mask default to next-token prediction over the real tokens. Without
-    `with_loss` the LM head is skipped entirely.
-    """
-    out = model_lib.forward(config, params, tokens, mask, with_lm_head=with_loss)
+    """One forward pass -> RoutingStats. tokens, mask, targets, target_mask: [B, S] (mask 1 =
+    real token; target_mask 1 = scored position). Without `with_loss` the LM head is skipped."""
+    out = params_lib.forward(model_config, params, tokens, mask, with_lm_head=with_loss)
     probs = jax.nn.softmax(out.router_logits.astype(jnp.float32), axis=-1)  # [B, S, L, E]
     loss = correct = None
     if with_loss:
-        if targets is None:
-            targets, target_mask = next_token_targets(tokens, mask)
         loss, correct = per_sample_loss(out.logits, targets, target_mask)
     extra = {}
     if per_token:
-        top_w, top_idx = model_lib.select_experts(probs, config)
+        top_w, top_idx = select_experts(probs, model_config)
         extra = dict(router_probs=probs, top_experts=top_idx.astype(jnp.int32), top_weights=top_w)
     return RoutingStats(token_mean_weights(probs, mask), loss, correct, **extra)
 
 
-def make_extractor(config: MoEConfig, mesh: jax.sharding.Mesh | None = None, with_loss: bool = True,
+def make_extractor(model_config: MoEConfig, mesh: jax.sharding.Mesh | None = None, with_loss: bool = True,
                    per_token: bool = False):
     """Jitted fn(params, tokens, mask, targets, target_mask) -> RoutingStats.
 
@@ -80,21 +70,16 @@ def make_extractor(config: MoEConfig, mesh: jax.sharding.Mesh | None = None, wit
     """
 
     def fn(params, tokens, mask, targets, target_mask):
-        return routing_stats(config, params, tokens, mask, targets, target_mask, with_loss, per_token)
+        return routing_stats(model_config, params, tokens, mask, targets, target_mask, with_loss, per_token)
 
     if mesh is None:
         return jax.jit(fn)
-    batch2d = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh, 2))
-    out_shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), RoutingStats(
-        sharding.batch_spec(mesh, 3),
-        *(sharding.batch_spec(mesh, 1) if with_loss else None for _ in range(2)),
-        *((sharding.batch_spec(mesh, 4),) * 3 if per_token else (None,) * 3)),
-        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    return jax.jit(fn, in_shardings=(model_lib.param_shardings(config, mesh), batch2d, batch2d, batch2d, batch2d),
-                   out_shardings=out_shardings)
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(fn, in_shardings=(params_lib.param_shardings(model_config, mesh), batch, batch, batch, batch),
+                   out_shardings=batch)
 
 
-def extract_dataset(config: MoEConfig, params, tokens: np.ndarray, mask: np.ndarray | None = None,
+def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: np.ndarray | None = None,
                     targets: np.ndarray | None = None, target_mask: np.ndarray | None = None,
                     batch_size: int = 32, mesh: jax.sharding.Mesh | None = None, with_loss: bool = True,
                     per_token: bool = False, extractor=None, progress: bool | str = True) -> dict[str, np.ndarray]:
@@ -107,21 +92,21 @@ def extract_dataset(config: MoEConfig, params, tokens: np.ndarray, mask: np.ndar
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"tokens must be a non-empty [samples, seq] array, got shape {tokens.shape}")
-    if tokens.shape[1] > config.max_seq_len:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len {config.max_seq_len}")
-    if tokens.max() >= config.vocab_size or tokens.min() < 0:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
+    if tokens.shape[1] > model_config.max_seq_len:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len {model_config.max_seq_len}")
+    if tokens.max() >= model_config.vocab_size or tokens.min() < 0:
+        raise ValueError(f"token ids must lie in [0, {model_config.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
     mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
     if mask.shape != tokens.shape:
         raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
     check_nonempty(mask)
     if targets is None:
-        targets, target_mask = (np.asarray(a) for a in next_token_targets(tokens, mask))
+        targets, target_mask = next_token_targets(tokens, mask)
     targets = np.asarray(targets, np.int32)
     target_mask = np.asarray(target_mask, np.int32)
     n = tokens.shape[0]
     step = sharding.round_up_to_data_axis(batch_size, mesh)
-    extractor = extractor or make_extractor(config, mesh, with_loss, per_token)
+    extractor = extractor or make_extractor(model_config, mesh, with_loss, per_token)
     chunks: dict[str, list[np.ndarray]] = {}
     bar = tqdm(range(0, n, step), desc=progress if isinstance(progress, str) else "extract",
                disable=not progress, unit="batch", leave=False)

@@ -1,4 +1,4 @@
-"""The paper's synthetic check of the routing-kernel theory (SPEC "Theory").
+"""The paper's synthetic check of the routing-kernel theory (docs/method.md, "Theory").
 
 Gaussian clusters in ``dim`` dimensions, a one-layer MoE of one-hidden-layer ReLU experts
 whose router is random and FROZEN, experts trained with optax. One run measures, on the
@@ -23,22 +23,27 @@ regression with the same lam as the bound; ``krr_test_mse`` is that regression d
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
+import json
 import math
+import os
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from matplotlib.figure import Figure
 
-from moe_grok import theory
-from moe_grok.metrics import group_pathway_distance
-from moe_grok.pathways import pathway_strings
+from moe_grok.analysis.metrics import group_pathway_distance
+from moe_grok.extraction.pathways import pathway_strings
 from moe_grok.sharding import shard_batch
+from moe_grok.theory import kernels as theory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,23 @@ class SyntheticConfig:
     data_seed: int = 0
     router_seed: int = 0
     expert_seed: int = 0
+
+
+    @classmethod
+    def from_config(cls, config) -> "SyntheticConfig":
+        """From a config section holding every field (configs/verify_theory.py's `synthetic`)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise ValueError(f"synthetic config lacks {missing}; declare every SyntheticConfig field")
+        return cls(**{n: config[n] for n in names})
+
+
+def synthetic_config(**overrides) -> ml_collections.ConfigDict:
+    """A config section declaring every SyntheticConfig field (its defaults, then `overrides`)."""
+    fields = dataclasses.asdict(SyntheticConfig())
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
 
 
 class ClusterData(NamedTuple):
@@ -314,12 +336,8 @@ def format_correlations(corr: dict) -> str:
 
 def save_plots(rows, path: str) -> None:
     """PNG: edit distance vs d_eff, and bound vs measured test MSE (one color per structure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    left, right = fig.subplots(1, 2)
     groups = sorted({_group_key(r) for r in rows})
     for key in groups:
         sub = [r for r in rows if _group_key(r) == key]
@@ -335,72 +353,23 @@ def save_plots(rows, path: str) -> None:
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- toy grokking run
-def toy_run_bounds(workdir: str, n_samples: int = 1000, lam: float = 0.1, noise_std: float = 0.1,
-                   delta: float = 0.05, c1: float = 1.0, seed: int = 0) -> list[dict]:
-    """d_eff and the bound of the multi-layer routing Gram along a toy run's checkpoints.
+def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> str:
+    """The sweep of configs/verify_theory.py: every structure x router scale x router seed.
 
-    A seeded subset of n_samples training examples is followed across checkpoints (their
-    routing from the run's analysis cache, computed if missing); targets are the centered
-    one-hot answers [n, p]. Each row: step, test_error (1 - test accuracy), d_eff, bias,
-    variance, bound.
-    """
-    import json
-    import os
-
-    import ml_collections
-
-    from moe_grok import analysis, tasks, training
-
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    data = tasks.make_dataset(training.task_spec(config))
-    splits = training.task_splits(data)
-    stats = analysis.collect_checkpoint_stats(training.run_checkpoint_sources(workdir), splits,
-                                              os.path.join(workdir, "analysis", "cache"),
-                                              batch_size=config.analysis.batch_size, progress=False)
-    n_train = len(data.train_targets)
-    rows = np.sort(np.random.default_rng(seed).choice(n_train, min(n_samples, n_train), replace=False))
-    p = data.spec.p
-    y = np.eye(p, dtype=np.float32)[data.train_targets[rows]] - 1.0 / p
-    bounds = theory.routing_bounds_along_checkpoints([s.splits["train"]["mean_weights"][rows] for s in stats],
-                                                     y, lam, noise_std, delta, c1)
-    return [{"step": s.step, "test_error": float(1.0 - s.splits["test"]["correct"].mean()),
-             "d_eff": float(b.effective_dimension), "bias": float(b.bias), "variance": float(b.variance),
-             "bound": float(b.total)} for s, b in zip(stats, bounds)]
-
-
-def format_toy_bounds(rows: list[dict]) -> str:
-    """Table of toy_run_bounds rows plus Pearson/Spearman of d_eff and the bound with test error."""
-    from moe_grok.grokking import metric_correlations
-
-    lines = [f"{'step':>7}{'test_err':>10}{'d_eff':>10}{'bias':>11}{'variance':>11}{'bound':>11}"]
-    lines += [f"{r['step']:>7}{r['test_error']:>10.3f}{r['d_eff']:>10.2f}{r['bias']:>11.4g}{r['variance']:>11.4g}"
-              f"{r['bound']:>11.4g}" for r in rows]
-    error = np.array([r["test_error"] for r in rows])
-    for name in ("d_eff", "bound"):
-        c = metric_correlations(np.array([r[name] for r in rows]), error, 0)
-        lines.append(f"{name} ~ test error over {c['n']} checkpoints: pearson {c['pearson_r']:+.3f}, "
-                     f"spearman {c['spearman_r']:+.3f}")
-    return "\n".join(lines)
-
-
-def save_toy_bound_plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key in zip(axes, ("test_error", "d_eff", "bound")):
-        ax.plot(steps, [r[key] for r in rows], marker=".")
-        ax.set_title(key)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    Writes results.csv, results.json and theory.png to config.out; returns the correlation text."""
+    base = SyntheticConfig.from_config(config.synthetic)
+    structures = [(int(k), float(s)) for k in config.sweep.n_clusters for s in config.sweep.spreads]
+    rows = sweep_synthetic(base, structures, range(config.sweep.router_seeds),
+                           [float(s) for s in config.sweep.router_scales], mesh=mesh)
+    corr = correlations(rows)
+    os.makedirs(config.out, exist_ok=True)
+    with open(os.path.join(config.out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(config.out, "results.json"), "w") as f:
+        json.dump({"base_config": dataclasses.asdict(base), "runs": rows, "correlations": corr}, f, indent=1)
+    save_plots(rows, os.path.join(config.out, "theory.png"))
+    return f"Correlations over runs:\n{format_correlations(corr)}\nwrote {config.out}/results.csv, results.json, theory.png"

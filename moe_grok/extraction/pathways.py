@@ -1,4 +1,4 @@
-"""Routing pathways of samples (SPEC.md, "Pathway of one sample").
+"""Routing pathways of samples (docs/method.md, "Pathway of a sample").
 
 A sample's pathway lists, for each MoE layer, the experts whose token-mean router weight
 is largest, in rank order, until their cumulative weight first exceeds ``tau``.

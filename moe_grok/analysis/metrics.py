@@ -1,11 +1,10 @@
-"""Pathway metrics (SPEC.md, metrics 1 and 2).
+"""The two pathway metrics (docs/method.md).
 
-Metric 1, pathway distance: Levenshtein edit distance between pathways, at
+Metric 1, pathway distance: Levenshtein edit distance between pathways (rapidfuzz), at
 ``level="char"`` on pathway strings (paper default, see ``pathways.pathway_strings``) or at
 ``level="token"`` on token tuples (one symbol per expert id, layer boundaries kept, see
 ``pathways.pathway_tokens``). ``normalized=True`` divides by the longer length (0 for two
-empty pathways). CPU: rapidfuzz. Accelerators: ``levenshtein_jax`` / ``pairwise_distances_jax``
-(equal to rapidfuzz exactly).
+empty pathways).
 
 Metric 2, pathway complexity / consistency of one sample from its token-mean router weights
 and the router weight matrices.
@@ -30,7 +29,7 @@ OnSmall = Literal["raise", "nan"]
 Pathway = str | Sequence[int]
 
 # ---------------------------------------------------------------------------------------
-# Metric 1 on CPU (rapidfuzz)
+# Metric 1: pathway distance
 # ---------------------------------------------------------------------------------------
 
 
@@ -126,7 +125,7 @@ def group_pathway_distance(
     seed: int = 0,
     on_small: OnSmall = "raise",
 ) -> float:
-    """Mean pathway distance over all unordered pairs i<j of one group (SPEC metric 1).
+    """Mean pathway distance over all unordered pairs i<j of one group (metric 1).
 
     max_pairs: if set and the group has more pairs, the mean over a uniform random subset of
     ``max_pairs`` distinct pairs drawn with ``seed``.
@@ -183,140 +182,6 @@ def cross_group_distance(
         workers=-1,
     )
     return float(distances.mean(dtype=np.float64))
-
-
-# ---------------------------------------------------------------------------------------
-# Metric 1 on accelerators (JAX anti-diagonal dynamic programme)
-# ---------------------------------------------------------------------------------------
-
-
-def encode_pathways(pathways: Sequence[Pathway], level: Level = "char") -> tuple[np.ndarray, np.ndarray]:
-    """Pathways -> (codes ``[n, max_len]`` int32, lengths ``[n]`` int32).
-
-    char level: Unicode code points; token level: the integer tokens. Rows are padded with 0
-    beyond their length; ``max_len >= 1`` so shapes never have a zero axis.
-    """
-    pathways = _check_pathways(pathways, level)
-    lengths = np.array([len(p) for p in pathways], dtype=np.int32)
-    codes = np.zeros((len(pathways), max(1, int(lengths.max(initial=0)))), np.int32)
-    for index, (row, pathway) in enumerate(zip(codes, pathways)):
-        if level == "char":
-            symbols = np.frombuffer(pathway.encode("utf-32-le"), dtype="<u4")
-        else:
-            symbols = np.asarray(pathway, dtype=np.int64)
-            if symbols.size and not np.array_equal(symbols, symbols.astype(np.int32)):
-                raise ValueError(f"token ids of item {index} do not fit in int32")
-        row[: len(pathway)] = symbols
-    return codes, lengths
-
-
-_FAR = 1 << 30  # stands for "infinite" cost outside the DP table; +1 cannot overflow int32
-
-
-@jax.jit
-def _levenshtein_kernel(a: jax.Array, a_len: jax.Array, b: jax.Array, b_len: jax.Array) -> jax.Array:
-    """Edit distances of ``[pairs, width]`` code arrays; one anti-diagonal of the DP per step.
-
-    Cell (i, j) of the table sits on anti-diagonal d = i + j at position i, so each diagonal is
-    a ``[pairs, width + 1]`` array computed from the two previous ones.
-    """
-    pairs, width = a.shape
-    rows = jnp.arange(width + 1, dtype=jnp.int32)
-    a_before_row = jnp.pad(a, ((0, 0), (1, 0)))  # [:, i] = a[:, i - 1]
-    # b[:, d - i - 1] == b_reversed[:, 2 * width - d + i]: a contiguous slice per diagonal.
-    b_reversed = jnp.pad(b[:, ::-1], ((0, 0), (width, width + 1)))
-    final_diagonal = a_len + b_len
-
-    def shift_down(diagonal):  # [:, i] <- [:, i - 1]
-        return jnp.pad(diagonal[:, :-1], ((0, 0), (1, 0)), constant_values=_FAR)
-
-    def step(d, carry):
-        before_previous, previous, distances = carry
-        cols = d - rows
-        b_at_col = lax.dynamic_slice_in_dim(b_reversed, 2 * width - d, width + 1, axis=1)
-        substitution = shift_down(before_previous) + (a_before_row != b_at_col)
-        deletion = shift_down(previous) + 1
-        insertion = previous + 1
-        current = jnp.minimum(jnp.minimum(substitution, deletion), insertion)
-        current = jnp.where(cols == 0, rows, current)
-        current = jnp.where(rows == 0, cols, current)
-        current = jnp.where((cols < 0) | (cols > width), _FAR, current)
-        at_end = jnp.take_along_axis(current, a_len[:, None], axis=1)[:, 0]
-        distances = jnp.where(final_diagonal == d, at_end, distances)
-        return previous, current, distances
-
-    first = jnp.broadcast_to(jnp.where(rows == 0, 0, _FAR), (pairs, width + 1)).astype(jnp.int32)
-    init = (jnp.full_like(first, _FAR), first, jnp.zeros(pairs, jnp.int32))
-    return lax.fori_loop(1, final_diagonal.max() + 1, step, init)[2]
-
-
-def levenshtein_jax(a, a_len, b, b_len, mesh: Mesh | None = None) -> jax.Array:
-    """Batched Levenshtein distance on the default JAX backend.
-
-    a, b: ``[pairs, max_len]`` int32 symbol codes (widths may differ); a_len, b_len:
-    ``[pairs]`` lengths. Returns ``[pairs]`` int32. With ``mesh``, pairs are padded to a
-    multiple of the data-axis size and sharded over it.
-    """
-    a, b = jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)
-    a_len, b_len = jnp.asarray(a_len, jnp.int32), jnp.asarray(b_len, jnp.int32)
-    if a.ndim != 2 or b.ndim != 2 or not (a.shape[0] == b.shape[0] == a_len.shape[0] == b_len.shape[0]):
-        raise ValueError(
-            f"need codes [pairs, max_len] and lengths [pairs]; got {a.shape}, {a_len.shape}, "
-            f"{b.shape}, {b_len.shape}"
-        )
-    for name, lengths, codes in (("a_len", a_len, a), ("b_len", b_len, b)):
-        host_lengths = np.asarray(lengths)
-        if host_lengths.size and (host_lengths.min() < 0 or host_lengths.max() > codes.shape[1]):
-            raise ValueError(f"{name} must lie in [0, {codes.shape[1]}]")
-    width = max(a.shape[1], b.shape[1], 1)
-    pairs = a.shape[0]
-    padded_pairs = round_up_to_data_axis(pairs, mesh)
-    a = jnp.pad(a, ((0, padded_pairs - pairs), (0, width - a.shape[1])))
-    b = jnp.pad(b, ((0, padded_pairs - pairs), (0, width - b.shape[1])))
-    a_len = jnp.pad(a_len, (0, padded_pairs - pairs))
-    b_len = jnp.pad(b_len, (0, padded_pairs - pairs))
-    return _levenshtein_kernel(*shard_batch((a, a_len, b, b_len), mesh))[:pairs]
-
-
-def pairwise_distances_jax(
-    pathways: Sequence[Pathway],
-    pairs=None,
-    level: Level = "char",
-    normalized: bool = False,
-    mesh: Mesh | None = None,
-    batch_size: int | None = None,
-) -> np.ndarray:
-    """``pairwise_pathway_distances`` computed with ``levenshtein_jax``, same outputs exactly.
-
-    Pairs are streamed in fixed-size batches of ``batch_size`` (rounded up to a multiple of the
-    data-axis size; the last batch is padded) so the kernel compiles once per max length.
-    Default: 512 pairs on CPU (cache-sized, fastest there), 8192 on accelerators.
-    """
-    if batch_size is None:
-        batch_size = 512 if jax.default_backend() == "cpu" else 8192
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    codes, lengths = encode_pathways(pathways, level)
-    count = len(lengths)
-    pair_array = np.stack(np.triu_indices(count, 1), axis=1) if pairs is None else _check_pairs(pairs, count)
-    batch_size = round_up_to_data_axis(batch_size, mesh)
-    batches = []
-    for start in range(0, len(pair_array), batch_size):
-        chunk = pair_array[start : start + batch_size]
-        chunk = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0)))
-        first, second = chunk[:, 0], chunk[:, 1]
-        batches.append(levenshtein_jax(codes[first], lengths[first], codes[second], lengths[second], mesh))
-    distances = np.concatenate([np.asarray(batch) for batch in batches])[: len(pair_array)]
-    if normalized:
-        longer = np.maximum(lengths[pair_array[:, 0]], lengths[pair_array[:, 1]])
-        distances = distances / np.maximum(longer, 1)
-    else:
-        distances = distances.astype(np.int32)
-    if pairs is not None:
-        return distances
-    matrix = np.zeros((count, count), distances.dtype)
-    matrix[pair_array[:, 0], pair_array[:, 1]] = distances
-    return matrix + matrix.T
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,7 +243,7 @@ def routing_embeddings(mean_weights, router_matrices, mesh: Mesh | None = None) 
 
 
 def pathway_complexity(mean_weights, router_matrices, mesh: Mesh | None = None) -> jax.Array:
-    """Pathway complexity C_i (SPEC metric 2; lower = smoother), ``[batch]`` float32.
+    """Pathway complexity C_i (metric 2; lower = smoother), ``[batch]`` float32.
 
     C_i = 1 - (1/(L-1)) sum_l c_l / (max_l c_l + 1e-8), c_l = cos(e_l(i), e_{l+1}(i)).
     Shapes as in ``routing_embeddings``; needs layers >= 2. Cosines use a 1e-8 floor on the

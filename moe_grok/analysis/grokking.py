@@ -1,5 +1,5 @@
-"""Memorization, generalization onset and metric correlations (SPEC "Memorization and
-grokking onset"), as pure numpy / scipy functions over per-checkpoint curves.
+"""Memorization, generalization onset and metric correlations (docs/method.md, "Memorization"
+and "Generalization onset"), as pure numpy / scipy functions over per-checkpoint curves.
 
 Conventions: ``steps`` is a [checkpoints] strictly increasing array of non-negative integer
 training steps; functions that return a step return -1 for "never". Curves are indexed
@@ -70,7 +70,7 @@ def _index_to_step(index: np.ndarray, steps: np.ndarray) -> np.ndarray:
 
 
 def memorization_steps(loss, steps, eps, delta: float = 0.05) -> np.ndarray:
-    """Step from which each training sample is memorized (SPEC), NEVER (-1) if not by T.
+    """Step from which each training sample is memorized (the paper's rule), NEVER (-1) if not by T.
 
     Sample i is memorized from t* = the first checkpoint such that for every t >= t*:
     loss_i(t) <= eps and |loss_i(t) - loss_i(T)| <= delta.
@@ -134,7 +134,7 @@ def calibrate_eps(loss, target_fraction: tuple[float, float] = (0.20, 0.25)) -> 
 
 def generalization_onset(correct, steps, threshold: float = 0.8,
                          max_later_errors: int = 1) -> np.ndarray:
-    """Step from which each test sample stays correct (SPEC), NEVER (-1) if none.
+    """Step from which each test sample stays correct (the paper's rule), NEVER (-1) if none.
 
     Onset = the first checkpoint c with: correct at c, mean correctness over c..T > threshold,
     and at most ``max_later_errors`` errors at checkpoints after c.

@@ -1,0 +1,21 @@
+"""The paper's synthetic check of the routing-kernel theory, and the bound along a toy run."""
+import ml_collections
+
+from moe_grok.studies.synthetic_theory import synthetic_config
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.out = "runs/theory"  # results.csv, results.json, theory.png
+    config.synthetic = synthetic_config()  # one run (SyntheticConfig: data, model, training, bound constants)
+    config.sweep = ml_collections.ConfigDict(dict(
+        n_clusters=(2, 4, 8),  # cluster counts (structures, crossed with spreads)
+        spreads=(0.3, 1.0),  # within-cluster std relative to the centers
+        router_seeds=4,  # router seeds 0..N-1 per structure (the only thing that varies within one)
+        router_scales=(1.0,),  # router inverse temperatures
+    ))
+    config.toy = ml_collections.ConfigDict(dict(
+        workdir="",  # a finished toy run: follow the bound along its checkpoints instead ("" = synthetic)
+        samples=1000,  # training samples (seeded subset) in the toy-run Gram
+    ))
+    return config

@@ -1,0 +1,34 @@
+"""Convert an HF OLMoE checkpoint (local directory or hub revision) into a moe_grok checkpoint.
+
+  python experiments/convert_checkpoint.py --hf_path=allenai/OLMoE-1B-7B-0924 \\
+      --revision=step245000-tokens1027B --out=ckpts/olmoe-step245000 --dtype=bfloat16
+
+The output directory is a checkpoint spec for experiments/olmoe_grokking.py (name it
+step<N>... or append =<step>).
+"""
+from absl import app, flags
+
+from moe_grok.studies import launch
+
+_HF_PATH = flags.DEFINE_string("hf_path", None, "Local HF checkpoint directory or hub repo id.", required=True)
+_REVISION = flags.DEFINE_string("revision", None, "Hub revision, e.g. step245000-tokens1027B.")
+_OUT = flags.DEFINE_string("out", None, "Output directory of the moe_grok checkpoint.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Parameter dtype.")
+
+
+def main(argv):
+    del argv
+    launch.quiet_logs()
+    import jax
+
+    from moe_grok.model.checkpoint_io import save_params
+    from moe_grok.model.hf import load_hf
+
+    model_config, params = load_hf(_HF_PATH.value, revision=_REVISION.value, dtype=_DTYPE.value)
+    save_params(_OUT.value, model_config, params)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    print(f"wrote {_OUT.value}: {count / 1e6:.1f}M parameters in {_DTYPE.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Analysis layer: checkpoint sources and cached stats, pathway metrics, memorization / grokking rules."""

@@ -1,0 +1,1 @@
+"""Data layer (numpy only): evaluation splits, text/token corpora by domain, algorithmic tasks."""

@@ -1,0 +1,1 @@
+"""Model layer: the OLMoE-architecture Flax model, expert-dispatch kernels, HF conversion, checkpoints."""

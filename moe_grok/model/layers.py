@@ -1,0 +1,217 @@
+"""OLMoE-architecture Mixture-of-Experts decoder in Flax, numerically matching HF's OlmoeForCausalLM.
+
+The modules read like the math; expert dispatch kernels live in `dispatch`, the public
+parameter tree and `forward` in `params`.
+
+Shapes: B = batch, S = sequence, D = hidden, H = heads, K = kv heads, Dh = head dim,
+E = experts, k = experts per token, F = expert intermediate, L = layers, V = vocab, T = B*S tokens.
+
+Parameters are a plain pytree; layers are stacked on a leading [L] axis (nn.scan; the expert
+weights [L, E, ...] are declared outside the scan, see ExpertStacks), every parameter carries
+logical axis names (see LOGICAL_RULES) for mesh sharding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_grok.config import MoEConfig
+from moe_grok.model import dispatch
+
+# Logical axis -> mesh axis (moe_grok.sharding's "data" / "expert" axes).
+LOGICAL_RULES = (
+    ("batch", "data"),
+    ("expert", "expert"),
+    ("layers", None),
+    ("vocab", None),
+    ("embed", None),
+    ("q_width", None),
+    ("kv_width", None),
+    ("mlp", None),
+    ("norm", None),
+)
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array | None  # [B, S, V] (None when the LM head is skipped)
+    router_logits: jax.Array  # [B, S, L, E] float32
+    hidden: jax.Array  # [B, S, D] after the final norm
+
+
+def _init(std: float, *names: str):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, then scaled (HF OlmoeRMSNorm order)."""
+
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
+
+
+def rotary_embedding(x, positions, theta: float):
+    """NeoX-style RoPE (rotate-half). x: [B, S, heads, Dh]; positions: [B, S] int."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, Dh/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with full-width q/k RMSNorm before RoPE, optional GQA and clip_qkv."""
+
+    model_config: MoEConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        model_config, dtype = self.model_config, self.model_config.jnp_dtype
+        b, s, _ = x.shape
+        h, kv, hd = model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
+        dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dtype, param_dtype=dtype)
+        q = dense(h * hd, kernel_init=_init(model_config.init_std, "embed", "q_width"), name="q_proj")(x)
+        k = dense(kv * hd, kernel_init=_init(model_config.init_std, "embed", "kv_width"), name="k_proj")(x)
+        v = dense(kv * hd, kernel_init=_init(model_config.init_std, "embed", "kv_width"), name="v_proj")(x)
+        q = RMSNorm(model_config.rms_norm_eps, dtype, name="q_norm")(q)
+        k = RMSNorm(model_config.rms_norm_eps, dtype, name="k_norm")(k)
+        if model_config.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -model_config.clip_qkv, model_config.clip_qkv) for t in (q, k, v))
+        q = rotary_embedding(q.reshape(b, s, h, hd), positions, model_config.rope_theta)
+        k = rotary_embedding(k.reshape(b, s, kv, hd), positions, model_config.rope_theta)
+        v = v.reshape(b, s, kv, hd)
+
+        # Heads first ([B, H, S, Dh]); GQA repeats each kv head for its group of query heads.
+        q = jnp.swapaxes(q, 1, 2)
+        k, v = (jnp.repeat(jnp.swapaxes(t, 1, 2), h // kv, axis=1) for t in (k, v))
+        scores = (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * hd**-0.5  # [B, H, S_q, S_k]
+        causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+        allowed = causal[None, :, :] & mask[:, None, :].astype(bool)  # [B, S_q, S_k]
+        scores = scores + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # additive mask, as HF
+        # Softmax with the normalization applied after the value matmul: one pass fewer over the
+        # [B, H, S, S] scores, mathematically the same (float32 throughout).
+        unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        out = jnp.matmul(unnormalized.astype(dtype), v, preferred_element_type=jnp.float32)
+        out = (out / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(dtype)  # [B, H, S, Dh]
+        out = jnp.swapaxes(out, 1, 2).reshape(b, s, h * hd)
+        return dense(model_config.hidden_size, kernel_init=_init(model_config.init_std, "q_width", "embed"), name="o_proj")(out)
+
+
+def select_experts(probs, model_config: MoEConfig):
+    """Top-k of router probabilities [..., E] -> (weights [..., k], expert ids [..., k]),
+    renormalized to sum to 1 when model_config.norm_topk_prob."""
+    top_w, top_idx = jax.lax.top_k(probs, model_config.num_experts_per_tok)
+    if model_config.norm_topk_prob:
+        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    return top_w, top_idx
+
+
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # ExpertStacks' params, public path layers/moe/<name>
+
+
+class ExpertStacks(nn.Module):
+    """The SwiGLU expert weights of all layers: gate/up [L, E, D, F], down [L, E, F, D].
+
+    Declared once outside the layer scan, so each layer's dispatch slices its experts from the
+    stacks itself (the CPU path one expert at a time) instead of the scan copying all of a
+    layer's experts first. `forward`/`init_params` show them at layers/moe/ like HF's nesting.
+    """
+
+    model_config: MoEConfig
+
+    @nn.compact
+    def __call__(self):
+        model_config, dtype = self.model_config, self.model_config.jnp_dtype
+        l, e, d, f = model_config.num_layers, model_config.num_experts, model_config.hidden_size, model_config.expert_intermediate_size
+        axes_and_shapes = ((("embed", "mlp"), (d, f)), (("embed", "mlp"), (d, f)), (("mlp", "embed"), (f, d)))
+        return tuple(self.param(name, _init(model_config.init_std, "layers", "expert", *axes), (l, e, *shape), dtype)
+                     for name, (axes, shape) in zip(EXPERT_WEIGHTS, axes_and_shapes))
+
+
+class SparseMoE(nn.Module):
+    """Router + SwiGLU experts. Returns (output [B, S, D], router_logits [B, S, E] float32).
+
+    experts: ExpertStacks' (gate, up, down) of all layers; layer: this layer's index (scalar).
+    """
+
+    model_config: MoEConfig
+
+    @nn.compact
+    def __call__(self, x, experts, layer):
+        model_config, dtype = self.model_config, self.model_config.jnp_dtype
+        b, s, d = x.shape
+        e = model_config.num_experts
+        router = self.param("router", _init(model_config.init_std, "embed", "expert"), (d, e), dtype)
+
+        tokens = x.reshape(b * s, d)
+        router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
+        top_w, top_idx = select_experts(jax.nn.softmax(router_logits, axis=-1), model_config)
+        impl = dispatch.resolve_moe_impl(model_config.moe_impl)
+        kwargs = {"max_chunk": model_config.expert_chunk_size, "granule": model_config.expert_chunk_granule} if impl == "chunked" else {}
+        out = dispatch.EXPERT_IMPLS[impl](tokens, top_idx, top_w.astype(dtype), *experts, layer=layer, **kwargs)
+        return out.reshape(b, s, d), router_logits.reshape(b, s, e)
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(input_norm(x)); then + moe(post_attention_norm(.)). Scanned over layers."""
+
+    model_config: MoEConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, experts, layer):
+        model_config = self.model_config
+        x = x + Attention(model_config, name="attn")(RMSNorm(model_config.rms_norm_eps, model_config.jnp_dtype, name="input_norm")(x),
+                                            positions, mask)
+        moe_out, router_logits = SparseMoE(model_config, name="moe")(
+            RMSNorm(model_config.rms_norm_eps, model_config.jnp_dtype, name="post_attention_norm")(x), experts, layer)
+        return x + moe_out, router_logits
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE LM. __call__(tokens [B, S], mask [B, S]) -> ModelOutput."""
+
+    model_config: MoEConfig
+
+    @nn.compact
+    def __call__(self, tokens, mask=None, positions=None, with_lm_head: bool = True):
+        model_config, dtype = self.model_config, self.model_config.jnp_dtype
+        b, s = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, s), jnp.int32)
+        if positions is None:  # HF default: 0..S-1 for every row, whatever the padding
+            positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        embed = nn.Embed(model_config.vocab_size, model_config.hidden_size, dtype=dtype, param_dtype=dtype,
+                         embedding_init=_init(model_config.init_std, "vocab", "embed"), name="embed")
+        x = embed(tokens)
+        experts = ExpertStacks(model_config, name="experts")()
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=model_config.num_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, router_logits = layers(model_config, name="layers")(x, positions, mask, experts,
+                                                      jnp.arange(model_config.num_layers))  # router_logits [L, B, S, E]
+        x = RMSNorm(model_config.rms_norm_eps, dtype, name="final_norm")(x)
+        router_logits = jnp.transpose(router_logits, (1, 2, 0, 3))
+        if not with_lm_head:
+            return ModelOutput(None, router_logits, x)
+        if model_config.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.DenseGeneral(model_config.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
+                                     kernel_init=_init(model_config.init_std, "embed", "vocab"), name="lm_head")(x)
+        return ModelOutput(logits, router_logits, x)
+
+

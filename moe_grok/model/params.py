@@ -1,0 +1,73 @@
+"""The public parameter tree and what takes it: init, shapes, mesh shardings, forward.
+
+Public layout (what conversion, checkpoints and theory see): layers stacked on a leading [L]
+axis under ``layers/``, the expert stacks at ``layers/moe/{gate,up,down}_proj`` [L, E, ...]
+as HF nests them. The Flax module declares the expert stacks outside its layer scan
+(``experts/``); ``_module_layout`` / ``_public_layout`` translate between the two.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_grok.config import MoEConfig
+from moe_grok.model.layers import EXPERT_WEIGHTS, LOGICAL_RULES, ModelOutput, MoETransformer
+
+
+def _public_layout(module_params):
+    """The module's tree -> the public one: ExpertStacks' weights go to layers/moe/ (HF's nesting)."""
+    params = dict(module_params)
+    experts = params.pop("experts")
+    params["layers"] = {**params["layers"], "moe": {**params["layers"]["moe"], **experts}}
+    return params
+
+
+def _module_layout(params):
+    """The public tree -> the module's: layers/moe/{gate,up,down}_proj back to experts/."""
+    params = dict(params)
+    moe = dict(params["layers"]["moe"])
+    params["experts"] = {name: moe.pop(name) for name in EXPERT_WEIGHTS}
+    params["layers"] = {**params["layers"], "moe": moe}
+    return params
+
+
+def _abstract_boxed_params(model_config: MoEConfig):
+    model = MoETransformer(model_config)
+    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+    return _public_layout(boxed)
+
+
+def param_shapes(model_config: MoEConfig):
+    """Pytree of jax.ShapeDtypeStruct for the model's parameters (no allocation)."""
+    return nn.meta.unbox(_abstract_boxed_params(model_config))
+
+
+def param_shardings(model_config: MoEConfig, mesh: jax.sharding.Mesh | None):
+    """Pytree of NamedSharding (experts over the mesh's "expert" axis, the rest replicated)."""
+    if mesh is None:
+        return None
+    specs = nn.get_partition_spec(_abstract_boxed_params(model_config))
+    rules = tuple((logical, axis if axis in mesh.axis_names else None) for logical, axis in LOGICAL_RULES)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def init_params(model_config: MoEConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None):
+    """Random parameters (normal(init_std), norms at 1) as a plain pytree, sharded if a mesh is given."""
+    model = MoETransformer(model_config)
+
+    def init(key):
+        return _public_layout(nn.meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
+
+    return jax.jit(init, out_shardings=param_shardings(model_config, mesh))(rng)
+
+
+def router_matrices(params) -> jax.Array:
+    """Router weight matrices W_l with experts as rows: [L, E, D] (row k = expert embedding v_lk)."""
+    return jnp.swapaxes(params["layers"]["moe"]["router"], -1, -2)
+
+
+def forward(model_config: MoEConfig, params, tokens, mask=None, with_lm_head: bool = True) -> ModelOutput:
+    """Apply the model to tokens [B, S] (mask [B, S], 1 = real token); un-jitted, jit at the caller's boundary."""
+    return MoETransformer(model_config).apply({"params": _module_layout(params)}, tokens, mask, with_lm_head=with_lm_head)

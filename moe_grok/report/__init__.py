@@ -1,0 +1,1 @@
+"""Report layer: tables, JSON/CSV files and plots of an analysis."""

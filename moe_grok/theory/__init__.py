@@ -1,0 +1,1 @@
+"""Theory: routing kernel, NTKs, effective dimension and the generalization bound."""

@@ -1,0 +1,1 @@
+"""Toy-model training: losses, the resumable training loop."""
