@@ -44,7 +44,13 @@ def get_config():
         instance_length=0,  # olmo_memmap: tokens per instance (0 = seq_len)
         instances="",  # olmo_memmap: an .npy instance index ("" = fixed chunks of the stream)
     ))
-    config.test_accuracy_csv = ""  # optional CSV step,group,accuracy for onsets, delays and correlations
+    config.validation_paths = ""  # held-out files of the same domains (same data settings): validation loss
+    # and the held-out control of every metric ("" = none)
+    config.test_accuracy_csv = ""  # CSV step,group,accuracy: each domain's test accuracy per checkpoint
+    config.test_correctness_csv = ""  # CSV step,group,sample,correct: per-sample test results (Test@ groups,
+    # pairing); takes precedence over test_accuracy_csv
+    config.train_embeddings = ""  # .npy [train samples, dim] sentence embeddings for pairing ("" = by domain)
+    config.test_embeddings = ""  # .npy [test samples, dim], rows in test_correctness_csv's first-appearance order
     config.analysis = analysis_config(max_pairs=5000)  # AnalysisOptions fields (moe_grok.analysis.analyze)
     config.batch_size = 16  # samples per extraction batch (global; rounded up to the mesh's data axis)
     return config

@@ -11,7 +11,7 @@ def get_config():
     config.sweep = ml_collections.ConfigDict(dict(
         n_clusters=(2, 4, 8),  # cluster counts (structures, crossed with spreads)
         spreads=(0.3, 1.0),  # within-cluster std relative to the centers
-        router_seeds=4,  # router seeds 0..N-1 per structure (the only thing that varies within one)
+        router_seeds=20,  # router seeds 0..N-1 per structure (the only thing that varies within one)
         router_scales=(1.0,),  # router inverse temperatures
     ))
     config.toy = ml_collections.ConfigDict(dict(

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_grok.analysis.analyze import AnalysisOptions, analyze
+from moe_grok.analysis.analyze import AnalysisOptions, TestResults, analyze, test_results_from_split
 from moe_grok.analysis.sources import CheckpointSource
 from moe_grok.analysis.stats import collect_checkpoint_stats
 from moe_grok.data.splits import EvalSplit
@@ -15,27 +15,34 @@ from moe_grok.report.files import write_report
 
 
 def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSplit], out_dir: str,
-                 train_split: str = "train", test_accuracy: dict[str, np.ndarray] | None = None,
-                 test_split: str | None = None, options: AnalysisOptions = AnalysisOptions(),
-                 batch_size: int = 32, mesh=None, progress: bool = True) -> dict[str, Any]:
-    """The whole experiment: stats per checkpoint (cached in out_dir/cache), the per-group
-    report, and its files in out_dir/report.
+                 train_split: str = "train", test: TestResults | None = None, test_split: str | None = None,
+                 held_out_split: str | None = None, validation_split: str | None = None,
+                 train_embeddings: np.ndarray | None = None,
+                 test_embeddings: np.ndarray | None = None, options: AnalysisOptions = AnalysisOptions(),
+                 batch_size: int = 32, mesh=None, progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
+    """Stats per checkpoint (cached in out_dir/cache), the analysis, and its files.
 
-    Test accuracy per group and checkpoint comes either from `test_accuracy` (group ->
-    [checkpoints], ordered like the sorted sources, e.g. from data.load_test_accuracy_csv)
-    or from the correctness of a `test_split` evaluated at every checkpoint.
+    The test side comes from `test` (e.g. user CSVs) or, when None, from `test_split`
+    evaluated at every checkpoint (its per-sample correctness gives the Test@ groups).
+    held_out_split (default: test_split) holds the held-out control samples. One report per
+    entry of options.positions: the first in out_dir/report, the others in
+    out_dir/report/positions_<name>. Returns the first.
     """
+    held_out_split = held_out_split or test_split
+    for name in (train_split, test_split, held_out_split, validation_split):
+        if name is not None and name not in splits:
+            raise ValueError(f"no split {name!r}; splits are {sorted(splits)}")
+    if test is not None:
+        test.check(splits[train_split].group_names, len(sources))
     stats = collect_checkpoint_stats(sources, splits, os.path.join(out_dir, "cache"), batch_size, mesh, progress)
-    train = splits[train_split]
-    if test_split is not None:
-        test = splits[test_split]
-        test_accuracy = {name: np.array([s.splits[test_split]["correct"][test.groups == g].mean() for s in stats])
-                         for g, name in enumerate(test.group_names)}
-    if test_accuracy is not None:
-        for name, acc in test_accuracy.items():
-            if len(acc) != len(stats):
-                raise ValueError(f"test accuracy of group {name!r} has {len(acc)} values for {len(stats)} checkpoints")
-    report = analyze(stats, train_split, train.groups, train.group_names, test_accuracy, options)
-    report["checkpoints"] = [s.name for s in stats]
-    write_report(report, os.path.join(out_dir, "report"))
-    return report
+    if test is None and test_split is not None:
+        test = test_results_from_split(stats, test_split, splits[test_split], test_embeddings)
+    reports = []
+    for index, positions in enumerate(options.positions):
+        report = analyze(stats, splits, train_split, test, held_out_split, validation_split, train_embeddings,
+                         options, positions)
+        report["checkpoints"] = [s.name for s in stats]
+        subdir = "report" if index == 0 else os.path.join("report", f"positions_{positions}")
+        write_report(report, os.path.join(out_dir, subdir), with_plots)
+        reports.append(report)
+    return reports[0]

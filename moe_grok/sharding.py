@@ -36,6 +36,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(data_axis(mesh)))
 
 
+def model_batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The axes a model's batch is split over: all of them. Each device of an "expert" group
+    holds its own samples; the expert-parallel MoE layers exchange tokens inside the group."""
+    return tuple(mesh.axis_names)
+
+
+def model_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over every mesh axis (`model_batch_axes`), the rest replicated."""
+    return NamedSharding(mesh, P(model_batch_axes(mesh)))
+
+
 def data_axis_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape[data_axis(mesh)]
 
@@ -46,16 +57,16 @@ def round_up_to_data_axis(n: int, mesh: Mesh | None) -> int:
     return -(-max(n, 1) // shards) * shards
 
 
-def shard_batch(x, mesh: Mesh | None):
-    """Place an array (or pytree) with its leading axis split over the data axis.
+def shard_batch(x, mesh: Mesh | None, placement: NamedSharding | None = None):
+    """Place an array (or pytree) with its leading axis split over the data axis (or as `placement`).
 
     Every process holds the same full host batch (multi-host runs load identical data) and
     contributes the shards its devices own. The leading axis must be divisible by the
-    data-axis size; callers pad batches first.
+    number of shards; callers pad batches first.
     """
     if mesh is None:
         return x
-    placement = batch_sharding(mesh)
+    placement = placement or batch_sharding(mesh)
 
     def place(a):
         a = np.asarray(a)

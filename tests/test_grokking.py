@@ -76,38 +76,65 @@ def test_memorization_input_errors():
         grokking.memorization_steps(loss, STEPS5, eps=0.1)
 
 
-def test_calibrate_eps_hand_computed():
-    final = np.array([0.4, 0.1, 0.8, 0.3, 0.2, 0.6, 0.7, 0.5])
-    loss = np.stack([final + 1.0, final])
-    calibration = grokking.calibrate_eps(loss)
-    # candidate fractions k/8; 2/8 = 0.25 is closest to the range middle 0.225
-    assert calibration == grokking.EpsCalibration(eps=0.25, fraction_memorized=0.25,
-                                                  in_target_range=True)
-    # the fraction closest to the middle of the range wins, not the range's edge
-    assert grokking.calibrate_eps(loss, target_fraction=(0.0, 0.5)).fraction_memorized == 0.25
+def _brute_force_shares(loss, steps, grid, delta=0.05):
+    """Share with t* < T at every grid eps, by a direct loop over samples and checkpoints."""
+    shares = []
+    for eps in grid:
+        count = 0
+        for i in range(loss.shape[1]):
+            holds = [loss[t, i] <= eps and abs(loss[t, i] - loss[-1, i]) <= delta for t in range(len(steps))]
+            first = next((t for t in range(len(steps)) if all(holds[t:])), None)
+            count += first is not None and first < len(steps) - 1
+        shares.append(count / loss.shape[1])
+    return shares
 
 
-def test_calibrate_eps_hits_range_on_synthetic_population():
-    rng = np.random.default_rng(1)
-    n_checkpoints, n_samples = 8, 2000
-    decay = np.exp(-np.linspace(0, 1, n_checkpoints))[:, None] * rng.uniform(1, 6, n_samples)
-    loss = decay * rng.lognormal(-1.0, 1.0, n_samples)
-    calibration = grokking.calibrate_eps(loss)
-    assert calibration.in_target_range
-    assert 0.20 <= calibration.fraction_memorized <= 0.25
-    memorized = grokking.memorization_steps(loss, np.arange(n_checkpoints), calibration.eps)
-    assert np.mean(memorized >= 0) == calibration.fraction_memorized
+def test_calibrate_eps_grid_hand_computed():
+    steps = np.array([0, 10, 20, 30])
+    # 20 samples; sample i settles at loss 0.05 * (i + 1) from checkpoint 1 on (t* = 10 once eps >= its loss),
+    # except samples 15..19 which only drop at the last checkpoint (t* = T: never counted).
+    settled = 0.05 * (np.arange(20) + 1)
+    loss = np.stack([np.full(20, 5.0), settled, settled, settled])
+    loss[:3, 15:] = 5.0
+    calibration = grokking.calibrate_eps(loss, steps, delta=0.05, grid_step=0.1, unit="nats")
+    # eps 0.1 -> samples 0, 1 (share 0.10); 0.2 -> 0..3 (0.20, in [0.20, 0.25]): the first grid point reaching 0.20
+    assert calibration.eps == pytest.approx(0.2) and calibration.share == pytest.approx(0.2)
+    assert calibration.in_target_range and calibration.unit == 1.0
+    assert list(calibration.shares) == pytest.approx(_brute_force_shares(loss, steps, calibration.grid))
+    # t* = T does not count: even eps above every loss leaves samples 15..19 out (share 15/20)
+    assert grokking.share_memorized_before_end(loss, steps, 10.0) == pytest.approx(0.75)
 
 
-def test_calibrate_eps_reports_miss_when_ties_make_range_unreachable():
-    loss = np.array([[0.1] * 5 + [0.5] * 5])
-    calibration = grokking.calibrate_eps(loss)
-    # reachable fractions are 0, 0.5, 1: 0 is closest to 0.225
+def test_calibrate_eps_overshoot_picks_the_closer_neighbour_and_says_so():
+    steps = np.array([0, 10, 20])
+    settled = np.repeat([0.1, 0.3], [1, 9])  # 10 samples: eps 0.1 -> 10%, eps 0.3 -> 100%
+    loss = np.stack([np.full(10, 4.0), settled, settled])
+    calibration = grokking.calibrate_eps(loss, steps, grid_step=0.1, unit="nats")
     assert not calibration.in_target_range
-    assert calibration.fraction_memorized == 0.0
-    assert calibration.eps < 0.1
+    assert calibration.share == pytest.approx(0.1) and calibration.eps == pytest.approx(0.2)  # 0.1 is 0.125 off, 1.0 is 0.775
+
+
+def test_calibrate_eps_relative_unit_is_the_median_final_loss():
+    rng = np.random.default_rng(1)
+    steps = np.arange(8) * 100
+    rate = rng.uniform(0.2, 2.0, 2000)
+    loss = 3.0 * np.exp(-rate[None] * np.arange(8)[:, None]) + rng.uniform(0, 1e-4, (8, 2000))
+    calibration = grokking.calibrate_eps(loss, steps, delta=0.05)
+    assert calibration.unit == pytest.approx(np.median(loss[-1]))
+    assert calibration.in_target_range and 0.20 <= calibration.share <= 0.25
+    assert calibration.eps / calibration.unit == pytest.approx(round(calibration.eps / calibration.unit / 0.1) * 0.1)
+    assert list(calibration.shares) == pytest.approx(_brute_force_shares(loss, steps, calibration.grid))
+
+
+def test_calibrate_eps_unreachable_target_is_a_named_error():
+    steps = np.array([0, 10, 20])
+    loss = np.array([[3.0, 3.0], [1.0, 2.0], [0.1, 0.2]])  # both still falling by > delta at the last step
+    with pytest.raises(grokking.EpsCalibrationError, match="no eps on the grid reaches 20%"):
+        grokking.calibrate_eps(loss, steps, delta=0.05)
     with pytest.raises(ValueError, match="target_fraction"):
-        grokking.calibrate_eps(loss, target_fraction=(0.3, 0.2))
+        grokking.calibrate_eps(loss, steps, target_fraction=(0.3, 0.2))
+    with pytest.raises(ValueError, match="unit"):
+        grokking.calibrate_eps(loss, steps, unit="bits")
 
 
 def test_onset_one_later_error_allowed_two_not():
@@ -144,14 +171,6 @@ def test_accuracy_onset():
     assert grokking.accuracy_onset([0.9, 0.9, 0.9, 0.9, 0.9], STEPS5) == 0
     with pytest.raises(ValueError, match="NaN at checkpoint 1"):
         grokking.accuracy_onset([0.1, np.nan, 0.5, 0.9, 0.95], STEPS5)
-
-
-def test_grokking_delay():
-    assert grokking.grokking_delay(500, 200) == 300.0
-    assert math.isnan(grokking.grokking_delay(-1, 200))
-    assert math.isnan(grokking.grokking_delay(500, -1))
-    delay = grokking.grokking_delay(np.array([500, -1, 100, np.nan]), 200)
-    np.testing.assert_array_equal(delay, [300.0, np.nan, -100.0, np.nan])
 
 
 def test_sustained_rise_start():
@@ -201,3 +220,45 @@ def test_correlations_input_errors():
         grokking.metric_correlations(np.ones(4), np.ones(4), -1)
     with pytest.raises(ValueError, match="metric is NaN at checkpoint 2"):
         grokking.metric_correlations(np.array([1.0, 2.0, np.nan]), np.ones(3), 0)
+
+
+def test_correlation_window_from_rise_to_saturation():
+    acc = np.array([0.0, 0.01, 0.0, 0.3, 0.6, 0.9, 0.97, 1.0, 1.0, 1.0])
+    # rise starts at index 2 (last point at or below 0.1); 0.95 of the range is first reached at index 6
+    assert grokking.correlation_window(acc) == (2, 6)
+    assert grokking.correlation_window(acc, saturation_fraction=1.0) == (2, 9)
+    assert grokking.correlation_window(np.full(5, 0.3)) == (-1, -1)
+    metric = np.array([5, 5, 5, 4, 3, 2, 1, 1, 9, 9], float)  # rises again after saturation
+    inside = grokking.window_correlations(metric, acc, 2, 6)
+    assert inside["n"] == 5 and inside["pearson_r"] < -0.9
+    assert grokking.window_correlations(metric, acc, 2, 9)["pearson_r"] > inside["pearson_r"]
+    assert grokking.window_correlations(metric, acc, -1, -1)["n"] == 0
+
+
+def test_partial_correlation_equals_direct_least_squares():
+    rng = np.random.default_rng(3)
+    controls = rng.normal(size=(30, 2))
+    x = controls @ [1.0, -2.0] + rng.normal(size=30)
+    y = controls @ [0.5, 1.0] + 0.7 * x + rng.normal(size=30)
+    design = np.column_stack([np.ones(30), controls])
+    residual = lambda v: v - design @ np.linalg.solve(design.T @ design, design.T @ v)  # noqa: E731
+    expected = np.corrcoef(residual(x), residual(y))[0, 1]
+    result = grokking.partial_correlation(x, y, controls)
+    assert result["r"] == pytest.approx(expected) and result["n"] == 30
+    t = expected * np.sqrt(26 / (1 - expected**2))
+    assert result["p"] == pytest.approx(2 * scipy.stats.t.sf(abs(t), 26))
+    # a metric that is a function of the controls alone has no partial correlation left
+    assert math.isnan(grokking.partial_correlation(controls @ [1.0, 1.0], y, controls)["r"])
+    assert math.isnan(grokking.partial_correlation(x[:4], y[:4], controls[:4])["r"])
+
+
+def test_linear_and_quadratic_trends():
+    steps = np.arange(6) * 100
+    trend = grokking.linear_trend(steps, 2.0 - 0.003 * steps + np.array([0, 0.01, -0.01, 0, 0.01, -0.01]))
+    assert trend["slope"] == pytest.approx(-3.0, abs=0.1) and trend["ci95"][0] < -3.0 < trend["ci95"][1] < 0
+    fit = scipy.stats.linregress(steps, 2.0 - 0.003 * steps + np.array([0, 0.01, -0.01, 0, 0.01, -0.01]))
+    assert trend["slope"] == pytest.approx(fit.slope * 1000) and trend["p"] == pytest.approx(fit.pvalue)
+    assert math.isnan(grokking.linear_trend(steps[:2], [1.0, 2.0])["slope"])
+    quadratic = grokking.quadratic_trend(steps, 1.0 + (steps / 1000.0 - 0.25) ** 2)
+    assert quadratic["coefficients"] == pytest.approx([1.0, -0.5, 1.0625]) and quadratic["r2"] == pytest.approx(1.0)
+    np.testing.assert_allclose(grokking.moving_average([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])

@@ -180,6 +180,22 @@ def test_complexity_negative_max_is_literal():
     np.testing.assert_allclose(np.asarray(pathway_complexity(weights, router)), [expected], rtol=1e-5)
 
 
+def test_consistency_edge_cases_are_flagged():
+    router = np.stack([np.eye(2), -np.eye(2), np.eye(2)]).astype(np.float32)
+    weights = np.array([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],  # cosines (-1, 0): complexity ~5e7
+                        [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]],  # cosines (0, 0): max 0, flagged
+                        [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]], np.float32)  # cosines (0, -1)
+    flags = metrics.consistency_edge_cases(weights, router)
+    assert flags["unbounded"].tolist() == [True, True, True] and flags["two_layers"] is False
+    assert np.abs(np.asarray(pathway_complexity(weights[:1], router))[0]) > 1e6  # the formula itself is kept
+    smooth = np.array([[[0.9, 0.1], [0.1, 0.9], [0.9, 0.1]]], np.float32)
+    assert metrics.consistency_edge_cases(smooth, np.stack([np.eye(2), np.eye(2)[::-1], np.eye(2)]))[
+        "unbounded"].tolist() == [False]
+    two_layers = metrics.consistency_edge_cases(weights[:, :2], router[:2])
+    assert two_layers["two_layers"] is True
+    np.testing.assert_allclose(np.asarray(pathway_consistency(weights[1:2, :2] + 0.5, router[:2] + 1)), [1.0], atol=1e-6)
+
+
 def test_complexity_matches_plain_loop(rng, mesh8):
     weights = rng.dirichlet(np.ones(8), size=(5, 4)).astype(np.float32)
     router = rng.normal(size=(4, 8, 16)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""OLMoE pipeline end to end: three tiny random HF checkpoints stand in for three revisions."""
+"""OLMoE pipeline end to end: tiny HF checkpoints stand in for pretraining revisions."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from hf_reference import save_hf_model
+from hf_reference import make_hf_model
 from moe_grok import pipeline
 from moe_grok.analysis import analyze, test_accuracy
 from moe_grok.analysis import sources as sources_lib
@@ -17,49 +17,90 @@ from moe_grok.model.hf import CheckpointError
 from moe_grok.sharding import make_mesh
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-STEPS = (1000, 2000, 3000)
+STEPS = (1000, 2000, 3000, 4000, 5000)
+DOMAINS = ("math", "code")
+N_TEST = 8  # test samples per domain
+
+
+def _checkpoint_dir(root, step):
+    return root / f"step{step}-tokens{step // 250}B"
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    """Five revisions of one tiny model converging to its final weights (weights(t) = final +
+    noise shrinking to 0), grouped training and validation data, per-sample test results and
+    sentence-embedding stand-ins."""
+    import torch
+
     root = tmp_path_factory.mktemp("olmoe")
-    for seed, step in enumerate(STEPS):
-        save_hf_model(root / f"step{step}-tokens{step // 250}B", seed=seed)
+    model = make_hf_model(seed=0)
+    final = {name: p.detach().clone() for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    noise = {name: torch.randn(p.shape, generator=generator) for name, p in final.items()}
+    for k, step in enumerate(STEPS):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(final[name] + 0.03 * (len(STEPS) - 1 - k) ** 2 * noise[name])
+        model.save_pretrained(str(_checkpoint_dir(root, step)))
     rng = np.random.default_rng(0)
-    for domain in ("math", "code"):
-        with open(root / f"{domain}.jsonl", "w") as f:
-            for _ in range(12):
-                ids = rng.integers(0, 96, rng.integers(3, 20)).tolist()
-                f.write(json.dumps({"input_ids": ids}) + "\n")
+    (root / "val").mkdir()
+    for domain in DOMAINS:
+        for path, count in ((root / f"{domain}.jsonl", 24), (root / "val" / f"{domain}.jsonl", 6)):
+            with open(path, "w") as f:
+                for _ in range(count):
+                    f.write(json.dumps({"input_ids": rng.integers(0, 96, rng.integers(3, 20)).tolist()}) + "\n")
     with open(root / "test_accuracy.csv", "w") as f:
         f.write("step,group,accuracy\n")
-        for step, acc in zip(STEPS, (0.1, 0.4, 0.8)):
-            for domain in ("math", "code"):
+        for step, acc in zip(STEPS, (0.1, 0.2, 0.4, 0.8, 0.9)):
+            for domain in DOMAINS:
                 f.write(f"{step},{domain},{acc}\n")
+    onsets = rng.integers(1, len(STEPS), (len(DOMAINS), N_TEST))
+    with open(root / "test_correctness.csv", "w") as f:
+        f.write("step,group,sample,correct\n")
+        for k, step in enumerate(STEPS):
+            for d, domain in enumerate(DOMAINS):
+                for j in range(N_TEST):
+                    f.write(f"{step},{domain},q{j},{int(k >= onsets[d, j])}\n")
+    np.save(root / "train_embeddings.npy", rng.normal(size=(2 * 24, 4)))
+    np.save(root / "test_embeddings.npy", rng.normal(size=(2 * N_TEST, 4)))
     return root
 
 
 def _split(root):
-    return data.load_jsonl_ids([root / "math.jsonl", root / "code.jsonl"], seq_len=16, groups_from_files=True)
+    return data.load_jsonl_ids([root / f"{d}.jsonl" for d in DOMAINS], seq_len=16, groups_from_files=True)
 
 
 def _sources(root, mesh=None):
-    return sources_lib.checkpoint_sources([str(root / f"step{s}-tokens{s // 250}B") for s in STEPS],
-                                          dtype="float32", mesh=mesh)
+    return sources_lib.checkpoint_sources([str(_checkpoint_dir(root, s)) for s in STEPS], dtype="float32", mesh=mesh)
+
+
+OPTIONS = analyze.AnalysisOptions(max_pairs=50, delta=0.3, tau_sweep=(0.6, 0.7), delta_sweep=(0.3,),
+                                  eps_sweep=(1.0,))
 
 
 def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
     split = _split(workspace)
-    _, accuracy = test_accuracy.load_test_accuracy_csv(workspace / "test_accuracy.csv", steps=STEPS)
+    _, correct, rows = test_accuracy.load_test_correctness_csv(workspace / "test_correctness.csv", steps=STEPS)
+    test_embeddings = np.load(workspace / "test_embeddings.npy")
+    test = analyze.TestResults({d: c.mean(1) for d, c in correct.items()}, correct,
+                               {d: test_embeddings[r] for d, r in rows.items()})
     out = str(tmp_path / "out")
-    report = pipeline.run_pipeline(_sources(workspace), {"train": split}, out, test_accuracy=accuracy,
-                                   options=analyze.AnalysisOptions(max_pairs=50), batch_size=8, progress=False)
-    assert report["steps"] == list(STEPS)
-    assert set(report["groups"]) == {"math", "code"}
-    for group in report["groups"].values():
-        assert group["n_train"] == 12 and group["n_memorized"] >= 2
-        assert len(group["curves"]["pathway_distance"]) == 3
-        assert "pathway_consistency" in group["correlations"]
+    run = lambda: pipeline.run_pipeline(  # noqa: E731
+        _sources(workspace), {"train": split, "validation": _validation(workspace)}, out, test=test,
+        held_out_split="validation", validation_split="validation",
+        train_embeddings=np.load(workspace / "train_embeddings.npy"), options=OPTIONS, batch_size=8, progress=False)
+    report = run()
+    assert report["steps"] == list(STEPS) and set(report["domains"]) == set(DOMAINS)
+    for domain in report["domains"].values():
+        assert domain["n_train"] == 24
+        assert domain["pretrain_groups"] and all(name.startswith("Pretrain@") for name in domain["pretrain_groups"])
+        assert domain["test_groups"] and all(name.startswith("Test@") for name in domain["test_groups"])
+        assert domain["pairs"] and domain["pairing_similarity"] == "embeddings"
+        for pair in domain["pairs"]:
+            assert pair["delay"] == pair["test_step"] - pair["pretrain_step"]
+        assert set(domain["sets"]) == {"memorized", "held_out", "random_train"}
+        assert "validation_loss" in domain["curves"] and "memorized/distance" in domain["table1"]
     assert sorted(os.listdir(os.path.join(out, "cache"))) == [f"step_{s:010d}.npz" for s in STEPS]
 
     from moe_grok.model import hf
@@ -68,9 +109,12 @@ def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
         raise AssertionError("a finished checkpoint was loaded again")
 
     monkeypatch.setattr(hf, "load_hf", refuse)
-    again = pipeline.run_pipeline(_sources(workspace), {"train": split}, out, test_accuracy=accuracy,
-                                  options=analyze.AnalysisOptions(max_pairs=50), batch_size=8, progress=False)
+    again = run()
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
+
+
+def _validation(root):
+    return data.load_jsonl_ids([root / "val" / f"{d}.jsonl" for d in DOMAINS], seq_len=16, groups_from_files=True)
 
 
 def test_sharded_pipeline_equals_single_device(workspace, tmp_path):
@@ -109,41 +153,50 @@ def test_too_long_sequences_are_refused(workspace, tmp_path):
 
 
 def test_experiment_script(workspace, tmp_path):
-    """The absl launcher wires config -> data -> checkpoints -> report."""
-    checkpoints = ",".join(str(workspace / f"step{s}-tokens{s // 250}B") for s in STEPS)
+    """The absl launcher wires config -> data -> checkpoints -> report, with every input file."""
+    checkpoints = ",".join(str(_checkpoint_dir(workspace, s)) for s in STEPS)
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "olmoe_grokking.py"),
            f"--config={os.path.join(ROOT, 'configs', 'olmoe_grokking.py')}",
            f"--config.checkpoints={checkpoints}", "--config.dtype=float32", "--config.batch_size=8",
            "--config.data.format=jsonl_ids", f"--config.data.paths={workspace / 'math.jsonl'},{workspace / 'code.jsonl'}",
-           "--config.data.seq_len=16", f"--config.test_accuracy_csv={workspace / 'test_accuracy.csv'}",
-           f"--config.out_dir={tmp_path / 'run'}", "--config.analysis.max_pairs=50"]
+           f"--config.validation_paths={workspace / 'val' / 'math.jsonl'},{workspace / 'val' / 'code.jsonl'}",
+           "--config.data.seq_len=16", f"--config.test_correctness_csv={workspace / 'test_correctness.csv'}",
+           f"--config.train_embeddings={workspace / 'train_embeddings.npy'}",
+           f"--config.test_embeddings={workspace / 'test_embeddings.npy'}",
+           f"--config.out_dir={tmp_path / 'run'}", "--config.analysis.max_pairs=50", "--config.analysis.delta=0.3"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "math" in result.stdout and "r(dist)" in result.stdout
-    assert os.path.exists(tmp_path / "run" / "report" / "analysis.png")
+    assert "== math" in result.stdout and "pathway distance (memorized)" in result.stdout
+    assert "Pretrain@" in result.stdout and "-> Test@" in result.stdout
+    for name in ("analysis.png", "groups.png", "pairs.png", "table1.csv"):
+        assert os.path.exists(tmp_path / "run" / "report" / name)
+    bad = subprocess.run(cmd[:-1] + ["--config.analysis.tau=1.5"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert bad.returncode != 0 and "tau and tau_sweep must lie in (0, 1]" in bad.stderr
+    assert not os.path.exists(tmp_path / "run2")
 
 
-def test_cross_group_control_curve(workspace, tmp_path):
-    from moe_grok.analysis import metrics
+def test_cross_domain_control_curve(workspace, tmp_path):
+    from moe_grok.analysis import grokking, metrics
     from moe_grok.extraction import pathways
 
     split = _split(workspace)
+    options = analyze.AnalysisOptions(max_pairs=None, delta=0.3)
     report = pipeline.run_pipeline(_sources(workspace), {"train": split}, str(tmp_path / "out"), batch_size=8,
-                                   options=analyze.AnalysisOptions(max_pairs=None), progress=False)
-    curve = report["cross_group_distance"]["math|code"]
-    assert len(curve) == 3
+                                   options=options, progress=False)
+    curve = report["cross_domain_distance"]["math|code"]
+    assert len(curve) == len(STEPS)
     # Recompute the last checkpoint's control by hand from the cache and the memorized sets.
     stats = stats_lib.collect_checkpoint_stats(_sources(workspace), {"train": split}, str(tmp_path / "out" / "cache"),
-                                              progress=False)
-    from moe_grok.analysis import grokking
-
+                                               progress=False)
     loss = np.stack([s.splits["train"]["loss"] for s in stats])
     memorized = {}
-    for g, name in enumerate(split.group_names):
-        rows = np.flatnonzero(split.groups == g)
-        eps = grokking.calibrate_eps(loss[:, rows]).eps
-        memorized[name] = rows[grokking.memorization_steps(loss[:, rows], np.array(STEPS), eps) >= 0]
+    for name in split.group_names:
+        rows = split.rows(name)
+        eps = report["domains"][name]["memorization"]["eps"]
+        t_star = grokking.memorization_steps(loss[:, rows], np.array(STEPS), eps, delta=0.3)
+        memorized[name] = rows[(t_star >= 0) & (t_star < STEPS[-1])]
     weights = stats[-1].splits["train"]["mean_weights"]
     expected = metrics.cross_group_distance(pathways.pathway_strings(weights[memorized["math"]]),
                                             pathways.pathway_strings(weights[memorized["code"]]))

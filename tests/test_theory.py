@@ -265,3 +265,43 @@ def test_training_updates_experts_only_and_fits():
     assert not np.allclose(trained["params"]["experts"]["hidden"], params["params"]["experts"]["hidden"])
     assert float(mses[-1]) < 0.2 * float(mses[0])
     assert ReluExperts(4, 16).apply({"params": trained["params"]["experts"]}, data.x_train).shape == (32, 4)
+
+
+def test_within_structure_correlation_and_fisher_interval():
+    from scipy import stats
+
+    from moe_grok.studies.synthetic_theory import fisher_interval, within_structure
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_clusters, offset in ((2, 0.0), (4, 10.0)):  # structures differ by a large offset in both metrics
+        for seed in range(12):
+            x = rng.normal()
+            rows.append({"n_clusters": n_clusters, "spread": 1.0, "router_scale": 1.0, "a": offset + x,
+                         "b": -offset + 0.8 * x + 0.3 * rng.normal()})
+    result = within_structure(rows, "a", "b")
+    xs = [np.array([r[k] for r in rows if r["n_clusters"] == c]) for c in (2, 4) for k in ("a", "b")]
+    demeaned = [v - v.mean() for v in xs]
+    expected = stats.pearsonr(np.concatenate(demeaned[0::2]), np.concatenate(demeaned[1::2])).statistic
+    assert result["pooled"]["r"] == pytest.approx(expected) and result["pooled"]["r"] > 0.8
+    assert stats.pearsonr([r["a"] for r in rows], [r["b"] for r in rows]).statistic < 0  # pooled runs: wrong sign
+    low, high = result["pooled"]["ci95"]
+    assert low < expected < high
+    z_half = 1.959964 / np.sqrt(24 - 1 - 3)
+    assert (low, high) == pytest.approx((np.tanh(np.arctanh(expected) - z_half), np.tanh(np.arctanh(expected) + z_half)))
+    assert result["per_structure"]["K=2 spread=1.0 scale=1.0"]["n"] == 12
+    assert all(np.isnan(fisher_interval(0.5, 3)))
+
+
+def test_verify_theory_sweep_end_to_end(tmp_path):
+    from config_files import load_config
+    from moe_grok.studies import synthetic_theory
+
+    config = load_config("verify_theory")
+    config.out = str(tmp_path)
+    config.synthetic.update(n_train=24, n_test=40, dim=8, num_experts=4, width=16, steps=20)
+    config.sweep.update(n_clusters=(2,), spreads=(0.5,), router_seeds=5)
+    text = synthetic_theory.run_sweep(config)
+    assert "edit_distance_normalized~d_eff_normalized" in text and "within structures r=" in text
+    for name in ("results.csv", "results.json", "theory.png"):
+        assert (tmp_path / name).stat().st_size > 0

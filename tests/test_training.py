@@ -74,15 +74,19 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
     report = toy_run.analyze_run(config, workdir, progress=False)
     assert report["steps"] == [0, 10, 20, 30]
     for name in ("add", "mul"):
-        g = report["groups"][name]
-        assert 0.15 <= g["n_memorized"] / g["n_train"] <= 0.30  # eps calibrated to 20-25% (ties aside)
-        assert len(g["curves"]["pathway_distance"]) == 4
-        assert np.all(np.isfinite(g["curves"]["pathway_consistency"]))
-        assert set(g["correlations"]) >= {"pathway_distance", "pathway_consistency", "train_loss"}
+        domain = report["domains"][name]
+        assert domain["memorization"]["eps_source"] in ("calibrated", "unreachable")
+        assert set(domain["sets"]) == {"memorized", "held_out", "random_train"}
+        assert len(domain["sets"]["held_out"]["curves"]["distance"]) == 4
+        assert np.all(np.isfinite(domain["sets"]["held_out"]["curves"]["consistency"]))
+        assert {"memorized/distance", "held_out/consistency", "train_loss", "validation_loss"} <= set(domain["table1"])
+        assert all(n.startswith("Pretrain@") for n in domain["pretrain_groups"])
+        assert domain["test_groups"] and all(n.startswith("Test@") for n in domain["test_groups"])
     out = os.path.join(workdir, "analysis", "report")
-    for name in ("summary.json", "per_checkpoint.csv", "table.csv", "table.txt", "analysis.png"):
+    for name in ("summary.json", "per_checkpoint.csv", "table1.csv", "groups.csv", "pairs.csv", "table.txt",
+                 "analysis.png", "groups.png", "pairs.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
-    assert "add" in open(os.path.join(out, "table.txt")).read()
+    assert "== add" in open(os.path.join(out, "table.txt")).read()
 
     # A second analysis reads every checkpoint from the cache: no model is loaded.
     def refuse(*args, **kwargs):
@@ -95,8 +99,6 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
 
 def test_analysis_metrics_match_direct_computation(finished_run):
     """The cached per-checkpoint routing equals a fresh forward pass + pathway metrics."""
-    from moe_grok.analysis import metrics
-    from moe_grok.extraction import pathways
     from moe_grok.extraction.routing import extract_dataset
 
     config, workdir = finished_run
@@ -111,8 +113,7 @@ def test_analysis_metrics_match_direct_computation(finished_run):
                              progress=False)
     np.testing.assert_allclose(stats.splits["train"]["mean_weights"], direct["mean_weights"], atol=1e-6)
     np.testing.assert_allclose(stats.splits["train"]["loss"], direct["loss"], atol=1e-5)
-    strings = pathways.pathway_strings(direct["mean_weights"][:5])
-    assert metrics.group_pathway_distance(strings) >= 0
+    np.testing.assert_allclose(stats.splits["train"]["routing_entropy"], direct["routing_entropy"], atol=1e-6)
 
 
 def test_architecture_mismatch_keeps_finished_checkpoints(tmp_path):

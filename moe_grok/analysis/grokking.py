@@ -89,47 +89,90 @@ def memorization_steps(loss, steps, eps, delta: float = 0.05) -> np.ndarray:
     return _index_to_step(_first_index_of_final_run(holds), steps)
 
 
+EPS_UNITS = ("median_final_loss", "nats")
+
+
+class EpsCalibrationError(ValueError):
+    """No eps on the grid memorizes enough samples before the final checkpoint."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EpsCalibration:
-    """Result of ``calibrate_eps``: the threshold, the share of samples it memorizes by the end,
-    and whether that share lies inside the requested range."""
+    """Result of ``calibrate_eps``.
+
+    eps: the chosen threshold (nats); unit: the grid's unit (nats); share: the share of samples
+    memorized before the final checkpoint (t* < T) at eps; in_target_range: share inside the
+    target; grid / shares: every eps tried and its share (non-decreasing).
+    """
 
     eps: float
-    fraction_memorized: float
+    unit: float
+    share: float
     in_target_range: bool
+    grid: tuple[float, ...]
+    shares: tuple[float, ...]
 
 
-def calibrate_eps(loss, target_fraction: tuple[float, float] = (0.20, 0.25)) -> EpsCalibration:
-    """Choose one group's eps so that the fraction memorized by the end lies in target_fraction.
+def share_memorized_before_end(loss, steps, eps, delta: float = 0.05) -> float:
+    """Share of samples with a memorization step t* < T (t* = T holds trivially for any
+    sample with loss(T) <= eps and does not count). loss: [checkpoints, samples]."""
+    memorized = memorization_steps(loss, steps, eps, delta)
+    return float(np.mean((memorized >= 0) & (memorized < np.asarray(steps)[-1])))
 
-    A sample is memorized by the end iff loss(T) <= eps: t* = T always satisfies the delta
-    condition (|loss(T) - loss(T)| = 0), so delta cannot change this fraction and the search
-    runs over final losses only. Candidates are every achievable fraction (sorted unique final
-    losses, plus "none"); the chosen one is closest to the middle of the range (ties: the
-    smaller eps). eps sits halfway between the last memorized and the first non-memorized
-    final loss, so it is robust to float noise. If no candidate lies in the range (ties in
-    the final losses), the closest is returned with ``in_target_range=False``.
-    loss: [checkpoints, samples] one group's per-sample losses (nats).
+
+def calibrate_eps(loss, steps, delta: float = 0.05, target_fraction: tuple[float, float] = (0.20, 0.25),
+                  grid_step: float = 0.1, unit: str = "median_final_loss") -> EpsCalibration:
+    """One group's eps on the grid {grid_step, 2 grid_step, ...} x unit (the paper's search in
+    steps of 0.1 by the domain's loss scale) so that the share of samples memorized BEFORE the
+    final checkpoint lies in target_fraction.
+
+    unit: "median_final_loss" (the group's median loss at the last checkpoint: the loss scale)
+    or "nats" (an absolute grid). The share is non-decreasing in eps, so the smallest grid eps
+    reaching the lower bound is found by bisection. If it overshoots the upper bound, the closer
+    of it and the grid point below to the range's middle is chosen (ties: the smaller eps) and
+    ``in_target_range`` is False. grid / shares list the grid points evaluated.
+    Raises EpsCalibrationError if no eps reaches the lower bound (delta then forbids enough
+    samples from settling: raise delta or lower the target).
+    loss: [checkpoints, samples] per-sample losses (nats); steps: [checkpoints].
     """
     low, high = target_fraction
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"target_fraction needs 0 <= low <= high <= 1, got {target_fraction}")
-    final_loss = _checked_matrix("loss", loss, np.float64)[-1]
-    values, counts = np.unique(final_loss, return_counts=True)
-    fractions = np.concatenate([[0.0], np.cumsum(counts) / final_loss.size])
-    midpoints = (values[:-1] + values[1:]) / 2
-    candidates_eps = np.concatenate([
-        [np.nextafter(values[0], -np.inf)],  # memorizes none
-        np.where(np.isfinite(midpoints), midpoints, values[:-1]),
-        [values[-1]],  # memorizes all
-    ])
-    best = int(np.argmin(np.abs(fractions - (low + high) / 2)))  # argmin: first = smaller eps
-    fraction = float(fractions[best])
-    return EpsCalibration(
-        eps=float(candidates_eps[best]),
-        fraction_memorized=fraction,
-        in_target_range=bool(low <= fraction <= high),
-    )
+    if not grid_step > 0:
+        raise ValueError(f"eps grid_step must be > 0, got {grid_step}")
+    if unit not in EPS_UNITS:
+        raise ValueError(f"eps unit must be one of {EPS_UNITS}, got {unit!r}")
+    loss = _checked_matrix("loss", loss, np.float64)
+    steps = _checked_steps(steps, loss.shape[0])
+    scale = float(np.median(loss[-1])) if unit == "median_final_loss" else 1.0
+    if not scale > 0:
+        scale = float(np.max(loss[-1])) or 1.0  # all final losses zero: the grid needs a positive unit
+    last_k = max(1, int(np.ceil(float(loss.max()) / (grid_step * scale))))  # from here on every loss <= eps
+    tried: dict[int, float] = {}
+
+    def share_at(k: int) -> float:
+        if k not in tried:
+            tried[k] = share_memorized_before_end(loss, steps, k * grid_step * scale, delta)
+        return tried[k]
+
+    if share_at(last_k) < low:
+        raise EpsCalibrationError(
+            f"no eps on the grid reaches {low:.0%} memorized before the final checkpoint: eps={last_k * grid_step * scale:.4g}"
+            f" nats (every loss below it) memorizes {share_at(last_k):.1%}; delta={delta} keeps the rest from "
+            f"settling: raise delta or lower target_fraction")
+    lo, hi = 1, last_k  # the share is non-decreasing in k: bisect for the first k reaching `low`
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if share_at(mid) >= low else (mid + 1, hi)
+    candidates = [k for k in (lo - 1, lo) if k >= 1]
+    if not low <= share_at(lo) <= high:  # overshoot: the closer of the two neighbours (ties: smaller eps)
+        best = min(candidates, key=lambda k: (abs(share_at(k) - (low + high) / 2), k))
+    else:
+        best = lo
+    ks = sorted(tried)
+    return EpsCalibration(eps=best * grid_step * scale, unit=scale, share=share_at(best),
+                          in_target_range=bool(low <= share_at(best) <= high),
+                          grid=tuple(k * grid_step * scale for k in ks), shares=tuple(tried[k] for k in ks))
 
 
 def generalization_onset(correct, steps, threshold: float = 0.8,
@@ -161,18 +204,6 @@ def accuracy_onset(acc, steps, threshold: float = 0.8) -> int:
     acc = _checked_curve("acc", acc)
     steps = _checked_steps(steps, acc.shape[0])
     return int(_index_to_step(_first_index_of_final_run(acc > threshold), steps))
-
-
-def grokking_delay(onset_step, memorization_step):
-    """onset - memorization, in steps (float64, broadcast); NaN where either is NEVER (< 0)
-    or NaN. May be negative when a test sample generalizes before training data is memorized.
-    Scalars in -> float out; arrays in -> float64 array out.
-    """
-    onset = np.asarray(onset_step, dtype=np.float64)
-    memorization = np.asarray(memorization_step, dtype=np.float64)
-    missing = ~(onset >= 0) | ~(memorization >= 0)  # NaN compares False, so it counts as missing
-    delay = np.where(missing, np.nan, onset - memorization)
-    return float(delay) if delay.ndim == 0 else delay
 
 
 def sustained_rise_start(acc, rise_fraction: float = 0.1) -> int:
@@ -215,3 +246,101 @@ def metric_correlations(metric, test_acc, start_index: int) -> dict:
     result.update(pearson_r=float(pearson.statistic), pearson_p=float(pearson.pvalue),
                   spearman_r=float(spearman.statistic), spearman_p=float(spearman.pvalue))
     return result
+
+
+def correlation_window(acc, rise_fraction: float = 0.1, saturation_fraction: float = 0.95) -> tuple[int, int]:
+    """Checkpoint indices [start, end] (inclusive) over which a metric is correlated with accuracy.
+
+    start: ``sustained_rise_start``; end: the first checkpoint at or after start whose accuracy
+    reaches min + saturation_fraction * (max - min) (saturation; 1.0 = the full range to T).
+    (NEVER, NEVER) without a sustained rise. acc: [checkpoints].
+    """
+    acc = _checked_curve("acc", acc)
+    if not 0.0 < saturation_fraction <= 1.0:
+        raise ValueError(f"saturation_fraction must be in (0, 1], got {saturation_fraction}")
+    start = sustained_rise_start(acc, rise_fraction)
+    if start == NEVER:
+        return NEVER, NEVER
+    if saturation_fraction == 1.0:
+        return start, len(acc) - 1
+    level = acc.min() + saturation_fraction * (acc.max() - acc.min())
+    reached = np.flatnonzero(acc[start:] >= level)
+    return start, start + int(reached[0]) if reached.size else len(acc) - 1
+
+
+def window_correlations(metric, test_acc, start: int, end: int) -> dict:
+    """``metric_correlations`` over checkpoints start..end (inclusive); NaN statistics (n = 0)
+    when there is no window or the metric is not finite over it."""
+    metric, test_acc = np.asarray(metric, np.float64), np.asarray(test_acc, np.float64)
+    nan = {"pearson_r": np.nan, "pearson_p": np.nan, "spearman_r": np.nan, "spearman_p": np.nan, "n": 0}
+    if start < 0 or end < start:
+        return nan
+    x, y = metric[start:end + 1], test_acc[start:end + 1]
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return {**nan, "n": int(x.size)}
+    return metric_correlations(x, y, 0)
+
+
+def partial_correlation(x, y, controls) -> dict:
+    """Pearson correlation of x and y after removing from each its least-squares fit on the
+    controls (plus an intercept). x, y: [n]; controls: [n, c]. Returns {"r", "p", "n"}; NaN when
+    n <= c + 2 or a residual is constant. p from the t distribution with n - 2 - c dof."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    controls = np.asarray(controls, np.float64).reshape(len(x), -1)
+    n, c = controls.shape
+    result = {"r": np.nan, "p": np.nan, "n": int(n)}
+    if n <= c + 2 or not (np.isfinite(x).all() and np.isfinite(y).all() and np.isfinite(controls).all()):
+        return result
+    design = np.column_stack([np.ones(n), controls])
+    residual_x = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+    residual_y = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    if np.ptp(residual_x) < 1e-12 * max(1.0, np.abs(x).max()) or np.ptp(residual_y) < 1e-12 * max(1.0, np.abs(y).max()):
+        return result
+    r = float(np.clip(np.corrcoef(residual_x, residual_y)[0, 1], -1.0, 1.0))
+    dof = n - 2 - c
+    t = r * np.sqrt(dof / max(1e-300, 1.0 - r * r))
+    result.update(r=r, p=float(2 * scipy.stats.t.sf(abs(t), dof)))
+    return result
+
+
+def linear_trend(steps, values, per: float = 1000.0) -> dict:
+    """Least-squares slope of values over steps, per `per` steps, with its 95% confidence
+    interval (t distribution), p-value and n. NaN when fewer than 3 finite points."""
+    steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    result = {"slope": np.nan, "ci95": [np.nan, np.nan], "p": np.nan, "n": int(steps.size)}
+    if steps.size < 3 or np.ptp(steps) == 0:
+        return result
+    if np.ptp(values) == 0:
+        return {**result, "slope": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
+    fit = scipy.stats.linregress(steps, values)
+    half = scipy.stats.t.ppf(0.975, steps.size - 2) * fit.stderr * per
+    return {"slope": float(fit.slope * per), "ci95": [float(fit.slope * per - half), float(fit.slope * per + half)],
+            "p": float(fit.pvalue), "n": int(steps.size)}
+
+
+def quadratic_trend(steps, values) -> dict:
+    """Least-squares quadratic a s^2 + b s + c of values over steps (s in units of 1,000 steps):
+    {"coefficients": [a, b, c], "r2", "n"}; NaN with fewer than 4 finite points."""
+    steps, values = np.asarray(steps, np.float64) / 1000.0, np.asarray(values, np.float64)
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if steps.size < 4:
+        return {"coefficients": [np.nan] * 3, "r2": np.nan, "n": int(steps.size)}
+    coefficients = np.polyfit(steps, values, 2)
+    residual = values - np.polyval(coefficients, steps)
+    total = np.sum((values - values.mean()) ** 2)
+    r2 = float(1.0 - np.sum(residual**2) / total) if total > 0 else np.nan
+    return {"coefficients": [float(c) for c in coefficients], "r2": r2, "n": int(steps.size)}
+
+
+def moving_average(values, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` checkpoints (fewer at the start). values: [checkpoints]."""
+    values = np.asarray(values, np.float64)
+    if window < 1:
+        raise ValueError(f"moving-average window must be >= 1, got {window}")
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    index = np.arange(1, len(values) + 1)
+    lower = np.maximum(index - window, 0)
+    return (cumulative[index] - cumulative[lower]) / (index - lower)

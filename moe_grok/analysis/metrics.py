@@ -212,11 +212,16 @@ def _routing_embeddings(mean_weights: jax.Array, router_matrices: jax.Array) -> 
 
 
 @jax.jit
-def _pathway_complexity(mean_weights: jax.Array, router_matrices: jax.Array) -> jax.Array:
+def _layer_cosines(mean_weights: jax.Array, router_matrices: jax.Array) -> jax.Array:
     embeddings = _routing_embeddings(mean_weights, router_matrices)  # [batch, layers, hidden]
     norms = jnp.linalg.norm(embeddings, axis=-1)
     dots = jnp.sum(embeddings[:, :-1] * embeddings[:, 1:], axis=-1)
-    cosines = dots / jnp.maximum(norms[:, :-1] * norms[:, 1:], 1e-8)  # [batch, layers - 1]
+    return dots / jnp.maximum(norms[:, :-1] * norms[:, 1:], 1e-8)  # [batch, layers - 1]
+
+
+@jax.jit
+def _pathway_complexity(mean_weights: jax.Array, router_matrices: jax.Array) -> jax.Array:
+    cosines = _layer_cosines(mean_weights, router_matrices)
     return 1.0 - jnp.mean(cosines / (cosines.max(axis=1, keepdims=True) + 1e-8), axis=1)
 
 
@@ -248,13 +253,37 @@ def pathway_complexity(mean_weights, router_matrices, mesh: Mesh | None = None) 
     C_i = 1 - (1/(L-1)) sum_l c_l / (max_l c_l + 1e-8), c_l = cos(e_l(i), e_{l+1}(i)).
     Shapes as in ``routing_embeddings``; needs layers >= 2. Cosines use a 1e-8 floor on the
     norm product (a zero embedding gives cosine 0). Implemented literally: if max_l c_l is
-    negative (or near 0) the ratio is no longer in [-1, 1] and C_i can leave [0, 2].
+    negative (or near 0) the ratio is no longer in [-1, 1] and C_i can leave [0, 2]
+    (``consistency_edge_cases`` flags those samples; with 2 layers C_i is always 0).
     """
     mean_weights, router_matrices = jnp.asarray(mean_weights), jnp.asarray(router_matrices)
     _check_router_shapes(mean_weights, router_matrices)
     if mean_weights.shape[1] < 2:
         raise ValueError(f"pathway complexity needs at least 2 layers, got {mean_weights.shape[1]}")
     return _batch_sharded(_pathway_complexity, mean_weights, router_matrices, mesh)
+
+
+MIN_MAX_COSINE = 0.01
+"""Below this largest layer cosine, c_l / max_l c_l is no longer a ratio in [-1, 1] (division
+by ~0 or a negative number) and the complexity is unbounded: such samples are flagged."""
+
+
+def layer_cosines(mean_weights, router_matrices, mesh: Mesh | None = None) -> jax.Array:
+    """c_l(i) = cos(e_l(i), e_{l+1}(i)), ``[batch, layers - 1]`` float32 (see ``pathway_complexity``)."""
+    mean_weights, router_matrices = jnp.asarray(mean_weights), jnp.asarray(router_matrices)
+    _check_router_shapes(mean_weights, router_matrices)
+    return _batch_sharded(_layer_cosines, mean_weights, router_matrices, mesh)
+
+
+def consistency_edge_cases(mean_weights, router_matrices) -> dict:
+    """Where the paper's complexity formula stops measuring smoothness (docs/method.md).
+
+    Returns {"unbounded": bool [batch] (max_l c_l < MIN_MAX_COSINE: the ratio leaves [-1, 1] and
+    C_i can be any size, e.g. -5e7 for cosines [0, -1]), "two_layers": bool (with 2 layers there
+    is one cosine, c / max c = 1, so C_i = 0 and consistency = 1 whatever the routing)}.
+    """
+    cosines = np.asarray(layer_cosines(mean_weights, router_matrices))
+    return {"unbounded": cosines.max(axis=1) < MIN_MAX_COSINE, "two_layers": cosines.shape[1] == 1}
 
 
 def pathway_consistency(mean_weights, router_matrices, mesh: Mesh | None = None) -> jax.Array:

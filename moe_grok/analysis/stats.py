@@ -3,69 +3,187 @@
 `collect_checkpoint_stats` runs every split through every checkpoint once
 (`extraction.routing.extract_dataset`) and caches each checkpoint's results as an atomic .npz,
 so an interrupted run resumes without recomputing finished checkpoints.
+
+A cache entry (cache_dir/step_<step>.npz) is used only when its key equals the current one:
+the cache format, the stored fields, the data fingerprints and the checkpoint's identity
+(`CheckpointSource.identity`: resolved path, revision, file sizes/mtimes, config hash, dtype
+and every other MoEConfig setting). A stale entry (another key, or an older format) is
+recomputed with a warning naming the file and the differing fields; a corrupt one (unreadable
+zip, bad CRC, missing array, wrong dtype or shape) is renamed *.corrupt-<time> and recomputed.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
+from moe_grok.analysis.param_dynamics import parameter_sample
 from moe_grok.analysis.sources import CheckpointSource
+from moe_grok.config import MoEConfig
 from moe_grok.data.splits import EvalSplit
 from moe_grok.extraction.routing import extract_dataset, make_extractor
 from moe_grok.model.params import router_matrices
 
-STAT_FIELDS = ("mean_weights", "loss", "correct")
+# What each split stores per field: its axes (N samples, L layers, E experts); all float32, as extracted.
+STAT_AXES = {"mean_weights": "NLE", "scored_mean_weights": "NLE", "routing_entropy": "NL", "loss": "N", "correct": "N"}
+STAT_FIELDS = tuple(STAT_AXES)
+# Bump when what an entry holds, or how it is computed, changes: older entries then count as stale.
+CACHE_FORMAT = 2
+_DIFFS_SHOWN = 6  # differing key fields named in a stale-entry warning
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointStats:
-    """What one checkpoint gives: per split {mean_weights [N, L, E], loss [N], correct [N]},
-    and the router matrices [L, E, D] (float32) for pathway consistency."""
+    """What one checkpoint gives.
+
+    splits: per split {mean_weights [N, L, E], scored_mean_weights [N, L, E], routing_entropy
+    [N, L], loss [N], correct [N]} (extraction.routing.RoutingStats); router: the router
+    matrices [L, E, D] float32 (pathway consistency); param_sample: a fixed sample of every
+    parameter (param_dynamics.parameter_sample).
+    """
 
     step: int
     name: str
     splits: dict[str, dict[str, np.ndarray]]
     router: np.ndarray
+    param_sample: dict[str, np.ndarray]
+
+
+class CorruptCacheEntry(ValueError):
+    """A cache file that cannot be read back as what `collect_checkpoint_stats` wrote."""
+
+
+@functools.lru_cache(maxsize=4)
+def _extractor(model_config: MoEConfig, mesh) -> Any:
+    """make_extractor, kept across calls: re-collecting with the same model compiles nothing again."""
+    return make_extractor(model_config, mesh)
 
 
 def _cache_path(cache_dir: str, step: int) -> str:
     return os.path.join(cache_dir, f"step_{step:010d}.npz")
 
 
-def _load_cached(path: str, fingerprints: dict[str, str], source: CheckpointSource
+def entry_key(source: CheckpointSource, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """Everything a cache entry's content depends on (JSON-able); equal keys = same content."""
+    identity = source.identity() if source.identity is not None else {"name": source.name}
+    return {"format": CACHE_FORMAT, "fields": list(STAT_FIELDS), "data": fingerprints,
+            "checkpoint": json.loads(json.dumps(identity))}  # JSON round trip: tuples -> lists, as stored
+
+
+def key_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    """'field: stored -> current' for every leaf where two keys differ (dotted paths)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        diffs = []
+        for name in sorted(set(stored) | set(current), key=str):
+            diffs += key_differences(stored.get(name), current.get(name), f"{prefix}.{name}" if prefix else str(name))
+        return diffs
+    if stored == current:
+        return []
+    short = [r if len(r) <= 60 else r[:57] + "..." for r in (repr(stored), repr(current))]
+    return [f"{prefix}: {short[0]} -> {short[1]}"]
+
+
+def expected_arrays(architecture: dict, split_sizes: dict[str, int]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{array name: (shape, dtype)} of the arrays an entry holds (param samples apart), for a model
+    of this `MoEConfig.architecture()` and splits of these sizes."""
+    layers, experts, hidden = (architecture[k] for k in ("num_layers", "num_experts", "hidden_size"))
+    expected = {"router": ((layers, experts, hidden), "float32")}
+    for split, n in split_sizes.items():
+        sizes = {"N": n, "L": layers, "E": experts}
+        expected.update({f"{split}/{field}": (tuple(sizes[a] for a in axes), "float32")
+                         for field, axes in STAT_AXES.items()})
+    return expected
+
+
+def _check_array(path: str, name: str, value: np.ndarray, shape: tuple[int, ...] | None, dtype: str) -> np.ndarray:
+    if value.dtype != np.dtype(dtype) or (shape is not None and value.shape != shape):
+        raise CorruptCacheEntry(f"{path}: array {name!r} is {value.dtype}{list(value.shape)}, expected "
+                                f"{dtype}{list(shape) if shape is not None else ''}")
+    return value
+
+
+def _read_entry(path: str, key: dict[str, Any], source: CheckpointSource, split_sizes: dict[str, int]
+                ) -> tuple[CheckpointStats, dict] | None:
+    """(stats, architecture) from the entry at `path` if its key equals `key`; None if stale.
+
+    Raises CorruptCacheEntry (or the zip / numpy error) for an unreadable or malformed entry.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        if "key" not in data.files:
+            logging.warning("cache entry %s has an older format (no key); recomputing %s", path, source.name)
+            return None
+        differences = key_differences(json.loads(str(data["key"])), key)
+        if differences:
+            more = f" (and {len(differences) - _DIFFS_SHOWN} more)" if len(differences) > _DIFFS_SHOWN else ""
+            logging.warning("cache entry %s was made for another checkpoint, data or settings; recomputing %s. "
+                            "Differences: %s%s", path, source.name, "; ".join(differences[:_DIFFS_SHOWN]), more)
+            return None
+        architecture = json.loads(str(data["architecture"]))
+        arrays = {name: _check_array(path, name, data[name], shape, dtype)
+                  for name, (shape, dtype) in expected_arrays(architecture, split_sizes).items()}
+        sample = {}
+        for name in data.files:
+            if name.startswith("params/"):
+                is_size = name.endswith("#size")
+                sample[name[len("params/"):]] = _check_array(path, name, data[name], () if is_size else None,
+                                                             "int64" if is_size else "float32")
+        if not sample:
+            raise CorruptCacheEntry(f"{path}: no parameter samples")
+        splits = {split: {f: arrays[f"{split}/{f}"] for f in STAT_FIELDS} for split in split_sizes}
+        return CheckpointStats(source.step, source.name, splits, arrays["router"], sample), architecture
+
+
+def _move_aside(path: str, err: Exception) -> None:
+    """Keep a corrupt entry for inspection as <path>.corrupt-<time> (process 0 renames it)."""
+    import jax
+
+    aside = f"{path}.corrupt-{datetime.datetime.now().strftime('%Y%m%dT%H%M%S.%f')}"
+    if jax.process_index() == 0:
+        os.replace(path, aside)
+    logging.warning("cache entry %s is corrupt (%s: %s); moved it to %s and recomputing", path,
+                    type(err).__name__, err, aside)
+
+
+def _load_cached(path: str, key: dict[str, Any], source: CheckpointSource, split_sizes: dict[str, int]
                  ) -> tuple[CheckpointStats, dict] | None:
-    """(stats, architecture) from a cache file made for the same data, else None."""
+    """(stats, architecture) of a valid entry with this key, else None (stale or corrupt: see module doc)."""
     if not os.path.exists(path):
         return None
-    with np.load(path, allow_pickle=False) as data:
-        if json.loads(str(data["fingerprints"])) != fingerprints:
-            return None  # cached for other data: recompute
-        splits = {split: {f: data[f"{split}/{f}"] for f in STAT_FIELDS} for split in fingerprints}
-        stats = CheckpointStats(source.step, source.name, splits, data["router"])
-        return stats, json.loads(str(data["architecture"]))
+    try:
+        return _read_entry(path, key, source, split_sizes)
+    except (CorruptCacheEntry, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
+        # KeyError: a missing array; ValueError: bad JSON, a pickled object, a malformed .npy header.
+        _move_aside(path, err)
+        return None
 
 
-def _save_cached(path: str, stats: CheckpointStats, fingerprints: dict[str, str], architecture: dict) -> None:
+def _save_cached(path: str, stats: CheckpointStats, key: dict[str, Any], architecture: dict) -> None:
     """Process 0 writes (multi-host runs need the cache directory on a shared filesystem)."""
     import jax
 
     if jax.process_index() != 0:
         return
     arrays = {f"{split}/{f}": v[f] for split, v in stats.splits.items() for f in STAT_FIELDS}
+    arrays.update({f"params/{k}": v for k, v in stats.param_sample.items()})
     tmp = path + ".tmp.npz"
-    np.savez(tmp, router=stats.router, fingerprints=json.dumps(fingerprints),
-             architecture=json.dumps(architecture), name=stats.name, **arrays)
+    np.savez(tmp, router=stats.router, key=json.dumps(key), architecture=json.dumps(architecture),
+             name=stats.name, **arrays)
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
 
 
 def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[str, EvalSplit], cache_dir: str,
                              batch_size: int = 32, mesh=None, progress: bool = True) -> list[CheckpointStats]:
-    """Run every split through every checkpoint (cached per checkpoint). Sorted by step.
+    """Run every split through every checkpoint (cached per checkpoint, see the module doc). Sorted by step.
 
     Raises ValueError if a checkpoint's architecture differs from the first one's; the
     checkpoints finished before it stay cached on disk.
@@ -77,14 +195,19 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
         raise ValueError(f"duplicate checkpoint steps: {sorted(steps)}")
     os.makedirs(cache_dir, exist_ok=True)
     fingerprints = {name: split.fingerprint() for name, split in splits.items()}
+    split_sizes = {name: len(split) for name, split in splits.items()}
+    unidentified = [s.name for s in sources if s.identity is None]
+    if unidentified:
+        logging.warning("checkpoint sources %s state no identity: their cache entries are matched by name only",
+                        unidentified[:5])
     reference_arch, reference_name, extractor = None, None, None
     results = []
     for source in tqdm(sorted(sources, key=lambda s: s.step), desc="checkpoints", disable=not progress):
         path = _cache_path(cache_dir, source.step)
-        cached = _load_cached(path, fingerprints, source)
+        cached = _load_cached(path, entry_key(source, fingerprints), source, split_sizes)
         if cached is None:
-            config, params = source.load()
-            arch = config.architecture()
+            model_config, params = source.load()
+            arch = model_config.architecture()
         else:
             stats, arch = cached
         if reference_arch is None:
@@ -96,19 +219,20 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
         if cached is not None:
             results.append(stats)
             continue
-        extractor = extractor or make_extractor(config, mesh)
+        extractor = extractor or _extractor(model_config, mesh)
         per_split = {}
         for split_name, split in splits.items():
-            if split.tokens.shape[1] > config.max_seq_len:
+            if split.tokens.shape[1] > model_config.max_seq_len:
                 raise ValueError(f"split {split_name!r} has sequences of {split.tokens.shape[1]} tokens, longer than "
-                                 f"the model's limit {config.max_seq_len}; truncate them (seq_len flag)")
-            out = extract_dataset(config, params, split.tokens, split.mask, split.targets, split.target_mask,
+                                 f"the model's limit {model_config.max_seq_len}; truncate them (seq_len flag)")
+            out = extract_dataset(model_config, params, split.tokens, split.mask, split.targets, split.target_mask,
                                   batch_size=batch_size, mesh=mesh, extractor=extractor,
                                   progress=f"step {source.step} {split_name}" if progress else False)
             per_split[split_name] = {f: out[f] for f in STAT_FIELDS}
-        stats = CheckpointStats(source.step, source.name, per_split, np.asarray(router_matrices(params), np.float32))
-        _save_cached(path, stats, fingerprints, arch)
+        stats = CheckpointStats(source.step, source.name, per_split, np.asarray(router_matrices(params), np.float32),
+                                parameter_sample(params))
+        # The identity is read again after loading: a hub checkpoint's commit and files are known only now.
+        _save_cached(path, stats, entry_key(source, fingerprints), arch)
         results.append(stats)
         del params
     return results
-

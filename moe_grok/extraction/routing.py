@@ -24,7 +24,9 @@ from moe_grok.model.layers import select_experts
 class RoutingStats(NamedTuple):
     """Per-sample outputs of one pass. Shapes for a batch of B samples, S tokens."""
 
-    mean_weights: jax.Array  # [B, L, E] float32 token-mean router softmax (over ALL experts)
+    mean_weights: jax.Array  # [B, L, E] float32 token-mean router softmax (over ALL experts), real tokens
+    scored_mean_weights: jax.Array  # [B, L, E] float32 the same over scored positions (target_mask) only
+    routing_entropy: jax.Array  # [B, L] float32 token-mean entropy (nats) of the router softmax, real tokens
     loss: jax.Array | None  # [B] float32 mean next-token NLL (nats) over target positions
     correct: jax.Array | None  # [B] float32 fraction of target positions predicted exactly (argmax)
     router_probs: jax.Array | None = None  # [B, S, L, E] float32 (per_token=True)
@@ -46,10 +48,12 @@ def per_sample_loss(logits, targets, target_mask):
 
 
 def routing_stats(model_config: MoEConfig, params, tokens, mask, targets, target_mask,
-                  with_loss: bool = True, per_token: bool = False) -> RoutingStats:
+                  with_loss: bool = True, per_token: bool = False, mesh: jax.sharding.Mesh | None = None
+                  ) -> RoutingStats:
     """One forward pass -> RoutingStats. tokens, mask, targets, target_mask: [B, S] (mask 1 =
-    real token; target_mask 1 = scored position). Without `with_loss` the LM head is skipped."""
-    out = params_lib.forward(model_config, params, tokens, mask, with_lm_head=with_loss)
+    real token; target_mask 1 = scored position). Without `with_loss` the LM head is skipped.
+    mesh: expert-parallel dispatch over it (`model.params.forward`)."""
+    out = params_lib.forward(model_config, params, tokens, mask, with_lm_head=with_loss, mesh=mesh)
     probs = jax.nn.softmax(out.router_logits.astype(jnp.float32), axis=-1)  # [B, S, L, E]
     loss = correct = None
     if with_loss:
@@ -58,23 +62,29 @@ def routing_stats(model_config: MoEConfig, params, tokens, mask, targets, target
     if per_token:
         top_w, top_idx = select_experts(probs, model_config)
         extra = dict(router_probs=probs, top_experts=top_idx.astype(jnp.int32), top_weights=top_w)
-    return RoutingStats(token_mean_weights(probs, mask), loss, correct, **extra)
+    entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)), axis=-1)  # [B, S, L]
+    real = mask.astype(jnp.float32)
+    mean_entropy = jnp.einsum("bsl,bs->bl", entropy, real) / jnp.sum(real, axis=1)[:, None]
+    # A sample without scored positions gets NaN scored weights (0/0), like token_mean_weights.
+    return RoutingStats(token_mean_weights(probs, mask), token_mean_weights(probs, target_mask), mean_entropy,
+                        loss, correct, **extra)
 
 
 def make_extractor(model_config: MoEConfig, mesh: jax.sharding.Mesh | None = None, with_loss: bool = True,
                    per_token: bool = False):
     """Jitted fn(params, tokens, mask, targets, target_mask) -> RoutingStats.
 
-    With a mesh, batch inputs/outputs are split over the "data" axis and params keep the
-    shardings of `model.param_shardings` (experts over "expert").
+    With a mesh, batch inputs/outputs are split over every mesh axis
+    (`sharding.model_batch_sharding`), params keep the shardings of `model.param_shardings`
+    (experts over "expert") and each device computes only its own experts.
     """
 
     def fn(params, tokens, mask, targets, target_mask):
-        return routing_stats(model_config, params, tokens, mask, targets, target_mask, with_loss, per_token)
+        return routing_stats(model_config, params, tokens, mask, targets, target_mask, with_loss, per_token, mesh)
 
     if mesh is None:
         return jax.jit(fn)
-    batch = sharding.batch_sharding(mesh)
+    batch = sharding.model_batch_sharding(mesh)
     return jax.jit(fn, in_shardings=(params_lib.param_shardings(model_config, mesh), batch, batch, batch, batch),
                    out_shardings=batch)
 
@@ -86,14 +96,15 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
     """Stream `tokens [N, S]` through the model in fixed-shape batches; return host arrays.
 
     The last batch is padded (with copies of the first row, then dropped) so every batch has
-    one compiled shape; batch_size is rounded up to a multiple of the mesh's data axis.
+    one compiled shape; batch_size is rounded up to a multiple of the mesh's device count.
     Returns {"mean_weights": [N, L, E], "loss": [N], "correct": [N], (per_token: ...)}.
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"tokens must be a non-empty [samples, seq] array, got shape {tokens.shape}")
     if tokens.shape[1] > model_config.max_seq_len:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len {model_config.max_seq_len}")
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len "
+                         f"{model_config.max_seq_len}")
     if tokens.max() >= model_config.vocab_size or tokens.min() < 0:
         raise ValueError(f"token ids must lie in [0, {model_config.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
     mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
@@ -105,7 +116,8 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
     targets = np.asarray(targets, np.int32)
     target_mask = np.asarray(target_mask, np.int32)
     n = tokens.shape[0]
-    step = sharding.round_up_to_data_axis(batch_size, mesh)
+    shards = 1 if mesh is None else mesh.size  # the batch is split over every device
+    step = -(-max(batch_size, 1) // shards) * shards
     extractor = extractor or make_extractor(model_config, mesh, with_loss, per_token)
     chunks: dict[str, list[np.ndarray]] = {}
     bar = tqdm(range(0, n, step), desc=progress if isinstance(progress, str) else "extract",
@@ -113,7 +125,8 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
     for start in bar:
         rows = np.arange(start, start + step)
         rows = np.where(rows < n, rows, 0)
-        batch = sharding.shard_batch([a[rows] for a in (tokens, mask, targets, target_mask)], mesh)
+        batch = sharding.shard_batch([a[rows] for a in (tokens, mask, targets, target_mask)], mesh,
+                                     None if mesh is None else sharding.model_batch_sharding(mesh))
         stats = extractor(params, *batch)
         valid = min(step, n - start)
         for name, value in stats._asdict().items():

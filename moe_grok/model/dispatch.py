@@ -1,13 +1,20 @@
 """Expert-dispatch kernels: each token through its k experts, never all experts on all tokens
 (except the dense test oracle). Kept apart from the layers, as MaxText keeps its MoE kernels.
 
-Shapes: T = tokens, k = experts per token, E = experts, D = hidden, F = expert intermediate,
-L = layers. Every kernel maps x [T, D], top_idx / top_w [T, k] and SwiGLU weights
-gate/up [E, D, F], down [E, F, D] (or [L, E, ...] stacks with `layer` picking one) to [T, D].
+Shapes: T = tokens, k = experts per token, E = experts (of this device), D = hidden,
+F = expert intermediate, L = layers. Every kernel maps x [T, D], top_idx / top_w [T, k] and
+SwiGLU weights gate/up [E, D, F], down [E, F, D] (or [L, E, ...] stacks with `layer` picking
+one) to [T, D]. `first_expert` is the global id of local expert 0: assignments to experts
+outside [first_expert, first_expert + E) contribute nothing (expert parallelism, see
+`dispatch_experts`).
 
 - ragged:  tokens sorted by expert through jax.lax.ragged_dot (grouped matmul; GPU/TPU).
 - chunked: exact per-expert chunked matmuls with a hand-written VJP (CPU, where ragged_dot is slow).
 - dense:   every expert on every token, then masked (the test oracle).
+
+`dispatch_experts` runs a kernel on one device, or under a mesh inside `jax.shard_map`:
+each device sorts only its own tokens, and each device of the "expert" axis computes only
+its own experts (see its docstring).
 """
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from moe_grok import sharding
 
 
 # ----------------------------------------------------------------------------------------
@@ -24,16 +34,26 @@ def _swiglu(x, w_gate, w_up, w_down, matmul):
     return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
 
 
-def _sort_by_expert(top_idx, num_experts):
-    """Order the T*k (token, choice) assignments by expert. Returns (order, group_sizes [E])."""
-    flat = top_idx.reshape(-1).astype(jnp.int32)
+def _local_experts(top_idx, first_expert, num_local: int):
+    """(local expert ids [T, k], is_local [T, k]): ids relative to first_expert, and which are ours."""
+    local = top_idx.astype(jnp.int32) - first_expert
+    return local, (local >= 0) & (local < num_local)
+
+
+def _sort_by_expert(top_idx, num_experts, first_expert=0):
+    """Order the T*k (token, choice) assignments by local expert, the other devices' last.
+
+    Returns (order [T*k], group_sizes [num_experts] of local experts, is_local [T*k] in sorted order).
+    """
+    local, is_local = _local_experts(top_idx.reshape(-1), first_expert, num_experts)
+    flat = jnp.where(is_local, local, num_experts)  # group num_experts: assignments of other devices
     n = flat.shape[0]
-    if num_experts * n < 2**31:  # sort one int32 key (expert, position): ~4x faster than argsort on CPU
+    if (num_experts + 1) * n < 2**31:  # sort one int32 key (expert, position): ~4x faster than argsort on CPU
         order = jnp.sort(flat * n + jnp.arange(n, dtype=jnp.int32)) % n
     else:
         order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return order, group_sizes
+    group_sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    return order, group_sizes, is_local[order]
 
 
 def _of_layer(layer, *weights):
@@ -41,20 +61,27 @@ def _of_layer(layer, *weights):
     return weights if layer is None else tuple(w[layer] for w in weights)
 
 
-def experts_ragged(x, top_idx, top_w, w_gate, w_up, w_down, layer=None):
+def _combine(per_assignment, top_w, out_dtype):
+    """sum_k per_assignment[t, k] * top_w[t, k]: [T, k, D], [T, k] -> [T, D] in out_dtype."""
+    return jnp.einsum("tkd,tk->td", per_assignment, top_w.astype(per_assignment.dtype),
+                      preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def experts_ragged(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_expert=0, out_dtype=None):
     """Sorted tokens through jax.lax.ragged_dot (grouped matmul; the GPU/TPU path).
 
     x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] (or [L, E, ...]
-    stacks with `layer` picking one) -> [T, D].
+    stacks with `layer` picking one) -> [T, D] in out_dtype (default x.dtype).
     """
     w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
     t, k = top_idx.shape
-    order, group_sizes = _sort_by_expert(top_idx, w_gate.shape[0])
+    order, group_sizes, sorted_local = _sort_by_expert(top_idx, w_gate.shape[0], first_expert)
     token = order // k
     matmul = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes)
-    y = _swiglu(x[token], w_gate, w_up, w_down, matmul)
-    y = y * top_w.reshape(-1)[order][:, None]
-    return jnp.zeros_like(x).at[token].add(y)
+    y = _swiglu(x[token], w_gate, w_up, w_down, matmul)  # rows past the local groups come out 0
+    y = jnp.where(sorted_local[:, None], y, 0)
+    per_assignment = jnp.zeros((t * k, x.shape[1]), y.dtype).at[order].set(y)
+    return _combine(per_assignment.reshape(t, k, -1), top_w, out_dtype or x.dtype)
 
 
 @jax.custom_vjp
@@ -73,7 +100,7 @@ def _gather_rows_fwd(x, index, transpose_index):
 
 
 def _gather_rows_bwd(residuals, grad):
-    index, transpose_index = residuals
+    _, transpose_index = residuals
     picked = jnp.where((transpose_index >= 0)[..., None], grad[jnp.maximum(transpose_index, 0)], 0)
     return jnp.sum(picked, axis=1), None, None
 
@@ -101,7 +128,7 @@ class ChunkPlan(NamedTuple):
 
 
 def plan_chunks(group_sizes, num_rows: int, max_chunk: int, granule: int) -> ChunkPlan:
-    """ChunkPlan for `num_rows` expert-sorted rows, `group_sizes` [E] of them per expert."""
+    """ChunkPlan for at most `num_rows` expert-sorted rows, `group_sizes` [E] of them per expert."""
     if max_chunk % granule:
         raise ValueError(f"expert chunk size {max_chunk} is not a multiple of its granule {granule}")
     num_experts = group_sizes.shape[0]
@@ -119,10 +146,21 @@ def plan_chunks(group_sizes, num_rows: int, max_chunk: int, granule: int) -> Chu
                      (starts + full_per_expert * max_chunk)[rem_expert], remainder[rem_expert], class_bounds)
 
 
-def _for_each_chunk(plan: ChunkPlan, max_chunk: int, granule: int, body, carry):
-    """carry = body(size, expert, start, valid, carry) over every chunk; size is static."""
+def _for_each_chunk(plan: ChunkPlan, max_chunk: int, granule: int, body, carry, weights):
+    """carry = body(size, expert, start, valid, carry, weights) over every chunk; size is static.
+
+    `weights` (the [L, E, ...] stacks) ride in each loop's carry behind an optimization
+    barrier. XLA's CPU backend computes bfloat16 ops in float32; with the stacks
+    loop-invariant it would convert them whole to float32 once, outside the loop (a float32
+    copy of every expert: 27 GB for OLMoE-1B-7B). Carried, only each chunk's slice is converted.
+    """
     def loop(size, lo, hi, chunk_of, carry):
-        return jax.lax.fori_loop(lo, hi, lambda i, c: body(size, *chunk_of(i), c), carry)
+        def step(i, state):
+            carry, weights = state
+            weights = jax.lax.optimization_barrier(weights)
+            return body(size, *chunk_of(i), carry, weights), weights
+
+        return jax.lax.fori_loop(lo, hi, step, (carry, weights))[0]
 
     if plan.full_expert.shape[0]:  # static: fewer rows than one full chunk can hold
         carry = loop(max_chunk, 0, plan.num_full,
@@ -133,8 +171,14 @@ def _for_each_chunk(plan: ChunkPlan, max_chunk: int, granule: int, body, carry):
     return carry
 
 
+def _float32_matmul(a, w):
+    """a @ w computed in float32 (what XLA's CPU backend does for bfloat16 anyway, but with the
+    casts explicit it runs ~1.8x faster there), rounded back to a's dtype."""
+    return jnp.matmul(a.astype(jnp.float32), w.astype(jnp.float32)).astype(a.dtype)
+
+
 def _chunk_swiglu(x_chunk, w_gate, w_up, w_down):
-    return _swiglu(x_chunk, w_gate, w_up, w_down, jnp.matmul)
+    return _swiglu(x_chunk, w_gate, w_up, w_down, _float32_matmul)
 
 
 def _write_valid(buffer, values, start, valid):
@@ -147,18 +191,18 @@ def _write_valid(buffer, values, start, valid):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def chunked_swiglu(max_chunk: int, granule: int, rows, plan: ChunkPlan, layer, w_gate, w_up, w_down):
     """SwiGLU of expert-sorted rows [R + max_chunk, D] (the tail is slack for the last chunk's
-    overhang), each chunk through its expert of `layer`; returns [R + max_chunk, D] (tail rows
-    unchanged). w_gate/w_up: [L, E, D, F]; w_down: [L, E, F, D]. Each chunk slices its expert's
-    matrices straight from the stacks (no per-layer copy of all experts)."""
+    overhang), each chunk through its expert of `layer`; returns [R + max_chunk, D] (rows no
+    chunk covers unchanged). w_gate/w_up: [L, E, D, F]; w_down: [L, E, F, D]. Each chunk
+    slices its expert's matrices straight from the stacks (no per-layer copy of all experts)."""
 
-    def body(size, expert, start, valid, buffer):
+    def body(size, expert, start, valid, buffer, weights):
         # Each row belongs to one chunk, which reads it before writing its output there, so
         # the outputs can overwrite the inputs in place (the overhang is never written).
         x_chunk = jax.lax.dynamic_slice_in_dim(buffer, start, size)
-        y = _chunk_swiglu(x_chunk, w_gate[layer, expert], w_up[layer, expert], w_down[layer, expert])
+        y = _chunk_swiglu(x_chunk, *(w[layer, expert] for w in weights))
         return _write_valid(buffer, y, start, valid)
 
-    return _for_each_chunk(plan, max_chunk, granule, body, rows)
+    return _for_each_chunk(plan, max_chunk, granule, body, rows, (w_gate, w_up, w_down))
 
 
 def _chunked_swiglu_fwd(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down):
@@ -172,18 +216,18 @@ def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
     # into full [L, E, ...] stacks (zero outside `layer`; fine for the small models trained here).
     rows, plan, layer, w_gate, w_up, w_down = residuals
 
-    def body(size, expert, start, valid, grads):
+    def body(size, expert, start, valid, grads, weights):
         d_rows, d_gate, d_up, d_down = grads
         x_chunk = jax.lax.dynamic_slice_in_dim(rows, start, size)
         g_chunk = jax.lax.dynamic_slice_in_dim(grad, start, size)
         g_chunk = jnp.where((jnp.arange(size) < valid)[:, None], g_chunk, 0)
-        _, pull = jax.vjp(_chunk_swiglu, x_chunk, w_gate[layer, expert], w_up[layer, expert], w_down[layer, expert])
+        _, pull = jax.vjp(_chunk_swiglu, x_chunk, *(w[layer, expert] for w in weights))
         dx, dg, du, dd = pull(g_chunk)
         return (_write_valid(d_rows, dx, start, valid), d_gate.at[layer, expert].add(dg),
                 d_up.at[layer, expert].add(du), d_down.at[layer, expert].add(dd))
 
     zeros = tuple(jnp.zeros_like(a) for a in (rows, w_gate, w_up, w_down))
-    d_rows, d_gate, d_up, d_down = _for_each_chunk(plan, max_chunk, granule, body, zeros)
+    d_rows, d_gate, d_up, d_down = _for_each_chunk(plan, max_chunk, granule, body, zeros, (w_gate, w_up, w_down))
     int_zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0), (plan, layer))
     return d_rows, *int_zeros, d_gate, d_up, d_down
 
@@ -191,37 +235,42 @@ def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
 chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
 
 
-def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, max_chunk: int = 512,
-                    granule: int = 32):
+def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_expert=0, out_dtype=None,
+                    max_chunk: int = 512, granule: int = 32):
     """Exact sparse dispatch for CPU: the T*k (token, choice) assignments sorted by expert,
-    then one matmul per expert chunk (see ChunkPlan). Work is T*k rows plus under `granule`
-    rows per expert however unbalanced the routing; no token is ever dropped.
+    then one matmul per expert chunk (see ChunkPlan). Work is the local assignments plus
+    under `granule` rows per expert however unbalanced the routing; no token is ever dropped.
 
     x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] (or [L, E, ...]
-    stacks with `layer` picking one) -> [T, D].
+    stacks with `layer` picking one) -> [T, D] in out_dtype (default x.dtype).
     """
     if layer is None:
         layer, w_gate, w_up, w_down = jnp.int32(0), w_gate[None], w_up[None], w_down[None]
     t, k = top_idx.shape
     max_chunk = min(max_chunk, -(-t * k // granule) * granule)  # no size classes larger than all rows
-    order, group_sizes = _sort_by_expert(top_idx, w_gate.shape[1])
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))  # sorted row of each assignment
+    order, group_sizes, sorted_local = _sort_by_expert(top_idx, w_gate.shape[1], first_expert)
+    # Sorted row of each assignment; -1 for other devices' assignments, which read and write nothing.
+    rank = jnp.zeros_like(order).at[order].set(jnp.where(sorted_local, jnp.arange(t * k), -1))
     slack = jnp.full((max_chunk,), -1, order.dtype)
-    rows = gather_rows(x, jnp.concatenate([order // k, slack]), rank.reshape(t, k))  # [T*k + max_chunk, D]
+    row_token = jnp.concatenate([jnp.where(sorted_local, order // k, -1), slack])
+    rows = gather_rows(x, row_token, rank.reshape(t, k))  # [T*k + max_chunk, D]
     plan = plan_chunks(group_sizes, t * k, max_chunk, granule)
     out_rows = chunked_swiglu(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down)
-    per_assignment = gather_rows(out_rows, rank, jnp.concatenate([order, slack])[:, None])  # [T*k, D]
-    return jnp.einsum("tkd,tk->td", per_assignment.reshape(t, k, -1), top_w)
+    row_assignment = jnp.concatenate([jnp.where(sorted_local, order, -1), slack])[:, None]
+    per_assignment = gather_rows(out_rows, rank, row_assignment)  # [T*k, D]
+    return _combine(per_assignment.reshape(t, k, -1), top_w, out_dtype or x.dtype)
 
 
-def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down, layer=None):
+def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_expert=0, out_dtype=None):
     """Test oracle: every expert on every token, combined with the top-k weights. [T, D]."""
     w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
     matmul = lambda a, w: jnp.einsum("td,edf->etf", a, w) if a.ndim == 2 else jnp.einsum("etd,edf->etf", a, w)  # noqa: E731
     y = _swiglu(x, w_gate, w_up, w_down, matmul)  # [E, T, D]
-    combine = jnp.zeros((x.shape[0], w_gate.shape[0]), top_w.dtype)
-    combine = combine.at[jnp.arange(x.shape[0])[:, None], top_idx].add(top_w)
-    return jnp.einsum("etd,te->td", y, combine.astype(y.dtype))
+    local, _ = _local_experts(top_idx, first_expert, w_gate.shape[0])
+    combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(local, w_gate.shape[0], dtype=jnp.float32),
+                         top_w.astype(jnp.float32))  # other devices' experts one-hot to zeros
+    return jnp.einsum("etd,te->td", y, combine.astype(y.dtype),
+                      preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "chunked": experts_chunked, "dense": experts_dense}
@@ -234,3 +283,36 @@ def resolve_moe_impl(impl: str) -> str:
     return "chunked" if jax.default_backend() == "cpu" else "ragged"
 
 
+def dispatch_experts(x, top_idx, top_w, experts, layer, impl: str, mesh: jax.sharding.Mesh | None = None,
+                     **kernel_options):
+    """Every token through its k experts with kernel `impl`; x [T, D] -> [T, D].
+
+    experts: (gate, up, down) stacks [L, E, ...]; layer: scalar index into them.
+
+    With a mesh, inside `jax.shard_map`: tokens are split over every mesh axis (the model's
+    batch sharding, `sharding.model_batch_sharding`) and the stacks' experts over "expert".
+    Each device sorts only its own tokens' assignments. Devices of one "expert" group first
+    all-gather their tokens (x [T, D] and top-k ids/weights, never weights), then each runs
+    the kernel on its own experts only (assignments to other experts read and compute
+    nothing), and a reduce-scatter sums the partial outputs back to each token's device. For
+    top-k >= the expert-axis size this moves as many bytes as an all-to-all of the k token
+    copies (MaxText's sparse_matmul) and keeps every kernel static-shaped; nothing is dropped.
+    """
+    kernel = functools.partial(EXPERT_IMPLS[impl], **kernel_options)
+    if mesh is None:
+        return kernel(x, top_idx, top_w, *experts, layer=layer)
+    expert_axis = sharding.EXPERT_AXIS if mesh.shape.get(sharding.EXPERT_AXIS, 1) > 1 else None
+    tokens = P(sharding.model_batch_axes(mesh))
+
+    def local(x, top_idx, top_w, layer, *experts):
+        if expert_axis is None:
+            return kernel(x, top_idx, top_w, *experts, layer=layer)
+        x, top_idx, top_w = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, top_idx, top_w))
+        first_expert = jax.lax.axis_index(expert_axis) * experts[0].shape[1]
+        partial = kernel(x, top_idx, top_w, *experts, layer=layer, first_expert=first_expert,
+                         out_dtype=jnp.float32)  # summed over devices in float32, rounded once
+        return jax.lax.psum_scatter(partial, expert_axis, scatter_dimension=0, tiled=True).astype(x.dtype)
+
+    stacks = P(None, expert_axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, P(), stacks, stacks, stacks),
+                         out_specs=tokens)(x, top_idx, top_w, layer, *experts)

@@ -1,23 +1,31 @@
 """Hugging Face OLMoE checkpoint -> moe_grok params, as a key map plus transposes.
 
 `load_hf(path_or_repo, revision=None, dtype=..., mesh=None)` reads config.json and the
-safetensors file(s) (single or sharded with model.safetensors.index.json), in either expert
-layout (hub: per-expert `experts.{e}.{gate,up,down}_proj.weight`; fused in memory by newer
-transformers: `experts.gate_up_proj [E, 2F, D]` gate rows first, `experts.down_proj [E, D, F]`).
-Every parameter is built with `jax.make_array_from_callback`, so each device shard is read
-straight from the (memory-mapped) files: no second full copy of the model is ever held.
+safetensors file(s): model.safetensors if present (as transformers does), else the shards
+listed in model.safetensors.index.json. Either expert layout is read (hub: per-expert
+`experts.{e}.{gate,up,down}_proj.weight`; fused in memory by newer transformers:
+`experts.gate_up_proj [E, 2F, D]` gate rows first, `experts.down_proj [E, D, F]`).
+
+Memory: every parameter (or device shard of one, with a mesh) is filled cell by cell, straight
+from memory-mapped file pages, into one page-aligned host buffer that the CPU client adopts
+without a copy (`jax.make_array_from_callback`): loading peaks at the weights plus one
+(layer, expert) cell. Bad input (truncated or corrupt files, an index mapping a key to the
+wrong shard, invalid config.json, integer weights, non-finite weights) raises CheckpointError
+naming the file or checkpoint and the key, before any parameter is built where possible.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from absl import logging
 
 from moe_grok.config import MoEConfig
 from moe_grok.model import params as params_lib
@@ -25,10 +33,13 @@ from moe_grok.model.layers import EXPERT_WEIGHTS
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# OLMoE config.json keys without a default (MoEConfig.from_hf_config reads them).
+REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
+                        "num_experts_per_tok", "intermediate_size")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted (missing/extra keys, wrong shapes, bad config)."""
+    """A checkpoint that cannot be converted (bad files, missing/extra keys, wrong shapes, bad config)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -53,50 +64,160 @@ def resolve_checkpoint_dir(path_or_repo: str, revision: str | None = None) -> st
                               f"{type(err).__name__}: {err}") from err
 
 
+def _read_json(path: str, what: str) -> dict:
+    """A JSON object from `path`; CheckpointError naming the file (and line) if it is not one."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON in the {what} (line {err.lineno}, column {err.colno}: "
+                              f"{err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: the {what} is not UTF-8 text ({err.reason})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: the {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_hf_config(ckpt_dir: str) -> dict:
+    """config.json of an OLMoE checkpoint, checked to be valid JSON with every key moe_grok needs."""
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"no config.json in {ckpt_dir}")
-    with open(path) as f:
-        return json.load(f)
+    hf = _read_json(path, "model config")
+    if hf.get("model_type") != "olmoe":
+        raise CheckpointError(f"{path}: unsupported model_type {hf.get('model_type')!r}: moe_grok converts "
+                              "'olmoe' checkpoints only")
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in hf]
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {missing}; an OLMoE config.json defines all of "
+                              f"{list(REQUIRED_CONFIG_KEYS)}")
+    return hf
+
+
+def hf_model_config(ckpt_dir: str, **overrides) -> MoEConfig:
+    """The MoEConfig of a local HF checkpoint directory (CheckpointError naming config.json)."""
+    hf = read_hf_config(ckpt_dir)
+    try:
+        return MoEConfig.from_hf_config(hf, **overrides)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, 'config.json')}: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Reading safetensors files
+# ----------------------------------------------------------------------------------------
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+           "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")  # what a weight may be stored as (no integer / quantized tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies: its file, safetensors dtype name, shape and absolute byte offset."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
+    """Every tensor of a .safetensors file, checked against the file's size (a truncated or
+    corrupt file raises CheckpointError naming it, and the tensor its data would lie past)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_size < 0 or header_size > size - 8:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes; its header "
+                                  f"length field says {header_size} bytes)")
+        raw = f.read(header_size)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + header_size
+    tensors = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(int(n) for n in meta["shape"]), meta["data_offsets"]
+        except (TypeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r} ({err!r})") from None
+        if dtype in _DTYPES and end - begin != math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {key!r} of shape {shape} and dtype {dtype} "
+                                  f"spans {end - begin} bytes")
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {key!r} needs bytes up to {data_start + end}, the file "
+                                  f"has {size}")
+        tensors[key] = TensorInfo(path, dtype, shape, data_start + begin)
+    return tensors
 
 
 class SafetensorsReader:
-    """Lazy, sliceable access to every tensor of a (possibly sharded) safetensors checkpoint."""
+    """Lazy, sliceable access to every tensor of a (possibly sharded) safetensors checkpoint.
+
+    model.safetensors wins over an index beside it, as in transformers' from_pretrained.
+    Every file's header is read and checked up front.
+    """
 
     def __init__(self, ckpt_dir: str):
-        index_path = os.path.join(ckpt_dir, INDEX_FILE)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        elif os.path.exists(os.path.join(ckpt_dir, SINGLE_FILE)):
-            with safe_open(os.path.join(ckpt_dir, SINGLE_FILE), framework="flax") as f:
-                weight_map = {k: SINGLE_FILE for k in f.keys()}
+        single, index_path = os.path.join(ckpt_dir, SINGLE_FILE), os.path.join(ckpt_dir, INDEX_FILE)
+        if os.path.exists(single):
+            if os.path.exists(index_path):
+                logging.warning("%s holds both %s and %s: reading %s, as transformers does", ckpt_dir, SINGLE_FILE,
+                                INDEX_FILE, SINGLE_FILE)
+            self._tensors = read_safetensors_header(single)
+        elif os.path.exists(index_path):
+            self._tensors = self._read_index(ckpt_dir, index_path)
         else:
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {ckpt_dir}")
-        self._dir = ckpt_dir
-        self._file_of = weight_map
-        self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def _read_index(ckpt_dir: str, index_path: str) -> dict[str, TensorInfo]:
+        weight_map = _read_json(index_path, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: no \"weight_map\" object of key -> shard file name")
+        shards = {}
+        for name in sorted(set(weight_map.values())):
+            path = os.path.join(ckpt_dir, name)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{index_path} names shard {name}, which is missing from {ckpt_dir}")
+            shards[name] = read_safetensors_header(path)
+        tensors = {}
+        for key, name in weight_map.items():
+            if key not in shards[name]:
+                actual = [other for other, held in shards.items() if key in held]
+                raise CheckpointError(f"{index_path} maps {key!r} to {name}, which does not hold it"
+                                      + (f" ({actual[0]} does)" if actual else ""))
+            tensors[key] = shards[name][key]
+        return tensors
 
     def keys(self) -> set[str]:
-        return set(self._file_of)
+        return set(self._tensors)
 
-    def _handle(self, key: str):
-        name = self._file_of[key]
-        if name not in self._handles:
-            path = os.path.join(self._dir, name)
-            if not os.path.exists(path):
-                raise CheckpointError(f"{INDEX_FILE} names {name}, which is missing from {self._dir}")
-            self._handles[name] = safe_open(path, framework="flax")
-        return self._handles[name]
+    def info(self, key: str) -> TensorInfo:
+        return self._tensors[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._tensors[key].shape
 
     def read(self, key: str, index: tuple = ()) -> np.ndarray:
-        """Host numpy array of tensor[index] (bfloat16 kept as ml_dtypes.bfloat16)."""
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            return np.asarray(self._handle(key).get_slice(key)[index] if index else self._handle(key).get_tensor(key))
+        """tensor[index] as a read-only view of the memory-mapped file (bfloat16 as ml_dtypes.bfloat16).
+
+        The mapping lives as long as the view: copy what you keep."""
+        info = self._tensors[key]
+        if info.dtype not in _DTYPES:
+            raise CheckpointError(f"{info.path}: tensor {key!r} has dtype {info.dtype}, which moe_grok cannot read")
+        if not math.prod(info.shape):
+            return np.zeros(info.shape, _DTYPES[info.dtype])[index]
+        return np.memmap(info.path, _DTYPES[info.dtype], mode="r", offset=info.offset, shape=info.shape)[index]
 
 
 # ----------------------------------------------------------------------------------------
@@ -148,18 +269,29 @@ def key_map(model_config: MoEConfig, keys: set[str]) -> dict[tuple[str, ...], Ca
         ("moe", "router"): "mlp.gate.weight",
     }
     mapping: dict[tuple[str, ...], Callable] = {
-        ("embed", "embedding"): lambda l, e: Source("model.embed_tokens.weight", transpose=False),
-        ("final_norm", "scale"): lambda l, e: Source("model.norm.weight", transpose=False),
+        ("embed", "embedding"): lambda layer, e: Source("model.embed_tokens.weight", transpose=False),
+        ("final_norm", "scale"): lambda layer, e: Source("model.norm.weight", transpose=False),
     }
     if not model_config.tie_word_embeddings:
-        mapping[("lm_head", "kernel")] = lambda l, e: Source("lm_head.weight")
+        mapping[("lm_head", "kernel")] = lambda layer, e: Source("lm_head.weight")
     for path, name in per_layer.items():
         is_matrix = path[-1] != "scale"
-        mapping[("layers", *path)] = (lambda l, e, name=name, t=is_matrix: Source(_layer_key(l, name), transpose=t))
+        mapping[("layers", *path)] = (
+            lambda layer, e, name=name, t=is_matrix: Source(_layer_key(layer, name), transpose=t))
     for name in EXPERT_WEIGHTS:
         mapping[("layers", "moe", name)] = (
-            lambda l, e, name=name: _expert_sources(model_config, keys, l)[name](e))
+            lambda layer, e, name=name: _expert_sources(model_config, keys, layer)[name](e))
     return mapping
+
+
+def page_aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized host array at a page boundary: JAX's CPU client adopts such a buffer
+    without copying it (an unaligned one it copies, doubling the memory of a load)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 4096, np.uint8)
+    start = -raw.ctypes.data % 4096
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _shard_reader(reader: SafetensorsReader, source_fn: Callable, lead_sizes: tuple[int, ...],
@@ -167,22 +299,25 @@ def _shard_reader(reader: SafetensorsReader, source_fn: Callable, lead_sizes: tu
     """make_array_from_callback's callback: shard index (tuple of slices) -> numpy shard.
 
     lead_sizes: sizes of the stacked leading axes ([L], [L, E] or []); each (layer, expert)
-    cell of the shard is read from its own HF tensor, transposed, and cast to dtype.
+    cell of the shard is copied from its own HF tensor (transposed, cast to dtype) into place.
     """
 
     def read(index: tuple) -> np.ndarray:
         lead, rest = index[:len(lead_sizes)], index[len(lead_sizes):]
-        ranges = [range(*s.indices(n)) for s, n in zip(lead, lead_sizes)]
-        cells = []
+        ranges = [range(*s.indices(n)) for s, n in zip(lead, lead_sizes, strict=True)]
+        out = None
         for cell_ids in np.ndindex(*map(len, ranges)):
-            picks = [r[i] for r, i in zip(ranges, cell_ids)]
+            picks = [r[i] for r, i in zip(ranges, cell_ids, strict=True)]
             layer = picks[0] if stacked_layers else None
             expert = picks[-1] if len(picks) > stacked_layers else None
             src = source_fn(layer, expert)
             cell = reader.read(src.key, src.index)
-            cell = cell.T if src.transpose else cell
-            cells.append(np.asarray(cell[rest], dtype=dtype))
-        return np.stack(cells).reshape(*map(len, ranges), *cells[0].shape)
+            cell = (cell.T if src.transpose else cell)[rest]
+            if out is None:
+                out = page_aligned_empty((*map(len, ranges), *cell.shape), dtype)
+            np.copyto(out[cell_ids], cell, casting="unsafe")
+            del cell  # unmaps the file pages
+        return out
 
     return read
 
@@ -193,7 +328,8 @@ def _cell_shape(path: tuple[str, ...], target_shape: tuple[int, ...]) -> tuple[i
 
 
 def validate_keys(model_config: MoEConfig, reader: SafetensorsReader) -> None:
-    """Raise CheckpointError naming missing keys, unexpected keys and shape mismatches."""
+    """Raise CheckpointError naming missing keys, unexpected keys, shape mismatches and
+    tensors stored in a dtype that is not a float (integer / bool / quantized weights)."""
     keys = reader.keys()
     shapes = param_shape_dict(model_config)
     mapping = key_map(model_config, keys)
@@ -215,7 +351,12 @@ def validate_keys(model_config: MoEConfig, reader: SafetensorsReader) -> None:
         problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
     for key, (path, src, want) in needed.items():
         if key in keys:
-            got = reader.shape(key)
+            info = reader.info(key)
+            if info.dtype not in WEIGHT_DTYPES:
+                problems.append(f"{key} in {os.path.basename(info.path)} has dtype {info.dtype}; weights must be "
+                                f"one of {'/'.join(WEIGHT_DTYPES)} (integer, bool and quantized tensors are not "
+                                f"converted)")
+            got = info.shape
             if src.index:  # fused expert tensors: check the whole tensor
                 f, e, d = model_config.expert_intermediate_size, model_config.num_experts, model_config.hidden_size
                 want = (e, 2 * f, d) if key.endswith("gate_up_proj") else (e, d, f)
@@ -235,11 +376,12 @@ def load_hf(path_or_repo: str, revision: str | None = None, dtype=jnp.float32,
     """Read an OLMoE HF checkpoint into (MoEConfig, params) with params in `dtype`.
 
     With a mesh, each parameter is created directly in its shards (experts over the
-    "expert" axis); without one, on the default device.
+    "expert" axis); without one, on the default device. Raises CheckpointError for bad
+    files, keys or config, and for non-finite weights (naming the checkpoint and the key).
     """
     ckpt_dir = resolve_checkpoint_dir(path_or_repo, revision)
     dtype = jnp.dtype(dtype)
-    model_config = MoEConfig.from_hf_config(read_hf_config(ckpt_dir), dtype=dtype.name, **config_overrides)
+    model_config = hf_model_config(ckpt_dir, dtype=dtype.name, **config_overrides)
     reader = SafetensorsReader(ckpt_dir)
     validate_keys(model_config, reader)
     shardings = params_lib.param_shardings(model_config, mesh)
@@ -252,10 +394,19 @@ def load_hf(path_or_repo: str, revision: str | None = None, dtype=jnp.float32,
         stacked_layers = name[0] == "layers"
         lead_sizes = leaf.shape[:stacked_layers + (name[-1] in EXPERT_WEIGHTS)]
         callback = _shard_reader(reader, mapping[name], lead_sizes, stacked_layers, dtype)
-        return jax.make_array_from_callback(leaf.shape, sharding or default, callback)
+        array = jax.make_array_from_callback(leaf.shape, sharding or default, callback)
+        bad = params_lib.first_nonfinite_cell(array, len(lead_sizes))
+        if bad is not None:
+            layer = bad[0] if stacked_layers else None
+            expert = bad[-1] if len(bad) > stacked_layers else None
+            checkpoint = path_or_repo + (f"@{revision}" if revision else "")
+            raise CheckpointError(f"checkpoint {checkpoint}: non-finite (NaN/inf) weights in "
+                                  f"{mapping[name](layer, expert).key} ({'/'.join(name)})")
+        return array
 
     if shardings is None:
         params = jax.tree_util.tree_map_with_path(build, shapes)
     else:
         params = jax.tree_util.tree_map_with_path(build, shapes, shardings)
     return model_config, params
+

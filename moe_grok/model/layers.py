@@ -108,7 +108,9 @@ class Attention(nn.Module):
         out = jnp.matmul(unnormalized.astype(dtype), v, preferred_element_type=jnp.float32)
         out = (out / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(dtype)  # [B, H, S, Dh]
         out = jnp.swapaxes(out, 1, 2).reshape(b, s, h * hd)
-        return dense(model_config.hidden_size, kernel_init=_init(model_config.init_std, "q_width", "embed"), name="o_proj")(out)
+        o_proj = dense(model_config.hidden_size, kernel_init=_init(model_config.init_std, "q_width", "embed"),
+                       name="o_proj")
+        return o_proj(out)
 
 
 def select_experts(probs, model_config: MoEConfig):
@@ -136,19 +138,22 @@ class ExpertStacks(nn.Module):
     @nn.compact
     def __call__(self):
         model_config, dtype = self.model_config, self.model_config.jnp_dtype
-        l, e, d, f = model_config.num_layers, model_config.num_experts, model_config.hidden_size, model_config.expert_intermediate_size
+        lead = (model_config.num_layers, model_config.num_experts)
+        d, f = model_config.hidden_size, model_config.expert_intermediate_size
         axes_and_shapes = ((("embed", "mlp"), (d, f)), (("embed", "mlp"), (d, f)), (("mlp", "embed"), (f, d)))
-        return tuple(self.param(name, _init(model_config.init_std, "layers", "expert", *axes), (l, e, *shape), dtype)
-                     for name, (axes, shape) in zip(EXPERT_WEIGHTS, axes_and_shapes))
+        return tuple(self.param(name, _init(model_config.init_std, "layers", "expert", *axes), (*lead, *shape), dtype)
+                     for name, (axes, shape) in zip(EXPERT_WEIGHTS, axes_and_shapes, strict=True))
 
 
 class SparseMoE(nn.Module):
     """Router + SwiGLU experts. Returns (output [B, S, D], router_logits [B, S, E] float32).
 
     experts: ExpertStacks' (gate, up, down) of all layers; layer: this layer's index (scalar).
+    mesh: dispatch expert-parallel over it (`dispatch.dispatch_experts`); None = one device.
     """
 
     model_config: MoEConfig
+    mesh: jax.sharding.Mesh | None = None
 
     @nn.compact
     def __call__(self, x, experts, layer):
@@ -161,8 +166,11 @@ class SparseMoE(nn.Module):
         router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
         top_w, top_idx = select_experts(jax.nn.softmax(router_logits, axis=-1), model_config)
         impl = dispatch.resolve_moe_impl(model_config.moe_impl)
-        kwargs = {"max_chunk": model_config.expert_chunk_size, "granule": model_config.expert_chunk_granule} if impl == "chunked" else {}
-        out = dispatch.EXPERT_IMPLS[impl](tokens, top_idx, top_w.astype(dtype), *experts, layer=layer, **kwargs)
+        kwargs = {}
+        if impl == "chunked":
+            kwargs = {"max_chunk": model_config.expert_chunk_size, "granule": model_config.expert_chunk_granule}
+        out = dispatch.dispatch_experts(tokens, top_idx, top_w.astype(dtype), experts, layer, impl, self.mesh,
+                                        **kwargs)
         return out.reshape(b, s, d), router_logits.reshape(b, s, e)
 
 
@@ -170,21 +178,27 @@ class DecoderLayer(nn.Module):
     """x + attn(input_norm(x)); then + moe(post_attention_norm(.)). Scanned over layers."""
 
     model_config: MoEConfig
+    mesh: jax.sharding.Mesh | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, experts, layer):
         model_config = self.model_config
-        x = x + Attention(model_config, name="attn")(RMSNorm(model_config.rms_norm_eps, model_config.jnp_dtype, name="input_norm")(x),
-                                            positions, mask)
-        moe_out, router_logits = SparseMoE(model_config, name="moe")(
-            RMSNorm(model_config.rms_norm_eps, model_config.jnp_dtype, name="post_attention_norm")(x), experts, layer)
+        eps, dtype = model_config.rms_norm_eps, model_config.jnp_dtype
+        x = x + Attention(model_config, name="attn")(RMSNorm(eps, dtype, name="input_norm")(x), positions, mask)
+        moe_out, router_logits = SparseMoE(model_config, self.mesh, name="moe")(
+            RMSNorm(eps, dtype, name="post_attention_norm")(x), experts, layer)
         return x + moe_out, router_logits
 
 
 class MoETransformer(nn.Module):
-    """Decoder-only MoE LM. __call__(tokens [B, S], mask [B, S]) -> ModelOutput."""
+    """Decoder-only MoE LM. __call__(tokens [B, S], mask [B, S]) -> ModelOutput.
+
+    mesh: the expert dispatch runs expert-parallel over it (tokens split over all its axes,
+    experts over "expert"); None = one device (or whatever sharding jit propagates).
+    """
 
     model_config: MoEConfig
+    mesh: jax.sharding.Mesh | None = None
 
     @nn.compact
     def __call__(self, tokens, mask=None, positions=None, with_lm_head: bool = True):
@@ -201,7 +215,7 @@ class MoETransformer(nn.Module):
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=model_config.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, router_logits = layers(model_config, name="layers")(x, positions, mask, experts,
+        x, router_logits = layers(model_config, self.mesh, name="layers")(x, positions, mask, experts,
                                                       jnp.arange(model_config.num_layers))  # router_logits [L, B, S, E]
         x = RMSNorm(model_config.rms_norm_eps, dtype, name="final_norm")(x)
         router_logits = jnp.transpose(router_logits, (1, 2, 0, 3))

@@ -7,9 +7,12 @@ as HF nests them. The Flax module declares the expert stacks outside its layer s
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_grok.config import MoEConfig
 from moe_grok.model.layers import EXPERT_WEIGHTS, LOGICAL_RULES, ModelOutput, MoETransformer
@@ -63,11 +66,31 @@ def init_params(model_config: MoEConfig, rng: jax.Array, mesh: jax.sharding.Mesh
     return jax.jit(init, out_shardings=param_shardings(model_config, mesh))(rng)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _finite_cells(array, lead_axes: int):
+    return jnp.all(jnp.isfinite(array), axis=tuple(range(lead_axes, array.ndim)))
+
+
+def first_nonfinite_cell(array: jax.Array, lead_axes: int = 0) -> tuple[int, ...] | None:
+    """Index over the first `lead_axes` axes (e.g. (layer, expert)) of the first cell of `array`
+    holding a NaN or inf; () when lead_axes = 0; None when every value is finite."""
+    finite = np.asarray(_finite_cells(array, lead_axes))
+    if finite.all():
+        return None
+    return tuple(int(i) for i in np.argwhere(~finite)[0])
+
+
 def router_matrices(params) -> jax.Array:
     """Router weight matrices W_l with experts as rows: [L, E, D] (row k = expert embedding v_lk)."""
     return jnp.swapaxes(params["layers"]["moe"]["router"], -1, -2)
 
 
-def forward(model_config: MoEConfig, params, tokens, mask=None, with_lm_head: bool = True) -> ModelOutput:
-    """Apply the model to tokens [B, S] (mask [B, S], 1 = real token); un-jitted, jit at the caller's boundary."""
-    return MoETransformer(model_config).apply({"params": _module_layout(params)}, tokens, mask, with_lm_head=with_lm_head)
+def forward(model_config: MoEConfig, params, tokens, mask=None, with_lm_head: bool = True,
+            mesh: jax.sharding.Mesh | None = None) -> ModelOutput:
+    """Apply the model to tokens [B, S] (mask [B, S], 1 = real token); un-jitted, jit at the caller's boundary.
+
+    mesh: run the expert dispatch expert-parallel over it (batch split over every mesh axis,
+    `sharding.model_batch_sharding`; experts as `param_shardings`); None = one device.
+    """
+    return MoETransformer(model_config, mesh).apply({"params": _module_layout(params)}, tokens, mask,
+                                                    with_lm_head=with_lm_head)

@@ -1,60 +1,167 @@
-"""Report files: summary.json, per_checkpoint.csv, table.csv / table.txt (and the plots)."""
+"""Report files of an analysis (analysis.analyze's dict).
+
+  summary.json        the whole report
+  per_checkpoint.csv  step, domain, group, set, metric, value (every curve, long format)
+  table1.csv          domain, metric, window, n, pearson_r, pearson_p, spearman_r, spearman_p
+  groups.csv          Pretrain@ groups: size and trend after t* of every metric and control
+  pairs.csv           Pretrain@p -> Test@q pairs and their delays
+  sweeps.csv          tau sweep and (eps, delta) sweep rows
+  param_dynamics.csv  weight-change speed and stability per family between checkpoints
+  table.txt           the human-readable summary (format_table)
+  *.png               plots (report.plots)
+"""
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from typing import Any
 
-from moe_grok.report.plots import plot_report
+from moe_grok.report import plots
+
+TABLE1_ROWS = (  # (key in a domain's table1, label); the paper's Table 1 rows, then controls
+    ("memorized/distance", "pathway distance (memorized)"),
+    ("memorized/consistency", "pathway consistency (memorized)"),
+    ("train_loss", "training loss"),
+    ("train_loss_moving_average", "training loss, moving average"),
+    ("validation_loss", "validation loss"),
+    ("memorized/distance_char_normalized", "distance, length-normalized"),
+    ("memorized/distance_token", "distance, token level"),
+    ("held_out/distance", "control: distance (held-out test samples)"),
+    ("held_out/consistency", "control: consistency (held-out test samples)"),
+    ("random_train/distance", "control: distance (random non-memorized train)"),
+    ("random_train/consistency", "control: consistency (random non-memorized train)"),
+    ("memorized/pathway_length", "control: pathway length (experts / layer)"),
+    ("memorized/routing_entropy", "control: routing entropy (nats)"),
+)
+
+
+def _number(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"
+
+
+def _signed(value, width: int = 6) -> str:
+    return f"{'n/a':>{width}}" if value is None or math.isnan(value) else f"{value:>+{width}.2f}"
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Table-1-style text: per group, memorization/onset/delay and r of each metric with test accuracy."""
-    header = (f"{'group':<14}{'memorized':>10}{'mem step':>10}{'onset':>8}{'delay':>8}"
-              f"{'r(dist) P/S':>16}{'r(consist) P/S':>17}{'r(loss) P/S':>16}")
-    lines = [header, "-" * len(header)]
-
-    def pair(corr, metric):
-        c = corr.get(metric)
-        return "      n/a" if c is None else f"{c['pearson_r']:+.2f}/{c['spearman_r']:+.2f}"
-
-    for name, g in report["groups"].items():
-        corr = g.get("correlations", {})
-        lines.append(f"{name:<14}{g['n_memorized']:>5}/{g['n_train']:<4}{g['memorization_step_median']:>10.0f}"
-                     f"{g.get('test_onset_step', -1):>8}{g.get('grokking_delay', float('nan')):>8.0f}"
-                     f"{pair(corr, 'pathway_distance'):>16}{pair(corr, 'pathway_consistency'):>17}"
-                     f"{pair(corr, 'train_loss'):>16}")
+    """Per domain: memorization, groups, pairs and delays, and Table 1 (window and full range)."""
+    lines = [f"routing positions: {report['positions']}; checkpoints {report['steps'][0]}..{report['steps'][-1]} "
+             f"({len(report['steps'])})"]
+    for domain, d in report["domains"].items():
+        m = d["memorization"]
+        eps_text = (f"eps {m['eps']:.4g} nats ({m['eps_source']}"
+                    + (f", grid step {report['options']['eps_grid_step']} x {m.get('eps_unit')}" if m.get('eps_unit')
+                       else "") + ")")
+        range_text = {True: "in the target range", False: "OUTSIDE the target range", None: "fixed eps"}[
+            m["in_target_range"]]
+        lines += ["", f"== {domain}: {d['n_train']} training samples; {eps_text}: "
+                      f"{m['share_before_end']:.1%} memorized before the last checkpoint ({range_text}); "
+                      f"{len(d['pretrain_groups'])} Pretrain@ groups, {len(d['test_groups'])} Test@ groups"]
+        if "window" in d:
+            w = d["window"]
+            lines.append(f"   test onset {d['test_onset_step']}; correlation window {w['start_step']}..{w['end_step']}"
+                         f" (n={w['n']})")
+        for pair in d["pairs"]:
+            lines.append(f"   {pair['pretrain']:>16} -> {pair['test']:<14} delay {pair['delay']:>+7}")
+        if "table1" in d:
+            lines.append(f"   {'metric':<50}{'window P':>9}{'S':>7}{'p':>9}{'full P':>9}{'S':>7}")
+            for key, label in TABLE1_ROWS:
+                if key not in d["table1"]:
+                    continue
+                w, f = d["table1"][key]["window"], d["table1"][key]["full"]
+                lines.append(f"   {label:<50}{_signed(w['pearson_r'], 9)}{_signed(w['spearman_r'], 7)}"
+                             f"{w['pearson_p']:>9.2g}{_signed(f['pearson_r'], 9)}{_signed(f['spearman_r'], 7)}")
+            partial = d.get("partial_correlations", {}).get("memorized", {})
+            for metric in ("distance", "consistency"):
+                if metric in partial:
+                    lines.append(f"   partial r({metric}, test acc | entropy, length) = "
+                                 f"{_signed(partial[metric]['r'], 5)} (n={partial[metric]['n']})")
+    for warning in report.get("warnings", []):
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:
-    """summary.json, per_checkpoint.csv, table.csv/.txt and analysis.png in out_dir; returns the paths."""
+def _curve_rows(report: dict[str, Any]):
+    for domain, d in report["domains"].items():
+        yield from ((domain, "", "domain", metric, values) for metric, values in d["curves"].items())
+        for set_name, s in d["sets"].items():
+            yield from ((domain, "", set_name, metric, values) for metric, values in s["curves"].items())
+        for name, g in d["pretrain_groups"].items():
+            yield from ((domain, name, "group", metric, values) for metric, values in g["curves"].items())
+            for control, curves in g["controls"].items():
+                yield from ((domain, name, control, metric, values) for metric, values in curves.items())
+            yield from ((domain, name, "cross", metric, values) for metric, values in g["cross"].items())
+        for name, g in d["test_groups"].items():
+            yield domain, name, "test_group", "accuracy", g["accuracy"]
+    for pair, values in report["cross_domain_distance"].items():
+        yield pair, "", "cross_domain", "distance", values
+    yield from (("global", "", "memorized", metric, values) for metric, values in report["global"]["curves"].items())
+
+
+def write_report(report: dict[str, Any], out_dir: str, with_plots: bool = True) -> dict[str, str]:
+    """Every file of the module docstring in out_dir (the PNGs only `with_plots`); returns {file name: path}."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {name: os.path.join(out_dir, name) for name in
-             ("summary.json", "per_checkpoint.csv", "table.csv", "table.txt", "analysis.png")}
+    names = ("summary.json", "per_checkpoint.csv", "table1.csv", "groups.csv", "pairs.csv", "sweeps.csv",
+             "param_dynamics.csv", "table.txt")
+    paths = {name: os.path.join(out_dir, name) for name in names}
     with open(paths["summary.json"], "w") as f:
         json.dump(report, f, indent=1, default=float)
+    steps = report["steps"]
     with open(paths["per_checkpoint.csv"], "w", newline="") as f:
         writer = csv.writer(f)
-        curve_names = sorted({c for g in report["groups"].values() for c in g["curves"]})
-        writer.writerow(["step", "group", *curve_names])
-        for name, g in report["groups"].items():
-            for i, step in enumerate(report["steps"]):
-                writer.writerow([step, name, *(g["curves"].get(c, [""] * len(report["steps"]))[i] for c in curve_names)])
-    with open(paths["table.csv"], "w", newline="") as f:
+        writer.writerow(["step", "domain", "group", "set", "metric", "value"])
+        for domain, group, set_name, metric, values in _curve_rows(report):
+            writer.writerows([step, domain, group, set_name, metric, _number(v)] for step, v in zip(steps, values))
+    with open(paths["table1.csv"], "w", newline="") as f:
         writer = csv.writer(f)
-        metric_names = ("pathway_distance", "pathway_consistency", "train_loss", "train_loss_memorized")
-        writer.writerow(["group", "n_train", "n_memorized", "eps", "memorization_step_median", "test_onset_step",
-                         "grokking_delay", "rise_start_step",
-                         *(f"{m}_{s}" for m in metric_names for s in ("pearson_r", "spearman_r", "n"))])
-        for name, g in report["groups"].items():
-            corr = g.get("correlations", {})
-            writer.writerow([name, g["n_train"], g["n_memorized"], g["eps"], g["memorization_step_median"],
-                             g.get("test_onset_step", ""), g.get("grokking_delay", ""), g.get("rise_start_step", ""),
-                             *(corr.get(m, {}).get(s, "") for m in metric_names for s in ("pearson_r", "spearman_r", "n"))])
+        writer.writerow(["domain", "metric", "window", "n", "pearson_r", "pearson_p", "spearman_r", "spearman_p"])
+        for domain, d in report["domains"].items():
+            for metric, by_window in d.get("table1", {}).items():
+                for window, c in by_window.items():
+                    writer.writerow([domain, metric, window, c["n"], *(_number(c[k]) for k in
+                                                                      ("pearson_r", "pearson_p", "spearman_r",
+                                                                       "spearman_p"))])
+            for set_name, partial in d.get("partial_correlations", {}).items():
+                for metric, c in partial.items():
+                    writer.writerow([domain, f"{set_name}/{metric}|entropy,length", "window_partial", c["n"],
+                                     _number(c["r"]), _number(c["p"]), "", ""])
+    with open(paths["groups.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["domain", "group", "step", "n", "set", "metric", "slope_per_1k_steps", "ci95_low",
+                         "ci95_high", "p", "n_points"])
+        for domain, d in report["domains"].items():
+            for name, g in d["pretrain_groups"].items():
+                for set_name, trends in (("group", g["trend_after_t_star"]), *g["control_trends"].items()):
+                    for metric, t in trends.items():
+                        writer.writerow([domain, name, g["step"], g["n"], set_name, metric, _number(t["slope"]),
+                                         _number(t["ci95"][0]), _number(t["ci95"][1]), _number(t["p"]), t["n"]])
+    with open(paths["pairs.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["domain", "pretrain", "test", "pretrain_step", "test_step", "delay", "similarity"])
+        for domain, d in report["domains"].items():
+            writer.writerows([domain, p["pretrain"], p["test"], p["pretrain_step"], p["test_step"], p["delay"],
+                              _number(p["similarity"])] for p in d["pairs"])
+    with open(paths["sweeps.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["domain", "sweep", "tau", "delta", "eps_multiple", "eps", "share_before_end", "n_groups",
+                         "distance_window_pearson", "consistency_window_pearson"])
+        for domain, d in report["domains"].items():
+            for tau, t in d.get("tau_sweep", {}).items():
+                writer.writerow([domain, "tau", tau, "", "", "", "", "", _number(t["correlation"]["pearson_r"]), ""])
+            for row in d["eps_delta_sweep"]:
+                writer.writerow([domain, "eps_delta", "", row["delta"], row["eps_multiple"], _number(row["eps"]),
+                                 _number(row["share_before_end"]), row["n_groups"],
+                                 _number(row.get("distance_correlation", {}).get("pearson_r")),
+                                 _number(row.get("consistency_correlation", {}).get("pearson_r"))])
+    with open(paths["param_dynamics.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        columns = ("step_from", "step_to", "family", "relative_change", "speed_per_1k_steps", "stability")
+        writer.writerow(columns)
+        writer.writerows([row[c] for c in columns] for row in report["parameter_dynamics"])
     with open(paths["table.txt"], "w") as f:
         f.write(format_table(report) + "\n")
-    plot_report(report, paths["analysis.png"])
+    if with_plots:
+        paths.update(plots.plot_report(report, out_dir))
     return paths
-

@@ -1,31 +1,76 @@
 """The paper's OLMoE experiment from a config (configs/olmoe_grokking.py): data, checkpoints, pipeline."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from moe_grok import pipeline, sharding
-from moe_grok.analysis.analyze import AnalysisOptions
+from moe_grok.analysis.analyze import AnalysisOptions, TestResults
+from moe_grok.analysis.groups import check_embeddings
 from moe_grok.analysis.sources import checkpoint_sources
-from moe_grok.analysis.test_accuracy import load_test_accuracy_csv
+from moe_grok.analysis.test_accuracy import load_test_accuracy_csv, load_test_correctness_csv
 from moe_grok.data.corpus import load_split
+
+DTYPES = ("bfloat16", "float32")
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: no such file {path}")
+    return np.load(path, allow_pickle=False)
+
+
+def load_test_results(config: ml_collections.ConfigDict, steps: list[int]) -> TestResults | None:
+    """TestResults from config.test_correctness_csv (per sample; with config.test_embeddings) or
+    config.test_accuracy_csv (per domain), or None."""
+    if config.test_correctness_csv:
+        _, correct, rows = load_test_correctness_csv(config.test_correctness_csv, steps=steps)
+        embeddings = {}
+        if config.test_embeddings:
+            table = _load_npy(config.test_embeddings, "test_embeddings")
+            n_rows = sum(r.size for r in rows.values())
+            if table.ndim != 2 or table.shape[0] != n_rows:
+                raise ValueError(f"{config.test_embeddings}: shape {table.shape}, need [{n_rows}, dim]: one row per "
+                                 f"test sample of {config.test_correctness_csv}, in first-appearance order")
+            embeddings = {g: table[r] for g, r in rows.items()}
+        return TestResults({g: c.mean(axis=1) for g, c in correct.items()}, correct, embeddings)
+    if config.test_accuracy_csv:
+        _, accuracy = load_test_accuracy_csv(config.test_accuracy_csv, steps=steps)
+        return TestResults(accuracy)
+    return None
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Validate the options, load the data, then run every checkpoint through the pipeline.
+    """Validate the options and inputs, load the data, then run every checkpoint through the pipeline.
 
     Returns the report (also written to config.out_dir/report)."""
     options = AnalysisOptions.from_config(config.analysis)
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
+    specs = [c for c in config.checkpoints.split(",") if c]
+    sources = checkpoint_sources(specs, dtype=config.dtype)
+    test = load_test_results(config, sorted(s.step for s in sources))
+    splits = {"train": load_split(config.data)}
+    if config.validation_paths:
+        validation_config = config.data.copy_and_resolve_references()
+        validation_config.paths = config.validation_paths
+        splits["validation"] = load_split(validation_config)
+    if test is not None:
+        test.check(splits["train"].group_names, len(sources))
+    train_embeddings = None
+    if config.train_embeddings:
+        train_embeddings = check_embeddings(config.train_embeddings, _load_npy(config.train_embeddings,
+                                                                               "train_embeddings"),
+                                            len(splits["train"]))
     mesh = sharding.make_mesh(data=None if config.mesh.data < 0 else config.mesh.data, expert=config.mesh.expert)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-    split = load_split(config.data)
-    sources = checkpoint_sources([c for c in config.checkpoints.split(",") if c], dtype=config.dtype, mesh=mesh)
-    test_accuracy = None
-    if config.test_accuracy_csv:
-        _, test_accuracy = load_test_accuracy_csv(config.test_accuracy_csv, steps=[s.step for s in sources])
-    return pipeline.run_pipeline(sources, {"train": split}, config.out_dir, test_accuracy=test_accuracy,
-                                 options=options, batch_size=config.batch_size, mesh=mesh,
-                                 progress=jax.process_index() == 0)
+    sources = checkpoint_sources(specs, dtype=config.dtype, mesh=mesh)
+    validation = "validation" if "validation" in splits else None
+    return pipeline.run_pipeline(sources, splits, config.out_dir, test=test, held_out_split=validation,
+                                 validation_split=validation, train_embeddings=train_embeddings, options=options,
+                                 batch_size=config.batch_size, mesh=mesh, progress=jax.process_index() == 0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from moe_grok.analysis.metrics import group_pathway_distance
 from moe_grok.extraction.pathways import pathway_strings
@@ -253,6 +255,7 @@ def run_synthetic(config: SyntheticConfig, mesh: Mesh | None = None) -> dict:
         "mean_pathway_experts": float(np.mean(path_lengths)),
         "gram_trace_per_sample": float(jnp.trace(gram) / config.n_train),
         "d_eff": float(bound.effective_dimension),
+        "d_eff_normalized": float(bound.effective_dimension) / config.n_train,
         "bias": float(bound.bias),
         "variance": float(bound.variance),
         "confidence": float(bound.confidence),
@@ -268,30 +271,25 @@ def run_synthetic(config: SyntheticConfig, mesh: Mesh | None = None) -> dict:
 TABLE_COLUMNS = {  # result key -> table header
     "n_clusters": "clusters", "spread": "spread", "router_scale": "r_scale", "router_seed": "r_seed",
     "edit_distance": "edit_dist", "edit_distance_normalized": "edit_norm", "mean_pathway_experts": "path_len",
-    "d_eff": "d_eff", "bias": "bias", "variance": "variance", "bound": "bound", "train_mse": "train_mse",
+    "d_eff": "d_eff", "d_eff_normalized": "d_eff_norm", "bias": "bias", "variance": "variance", "bound": "bound", "train_mse": "train_mse",
     "test_mse": "test_mse", "krr_test_mse": "krr_mse",
 }
-CORRELATION_PAIRS = (
+CORRELATION_PAIRS = (  # the first is the paper's Fig. 8 (primary)
+    ("edit_distance_normalized", "d_eff_normalized"),
     ("edit_distance", "d_eff"),
-    ("edit_distance_normalized", "d_eff"),
+    ("mean_pathway_experts", "d_eff_normalized"),
     ("bound", "test_mse"),
     ("bound", "krr_test_mse"),
 )
 
 
-def sweep_synthetic(base: SyntheticConfig, structures, router_seeds, router_scales=(1.0,), mesh=None, log=print):
+def sweep_synthetic(base: SyntheticConfig, structures, router_seeds, router_scales=(1.0,), mesh=None,
+                    progress: bool = True):
     """Run every (n_clusters, spread) structure x router_scale x router_seed -> list of result dicts."""
-    rows = []
-    for n_clusters, spread in structures:
-        for router_scale in router_scales:
-            for seed in router_seeds:
-                config = dataclasses.replace(
-                    base, n_clusters=n_clusters, spread=spread, router_scale=router_scale, router_seed=seed
-                )
-                rows.append(run_synthetic(config, mesh=mesh))
-                if log:
-                    log(format_table(rows[-1:], header=not rows[:-1]))
-    return rows
+    grid = list(itertools.product(structures, router_scales, router_seeds))
+    return [run_synthetic(dataclasses.replace(base, n_clusters=n_clusters, spread=spread, router_scale=scale,
+                                              router_seed=seed), mesh=mesh)
+            for (n_clusters, spread), scale, seed in tqdm(grid, desc="synthetic runs", disable=not progress)]
 
 
 def format_table(rows, columns=TABLE_COLUMNS, header=True, width=9) -> str:
@@ -306,53 +304,111 @@ def _group_key(row):
     return (row["n_clusters"], row["spread"], row["router_scale"])
 
 
+def _structure_label(key) -> str:
+    return f"K={key[0]} spread={key[1]} scale={key[2]}"
+
+
+def fisher_interval(r: float, n: int, confidence: float = 0.95) -> list[float]:
+    """Confidence interval of a Pearson r from n pairs (Fisher z); NaN when n < 4."""
+    from scipy import stats
+
+    if n < 4 or not np.isfinite(r):
+        return [float("nan"), float("nan")]
+    z, half = np.arctanh(np.clip(r, -0.999999, 0.999999)), stats.norm.ppf(0.5 + confidence / 2) / np.sqrt(n - 3)
+    return [float(np.tanh(z - half)), float(np.tanh(z + half))]
+
+
+def within_structure(rows, a: str, b: str) -> dict:
+    """The paper's design (Fig. 8): only the router seed varies inside a structure.
+
+    Returns {"per_structure": {label: {"r", "ci95", "n"}}, "pooled": {"r", "ci95", "n"}} where
+    pooled is the Pearson r of a and b after removing each structure's mean, its CI from Fisher z
+    with n - (structures - 1) effective pairs."""
+    from scipy import stats
+
+    keys = sorted({_group_key(r) for r in rows})
+    per, da, db = {}, [], []
+    for key in keys:
+        va = np.array([r[a] for r in rows if _group_key(r) == key], np.float64)
+        vb = np.array([r[b] for r in rows if _group_key(r) == key], np.float64)
+        r_value = float(stats.pearsonr(va, vb).statistic) if len(va) >= 3 and np.ptp(va) and np.ptp(vb) else np.nan
+        per[_structure_label(key)] = {"r": r_value, "ci95": fisher_interval(r_value, len(va)), "n": len(va)}
+        da.append(va - va.mean())
+        db.append(vb - vb.mean())
+    da, db = np.concatenate(da), np.concatenate(db)
+    pooled = float(stats.pearsonr(da, db).statistic) if np.ptp(da) and np.ptp(db) else np.nan
+    effective = len(da) - (len(keys) - 1)
+    return {"per_structure": per, "pooled": {"r": pooled, "ci95": fisher_interval(pooled, effective),
+                                             "n": int(len(da))}}
+
+
 def correlations(rows, pairs=CORRELATION_PAIRS) -> dict:
-    """Pearson and Spearman (scipy.stats) for each (a, b) pair over all runs, plus the Pearson
-    correlation within structures (each (n_clusters, spread, router_scale) group's mean removed:
-    only router-seed variation remains)."""
+    """For each (a, b): Pearson and Spearman over all runs (structures pooled: secondary) and the
+    within-structure correlations (primary: only router-seed variation remains)."""
     from scipy import stats
 
     out = {}
     for a, b in pairs:
         va, vb = (np.array([r[k] for r in rows], np.float64) for k in (a, b))
-        keys = [_group_key(r) for r in rows]
-        demean = lambda v: v - np.array([v[[k == key for k in keys]].mean() for key in keys])
         out[f"{a}~{b}"] = {
-            "pearson": float(stats.pearsonr(va, vb).statistic),
-            "spearman": float(stats.spearmanr(va, vb).statistic),
-            "within_structure_pearson": float(stats.pearsonr(demean(va), demean(vb)).statistic),
+            "within_structure": within_structure(rows, a, b),
+            "pooled_pearson": float(stats.pearsonr(va, vb).statistic),
+            "pooled_spearman": float(stats.spearmanr(va, vb).statistic),
             "num_runs": len(rows),
         }
     return out
 
 
 def format_correlations(corr: dict) -> str:
-    return "\n".join(
-        f"{name:<34} pearson={c['pearson']:+.3f}  spearman={c['spearman']:+.3f}  "
-        f"within-structure pearson={c['within_structure_pearson']:+.3f}  (n={c['num_runs']})"
-        for name, c in corr.items()
-    )
+    lines = []
+    for name, c in corr.items():
+        w = c["within_structure"]["pooled"]
+        lines.append(f"{name:<38} within structures r={w['r']:+.3f} [95% CI {w['ci95'][0]:+.2f}, {w['ci95'][1]:+.2f}]"
+                     f" (n={w['n']});  all runs pooled: pearson={c['pooled_pearson']:+.3f} "
+                     f"spearman={c['pooled_spearman']:+.3f}")
+        for label, s in c["within_structure"]["per_structure"].items():
+            lines.append(f"    {label:<30} r={s['r']:+.3f} [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}] (n={s['n']})")
+    return "\n".join(lines)
 
 
-def save_plots(rows, path: str) -> None:
-    """PNG: edit distance vs d_eff, and bound vs measured test MSE (one color per structure)."""
-    fig = Figure(figsize=(11, 4.5))
-    left, right = fig.subplots(1, 2)
-    groups = sorted({_group_key(r) for r in rows})
-    for key in groups:
+def save_plots(rows, corr: dict, path: str) -> None:
+    """PNG. Primary (top): normalized edit distance vs normalized d_eff within each structure
+    (structure means removed), and each structure's r with its 95% CI. Secondary (bottom): all
+    runs pooled, and the bound vs the measured test MSE."""
+    fig = Figure(figsize=(11, 9))
+    (within, per_structure), (pooled, bound) = fig.subplots(2, 2)
+    keys = sorted({_group_key(r) for r in rows})
+    main = corr["edit_distance_normalized~d_eff_normalized"]["within_structure"]
+    for key in keys:
         sub = [r for r in rows if _group_key(r) == key]
-        label = f"K={key[0]} spread={key[1]} scale={key[2]}"
-        left.scatter([r["edit_distance"] for r in sub], [r["d_eff"] for r in sub], label=label, s=18)
-        right.scatter([r["test_mse"] for r in sub], [r["bound"] for r in sub], label=label, s=18)
-    left.set(xlabel="mean pairwise pathway edit distance (char)", ylabel="d_eff = Tr(H (H + lam I)^-1)")
+        x = np.array([r["edit_distance_normalized"] for r in sub])
+        y = np.array([r["d_eff_normalized"] for r in sub])
+        label = _structure_label(key)
+        within.scatter(x - x.mean(), y - y.mean(), s=14, label=f"{label} (r={main['per_structure'][label]['r']:+.2f})")
+        pooled.scatter(x, y, s=14, label=label)
+        bound.scatter([r["test_mse"] for r in sub], [r["bound"] for r in sub], s=14, label=label)
+    w = main["pooled"]
+    within.set(title=f"within structures: r={w['r']:+.2f} [{w['ci95'][0]:+.2f}, {w['ci95'][1]:+.2f}] (n={w['n']})",
+               xlabel="normalized edit distance - structure mean", ylabel="normalized d_eff - structure mean")
+    labels = list(main["per_structure"])
+    values = [main["per_structure"][k] for k in labels]
+    per_structure.errorbar([v["r"] for v in values], np.arange(len(values)), fmt="o",
+                           xerr=np.abs(np.array([v["ci95"] for v in values]).T - [v["r"] for v in values]))
+    per_structure.axvline(0, color="k", lw=0.8)
+    per_structure.set_yticks(np.arange(len(values)), labels, fontsize=7)
+    per_structure.set(title="r per structure (router seeds only), 95% CI", xlabel="Pearson r")
+    pooled.set(title="all runs pooled (structures differ too)", xlabel="normalized edit distance",
+               ylabel="normalized d_eff = d_eff / n")
     lo = min(min(r["test_mse"], r["bound"]) for r in rows)
     hi = max(max(r["test_mse"], r["bound"]) for r in rows)
-    right.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="bound = test MSE")
-    right.set(xlabel="measured test MSE (trained MoE)", ylabel="bound (C1 = 1)", xscale="log", yscale="log")
-    left.legend(fontsize=7)
-    right.legend(fontsize=7)
+    bound.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="bound = test MSE")
+    bound.set(title="bound vs measured test MSE", xlabel="test MSE (trained MoE)", ylabel="bound (C1 = 1)",
+              xscale="log", yscale="log")
+    for ax in (within, pooled, bound):
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> str:
@@ -371,5 +427,5 @@ def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> st
         writer.writerows(rows)
     with open(os.path.join(config.out, "results.json"), "w") as f:
         json.dump({"base_config": dataclasses.asdict(base), "runs": rows, "correlations": corr}, f, indent=1)
-    save_plots(rows, os.path.join(config.out, "theory.png"))
+    save_plots(rows, corr, os.path.join(config.out, "theory.png"))
     return f"Correlations over runs:\n{format_correlations(corr)}\nwrote {config.out}/results.csv, results.json, theory.png"

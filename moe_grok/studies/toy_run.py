@@ -7,10 +7,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from moe_grok import pipeline
 from moe_grok.analysis.analyze import AnalysisOptions
-from moe_grok.analysis.sources import CheckpointSource
+from moe_grok.analysis.sources import CheckpointSource, directory_identity
 from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
 from moe_grok.data.splits import EvalSplit
@@ -23,20 +24,35 @@ def run_checkpoint_sources(workdir: str) -> list[CheckpointSource]:
     model_config = MoEConfig.load(workdir)
     checkpoints = loop.RunCheckpoints(workdir)
     abstract = params_lib.param_shapes(model_config)
+
+    def identity(step: int) -> dict:  # the step's orbax directory (file sizes, mtimes) and the MoEConfig
+        step_dir = ocp.step.find_step_path(checkpoints.params.directory, ocp.step.standard_name_format(), step=step)
+        return directory_identity(str(step_dir), model_config)
+
     return [CheckpointSource(step, f"step {step}",
-                             lambda step=step: (model_config, checkpoints.restore_params(step, abstract)))
+                             lambda step=step: (model_config, checkpoints.restore_params(step, abstract)),
+                             lambda step=step: identity(step))
             for step in checkpoints.steps()]
 
 
-def task_splits(data: tasks.AlgorithmicDataset) -> dict[str, EvalSplit]:
-    """Train and test splits scored at the answer position, groups = operations."""
-    splits = {}
-    for split in ("train", "test"):
-        inputs = np.asarray(getattr(data, f"{split}_inputs"))
-        targets, target_mask = loop.answer_targets(inputs, getattr(data, f"{split}_targets"))
-        splits[split] = EvalSplit(inputs, np.ones_like(inputs), targets, target_mask,
-                                  np.asarray(getattr(data, f"{split}_groups")), data.group_names)
-    return splits
+def task_splits(data: tasks.AlgorithmicDataset, validation_share: float = 0.5) -> dict[str, EvalSplit]:
+    """Splits scored at the answer position, groups = operations: "train", and the held-out pairs
+    cut in two by a seeded draw per operation: "validation" (scored by loss only: Table 1's
+    validation loss) and "test" (accuracy, Test@ groups, the held-out control)."""
+    def split_of(inputs, answers, groups):
+        targets, target_mask = loop.answer_targets(inputs, answers)
+        return EvalSplit(inputs, np.ones_like(inputs), targets, target_mask, groups, data.group_names)
+
+    held_out = np.zeros(len(data.test_targets), bool)
+    for group in range(len(data.group_names)):
+        rows = np.flatnonzero(data.test_groups == group)
+        rng = np.random.default_rng([data.spec.seed, group, 1])
+        held_out[rng.choice(rows, int(round(validation_share * rows.size)), replace=False)] = True
+    inputs, answers, groups = (np.asarray(a) for a in (data.test_inputs, data.test_targets, data.test_groups))
+    return {"train": split_of(np.asarray(data.train_inputs), np.asarray(data.train_targets),
+                              np.asarray(data.train_groups)),
+            "test": split_of(inputs[~held_out], answers[~held_out], groups[~held_out]),
+            "validation": split_of(inputs[held_out], answers[held_out], groups[held_out])}
 
 
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
@@ -45,6 +61,6 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     report files in workdir/analysis/report). Returns the report."""
     data = tasks.make_dataset(loop.task_spec(config))
     return pipeline.run_pipeline(run_checkpoint_sources(workdir), task_splits(data),
-                                 os.path.join(workdir, "analysis"), test_split="test",
+                                 os.path.join(workdir, "analysis"), test_split="test", validation_split="validation",
                                  options=AnalysisOptions.from_config(config.analysis),
                                  batch_size=config.analysis.batch_size, mesh=mesh, progress=progress)

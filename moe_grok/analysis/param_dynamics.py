@@ -1,0 +1,83 @@
+"""How fast router, expert and attention weights move between checkpoints (the paper's Appendix D).
+
+Every checkpoint contributes a fixed sample of each parameter's entries (the same positions
+at every checkpoint, drawn from a seed derived from the parameter's path): all entries of a
+parameter with at most `sample_size` of them, else `sample_size` positions drawn uniformly
+with replacement. Norms and inner products of a family (router / experts / attention / other)
+are estimated from the samples, each parameter's sums scaled by size / samples, so the
+estimate is exact for small models and unbiased for large ones (OLMoE-1B-7B's expert stacks
+have 2.1B entries each).
+
+Per pair of consecutive checkpoints t0 < t1 and family:
+  relative_change = |W(t1) - W(t0)| / |W(t0)|          (Frobenius norms over the family)
+  speed           = relative_change / (t1 - t0) * 1000  (per 1,000 training steps)
+  stability       = cos(W(t0), W(t1))                   (1 = the weights did not turn)
+"""
+from __future__ import annotations
+
+import zlib
+
+import jax
+import numpy as np
+
+FAMILIES = ("router", "experts", "attention", "other")
+DEFAULT_SAMPLE_SIZE = 1 << 16
+
+
+def family_of(path: str) -> str:
+    """Family of a public parameter path such as "layers/moe/router" or "layers/attn/q_proj/kernel"."""
+    if path.endswith("moe/router"):
+        return "router"
+    if "/moe/" in path:
+        return "experts"
+    if "/attn/" in path:
+        return "attention"
+    return "other"
+
+
+def _sample_positions(path: str, shape: tuple[int, ...], sample_size: int):
+    """Index tuple selecting the sampled entries (None: every entry)."""
+    if int(np.prod(shape)) <= sample_size:
+        return None
+    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    return tuple(rng.integers(0, n, sample_size) for n in shape)
+
+
+def parameter_sample(params, sample_size: int = DEFAULT_SAMPLE_SIZE) -> dict[str, np.ndarray]:
+    """{"path": float32 sample [<= sample_size]} plus {"path#size": total entries} for every parameter."""
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = "/".join(str(getattr(k, "key", k)) for k in key_path)
+        positions = _sample_positions(path, leaf.shape, sample_size)
+        values = leaf.reshape(-1) if positions is None else leaf[positions]
+        out[path] = np.asarray(jax.device_get(values), np.float32)
+        out[f"{path}#size"] = np.asarray(leaf.size, np.int64)
+    return out
+
+
+def _family_sums(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per family: estimated (|W0|^2, |W1|^2, <W0, W1>, |W1 - W0|^2)."""
+    sums = {f: np.zeros(4) for f in FAMILIES}
+    for path, w0 in before.items():
+        if path.endswith("#size") or path not in after:
+            continue
+        w1 = after[path].astype(np.float64)
+        w0 = w0.astype(np.float64)
+        scale = float(before[f"{path}#size"]) / w0.size
+        sums[family_of(path)] += scale * np.array([w0 @ w0, w1 @ w1, w0 @ w1, (w1 - w0) @ (w1 - w0)])
+    return sums
+
+
+def parameter_dynamics(steps, samples: list[dict[str, np.ndarray]]) -> list[dict]:
+    """One row per (consecutive checkpoint pair, family): step_from, step_to, family,
+    relative_change, speed_per_1k_steps, stability (see the module docstring)."""
+    rows = []
+    for (t0, before), (t1, after) in zip(zip(steps, samples), zip(steps[1:], samples[1:])):
+        for family, (n0, n1, dot, diff) in _family_sums(before, after).items():
+            if n0 == 0:
+                continue
+            change = float(np.sqrt(diff / n0))
+            rows.append({"step_from": int(t0), "step_to": int(t1), "family": family, "relative_change": change,
+                         "speed_per_1k_steps": change / (t1 - t0) * 1000.0,
+                         "stability": float(dot / np.sqrt(n0 * n1)) if n1 > 0 else float("nan")})
+    return rows

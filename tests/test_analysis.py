@@ -1,0 +1,176 @@
+"""The paper's analysis on hand-built checkpoint statistics: every rule, control and degenerate case."""
+import math
+
+import numpy as np
+import pytest
+
+from moe_grok.analysis import analyze as analyze_lib
+from moe_grok.analysis import metrics
+from moe_grok.analysis.stats import CheckpointStats
+from moe_grok.data.splits import EvalSplit
+from moe_grok.extraction.pathways import pathway_expert_lists, pathway_string
+from moe_grok.report.files import format_table, write_report
+
+STEPS = np.array([0, 100, 200, 300, 400, 500])
+LAYERS, EXPERTS, HIDDEN = 3, 4, 5
+
+
+def _split(groups, names):
+    n = len(groups)
+    tokens = np.ones((n, 4), np.int32)
+    return EvalSplit(tokens, tokens, tokens, tokens, np.asarray(groups, np.int32), names)
+
+
+def _settling_losses(settle_index, n_checkpoints=len(STEPS)):
+    """Loss 3.0 until checkpoint settle_index, then 0.01 (never settles when settle_index is None)."""
+    loss = np.full(n_checkpoints, 3.0)
+    if settle_index is not None:
+        loss[settle_index:] = 0.01
+    return loss
+
+
+def build_stats(rng, train_settle, n_test_per_domain=6, domains=("a", "b"), layers=LAYERS):
+    """CheckpointStats for a train split whose sample i settles at checkpoint train_settle[i]
+    (domains alternate), and a test split whose samples become correct at increasing checkpoints."""
+    n_train = len(train_settle)
+    train_groups = np.arange(n_train) % len(domains)
+    test_groups = np.repeat(np.arange(len(domains)), n_test_per_domain)
+    train_loss = np.stack([_settling_losses(s) for s in train_settle], axis=1)  # [C, N]
+    onset = np.tile(np.arange(n_test_per_domain) % 4 + 2, len(domains))  # test sample j correct from checkpoint onset[j]
+    stats = []
+    for c, step in enumerate(STEPS):
+        def split_stats(n, loss, correct):
+            weights = rng.dirichlet(np.full(EXPERTS, 0.5), size=(n, layers)).astype(np.float32)
+            return {"mean_weights": weights, "scored_mean_weights": weights,
+                    "routing_entropy": rng.uniform(0.5, 1.3, (n, layers)).astype(np.float32),
+                    "loss": loss.astype(np.float32), "correct": correct.astype(np.float32)}
+        splits = {"train": split_stats(n_train, train_loss[c], (train_loss[c] < 1).astype(float)),
+                  "test": split_stats(len(test_groups), np.full(len(test_groups), 1.0), (c >= onset).astype(float))}
+        sample = {"layers/moe/router": rng.normal(size=20).astype(np.float32), "layers/moe/router#size": np.int64(20)}
+        stats.append(CheckpointStats(int(step), f"step {step}", splits,
+                                     rng.normal(size=(layers, EXPERTS, HIDDEN)).astype(np.float32), sample))
+    split_names = tuple(domains)
+    return stats, {"train": _split(train_groups, split_names), "test": _split(test_groups, split_names)}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_pretrain_groups_controls_pairs_and_table(rng, tmp_path):
+    # domain "a" = even samples: settle at checkpoints 1, 1, 2, 2, 3, 5 (= T: trivial, not memorized), never...
+    settle = [1, 4, 1, 4, 2, None, 2, None, 3, None, 5, None, None, None, None, None]
+    stats, splits = build_stats(rng, settle)
+    test = analyze_lib.test_results_from_split(stats, "test", splits["test"])
+    options = analyze_lib.AnalysisOptions(eps=0.5, max_pairs=None, tau_sweep=(0.5, 0.8), delta_sweep=(0.05,),
+                                          eps_sweep=(1.0,))
+    report = analyze_lib.analyze(stats, splits, "train", test, "test", options=options)
+    a = report["domains"]["a"]
+    assert a["memorization"]["eps_source"] == "fixed"
+    assert a["memorization"]["n_memorized_before_end"] == 5 and a["memorization"]["n_memorized_at_end"] == 1
+    # Pretrain@t*: samples sharing t* (train rows of domain a are 0, 2, 4, ...)
+    assert {name: g["n"] for name, g in a["pretrain_groups"].items()} == {
+        "Pretrain@100": 2, "Pretrain@200": 2, "Pretrain@300": 1}
+    group = a["pretrain_groups"]["Pretrain@100"]
+    for metric in ("distance", "distance_char", "distance_char_normalized", "distance_token", "consistency",
+                   "pathway_length", "routing_entropy", "train_loss"):
+        assert len(group["curves"][metric]) == len(STEPS)
+        assert metric in group["trend_after_t_star"]
+    assert set(group["controls"]) == {"held_out", "random_train"} and "distance_to_random_train" in group["cross"]
+    assert "fewer than 2 samples" in a["pretrain_groups"]["Pretrain@300"]["note"]
+    assert math.isnan(a["pretrain_groups"]["Pretrain@300"]["curves"]["distance"][0])
+    # The group's distance at a checkpoint equals the direct computation on its members' pathways.
+    members = [0, 2]
+    strings = [pathway_string(e) for e in pathway_expert_lists(stats[3].splits["train"]["mean_weights"][members])]
+    assert group["curves"]["distance"][3] == pytest.approx(metrics.group_pathway_distance(strings))
+    # Test@t#: test samples of domain a become correct at checkpoints 2, 3, 4, 5, 2, 3
+    assert {name: g["n"] for name, g in a["test_groups"].items()} == {
+        "Test@200": 2, "Test@300": 2, "Test@400": 1, "Test@500": 1}
+    # no embeddings: pairing in chronological order, delay = q - p
+    assert [(p["pretrain"], p["test"], p["delay"]) for p in a["pairs"]] == [
+        ("Pretrain@100", "Test@200", 100), ("Pretrain@200", "Test@300", 100), ("Pretrain@300", "Test@500", 200)]
+    # controls sit beside the memorized set, same size (all 3 non-memorized training samples when fewer)
+    assert {name: s["n"] for name, s in a["sets"].items()} == {"memorized": 5, "held_out": 5, "random_train": 3}
+    for key in ("memorized/distance", "held_out/consistency", "random_train/pathway_length", "train_loss",
+                "train_loss_moving_average", "memorized/distance_token"):
+        assert set(a["table1"][key]) == {"window", "full"}
+    assert set(a["partial_correlations"]["memorized"]) == {"distance", "consistency"}
+    assert set(a["tau_sweep"]) == {"0.5", "0.8"} and len(a["eps_delta_sweep"]) == 1
+    assert np.asarray(a["per_layer_distance"]["memorized"]).shape == (len(STEPS), LAYERS)
+    assert "a|b" in report["cross_domain_distance"]
+    assert report["parameter_dynamics"][0]["family"] == "router"
+    paths = write_report(report, str(tmp_path))
+    for name in ("summary.json", "table1.csv", "groups.csv", "pairs.csv", "groups.png", "pairs.png", "per_layer.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    text = format_table(report)
+    assert "Pretrain@100 -> Test@200" in text and "control: distance (held-out test samples)" in text
+    assert paths["pairs.csv"].endswith("pairs.csv")
+
+
+def test_per_layer_distance_equals_single_layer_pathways(rng):
+    stats, splits = build_stats(rng, [1] * 8 + [None] * 8)
+    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5, max_pairs=None))
+    memorized = np.arange(0, 8, 2)  # domain a's memorized rows
+    per_layer = np.asarray(report["domains"]["a"]["per_layer_distance"]["memorized"])
+    for c in (1, 4):
+        experts = pathway_expert_lists(stats[c].splits["train"]["mean_weights"][memorized], 0.7)
+        for layer in range(LAYERS):
+            strings = [pathway_string([e[layer]]) for e in experts]
+            assert per_layer[c, layer] == pytest.approx(metrics.group_pathway_distance(strings))
+
+
+def test_degenerate_domains_are_reported_not_crashed(rng):
+    settle = [None] * 6 + [None, 1]  # domain a: nothing memorized before T; domain b: one sample
+    stats, splits = build_stats(rng, settle)
+    test = analyze_lib.test_results_from_split(stats, "test", splits["test"])
+    report = analyze_lib.analyze(stats, splits, "train", test, "test", options=analyze_lib.AnalysisOptions(eps=0.5))
+    a, b = report["domains"]["a"], report["domains"]["b"]
+    assert a["pretrain_groups"] == {} and a["pairs"] == []
+    assert all(math.isnan(v) for v in a["sets"]["memorized"]["curves"]["distance"])
+    assert math.isnan(a["table1"]["memorized/distance"]["window"]["pearson_r"])
+    assert list(b["pretrain_groups"]) == ["Pretrain@100"]
+    assert any("'a': 0 sample(s) memorized" in w for w in report["warnings"])
+
+
+def test_calibration_miss_and_unreachable_target_are_reported(rng):
+    stats, splits = build_stats(rng, [1] * 16)  # every sample settles at checkpoint 1: share 100% or 0%
+    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions())
+    memorization = report["domains"]["a"]["memorization"]
+    assert memorization["in_target_range"] is False and memorization["eps_source"] == "calibrated"
+    assert any("no grid eps" in w for w in report["warnings"])
+    stats, splits = build_stats(rng, [None] * 16)
+    for c, s in enumerate(stats):  # still falling by 0.3 nats per checkpoint at the end: nothing settles
+        s.splits["train"]["loss"][:] = 3.0 - 0.3 * c
+    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions())
+    assert report["domains"]["a"]["memorization"]["eps_source"] == "unreachable"
+    assert "no eps on the grid reaches" in report["domains"]["a"]["memorization"]["error"]
+
+
+def test_bad_inputs_name_the_problem(rng):
+    stats, splits = build_stats(rng, [1, 2] * 8)
+    with pytest.raises(ValueError, match=r"match no training domain \['a', 'b'\]; 'A' \(did you mean 'a'\?\)"):
+        analyze_lib.analyze(stats, splits, "train", analyze_lib.TestResults({"A": np.zeros(len(STEPS))}))
+    with pytest.raises(ValueError, match=r"train.*embeddings have shape \(3, 2\), need \[16, dim\]"):
+        analyze_lib.analyze(stats, splits, "train", train_embeddings=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="tau and tau_sweep must lie in"):
+        analyze_lib.AnalysisOptions(tau=1.5)
+    with pytest.raises(ValueError, match="distance_level"):
+        analyze_lib.AnalysisOptions(distance_level="word")
+    with pytest.raises(ValueError, match="positions"):
+        analyze_lib.AnalysisOptions(positions=("answer",))
+
+
+def test_two_layer_models_warn_that_consistency_is_constant(rng):
+    stats, splits = build_stats(rng, [1, 2] * 8, layers=2)
+    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
+    assert any("2 MoE layers" in w for w in report["warnings"])
+    assert report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency"] == pytest.approx([1.0] * len(STEPS))
+
+
+def test_options_from_config_round_trip():
+    config = analyze_lib.analysis_config(max_pairs=0, tau_sweep=(0.6,), positions=("all", "scored"))
+    config.eps = 0.3
+    options = analyze_lib.AnalysisOptions.from_config(config)
+    assert options.max_pairs is None and options.eps == 0.3 and options.positions == ("all", "scored")
+    assert set(config) == {f for f in analyze_lib.AnalysisOptions.__dataclass_fields__}
