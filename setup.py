@@ -24,7 +24,7 @@ setuptools.setup(
         "tokenizers",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "ruff", "transformers", "torch==2.13.0"],
         "hub": ["huggingface_hub"],
     },
 )

@@ -10,7 +10,6 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-from hf_reference import save_hf_model
 
 from moe_grok.analysis import sources as sources_lib
 from moe_grok.analysis import stats as stats_lib
@@ -18,6 +17,8 @@ from moe_grok.config import toy
 from moe_grok.data.splits import EvalSplit, next_token_targets
 from moe_grok.model import checkpoint_io, hf
 from moe_grok.model import params as params_lib
+
+from hf_reference import save_hf_model
 
 STEP = 400
 ENTRY = f"step_{STEP:010d}.npz"
@@ -119,12 +120,13 @@ def test_identity_names_every_setting(workspace, tmp_path):
 
     model_config = toy(vocab_size=8, num_layers=1, hidden_size=8, head_dim=4, num_heads=2, num_kv_heads=2,
                        num_experts=2, num_experts_per_tok=1, expert_intermediate_size=8)
-    params = params_lib.init_params(model_config, jax.random.key(0))
+    params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), params_lib.param_shapes(model_config))
     directory = str(tmp_path / "converted")
     checkpoint_io.save_params(directory, model_config, params)
     saved = sources_lib.checkpoint_identity(directory, None, "float32")
     assert saved["kind"] == "moe_grok" and saved["files"] == sources_lib.checkpoint_identity(directory, None)["files"]
-    checkpoint_io.save_params(directory, model_config, params)  # rewritten: new mtimes
+    some_file = next(os.path.join(d, f) for d, _, files in os.walk(os.path.join(directory, "params")) for f in files)
+    os.utime(some_file, ns=(0, os.stat(some_file).st_mtime_ns + 1))  # rewritten in place
     assert any(d.startswith("files.") for d in stats_lib.key_differences(
         saved, sources_lib.checkpoint_identity(directory, None, "float32")))
 

@@ -12,7 +12,7 @@ STEPS5 = np.array([0, 100, 200, 300, 400])
 
 
 def memorization_reference(loss, steps, eps, delta):
-    """Literal loop form of SPEC's rule, for cross-checking the vectorized version."""
+    """Literal loop form of the memorization rule, for cross-checking the vectorized version."""
     result = []
     for sample in loss.T:
         ok = [all(sample[t] <= eps and abs(sample[t] - sample[-1]) <= delta

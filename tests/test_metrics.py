@@ -29,7 +29,7 @@ def reference_levenshtein(a, b):
 
 
 def reference_complexity(mean_weights, router_matrices):
-    """Plain-loop SPEC metric 2 in float64."""
+    """Plain-loop metric 2 (complexity) in float64."""
     result = []
     for sample in np.asarray(mean_weights, np.float64):
         embeddings = [sample[l] @ np.asarray(router_matrices[l], np.float64) for l in range(len(sample))]

@@ -81,12 +81,13 @@ def entry_key(source: CheckpointSource, fingerprints: dict[str, str]) -> dict[st
 
 
 def key_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
-    """'field: stored -> current' for every leaf where two keys differ (dotted paths)."""
+    """'field: stored -> current' for every leaf where two keys differ (dotted paths; at each level
+    plain fields such as a path or dtype come before nested ones such as per-file stats)."""
     if isinstance(stored, dict) and isinstance(current, dict):
-        diffs = []
-        for name in sorted(set(stored) | set(current), key=str):
-            diffs += key_differences(stored.get(name), current.get(name), f"{prefix}.{name}" if prefix else str(name))
-        return diffs
+        names = sorted(set(stored) | set(current), key=lambda n: (isinstance(stored.get(n), dict)
+                                                                  or isinstance(current.get(n), dict), str(n)))
+        return [diff for name in names for diff in key_differences(
+            stored.get(name), current.get(name), f"{prefix}.{name}" if prefix else str(name))]
     if stored == current:
         return []
     short = [r if len(r) <= 60 else r[:57] + "..." for r in (repr(stored), repr(current))]

@@ -56,11 +56,12 @@ def task_splits(data: tasks.AlgorithmicDataset, validation_share: float = 0.5) -
 
 
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
     """pipeline.run_pipeline over the run's checkpoints (cache in workdir/analysis/cache,
     report files in workdir/analysis/report). Returns the report."""
     data = tasks.make_dataset(loop.task_spec(config))
     return pipeline.run_pipeline(run_checkpoint_sources(workdir), task_splits(data),
                                  os.path.join(workdir, "analysis"), test_split="test", validation_split="validation",
                                  options=AnalysisOptions.from_config(config.analysis),
-                                 batch_size=config.analysis.batch_size, mesh=mesh, progress=progress)
+                                 batch_size=config.analysis.batch_size, mesh=mesh, progress=progress,
+                                 with_plots=with_plots)

@@ -1,0 +1,216 @@
+"""The toy protocol of docs/protocol.md: every arm over every seed, analysis, tables and figures."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from moe_grok.studies import protocol_stats, toy_run
+from moe_grok.training import multiseed
+
+QUANTITIES = (  # (key of seed_measurements, label, criterion side for the verdict or "")
+    ("groks", "share of seeds that grok (test acc >= 0.9 to the end)", ""),
+    ("final_test_accuracy", "final test accuracy", ""),
+    ("share_memorized_before_end", "share memorized before the last checkpoint", ""),
+    ("early_groups", "early Pretrain@t* groups (>= 5 samples, t* before the onset)", ""),
+    ("h1_distance_slope", "H1: distance slope after t* (per 1k steps)", "<0"),
+    ("h1_distance_slope_minus_held_out", "H1: distance slope minus held-out control slope", "<0"),
+    ("h1_consistency_slope", "H1: consistency slope after t* (per 1k steps)", ">0"),
+    ("h1_consistency_slope_minus_held_out", "H1: consistency slope minus held-out control slope", ">0"),
+    ("r_distance", "r(distance, test acc), window", ""),
+    ("r_consistency", "r(consistency, test acc), window", ""),
+    ("r_train_loss", "r(training loss, test acc), window", ""),
+    ("h2_distance_margin_over_loss", "H2: |r(distance)| - |r(training loss)|", ">0"),
+    ("h2_consistency_margin_over_loss", "H2: |r(consistency)| - |r(training loss)|", ">0"),
+    ("h2_distance_margin_over_held_out", "|r(distance)| - |r(held-out distance)|", ""),
+    ("h2_consistency_margin_over_held_out", "|r(consistency)| - |r(held-out consistency)|", ""),
+    ("distance_paper_sign", "share of seeds with distance r < 0 (the paper's sign)", ""),
+    ("consistency_paper_sign", "share of seeds with consistency r > 0 (the paper's sign)", ""),
+    ("h3_distance_alignment", "H3: distance alignment with its own domain's accuracy", ">0"),
+    ("h3_consistency_alignment", "H3: consistency alignment with its own domain's accuracy", ">0"),
+    ("onset_spread_checkpoints", "checkpoints between the first and the last domain onset", ""),
+    ("entropy_first", "routing entropy of memorized samples, first checkpoint (nats)", ""),
+    ("entropy_last", "routing entropy of memorized samples, last checkpoint (nats)", ""),
+    ("length_first", "pathway length, first checkpoint (experts / layer)", ""),
+    ("length_last", "pathway length, last checkpoint (experts / layer)", ""),
+)
+
+
+def _seed_config(arm: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    config = arm.copy_and_resolve_references()
+    config.train.seed = seed
+    return config
+
+
+def _read_reports(seed_dir: str, positions: tuple[str, ...]) -> dict[str, dict]:
+    reports = {}
+    for index, name in enumerate(positions):
+        subdir = "report" if index == 0 else os.path.join("report", f"positions_{name}")
+        with open(os.path.join(seed_dir, "analysis", subdir, "summary.json")) as f:
+            reports[name] = json.load(f)
+    return reports
+
+
+def run_arm(name: str, arm: ml_collections.ConfigDict, seeds: list[int], workdir: str,
+            progress: bool = True) -> dict[str, Any]:
+    """Train the arm's seeds together, analyse each seed, aggregate across seeds."""
+    started = time.time()
+    seed_dirs = multiseed.train(arm, os.path.join(workdir, name), seeds, progress=progress)
+    trained = time.time()
+    positions = tuple(arm.analysis.positions)
+    reports: dict[str, list] = {p: [] for p in positions}
+    for seed, seed_dir in zip(seeds, seed_dirs, strict=True):
+        toy_run.analyze_run(_seed_config(arm, seed), seed_dir, progress=False, with_plots=seed == seeds[0])
+        for p, report in _read_reports(seed_dir, positions).items():
+            reports[p].append(report)
+    result = {"seeds": seeds, "seed_dirs": seed_dirs, "train_seconds": trained - started,
+              "analysis_seconds": time.time() - trained, "positions": {}}
+    for p, seed_reports in reports.items():
+        per_seed = [protocol_stats.seed_measurements(r) for r in seed_reports]
+        summary = {key: protocol_stats.mean_ci([m[key] for m in per_seed]) for key, _, _ in QUANTITIES}
+        result["positions"][p] = {
+            "per_seed": per_seed, "summary": summary,
+            "verdicts": {key: protocol_stats.verdict(summary[key], side) for key, _, side in QUANTITIES if side},
+            "table1": protocol_stats.table1_across_seeds(seed_reports),
+            "test_accuracy": [r["domains"][d]["curves"].get("test_accuracy") for r in seed_reports
+                              for d in r["domains"]],
+            "steps": seed_reports[0]["steps"]}
+    return result
+
+
+def _cell(summary: dict) -> str:
+    if summary["n"] == 0:
+        return "n/a"
+    low, high = summary["ci95"]
+    interval = f" [{low:+.3g}, {high:+.3g}]" if np.isfinite(low) else ""
+    return f"{summary['mean']:+.3g}{interval} (n={summary['n']})"
+
+
+def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, str]:
+    """docs/protocol.md's criteria applied to the aggregated numbers."""
+    out = {}
+    for arm, r in results["arms"].items():
+        if positions not in r["positions"]:
+            continue
+        v = r["positions"][positions]["verdicts"]
+        for metric in protocol_stats.METRICS:
+            trend, versus_control = v[f"h1_{metric}_slope"], v[f"h1_{metric}_slope_minus_held_out"]
+            h1 = "confirmed" if trend == versus_control == "confirmed" else (
+                "refuted" if trend == "refuted" else "inconclusive")
+            out[f"{arm}: H1 ({metric})"] = h1
+            out[f"{arm}: H2 ({metric})"] = v[f"h2_{metric}_margin_over_loss"]
+        if len(r["positions"][positions]["per_seed"]) and "mixture" in arm:
+            spread = [m["onset_spread_checkpoints"] for m in r["positions"][positions]["per_seed"]]
+            wide = np.mean([s >= 3 for s in spread if np.isfinite(s)]) if any(np.isfinite(spread)) else 0.0
+            for metric in protocol_stats.METRICS:
+                alignment = v[f"h3_{metric}_alignment"]
+                out[f"{arm}: H3 ({metric})"] = ("confirmed" if alignment == "confirmed" and wide >= 0.5 else
+                                               "refuted" if alignment == "refuted" else "inconclusive")
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The generated results page: per routing view, every quantity per arm, the verdicts, Table 1."""
+    arms = list(results["arms"])
+    lines = ["# Toy protocol: generated results", "",
+             f"Generated by `{results['command']}` on {results['date']} ({results['minutes']:.1f} min). "
+             "Cells: mean [95% CI] (n = seeds with a value). docs/protocol.md defines every quantity.", ""]
+    views = sorted({p for r in results["arms"].values() for p in r["positions"]},
+                   key=lambda p: (p != "all", p))
+    for positions in views:
+        lines += [f"## Routing averaged over {'all tokens (the paper)' if positions == 'all' else positions + ' positions'}",
+                  "", "| quantity | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        for key, label, _ in QUANTITIES:
+            cells = [_cell(results["arms"][a]["positions"][positions]["summary"][key])
+                     if positions in results["arms"][a]["positions"] else "" for a in arms]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "Verdicts (criteria of docs/protocol.md):", ""]
+        lines += [f"- {name}: **{verdict}**" for name, verdict in hypothesis_verdicts(results, positions).items()]
+        lines += ["", "Table 1 across seeds (windowed Pearson r with test accuracy; mean [95% CI]):", "",
+                  "| row | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        rows = next(iter(results["arms"].values()))["positions"][positions]["table1"]
+        for row in rows:
+            cells = [_cell(results["arms"][a]["positions"][positions]["table1"][row]["pearson_r"])
+                     if positions in results["arms"][a]["positions"] else "" for a in arms]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Time per arm (training of all seeds together; analysis of every seed):", ""]
+    lines += [f"- {a}: training {r['train_seconds'] / 60:.1f} min, analysis {r['analysis_seconds'] / 60:.1f} min"
+              for a, r in results["arms"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(results: dict[str, Any], path: str) -> str:
+    """Test accuracy of every seed (and domain) per arm."""
+    arms = results["arms"]
+    fig = Figure(figsize=(4.2 * len(arms), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(arms)))
+    for ax, (name, r) in zip(axes, arms.items(), strict=True):
+        view = r["positions"]["all"] if "all" in r["positions"] else next(iter(r["positions"].values()))
+        for curve in view["test_accuracy"]:
+            if curve is not None:
+                ax.plot(view["steps"], curve, alpha=0.5)
+        ax.set_title(f"{name}: test accuracy, every seed", fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_effects(results: dict[str, Any], path: str) -> str:
+    """The H1 and H2 quantities per arm with their 95% CIs (all-token routing)."""
+    keys = [k for k, _, side in QUANTITIES if side and not k.startswith("h3")]
+    arms = results["arms"]
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots()
+    width = 0.8 / max(len(arms), 1)
+    for i, (name, r) in enumerate(arms.items()):
+        view = r["positions"].get("all")
+        if view is None:
+            continue
+        means = np.array([view["summary"][k]["mean"] for k in keys])
+        ci = np.array([view["summary"][k]["ci95"] for k in keys])
+        x = np.arange(len(keys)) + i * width
+        ax.bar(x, means, width, label=name)
+        ax.errorbar(x, means, yerr=np.abs(ci.T - means), fmt="none", ecolor="k", capsize=2)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_", " ") for k in keys], fontsize=6,
+                  rotation=20)
+    ax.set_title("H1 / H2 quantities, mean and 95% CI across seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", progress: bool = True) -> dict:
+    """Every arm of config.arms over seeds 0..config.seeds-1; writes results.json, results.md and
+    figures to workdir (and to config.docs_dir when set). Returns the results."""
+    started = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    seeds = list(range(config.seeds))
+    results: dict[str, Any] = {"arms": {}, "command": command, "date": time.strftime("%Y-%m-%d")}
+    for name, arm in config.arms.items():
+        results["arms"][name] = run_arm(name, arm, seeds, workdir, progress)
+    results["minutes"] = (time.time() - started) / 60
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    files = {"protocol_results.md": markdown(results)}
+    with open(os.path.join(workdir, "protocol_results.md"), "w") as f:
+        f.write(files["protocol_results.md"])
+    figures = [plot_accuracy(results, os.path.join(workdir, "protocol_accuracy.png")),
+               plot_effects(results, os.path.join(workdir, "protocol_effects.png"))]
+    if config.docs_dir:
+        os.makedirs(os.path.join(config.docs_dir, "figures"), exist_ok=True)
+        with open(os.path.join(config.docs_dir, "protocol_results.md"), "w") as f:
+            f.write(files["protocol_results.md"].replace(workdir + "/", ""))
+        for figure in figures:
+            shutil.copy(figure, os.path.join(config.docs_dir, "figures", os.path.basename(figure)))
+    return results

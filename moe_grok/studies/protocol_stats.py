@@ -1,0 +1,138 @@
+"""Per-seed measurements of the toy protocol and their aggregation across seeds (docs/protocol.md)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.stats
+
+from moe_grok.analysis import grokking
+from moe_grok.report.files import TABLE1_ROWS
+
+GROK_ACCURACY = 0.9  # a domain groks when its test accuracy reaches this and stays there
+MIN_EARLY_GROUP = 5  # samples in an "early" Pretrain@t* group
+METRICS = ("distance", "consistency")
+PAPER_SIGN = {"distance": -1.0, "consistency": 1.0}
+
+
+def mean_ci(values, confidence: float = 0.95) -> dict[str, Any]:
+    """Mean and t-distribution confidence interval of the finite values: {"mean", "ci95", "n"}."""
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+    if values.size == 0:
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+    if values.size == 1:
+        return {"mean": float(values[0]), "ci95": [float("nan"), float("nan")], "n": 1}
+    half = scipy.stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
+    return {"mean": float(values.mean()), "ci95": [float(values.mean() - half), float(values.mean() + half)],
+            "n": int(values.size)}
+
+
+def _pearson(x, y) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+        return float("nan")
+    return float(scipy.stats.pearsonr(x[keep], y[keep]).statistic)
+
+
+def _mean(values) -> float:
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def domain_measurements(report: dict[str, Any], domain: str) -> dict[str, float]:
+    """The protocol's per-seed quantities for one domain of one report (NaN where undefined)."""
+    steps = np.asarray(report["steps"])
+    d = report["domains"][domain]
+    accuracy = d["curves"].get("test_accuracy")
+    out: dict[str, float] = {"groks": float("nan"), "onset_step": float("nan")}
+    if accuracy is not None:
+        onset = grokking.accuracy_onset(accuracy, steps, GROK_ACCURACY)
+        out.update(groks=float(onset >= 0), onset_step=float(onset) if onset >= 0 else float("nan"),
+                   final_test_accuracy=float(accuracy[-1]))
+    horizon = out["onset_step"] if np.isfinite(out["onset_step"]) else steps[-1]
+    early = [g for g in d["pretrain_groups"].values() if g["n"] >= MIN_EARLY_GROUP and g["step"] < horizon]
+    out["early_groups"] = float(len(early))
+    out["share_memorized_before_end"] = d["memorization"]["share_before_end"]
+    for metric in METRICS:
+        out[f"h1_{metric}_slope"] = _mean([g["trend_after_t_star"][metric]["slope"] for g in early])
+        out[f"h1_{metric}_slope_minus_held_out"] = _mean(
+            [g["trend_after_t_star"][metric]["slope"] - g["control_trends"]["held_out"][metric]["slope"]
+             for g in early if "held_out" in g["control_trends"]])
+    table = d.get("table1", {})
+    loss_r = table.get("train_loss", {}).get("window", {}).get("pearson_r", float("nan"))
+    for metric in METRICS:
+        r = table.get(f"memorized/{metric}", {}).get("window", {}).get("pearson_r", float("nan"))
+        held_out = table.get(f"held_out/{metric}", {}).get("window", {}).get("pearson_r", float("nan"))
+        out[f"r_{metric}"] = r
+        out[f"h2_{metric}_margin_over_loss"] = abs(r) - abs(loss_r)
+        out[f"h2_{metric}_margin_over_held_out"] = abs(r) - abs(held_out)
+        out[f"{metric}_paper_sign"] = float(np.sign(r) == PAPER_SIGN[metric]) if np.isfinite(r) else float("nan")
+    out["r_train_loss"] = loss_r
+    entropy = d["sets"]["memorized"]["curves"]["routing_entropy"]
+    length = d["sets"]["memorized"]["curves"]["pathway_length"]
+    out.update(entropy_first=entropy[0], entropy_last=entropy[-1], length_first=length[0], length_last=length[-1])
+    return out
+
+
+def alignment(report: dict[str, Any], metric: str) -> float:
+    """H3: mean over domains d of |r(metric_d, acc_d)| - mean_{e != d} |r(metric_d, acc_e)| (all checkpoints)."""
+    domains = [d for d, v in report["domains"].items() if "test_accuracy" in v["curves"]]
+    if len(domains) < 2:
+        return float("nan")
+    values = []
+    for d in domains:
+        curve = report["domains"][d]["sets"]["memorized"]["curves"][metric]
+        own = abs(_pearson(curve, report["domains"][d]["curves"]["test_accuracy"]))
+        others = [abs(_pearson(curve, report["domains"][e]["curves"]["test_accuracy"])) for e in domains if e != d]
+        values.append(own - _mean(others))
+    return _mean(values)
+
+
+def onset_spread(report: dict[str, Any]) -> float:
+    """Checkpoints between the earliest and the latest domain onset (NaN unless every domain groks)."""
+    steps = np.asarray(report["steps"])
+    onsets = [domain_measurements(report, d)["onset_step"] for d in report["domains"]]
+    if not onsets or not all(np.isfinite(onsets)):
+        return float("nan")
+    index = [int(np.searchsorted(steps, s)) for s in onsets]
+    return float(max(index) - min(index))
+
+
+def seed_measurements(report: dict[str, Any]) -> dict[str, float]:
+    """One seed's quantities: averaged over domains, plus the multi-domain ones."""
+    per_domain = [domain_measurements(report, d) for d in report["domains"]]
+    out = {key: _mean([m[key] for m in per_domain]) for key in per_domain[0]}
+    out["groks"] = float(all(m["groks"] == 1.0 for m in per_domain))
+    for metric in METRICS:
+        out[f"h3_{metric}_alignment"] = alignment(report, metric)
+    out["onset_spread_checkpoints"] = onset_spread(report)
+    return out
+
+
+def table1_across_seeds(reports: list[dict[str, Any]]) -> dict[str, dict]:
+    """Every Table 1 row (with controls): mean and CI across seeds (and domains) of the windowed
+    Pearson r, its Spearman r, and the partial r of distance and consistency."""
+    rows: dict[str, dict] = {}
+    for key, label in TABLE1_ROWS:
+        for stat in ("pearson_r", "spearman_r"):
+            values = [_mean([d["table1"][key]["window"][stat] for d in r["domains"].values()
+                             if key in d.get("table1", {})]) for r in reports]
+            rows.setdefault(label, {})[stat] = mean_ci(values)
+    for metric in METRICS:
+        values = [_mean([d.get("partial_correlations", {}).get("memorized", {}).get(metric, {}).get("r", np.nan)
+                         for d in r["domains"].values()]) for r in reports]
+        rows[f"partial r({metric} | entropy, length)"] = {"pearson_r": mean_ci(values)}
+    return rows
+
+
+def verdict(summary: dict[str, Any], confidence_key: str) -> str:
+    """'confirmed' / 'refuted' / 'inconclusive' from a mean_ci dict whose confirming side is given
+    by the sign in confidence_key ('<0' or '>0')."""
+    low, high = summary["ci95"]
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "inconclusive (too few seeds with a value)"
+    below, above = high < 0, low > 0
+    if confidence_key == "<0":
+        return "confirmed" if below else ("refuted" if above else "inconclusive")
+    return "confirmed" if above else ("refuted" if below else "inconclusive")
