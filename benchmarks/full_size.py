@@ -17,11 +17,18 @@ make the 3 checkpoints of the pipeline stage. Then runs the stages, each in a su
   pipeline  python experiments/olmoe_grokking.py over the 3 checkpoints, a small jsonl_ids dataset
   hf        transformers OlmoeModel.from_pretrained(checkpoint, dtype=torch.bfloat16), forward
             of the same batch with router logits
+  bad_input load_hf on two broken copies of the checkpoint (the last shard dropped from the
+            index; the last shard cut to its first 64 MiB): the error each gives, and how soon
+  mesh_memory  per-device memory of the OLMoE-1B-7B bfloat16 extractor on meshes of 1, 8 and 32
+            simulated CPU devices (--xla_force_host_platform_device_count), from the compiled
+            program's memory_analysis() with abstract (ShapeDtypeStruct) params; 4 samples of
+            --mesh_seq tokens per device
 
 For each: wall time, peak RSS (VmHWM, file pages included), peak anonymous memory (RssAnon,
 the process's own allocations) and both as ratios to the checkpoint's weight bytes; extract and
 hf also report tokens/s of the forward (best of the timed calls, after a first call that
-compiles / warms up) and the largest difference of their mean routing weights. Prints a table
+compiles / warms up; the calls' process CPU seconds too, as other work on a shared machine
+stretches wall time) and the largest difference of their mean routing weights. Prints a table
 and writes <workdir>/full_size.json.
 """
 from __future__ import annotations
@@ -39,7 +46,9 @@ import numpy as np
 from absl import app, flags
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-STAGES = ("load", "extract", "convert", "restore", "pipeline", "hf")
+STAGES = ("load", "extract", "convert", "restore", "pipeline", "hf", "bad_input", "mesh_memory")
+# (devices, data, expert) meshes whose per-device memory the mesh_memory stage compiles.
+MESHES = ((1, 1, 1), (8, 8, 1), (8, 1, 8), (8, 2, 4), (32, 32, 1), (32, 4, 8), (32, 1, 32))
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/olmoe_full_size", "Checkpoints, data, outputs and full_size.json.")
 _STAGES = flags.DEFINE_list("stages", list(STAGES), f"Stages to run, in this order: {','.join(STAGES)}.")
@@ -48,7 +57,9 @@ _SEQ = flags.DEFINE_integer("seq", 128, "Tokens per sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed forward calls after the first (compiling / warm-up) one.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights, the batch and the pipeline's data.")
 _KEEP_CONVERTED = flags.DEFINE_bool("keep_converted", False, "Keep the convert stage's 13 GB orbax output.")
+_MESH_SEQ = flags.DEFINE_integer("mesh_seq", 512, "mesh_memory: tokens per sample.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one stage's body in this process.")
+_MESH = flags.DEFINE_string("mesh", None, "Internal (mesh_memory child): data x expert, e.g. 4x8.")
 
 # allenai/OLMoE-1B-7B-0924's config.json.
 OLMOE_CONFIG = {
@@ -79,7 +90,8 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
                   (p + "mlp.gate.weight", (e, d))]
         for expert in range(e):
             q = p + f"mlp.experts.{expert}."
-            specs += [(q + "gate_proj.weight", (f, d)), (q + "up_proj.weight", (f, d)), (q + "down_proj.weight", (d, f))]
+            specs += [(q + "gate_proj.weight", (f, d)), (q + "up_proj.weight", (f, d)),
+                      (q + "down_proj.weight", (d, f))]
         specs += [(p + "input_layernorm.weight", (d,)), (p + "post_attention_layernorm.weight", (d,))]
     return specs + [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
 
@@ -241,15 +253,16 @@ def child_extract(ckpt: str, workdir: str) -> dict:
     result = {"load_s": time.perf_counter() - started, "anon_after_load_bytes": _rss_anon_bytes()}
     tokens = batch_tokens(_SEED.value, _BATCH.value, _SEQ.value)
     extractor = make_extractor(model_config)
-    times = []
+    times, cpu = [], []
     for _ in range(1 + _REPEATS.value):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         out = extract_dataset(model_config, params, tokens, batch_size=_BATCH.value, extractor=extractor,
                               progress=False)
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
     np.save(os.path.join(workdir, "mean_weights_moe_grok.npy"), out["mean_weights"])
-    return {**result, "first_call_s": times[0], "call_s": times[1:], "tokens_per_s": tokens.size / min(times[1:]),
-            "mean_loss": float(out["loss"].mean())}
+    return {**result, "first_call_s": times[0], "call_s": times[1:], "call_cpu_s": cpu[1:],
+            "tokens_per_s": tokens.size / min(times[1:]), "mean_loss": float(out["loss"].mean())}
 
 
 def child_restore(converted: str) -> dict:
@@ -272,16 +285,106 @@ def child_hf(ckpt: str, workdir: str) -> dict:
     model = OlmoeModel.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
     result = {"load_s": time.perf_counter() - started, "anon_after_load_bytes": _rss_anon_bytes()}
     tokens = torch.as_tensor(batch_tokens(_SEED.value, _BATCH.value, _SEQ.value))
-    times = []
+    times, cpu = [], []
     for _ in range(1 + _REPEATS.value):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             out = model(input_ids=tokens, output_router_logits=True)
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
     b, s = tokens.shape
     probs = torch.stack([torch.softmax(r.float(), -1).reshape(b, s, -1) for r in out.router_logits], 2)
     np.save(os.path.join(workdir, "mean_weights_hf.npy"), probs.mean(1).numpy())
-    return {**result, "first_call_s": times[0], "call_s": times[1:], "tokens_per_s": tokens.numel() / min(times[1:])}
+    return {**result, "first_call_s": times[0], "call_s": times[1:], "call_cpu_s": cpu[1:],
+            "tokens_per_s": tokens.numel() / min(times[1:])}
+
+
+def broken_copies(workdir: str, base: str) -> dict[str, str]:
+    """Two broken views of the base checkpoint (symlinks, plus one 64 MiB truncated shard)."""
+    with open(os.path.join(base, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = sorted(set(index["weight_map"].values()))
+    dirs = {"shard_missing_from_index": os.path.join(workdir, "broken", "shard_missing_from_index"),
+            "truncated_shard": os.path.join(workdir, "broken", "truncated_shard")}
+    for kind, directory in dirs.items():
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+        os.symlink(os.path.join(base, "config.json"), os.path.join(directory, "config.json"))
+        for name in shards[:-1]:
+            os.symlink(os.path.join(base, name), os.path.join(directory, name))
+        weight_map = index["weight_map"]
+        if kind == "shard_missing_from_index":
+            weight_map = {k: v for k, v in weight_map.items() if v != shards[-1]}
+        else:
+            with open(os.path.join(base, shards[-1]), "rb") as src:
+                head = src.read(64 << 20)
+            with open(os.path.join(directory, shards[-1]), "wb") as dst:
+                dst.write(head)
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({**index, "weight_map": weight_map}, f)
+    return dirs
+
+
+def child_bad_input(workdir: str, base: str) -> dict:
+    import jax.numpy as jnp
+
+    from moe_grok.model.hf import load_hf
+
+    result = {}
+    for kind, directory in broken_copies(workdir, base).items():
+        started = time.perf_counter()
+        try:
+            load_hf(directory, dtype=jnp.bfloat16)
+            result[kind] = {"error": None}
+        except Exception as err:  # recorded, whatever it is: the point is which error a user sees
+            result[kind] = {"error": type(err).__name__, "message": str(err)[:500],
+                            "traceback_inside": type(err.__cause__ or err.__context__).__name__
+                            if (err.__cause__ or (err.__context__ and not err.__suppress_context__)) else None}
+        result[kind]["seconds_to_error"] = time.perf_counter() - started
+    return result
+
+
+def child_mesh_memory(mesh_shape: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from moe_grok import sharding
+    from moe_grok.config import MoEConfig
+    from moe_grok.extraction.routing import make_extractor
+    from moe_grok.model import params as params_lib
+
+    data, expert = (int(n) for n in mesh_shape.split("x"))
+    mesh = sharding.make_mesh(data, expert)
+    model_config = MoEConfig.from_hf_config(OLMOE_CONFIG, dtype="bfloat16")
+    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          params_lib.param_shapes(model_config), params_lib.param_shardings(model_config, mesh))
+    tokens = jax.ShapeDtypeStruct((4 * mesh.size, _MESH_SEQ.value), jnp.int32,
+                                  sharding=sharding.model_batch_sharding(mesh))
+    started = time.perf_counter()
+    compiled = make_extractor(model_config, mesh).lower(shapes, tokens, tokens, tokens, tokens).compile()
+    memory = compiled.memory_analysis()
+    sizes = {name: int(getattr(memory, f"{name}_size_in_bytes")) for name in ("argument", "output", "temp", "alias")}
+    return {"devices": mesh.size, "data": data, "expert": expert, "batch": [4 * mesh.size, _MESH_SEQ.value],
+            "compile_s": time.perf_counter() - started, **{f"{k}_bytes": v for k, v in sizes.items()},
+            "per_device_bytes": sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]}
+
+
+def run_mesh_memory() -> list[dict]:
+    """One subprocess per mesh (the simulated device count is fixed when JAX starts)."""
+    rows = []
+    for devices, data, expert in MESHES:
+        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        command = [sys.executable, os.path.abspath(__file__), "--child=mesh_memory", f"--mesh={data}x{expert}",
+                   f"--mesh_seq={_MESH_SEQ.value}"]
+        out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"mesh_memory {data}x{expert} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(line[len("RESULT "):]))
+        print(f"  {devices} devices, data {data} x expert {expert}: {_gib(rows[-1]['per_device_bytes'])} GiB "
+              "per device", flush=True)
+    return rows
 
 
 def run_child(stage: str) -> None:
@@ -289,7 +392,9 @@ def run_child(stage: str) -> None:
     base = checkpoint_dirs(workdir)[0]
     converted = os.path.join(workdir, "converted")
     bodies = {"load": lambda: child_load(base), "extract": lambda: child_extract(base, workdir),
-              "restore": lambda: child_restore(converted), "hf": lambda: child_hf(base, workdir)}
+              "restore": lambda: child_restore(converted), "hf": lambda: child_hf(base, workdir),
+              "mesh_memory": lambda: child_mesh_memory(_MESH.value),
+              "bad_input": lambda: child_bad_input(workdir, base)}
     print("RESULT " + json.dumps(bodies[stage]()), flush=True)
 
 
@@ -328,6 +433,7 @@ def measure(command: list[str], log_path: str, interval_s: float = 0.02) -> dict
     result = next((json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")),
                   {})
     return {"command": " ".join(command), "returncode": returncode, "wall_s": wall,
+            "load_average_1min_at_end": os.getloadavg()[0],  # other work on the machine slows every stage
             "peak_rss_bytes": peak["VmHWM"] * 1024, "peak_anon_bytes": peak["RssAnon"] * 1024,
             "output_lines": len(output.splitlines()), "log": log_path, **result}
 
@@ -360,8 +466,8 @@ def print_table(results: dict, weights: int) -> None:
               f"{_gib(r['peak_rss_bytes']):>14}{r['peak_rss_bytes'] / weights:>10.2f}"
               f"{_gib(r['peak_anon_bytes']):>15}{r['peak_anon_bytes'] / weights:>10.2f}{tokens:>10}")
     if "extract" in results and "hf" in results and "tokens_per_s" in results["hf"]:
-        print(f"extraction vs HF bf16 OlmoeModel: {results['extract']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x"
-              f" tokens/s (same batch, separate processes, this run)")
+        speedup = results["extract"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+        print(f"extraction vs HF bf16 OlmoeModel: {speedup:.2f}x tokens/s (same batch, separate processes, this run)")
 
 
 def main(argv):
@@ -379,7 +485,12 @@ def main(argv):
     weights = weight_bytes(OLMOE_CONFIG)
     json_path = os.path.join(workdir, "full_size.json")
     results = {}
+    mesh_memory = None
     for stage in (s for s in STAGES if s in _STAGES.value):
+        if stage == "mesh_memory":
+            print("stage mesh_memory ...", flush=True)
+            mesh_memory = run_mesh_memory()
+            continue
         if stage == "pipeline":
             shutil.rmtree(os.path.join(workdir, "pipeline"), ignore_errors=True)  # no cached stats
         print(f"stage {stage} ...", flush=True)
@@ -395,12 +506,26 @@ def main(argv):
         routing = {"mean_weights_max_abs_diff": float(diff.max()), "mean_weights_mean_abs_diff": float(diff.mean())}
     report = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
-              "batch": [_BATCH.value, _SEQ.value], "weight_bytes": weights, "stages": results, **routing}
+              "batch": [_BATCH.value, _SEQ.value], "weight_bytes": weights, "stages": results, **routing,
+              **({"mesh_memory": mesh_memory} if mesh_memory else {})}
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
     print_table(results, weights)
     if routing:
-        print(f"mean routing weights, moe_grok vs HF (both bfloat16): max |diff| {routing['mean_weights_max_abs_diff']:.2e}")
+        print(f"mean routing weights, moe_grok vs HF (both bfloat16): max |diff| "
+              f"{routing['mean_weights_max_abs_diff']:.2e}")
+    if "bad_input" in results:
+        for kind in ("shard_missing_from_index", "truncated_shard"):
+            r = results["bad_input"].get(kind, {})
+            print(f"{kind}: {r.get('error')} after {r.get('seconds_to_error', float('nan')):.1f} s: "
+                  f"{(r.get('message') or '')[:200]}")
+    if mesh_memory:
+        print(f"\nper-device memory of the bfloat16 extractor, 4 x {_MESH_SEQ.value} tokens per device (GiB, "
+              f"compiled memory_analysis)")
+        print(f"{'devices':>8}{'data':>6}{'expert':>8}{'params':>9}{'temp':>8}{'total':>8}")
+        for row in mesh_memory:
+            print(f"{row['devices']:>8}{row['data']:>6}{row['expert']:>8}{_gib(row['argument_bytes']):>9}"
+                  f"{_gib(row['temp_bytes']):>8}{_gib(row['per_device_bytes']):>8}")
     print(f"wrote {json_path}")
 
 

@@ -2,6 +2,7 @@
 
   python benchmarks/pathways.py            # OLMoE-shaped: hidden 512, 8 layers, 64 experts top-8
   python benchmarks/pathways.py --quick    # a smaller shape, for a smoke test
+  python benchmarks/pathways.py --batch=8 --seq=256 --repeats=5   # the defaults
 
 Prints tokens/second of both, their ratio, the machine's measured fp32 matmul FLOP/s
 (a 2048^3 jnp.matmul, same process), and the fraction of it our extraction reaches, counting
@@ -12,12 +13,17 @@ median round and from its fastest round.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
+
+_QUICK = flags.DEFINE_bool("quick", False, "A smaller shape (hidden 128, 2 layers, vocab 1024), for a smoke test.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Samples per forward.")
+_SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sample.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
 
 
 def interleaved_times(fns: dict, rounds: int, settle_s: float = 1.0) -> dict[str, np.ndarray]:
@@ -45,26 +51,22 @@ def make_matmul(n: int):
     return lambda: mm(a, a).block_until_ready()
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
-    args = parser.parse_args()
-
+def main(argv):
+    del argv
     import jax
     import jax.numpy as jnp
     import torch
     from transformers import OlmoeConfig, OlmoeModel
 
-    from moe_grok import model as model_lib
-    from moe_grok.convert import load_hf
-    from moe_grok.extraction import make_extractor
+    from moe_grok.extraction.routing import make_extractor
+    from moe_grok.model.dispatch import resolve_moe_impl
+    from moe_grok.model.hf import load_hf
+
+    batch, seq, repeats = _BATCH.value, _SEQ.value, _REPEATS.value
 
     shape = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                  num_experts=64, num_experts_per_tok=8, intermediate_size=256, vocab_size=50304)
-    if args.quick:
+    if _QUICK.value:
         shape.update(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                      vocab_size=1024)
     hf_config = OlmoeConfig(**shape, max_position_embeddings=4096, pad_token_id=1, eos_token_id=None,
@@ -79,10 +81,10 @@ def main():
         lm = OlmoeForCausalLM(hf_config)
         lm.model = hf_model
         lm.save_pretrained(ckpt)
-        config, params = load_hf(ckpt)
+        model_config, params = load_hf(ckpt)
 
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, shape["vocab_size"], (args.batch, args.seq))
+    tokens = rng.integers(0, shape["vocab_size"], (batch, seq))
     mask = np.ones_like(tokens)
     n_tokens = tokens.size
 
@@ -92,27 +94,28 @@ def main():
                            output_router_logits=True)
         return out.router_logits
 
-    extractor = make_extractor(config, with_loss=False)
+    extractor = make_extractor(model_config, with_loss=False)
     jt, jm = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
     run_ours = lambda: jax.block_until_ready(extractor(params, jt, jm, jt, jm))  # noqa: E731
 
     # Same routing on both sides (a correctness guard for the timing).
     ours = np.asarray(run_ours().mean_weights)
-    hf_probs = torch.stack([torch.softmax(r.float(), -1).reshape(args.batch, args.seq, -1) for r in run_hf()], 2)
+    hf_probs = torch.stack([torch.softmax(r.float(), -1).reshape(batch, seq, -1) for r in run_hf()], 2)
     np.testing.assert_allclose(ours, hf_probs.mean(1).numpy(), atol=1e-4)
 
     matmul_n = 2048
     run_matmul = make_matmul(matmul_n)
     for warm in (run_hf, run_ours, run_matmul):
         warm()
-    times = interleaved_times({"hf": run_hf, "ours": run_ours, "matmul": run_matmul}, args.repeats)
-    flops = config.active_flops_per_token(args.seq) * n_tokens
-    print(f"config: hidden {config.hidden_size}, {config.num_layers} layers, {config.num_experts} experts "
-          f"top-{config.num_experts_per_tok}, expert intermediate {config.expert_intermediate_size}; "
-          f"batch {args.batch} x {args.seq} tokens; backend {jax.default_backend()}, {os.cpu_count()} cores; "
-          f"expert dispatch {model_lib.resolve_moe_impl(config.moe_impl)}")
-    print(f"active FLOPs/token: {config.active_flops_per_token(args.seq) / 1e6:.1f} M; fp32 matmul peak = "
-          f"{matmul_n}^3 jnp.matmul in the same rounds; {args.repeats} interleaved rounds")
+    times = interleaved_times({"hf": run_hf, "ours": run_ours, "matmul": run_matmul}, repeats)
+    flops = model_config.active_flops_per_token(seq) * n_tokens
+    print(f"config: hidden {model_config.hidden_size}, {model_config.num_layers} layers, "
+          f"{model_config.num_experts} experts top-{model_config.num_experts_per_tok}, "
+          f"expert intermediate {model_config.expert_intermediate_size}; "
+          f"batch {batch} x {seq} tokens; backend {jax.default_backend()}, {os.cpu_count()} cores; "
+          f"expert dispatch {resolve_moe_impl(model_config.moe_impl)}")
+    print(f"active FLOPs/token: {model_config.active_flops_per_token(seq) / 1e6:.1f} M; fp32 matmul peak = "
+          f"{matmul_n}^3 jnp.matmul in the same rounds; {repeats} interleaved rounds")
     for label, stat in (("median round", np.median), ("fastest round", np.min)):
         t_hf, t_ours, peak = stat(times["hf"]), stat(times["ours"]), 2 * matmul_n**3 / stat(times["matmul"])
         print(f"\n{label} (matmul peak {peak / 1e9:.0f} GFLOP/s)")
@@ -121,5 +124,6 @@ def main():
             print(f"{name:<34}{n_tokens / t:>10,.0f}{flops / t / 1e9:>10.1f}{100 * flops / t / peak:>14.0f}%")
         print(f"{'speedup vs HF':<34}{t_hf / t_ours:>9.2f}x")
 
+
 if __name__ == "__main__":
-    main()
+    app.run(main)

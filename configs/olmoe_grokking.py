@@ -15,10 +15,11 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.checkpoints = "allenai/OLMoE-1B-7B-0924@step245000-tokens1027B"  # comma-separated specs
     config.dtype = "bfloat16"  # parameter dtype: bfloat16 or float32
+    config.moe_impl = "auto"  # expert dispatch: auto (chunked on CPU, ragged on GPU/TPU), chunked, ragged, dense
     config.out_dir = "runs/olmoe"  # cache/ (per-checkpoint stats) and report/
     config.mesh = ml_collections.ConfigDict(dict(
-        data=-1,  # devices splitting the batch (-1: all devices / expert)
-        expert=1,  # devices splitting the experts
+        data=-1,  # data-parallel groups (-1: all devices / expert)
+        expert=1,  # devices per group splitting the experts (each also takes its own share of the batch)
     ))
     config.distributed = False  # multi-host: call jax.distributed.initialize() first
     config.data = ml_collections.ConfigDict(dict(  # moe_grok.data.corpus.load_split reads every key
@@ -52,5 +53,5 @@ def get_config():
     config.train_embeddings = ""  # .npy [train samples, dim] sentence embeddings for pairing ("" = by domain)
     config.test_embeddings = ""  # .npy [test samples, dim], rows in test_correctness_csv's first-appearance order
     config.analysis = analysis_config(max_pairs=5000)  # AnalysisOptions fields (moe_grok.analysis.analyze)
-    config.batch_size = 16  # samples per extraction batch (global; rounded up to the mesh's data axis)
+    config.batch_size = 16  # samples per extraction batch (global; rounded up to a multiple of the mesh's devices)
     return config

@@ -9,22 +9,28 @@ def get_config():
     config.task = ml_collections.ConfigDict(dict(
         p=97,  # prime modulus
         ops=("add",),  # operations, one data group each: add, sub, mul, div, x2xyy2
-        train_fraction=0.4,  # share of each operation's (a, b) pairs used for training
-        seed=0,  # split seed
+        train_fraction=0.5,  # share of each operation's (a, b) pairs used for training (or a tuple, one per op)
+        random_labels=False,  # replace the training answers by seeded random labels (a control)
+        seed=0,  # split (and random label) seed
     ))
     config.model = ml_collections.ConfigDict(dict(  # MoEConfig fields over moe_grok.config.toy()
         hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=16,
         num_experts=8,  # experts per layer
         num_experts_per_tok=2,  # top-k
         expert_intermediate_size=64,  # SwiGLU width of each expert
+        init_std=0.02,  # std of the normal initialization of the weight matrices (the routers too)
+        moe_impl="auto",  # expert dispatch: auto (chunked on CPU, ragged on GPU/TPU), chunked, ragged, dense
     ))
     config.train = ml_collections.ConfigDict(dict(
         steps=2000,  # optimizer steps
         batch_size=512,  # minibatch (a pure function of (seed, step): exact resume)
         learning_rate=2e-3,  # AdamW peak learning rate
-        warmup_steps=10,  # linear warmup, then constant
+        warmup_steps=50,  # linear warmup, then constant
         weight_decay=1.0,  # AdamW decoupled weight decay
         b1=0.9, b2=0.98,  # Adam betas
+        adam_eps=1e-8,  # Adam epsilon
+        grad_clip_norm=1.0,  # clip gradients to this global norm (0 = no clipping)
+        router_weight_decay=True,  # apply weight decay to the routers too
         aux_loss_coef=0.01,  # load-balancing loss weight
         z_loss_coef=0.0,  # router z-loss weight
         seed=0,  # init and minibatch seed

@@ -1,15 +1,15 @@
 """The toy protocol (docs/protocol.md): every arm is a full toy config, each trained over `seeds` seeds.
 
-Arms start from configs/toy_grokking.py (the default run = arm A) and change only what makes
-them the arm; any key is a flag, e.g. --config.arms.mixture.train.steps=3000.
+Arms A and B start from configs/toy_grokking.py (the default run = arm A) and change only what
+makes them the arm; arm C is configs/toy_mixture.py; any key is a flag, e.g. --config.arms.mixture.train.steps=3000.
 """
 import importlib.util
 import os
 
 
-def _toy_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_grokking.py")
-    spec = importlib.util.spec_from_file_location("toy_grokking_config", path)
+def _load(name: str):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -20,10 +20,12 @@ def get_config():
 
     config = ml_collections.ConfigDict()
     config.seeds = 8  # seeds per arm (0..seeds-1), trained together
+    config.seeds_per_arm = ml_collections.ConfigDict(dict(  # per-arm override of `seeds` (0 = use `seeds`)
+        grokking=0, random_labels=0, no_weight_decay=0, mixture=0))
     config.docs_dir = ""  # also write the generated tables and figures here (e.g. "docs"; "" = workdir only)
     config.arms = ml_collections.ConfigDict()
 
-    grokking = _toy_config()  # A: the default regime
+    grokking = _load("toy_grokking")  # A: the default regime
     grokking.analysis.positions = ("all", "scored")  # pathways from all tokens (paper) and the answer only
     config.arms.grokking = grokking
 
@@ -35,10 +37,7 @@ def get_config():
     no_weight_decay.train.weight_decay = 0.0
     config.arms.no_weight_decay = no_weight_decay
 
-    mixture = grokking.copy_and_resolve_references()  # C: four domains that grok at different times
-    mixture.task.p = 59
-    mixture.task.ops = ("add", "sub", "mul", "div")
-    mixture.task.train_fraction = 0.5
-    mixture.train.steps = 4000
+    mixture = _load("toy_mixture")  # C: four domains that grok at different times
+    mixture.analysis.positions = grokking.analysis.positions
     config.arms.mixture = mixture
     return config

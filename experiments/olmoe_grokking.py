@@ -2,7 +2,8 @@
 checkpoints, memorization per group, pathway metrics, optional correlation with test accuracy.
 
   python experiments/olmoe_grokking.py --config=configs/olmoe_grokking.py \\
-      --config.checkpoints=allenai/OLMoE-1B-7B-0924@step5000-tokens20B,allenai/OLMoE-1B-7B-0924@step245000-tokens1027B \\
+      --config.checkpoints=allenai/OLMoE-1B-7B-0924@step5000-tokens20B,\
+allenai/OLMoE-1B-7B-0924@step245000-tokens1027B \\
       --config.data.paths=data/owm.jsonl,data/starcoder.jsonl --config.data.tokenizer=tokenizer.json \\
       --config.out_dir=runs/olmoe
 

@@ -48,7 +48,8 @@ class MoEConfig:
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if not 0 < self.num_experts_per_tok <= self.num_experts:
-            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} not in [1, num_experts={self.num_experts}]")
+            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} not in "
+                            f"[1, num_experts={self.num_experts}]")
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.moe_impl not in MOE_IMPLS:
@@ -66,7 +67,7 @@ class MoEConfig:
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
 
-    def replace(self, **changes) -> "MoEConfig":
+    def replace(self, **changes) -> MoEConfig:
         return dataclasses.replace(self, **changes)
 
     def active_flops_per_token(self, seq_len: int, with_lm_head: bool = False) -> float:
@@ -86,7 +87,7 @@ class MoEConfig:
 
     # --- Hugging Face config.json interop -------------------------------------------------
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> "MoEConfig":
+    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> MoEConfig:
         """Build from an OLMoE config.json dict; raises ValueError for other model types."""
         model_type = hf.get("model_type")
         if model_type != "olmoe":
@@ -131,7 +132,7 @@ class MoEConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "MoEConfig":
+    def from_json(cls, text: str) -> MoEConfig:
         fields = json.loads(text)
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
@@ -146,7 +147,7 @@ class MoEConfig:
         return path
 
     @classmethod
-    def load(cls, directory: str) -> "MoEConfig":
+    def load(cls, directory: str) -> MoEConfig:
         """Read ``directory/moe_config.json`` (ValueError naming the file if absent or invalid)."""
         path = os.path.join(directory, CONFIG_FILE)
         if not os.path.exists(path):

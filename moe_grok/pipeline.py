@@ -18,7 +18,7 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
                  train_split: str = "train", test: TestResults | None = None, test_split: str | None = None,
                  held_out_split: str | None = None, validation_split: str | None = None,
                  train_embeddings: np.ndarray | None = None,
-                 test_embeddings: np.ndarray | None = None, options: AnalysisOptions = AnalysisOptions(),
+                 test_embeddings: np.ndarray | None = None, options: AnalysisOptions | None = None,
                  batch_size: int = 32, mesh=None, progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
     """Stats per checkpoint (cached in out_dir/cache), the analysis, and its files.
 
@@ -26,8 +26,9 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
     evaluated at every checkpoint (its per-sample correctness gives the Test@ groups).
     held_out_split (default: test_split) holds the held-out control samples. One report per
     entry of options.positions: the first in out_dir/report, the others in
-    out_dir/report/positions_<name>. Returns the first.
+    out_dir/report/positions_<name>. Returns the first. options: default AnalysisOptions().
     """
+    options = options or AnalysisOptions()
     held_out_split = held_out_split or test_split
     for name in (train_split, test_split, held_out_split, validation_split):
         if name is not None and name not in splits:

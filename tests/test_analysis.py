@@ -21,8 +21,9 @@ def _split(groups, names):
     return EvalSplit(tokens, tokens, tokens, tokens, np.asarray(groups, np.int32), names)
 
 
-def _settling_losses(settle_index, n_checkpoints=len(STEPS)):
+def _settling_losses(settle_index, n_checkpoints=None):
     """Loss 3.0 until checkpoint settle_index, then 0.01 (never settles when settle_index is None)."""
+    n_checkpoints = len(STEPS) if n_checkpoints is None else n_checkpoints
     loss = np.full(n_checkpoints, 3.0)
     if settle_index is not None:
         loss[settle_index:] = 0.01
@@ -36,7 +37,8 @@ def build_stats(rng, train_settle, n_test_per_domain=6, domains=("a", "b"), laye
     train_groups = np.arange(n_train) % len(domains)
     test_groups = np.repeat(np.arange(len(domains)), n_test_per_domain)
     train_loss = np.stack([_settling_losses(s) for s in train_settle], axis=1)  # [C, N]
-    onset = np.tile(np.arange(n_test_per_domain) % 4 + 2, len(domains))  # test sample j correct from checkpoint onset[j]
+    # test sample j is correct from checkpoint onset[j] on
+    onset = np.tile(np.arange(n_test_per_domain) % 4 + 2, len(domains))
     stats = []
     for c, step in enumerate(STEPS):
         def split_stats(n, loss, correct):
@@ -151,6 +153,8 @@ def test_bad_inputs_name_the_problem(rng):
     stats, splits = build_stats(rng, [1, 2] * 8)
     with pytest.raises(ValueError, match=r"match no training domain \['a', 'b'\]; 'A' \(did you mean 'a'\?\)"):
         analyze_lib.analyze(stats, splits, "train", analyze_lib.TestResults({"A": np.zeros(len(STEPS))}))
+    with pytest.raises(ValueError, match="test accuracy of domain 'a' has 3 values for 6 checkpoints"):
+        analyze_lib.analyze(stats, splits, "train", analyze_lib.TestResults({"a": np.zeros(3)}))
     with pytest.raises(ValueError, match=r"train.*embeddings have shape \(3, 2\), need \[16, dim\]"):
         analyze_lib.analyze(stats, splits, "train", train_embeddings=np.zeros((3, 2)))
     with pytest.raises(ValueError, match="tau and tau_sweep must lie in"):

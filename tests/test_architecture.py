@@ -36,7 +36,8 @@ def _modules():
 
 
 def _imports(path: str):
-    tree = ast.parse(open(path).read())
+    with open(path) as f:
+        tree = ast.parse(f.read())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
@@ -70,7 +71,8 @@ def test_the_repository_stands_on_its_own():
                    and not d.endswith(".egg-info")]
         for name in files:
             if name.endswith((".py", ".md", ".toml", ".cfg", ".txt")) or name == "run":
-                text = open(os.path.join(directory, name), errors="replace").read()
+                with open(os.path.join(directory, name), errors="replace") as f:
+                    text = f.read()
                 if "SP" + "EC" in text or "../sha" + "red" in text:  # spelled apart so this file passes
                     offenders.append(os.path.relpath(os.path.join(directory, name), ROOT))
     assert offenders == [], offenders

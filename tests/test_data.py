@@ -12,14 +12,15 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from config_files import CONFIG_DIR, load_config
 from moe_grok.analysis import test_accuracy
 from moe_grok.data import corpus as data
 from moe_grok.data.splits import EvalSplit
 
+from config_files import CONFIG_DIR, load_config
+
 PAD = data.OLMOE_PAD_ID
-WORDS = ("the cat sat on a mat while seven dogs ran past two red cars and one blue "
-         "bike near old green trees in quiet morning light").split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "dogs", "ran", "past", "two", "red", "cars",
+         "and", "one", "blue", "bike", "near", "old", "green", "trees", "in", "quiet", "morning", "light"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -511,7 +512,7 @@ def test_load_split_from_config_every_format(tmp_path, tokenizer, tokenizer_path
 
     ids = [rng.integers(0, 100, size=(4, 6)), rng.integers(0, 100, size=(2, 6))]
     npys = [str(tmp_path / "x.npy"), str(tmp_path / "y.npy")]
-    for p, a in zip(npys, ids):
+    for p, a in zip(npys, ids, strict=False):
         np.save(p, a)
     split = data.load_split(_data_config(format="npy", paths=",".join(npys), seq_len=6, max_samples_per_group=0))
     assert split.group_names == ("x", "y")
@@ -577,3 +578,28 @@ def test_every_key_the_loader_reads_is_declared_and_settable_from_the_command_li
     for key, text in overrides.items():
         expected = {"True": True, "False": False}.get(text, text)
         assert str(parsed[key]) == str(expected), (key, parsed[key])
+
+
+def test_test_correctness_csv(tmp_path):
+    path = tmp_path / "correct.csv"
+    path.write_text("step,group,sample,correct\n" + "".join(
+        f"{step},{group},{sample},{int(step >= onset)}\n"
+        for step in (100, 200, 300) for group, sample, onset in (("math", "q1", 200), ("code", "c1", 300),
+                                                                  ("math", "q2", 100))))
+    steps, correct, rows = test_accuracy.load_test_correctness_csv(path)
+    assert steps.tolist() == [100, 200, 300]
+    assert correct["math"].tolist() == [[False, True], [True, True], [True, True]]  # [checkpoints, samples]
+    assert {k: v.tolist() for k, v in rows.items()} == {"math": [0, 2], "code": [1]}  # first-appearance order
+    assert test_accuracy.load_test_correctness_csv(path, steps=[300, 100])[0].tolist() == [100, 300]
+    for text, message in (("step,group,sample\n1,a,b\n", r"missing column\(s\) \['correct'\]"),
+                          ("step,group,sample,correct\n1,a,b,maybe\n", "line 2: correct 'maybe' must be 0/1"),
+                          ("step,group,sample,correct\n1,a,b,1\n1,a,b,0\n", "line 3: duplicate row"),
+                          ("step,group,sample,correct\n1,a,b,1\n2,a,b,1\n1,a,c,1\n", r"sample 'c' has no row for "
+                                                                                      r"step\(s\) \[2\]"),
+                          ("step,group,sample,correct\n", "no data rows")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            test_accuracy.load_test_correctness_csv(path)
+    with pytest.raises(ValueError, match=r"no correctness for checkpoint step\(s\) \[7\]"):
+        path.write_text("step,group,sample,correct\n1,a,b,1\n")
+        test_accuracy.load_test_correctness_csv(path, steps=[7])

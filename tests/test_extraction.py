@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import save_hf_model
 from moe_grok.extraction.routing import extract_dataset
 from moe_grok.model import params as model_lib
 from moe_grok.model.hf import load_hf
 from moe_grok.sharding import make_mesh
+
+from hf_reference import save_hf_model
 
 
 @pytest.fixture(scope="module")

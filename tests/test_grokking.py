@@ -111,7 +111,8 @@ def test_calibrate_eps_overshoot_picks_the_closer_neighbour_and_says_so():
     loss = np.stack([np.full(10, 4.0), settled, settled])
     calibration = grokking.calibrate_eps(loss, steps, grid_step=0.1, unit="nats")
     assert not calibration.in_target_range
-    assert calibration.share == pytest.approx(0.1) and calibration.eps == pytest.approx(0.2)  # 0.1 is 0.125 off, 1.0 is 0.775
+    # share 0.1 is 0.125 off the target range, 1.0 is 0.775 off
+    assert calibration.share == pytest.approx(0.1) and calibration.eps == pytest.approx(0.2)
 
 
 def test_calibrate_eps_relative_unit_is_the_median_final_loss():

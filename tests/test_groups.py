@@ -21,7 +21,7 @@ def test_groups_by_step_drops_never_and_the_final_step():
 def _brute_force_best_total(similarity):
     n_p, n_q = similarity.shape
     if n_p <= n_q:
-        return max(sum(similarity[i, j] for i, j in zip(range(n_p), perm))
+        return max(sum(similarity[i, j] for i, j in zip(range(n_p), perm, strict=False))
                    for perm in itertools.permutations(range(n_q), n_p))
     return _brute_force_best_total(similarity.T)
 

@@ -32,10 +32,10 @@ def reference_complexity(mean_weights, router_matrices):
     """Plain-loop metric 2 (complexity) in float64."""
     result = []
     for sample in np.asarray(mean_weights, np.float64):
-        embeddings = [sample[l] @ np.asarray(router_matrices[l], np.float64) for l in range(len(sample))]
+        embeddings = [sample[i] @ np.asarray(router_matrices[i], np.float64) for i in range(len(sample))]
         cosines = [
-            embeddings[l] @ embeddings[l + 1] / (np.linalg.norm(embeddings[l]) * np.linalg.norm(embeddings[l + 1]))
-            for l in range(len(sample) - 1)
+            embeddings[i] @ embeddings[i + 1] / (np.linalg.norm(embeddings[i]) * np.linalg.norm(embeddings[i + 1]))
+            for i in range(len(sample) - 1)
         ]
         result.append(1 - sum(c / (max(cosines) + 1e-8) for c in cosines) / len(cosines))
     return np.array(result)
@@ -193,7 +193,8 @@ def test_consistency_edge_cases_are_flagged():
         "unbounded"].tolist() == [False]
     two_layers = metrics.consistency_edge_cases(weights[:, :2], router[:2])
     assert two_layers["two_layers"] is True
-    np.testing.assert_allclose(np.asarray(pathway_consistency(weights[1:2, :2] + 0.5, router[:2] + 1)), [1.0], atol=1e-6)
+    consistency = pathway_consistency(weights[1:2, :2] + 0.5, router[:2] + 1)
+    np.testing.assert_allclose(np.asarray(consistency), [1.0], atol=1e-6)
 
 
 def test_complexity_matches_plain_loop(rng, mesh8):

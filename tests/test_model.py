@@ -8,14 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import hf_outputs, save_hf_model
 from moe_grok.config import MoEConfig, olmoe_1b_7b, toy
 from moe_grok.model import dispatch
 from moe_grok.model import params as model_lib
 from moe_grok.model.checkpoint_io import restore_params, save_params
 from moe_grok.model.hf import CheckpointError, load_hf
-from moe_grok.training import losses
 from moe_grok.sharding import make_mesh
+from moe_grok.training import losses
+
+from hf_reference import hf_outputs, save_hf_model
 
 TOL = 1e-4
 
@@ -120,7 +121,7 @@ def test_dispatch_gradients_match_dense(impl, stacked):
     g_dense = jax.grad(loss("dense"), argnums=(0, 1, 2, 3, 4))(x, top_w, *w)
     kwargs = {"max_chunk": 8, "granule": 2} if impl == "chunked" else {}
     g_impl = jax.jit(jax.grad(loss(impl, **kwargs), argnums=(0, 1, 2, 3, 4)))(x, top_w, *w)
-    for a, b in zip(g_dense, g_impl):  # float32 summation order: gradients reach ~1e1
+    for a, b in zip(g_dense, g_impl, strict=True):  # float32 summation order: gradients reach ~1e1
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(np.abs(a).max()), rtol=1e-3)
     if stacked:  # the other layers' weights get exactly zero gradient
         for g in g_impl[2:]:
@@ -147,7 +148,7 @@ def test_load_balancing_loss_matches_hf(tmp_path, rng):
 
     router = rng.normal(size=(3, 10, 2, 8)).astype(np.float32)
     _, mask = _batch(rng)
-    ref = load_balancing_loss_func(tuple(torch.as_tensor(router[:, :, l].reshape(-1, 8)) for l in range(2)),
+    ref = load_balancing_loss_func(tuple(torch.as_tensor(router[:, :, layer].reshape(-1, 8)) for layer in range(2)),
                                    8, 2, torch.as_tensor(mask))
     got = losses.load_balancing_loss(jnp.asarray(router), jnp.asarray(mask), 2)
     np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
@@ -249,10 +250,12 @@ def test_convert_cli_writes_a_restorable_checkpoint(tmp_path):
     save_hf_model(tmp_path / "hf")
     out = tmp_path / "orbax"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "experiments", "convert_checkpoint.py"), f"--hf_path={tmp_path / 'hf'}",
-                             f"--out={out}", "--dtype=float32"], capture_output=True, text=True, env=env, timeout=300)
+    launcher = os.path.join(os.path.dirname(__file__), "..", "experiments", "convert_checkpoint.py")
+    result = subprocess.run([sys.executable, launcher, f"--hf_path={tmp_path / 'hf'}", f"--out={out}",
+                             "--dtype=float32"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "parameters in float32" in result.stdout
+    assert not result.stderr.strip(), f"the launcher should be quiet by default: {result.stderr[-2000:]}"
     config, params = restore_params(str(out))
     config_hf, params_hf = load_hf(str(tmp_path / "hf"))
     assert config == config_hf
@@ -277,3 +280,19 @@ def test_hub_repos_go_through_huggingface_hub(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"could not fetch 'allenai/OLMoE-1B-7B-0924' at revision "
                                               r"'step1-tokens0B' from the hub: FileNotFoundError: 404"):
         load_hf("allenai/OLMoE-1B-7B-0924", revision="step1-tokens0B")
+
+
+def test_orbax_restore_reads_row_blocks_into_mesh_shards_and_casts(tmp_path, monkeypatch):
+    from moe_grok.model import checkpoint_io
+
+    config = toy(vocab_size=20, num_layers=2)
+    params = model_lib.init_params(config, jax.random.key(0))
+    save_params(str(tmp_path / "ckpt"), config, params)
+    monkeypatch.setattr(checkpoint_io, "READ_BYTES", 1000)  # many small reads per shard
+    mesh = make_mesh(data=4, expert=2)
+    config16, restored = restore_params(str(tmp_path / "ckpt"), mesh=mesh, dtype=jnp.bfloat16)
+    assert config16 == config.replace(dtype="bfloat16")
+    gate = restored["layers"]["moe"]["gate_proj"]
+    assert gate.dtype == jnp.bfloat16 and gate.addressable_shards[0].data.shape[1] == config.num_experts // 2
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b)),
+                 params, restored)

@@ -34,7 +34,7 @@ def test_targets_match_brute_force_for_every_op():
     spec = tasks.TaskSpec(p=11, ops=ALL_OPS, train_fraction=0.3, seed=1)
     inputs, targets, groups = all_rows(tasks.make_dataset(spec))
     for (a, op_token, b, eq_token), c, g in zip(inputs.tolist(), targets.tolist(),
-                                                groups.tolist()):
+                                                groups.tolist(), strict=True):
         op = ALL_OPS[g]
         assert op_token == 11 + g and eq_token == 11 + len(ALL_OPS)
         assert c == brute_force_answer(op, a, b, 11), (op, a, b)
@@ -144,3 +144,33 @@ def test_single_op_string_is_accepted():
 def test_tiny_fraction_still_leaves_both_splits_non_empty():
     dataset = tasks.make_dataset(tasks.TaskSpec(p=2, ops=("div",), train_fraction=0.1))
     assert len(dataset.train_targets) == 1 and len(dataset.test_targets) == 1
+
+
+def test_per_operation_train_fractions_keep_each_operations_split():
+    """One fraction per op: each op is split as it would be alone with its own fraction."""
+    mixed = tasks.make_dataset(tasks.TaskSpec(p=13, ops=("add", "div"), train_fraction=(0.3, 0.6), seed=4))
+    n_train = np.bincount(mixed.train_groups, minlength=2)
+    assert n_train.tolist() == [round(0.3 * 13 * 13), round(0.6 * 13 * 12)]
+    for g, (op, fraction) in enumerate((("add", 0.3), ("div", 0.6))):
+        alone = tasks.make_dataset(tasks.TaskSpec(p=13, ops=(op,), train_fraction=fraction, seed=4))
+        np.testing.assert_array_equal(mixed.train_inputs[mixed.train_groups == g][:, [0, 2]],
+                                      alone.train_inputs[:, [0, 2]])
+    with pytest.raises(ValueError, match="2 values for 3 operations"):
+        tasks.TaskSpec(p=13, ops=("add", "sub", "mul"), train_fraction=(0.3, 0.6))
+    with pytest.raises(ValueError, match="train_fraction"):
+        tasks.TaskSpec(p=13, ops=("add", "sub"), train_fraction=(0.3, 1.0))
+
+
+def test_random_labels_replace_train_answers_only():
+    import dataclasses
+
+    spec = tasks.TaskSpec(p=31, ops=("add", "mul"), train_fraction=0.5, seed=2)
+    true, noisy = tasks.make_dataset(spec), tasks.make_dataset(dataclasses.replace(spec, random_labels=True))
+    np.testing.assert_array_equal(noisy.train_inputs, true.train_inputs)  # same split
+    np.testing.assert_array_equal(noisy.test_targets, true.test_targets)  # test answers untouched
+    agree = np.mean(noisy.train_targets == true.train_targets)
+    assert agree < 0.1 and noisy.train_targets.max() < 31  # random: right about 1/p of the time
+    again = tasks.make_dataset(dataclasses.replace(spec, random_labels=True))
+    np.testing.assert_array_equal(again.train_targets, noisy.train_targets)  # seeded
+    other = tasks.make_dataset(dataclasses.replace(spec, random_labels=True, seed=3))
+    assert np.mean(other.train_targets[:50] == noisy.train_targets[:50]) < 0.5

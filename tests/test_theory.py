@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_grok.theory import kernels as theory
 from moe_grok.studies.synthetic_theory import OneLayerMoE, ReluExperts, init_moe, make_cluster_data, train_experts
+from moe_grok.theory import kernels as theory
 
 
 # ----------------------------------------------------------------------------- numpy references
@@ -155,7 +155,8 @@ def test_blocked_gram_equals_unblocked_and_reference(rng):
     per_expert = np.einsum("ie,je,eij->ij", gates, gates2, kernels)
     for block_size in (None, 8):
         np.testing.assert_allclose(
-            np.asarray(theory.routing_gram(gates, kernels, gates2, block_size=block_size)), per_expert, rtol=1e-4, atol=1e-5
+            np.asarray(theory.routing_gram(gates, kernels, gates2, block_size=block_size)), per_expert,
+            rtol=1e-4, atol=1e-5
         )
     from_rows = theory.routing_gram(gates, lambda r0, r1: kernels[:, r0:r1], gates2, block_size=8)
     np.testing.assert_allclose(np.asarray(from_rows), per_expert, rtol=1e-4, atol=1e-5)
@@ -186,10 +187,11 @@ def test_mesh8_equals_single_device(mesh8, rng):
         "relu_ntk": lambda **kw: theory.relu_ntk(x, block_size=3, **kw),
         "routing_relu_ntk_gram": lambda **kw: theory.routing_relu_ntk_gram(gates, x, block_size=3, **kw),
         "routing_gram": lambda **kw: theory.routing_gram(gates, kernels, block_size=3, **kw),
-        "multilayer_routing_gram": lambda **kw: theory.multilayer_routing_gram(weights, kernels[:3], block_size=3, **kw),
+        "multilayer_routing_gram": lambda **kw: theory.multilayer_routing_gram(weights, kernels[:3], block_size=3,
+                                                                               **kw),
         "empirical_ntk": lambda **kw: theory.empirical_ntk(
-            one_expert, {"hidden": np.ones((8, 16), np.float32) * 0.3, "output": np.linspace(-1, 1, 16)}, x, batch_size=16, **kw
-        ),
+            one_expert, {"hidden": np.ones((8, 16), np.float32) * 0.3, "output": np.linspace(-1, 1, 16)}, x,
+            batch_size=16, **kw),
     }
     for name, build in builders.items():
         single, sharded = np.asarray(build()), np.asarray(build(mesh=mesh8))
@@ -234,7 +236,8 @@ def test_bound_terms_match_numpy_solve(rng, outputs):
     assert float(theory.bias_term(gram, y, lam)) == pytest.approx(bias, rel=1e-4)
     assert float(theory.variance_term(gram, lam, noise_std)) == pytest.approx(variance, rel=1e-4)
     lams = jnp.array([0.1, lam, 3.0])
-    assert np.asarray(theory.generalization_bound(gram, y, lams, noise_std, delta).bias)[1] == pytest.approx(bias, rel=1e-4)
+    bound = theory.generalization_bound(gram, y, lams, noise_std, delta)
+    assert np.asarray(bound.bias)[1] == pytest.approx(bias, rel=1e-4)
 
     cross = rng.standard_normal((5, n)).astype(np.float32)
     np.testing.assert_allclose(
@@ -275,7 +278,7 @@ def test_within_structure_correlation_and_fisher_interval():
     rng = np.random.default_rng(0)
     rows = []
     for n_clusters, offset in ((2, 0.0), (4, 10.0)):  # structures differ by a large offset in both metrics
-        for seed in range(12):
+        for _seed in range(12):
             x = rng.normal()
             rows.append({"n_clusters": n_clusters, "spread": 1.0, "router_scale": 1.0, "a": offset + x,
                          "b": -offset + 0.8 * x + 0.3 * rng.normal()})
@@ -288,19 +291,21 @@ def test_within_structure_correlation_and_fisher_interval():
     low, high = result["pooled"]["ci95"]
     assert low < expected < high
     z_half = 1.959964 / np.sqrt(24 - 1 - 3)
-    assert (low, high) == pytest.approx((np.tanh(np.arctanh(expected) - z_half), np.tanh(np.arctanh(expected) + z_half)))
+    z = np.arctanh(expected)
+    assert (low, high) == pytest.approx((np.tanh(z - z_half), np.tanh(z + z_half)))
     assert result["per_structure"]["K=2 spread=1.0 scale=1.0"]["n"] == 12
     assert all(np.isnan(fisher_interval(0.5, 3)))
 
 
 def test_verify_theory_sweep_end_to_end(tmp_path):
-    from config_files import load_config
     from moe_grok.studies import synthetic_theory
+
+    from config_files import load_config
 
     config = load_config("verify_theory")
     config.out = str(tmp_path)
-    config.synthetic.update(n_train=24, n_test=40, dim=8, num_experts=4, width=16, steps=20)
-    config.sweep.update(n_clusters=(2,), spreads=(0.5,), router_seeds=5)
+    config.synthetic.update(n_train=16, n_test=20, dim=8, num_experts=4, width=8, steps=5)
+    config.sweep.update(n_clusters=(2,), spreads=(0.5,), router_seeds=4)
     text = synthetic_theory.run_sweep(config)
     assert "edit_distance_normalized~d_eff_normalized" in text and "within structures r=" in text
     for name in ("results.csv", "results.json", "theory.png"):

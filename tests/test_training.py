@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-from config_files import load_config
 from moe_grok.analysis import sources as sources_lib
 from moe_grok.analysis import stats as stats_lib
 from moe_grok.config import toy
@@ -16,19 +15,22 @@ from moe_grok.model import params as model_lib
 from moe_grok.studies import toy_bounds, toy_run
 from moe_grok.training import loop as training
 
+from config_files import load_config
+
 
 def tiny_config(steps=30):
     config = load_config("toy_grokking")
     config.task.p = 11
     config.task.ops = ("add", "mul")
     config.model.update(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
-                        num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16)
+                        num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16,
+                        expert_chunk_size=64, expert_chunk_granule=64)  # one chunk size class: compiles fast
     config.train.update(steps=steps, batch_size=32, eval_every=10, checkpoint_every=10, learning_rate=1e-2)
     config.analysis.update(batch_size=64, max_pairs=200)
     return config
 
 
-def _metrics_without_time(workdir):
+def metrics_without_time(workdir):
     return [{k: v for k, v in m.items() if k != "elapsed_s"} for m in training.read_metrics(workdir)]
 
 
@@ -55,7 +57,7 @@ def test_resume_after_kill_is_identical(finished_run, tmp_path):
     training.train(config, workdir, stop_at=20, progress=False)  # "killed" after step 20
     assert training.RunCheckpoints(workdir).steps() == [0, 10, 20]
     training.train(config, workdir, progress=False)
-    assert _metrics_without_time(workdir) == _metrics_without_time(reference)
+    assert metrics_without_time(workdir) == metrics_without_time(reference)
     sources = {s.step: s for s in toy_run.run_checkpoint_sources(workdir)}
     ref_sources = {s.step: s for s in toy_run.run_checkpoint_sources(reference)}
     jax.tree.map(np.testing.assert_array_equal, sources[30].load()[1], ref_sources[30].load()[1])
@@ -65,8 +67,126 @@ def test_workdir_with_other_model_is_refused(finished_run):
     config, workdir = finished_run
     other = tiny_config()
     other.model.hidden_size = 32
-    with pytest.raises(ValueError, match="different model config"):
+    with pytest.raises(ValueError, match="different run.*model.hidden_size: 16 -> 32"):
         training.train(other, workdir, progress=False)
+
+
+def _files(workdir):
+    return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
+            for root, _, names in os.walk(workdir) for name in names if name != "train.lock"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train.seed": 1}, r"train\.seed: 0 -> 1"),
+    ({"task.train_fraction": 0.6, "train.steps": 350}, r"task\.train_fraction: 0\.4 -> 0\.6"),
+    ({"train.learning_rate": 3e-3, "task.random_labels": True}, r"task\.random_labels: False -> True.*"
+                                                                 r"train\.learning_rate: 0\.01 -> 0\.003"),
+])
+def test_rerun_with_another_identity_is_refused_and_changes_nothing(finished_run, changes, message):
+    """Issue 12.2: another seed or split on a finished workdir used to resume (or report) the old run."""
+    config, workdir = finished_run
+    other = tiny_config()
+    for key, value in changes.items():
+        section, name = key.split(".")
+        other[section][name] = value
+    before = _files(workdir)
+    with pytest.raises(ValueError, match=message):
+        training.train(other, workdir, progress=False)
+    assert _files(workdir) == before
+
+
+def test_rerun_of_a_finished_run_returns_its_last_evaluation(finished_run):
+    config, workdir = finished_run
+    last = training.train(config, workdir, progress=False)
+    assert last == training.read_metrics(workdir)[-1] and last["step"] == 30
+
+
+def test_steps_may_grow(finished_run, tmp_path):
+    config, reference = finished_run
+    workdir = str(tmp_path / "grown")
+    training.train(tiny_config(steps=20), workdir, progress=False)
+    training.train(config, workdir, progress=False)  # steps 20 -> 30: same identity, resumes
+    assert metrics_without_time(workdir) == metrics_without_time(reference)
+
+
+def test_workdir_without_identity_is_refused(finished_run, tmp_path):
+    """A workdir with training output but no run.json (an older moe_grok) cannot be resumed safely."""
+    config, _ = finished_run
+    os.makedirs(tmp_path / "old" / "checkpoints" / "100")
+    with pytest.raises(ValueError, match="holds training output but no run.json"):
+        training.train(config, str(tmp_path / "old"), progress=False)
+
+
+def test_metrics_line_cut_by_a_kill_is_dropped(tmp_path):
+    rows = [{"step": 0, "loss": 1.0}, {"step": 10, "loss": 0.5}]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + '\n{"step": 20, "lo')
+    assert training.read_metrics(str(tmp_path)) == rows
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write('{"step": 0\n' + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match="metrics.jsonl:1 is not valid JSON"):
+        training.read_metrics(str(tmp_path))
+
+
+def test_second_writer_is_refused(finished_run):
+    from moe_grok.training import run_dir
+
+    config, workdir = finished_run
+    with run_dir.WorkdirLock(workdir), pytest.raises(RuntimeError, match=f"another process \\(pid {os.getpid()}"):
+        training.train(config, workdir, progress=False)
+    assert training.train(config, workdir, progress=False)["step"] == 30  # released with the holder
+
+
+@pytest.mark.parametrize("key, value", [("eval_every", 0), ("batch_size", 0), ("steps", -5),
+                                        ("warmup_steps", -1), ("learning_rate", 0.0), ("b2", 1.0)])
+def test_bad_train_config_is_refused_before_any_work(tmp_path, key, value):
+    """Issue 12.9: eval_every=0 / batch_size=0 raised ZeroDivisionError mid-run; steps=-5 was accepted."""
+    config = tiny_config()
+    config.train[key] = value
+    with pytest.raises(ValueError, match=f"config.train: .*{key} must be"):
+        training.train(config, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_resume_from_step_zero_logs_it_once(finished_run, tmp_path):
+    """Issue 12.9: a run killed right after its step-0 checkpoint logged step 0 twice on resume."""
+    config, reference = finished_run
+    workdir = str(tmp_path / "zero")
+    training.train(config, workdir, stop_at=0, progress=False)
+    assert [m["step"] for m in training.read_metrics(workdir)] == [0]
+    training.train(config, workdir, progress=False)
+    assert metrics_without_time(workdir) == metrics_without_time(reference)
+
+
+def _corrupt(state_dir):
+    """Truncate every file of an orbax step directory (a disk that lost its data)."""
+    for root, _, names in os.walk(state_dir):
+        for name in names:
+            open(os.path.join(root, name), "w").close()
+
+
+def test_corrupt_train_state_falls_back_to_the_previous_one(finished_run, tmp_path, caplog):
+    """Issue 12.5: a corrupt train state could not be resumed and only one state was kept."""
+    import shutil
+
+    config, reference = finished_run
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("analysis"))
+    assert training.RunCheckpoints(workdir).state_steps() == [20, 30]
+    _corrupt(os.path.join(workdir, "train_state", "30"))
+    with caplog.at_level("WARNING"):
+        assert training.train(config, workdir, progress=False)["step"] == 30
+    assert f"train state {os.path.join(workdir, 'train_state', '30')} cannot be restored" in caplog.text
+    assert [name.split(".")[0] for name in os.listdir(os.path.join(workdir, "corrupt"))] == ["train_state_30"]
+    assert metrics_without_time(workdir) == metrics_without_time(reference)  # 20 -> 30 redone, same numbers
+    jax.tree.map(np.testing.assert_array_equal, toy_run.run_checkpoint_sources(workdir)[-1].load()[1],
+                 toy_run.run_checkpoint_sources(reference)[-1].load()[1])
+    assert training.RunCheckpoints(workdir).state_steps() == [20, 30]  # a fresh state 30 replaced the bad one
+
+    for step in (20, 30):
+        _corrupt(os.path.join(workdir, "train_state", str(step)))
+    with pytest.raises(RuntimeError, match=r"no usable train state.*train_state/30.*train_state/20"):
+        training.train(config, workdir, progress=False)
 
 
 def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
@@ -86,7 +206,8 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
     for name in ("summary.json", "per_checkpoint.csv", "table1.csv", "groups.csv", "pairs.csv", "table.txt",
                  "analysis.png", "groups.png", "pairs.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
-    assert "== add" in open(os.path.join(out, "table.txt")).read()
+    with open(os.path.join(out, "table.txt")) as f:
+        assert "== add" in f.read()
 
     # A second analysis reads every checkpoint from the cache: no model is loaded.
     def refuse(*args, **kwargs):
@@ -163,8 +284,9 @@ def test_theory_bounds_along_toy_checkpoints(finished_run):
 def test_mesh_training_equals_single_device(tmp_path):
     from moe_grok.sharding import make_mesh
 
-    config = tiny_config(steps=10)
+    config = tiny_config(steps=5)
     single = training.train(config, str(tmp_path / "single"), progress=False)
     multi = training.train(config, str(tmp_path / "mesh"), mesh=make_mesh(data=4, expert=2), progress=False)
+    assert single["step"] == multi["step"] == 5
     for key in ("loss", "train_loss", "test_loss", "train_accuracy", "test_accuracy"):
         np.testing.assert_allclose(multi[key], single[key], rtol=2e-4, atol=1e-5)

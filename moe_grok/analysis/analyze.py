@@ -285,8 +285,8 @@ class _Analysis:
         for c in range(len(self.stats)):
             for layer in range(num_layers):
                 strings = self.paths.layer_strings(split, c, o.tau, layer)
-                out[c, layer] = metrics.group_pathway_distance([strings[i] for i in rows], "char", o.distance_normalized,
-                                                               o.max_pairs, o.seed, on_small="nan")
+                out[c, layer] = metrics.group_pathway_distance(
+                    [strings[i] for i in rows], "char", o.distance_normalized, o.max_pairs, o.seed, on_small="nan")
         return out
 
     # ---------------------------------------------------------------- per-domain pieces
@@ -304,7 +304,7 @@ class _Analysis:
                 eps = calibration.eps
                 entry.update(eps=eps, eps_source="calibrated", eps_unit=o.eps_unit, eps_unit_nats=calibration.unit,
                              in_target_range=calibration.in_target_range,
-                             grid=[[g, s] for g, s in zip(calibration.grid, calibration.shares)])
+                             grid=[[g, s] for g, s in zip(calibration.grid, calibration.shares, strict=False)])
                 if not calibration.in_target_range:
                     self.warn(f"domain {domain!r}: no grid eps gives a share memorized before T inside "
                               f"{o.target_fraction}; the closest, eps={eps:.4g}, gives {calibration.share:.1%}")
@@ -317,7 +317,7 @@ class _Analysis:
         entry.update(share_before_end=float(before_end.mean()), n_memorized_before_end=int(before_end.sum()),
                      n_memorized_at_end=int((t_star == self.steps[-1]).sum()), n_samples=int(loss.shape[1]),
                      t_star_counts={str(int(s)): int(n) for s, n in zip(*np.unique(t_star[before_end],
-                                                                                    return_counts=True))})
+                                                                                    return_counts=True), strict=False)})
         return entry, t_star
 
     def control_rows(self, pool: np.ndarray, size: int, salt: str) -> np.ndarray:
@@ -497,7 +497,8 @@ def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_sp
         report["domains"][domain] = entry
 
     report["cross_domain_distance"] = {
-        f"{a}|{b}": run.cross_distance(train_split, memorized_by_domain[a], train_split, memorized_by_domain[b]).tolist()
+        f"{a}|{b}": run.cross_distance(train_split, memorized_by_domain[a],
+                                       train_split, memorized_by_domain[b]).tolist()
         for i, a in enumerate(domains) for b in domains[i + 1:]
         if memorized_by_domain[a].size and memorized_by_domain[b].size}
     report["global"] = _global_panel(run, memorized_by_domain, t_first=_first_memorization(report))

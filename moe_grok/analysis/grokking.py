@@ -51,7 +51,7 @@ def _raise_on_nan(name: str, values: np.ndarray) -> None:
     nan_positions = np.argwhere(np.isnan(values))
     if len(nan_positions):
         where = ", ".join(f"{axis} {i}" for axis, i in zip(("checkpoint", "sample"),
-                                                           nan_positions[0]))
+                                                           nan_positions[0], strict=False))
         raise ValueError(f"{name} is NaN at {where} ({len(nan_positions)} NaN values)")
 
 
@@ -157,7 +157,8 @@ def calibrate_eps(loss, steps, delta: float = 0.05, target_fraction: tuple[float
 
     if share_at(last_k) < low:
         raise EpsCalibrationError(
-            f"no eps on the grid reaches {low:.0%} memorized before the final checkpoint: eps={last_k * grid_step * scale:.4g}"
+            f"no eps on the grid reaches {low:.0%} memorized before the final checkpoint: "
+            f"eps={last_k * grid_step * scale:.4g}"
             f" nats (every loss below it) memorizes {share_at(last_k):.1%}; delta={delta} keeps the rest from "
             f"settling: raise delta or lower target_fraction")
     lo, hi = 1, last_k  # the share is non-decreasing in k: bisect for the first k reaching `low`

@@ -83,7 +83,7 @@ def pair_groups(similarity: np.ndarray) -> list[tuple[int, int]]:
     rank_gap = np.abs(np.arange(n_p)[:, None] / max(n_p - 1, 1) - np.arange(n_q)[None, :] / max(n_q - 1, 1))
     cost = -similarity + 1e-9 * spread * rank_gap
     rows, cols = scipy.optimize.linear_sum_assignment(cost)
-    return [(int(r), int(c)) for r, c in zip(rows, cols)]
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=False)]
 
 
 def check_embeddings(name: str, embeddings, n_samples: int) -> np.ndarray:

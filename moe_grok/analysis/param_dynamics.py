@@ -15,6 +15,7 @@ Per pair of consecutive checkpoints t0 < t1 and family:
 """
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import jax
@@ -72,7 +73,7 @@ def parameter_dynamics(steps, samples: list[dict[str, np.ndarray]]) -> list[dict
     """One row per (consecutive checkpoint pair, family): step_from, step_to, family,
     relative_change, speed_per_1k_steps, stability (see the module docstring)."""
     rows = []
-    for (t0, before), (t1, after) in zip(zip(steps, samples), zip(steps[1:], samples[1:])):
+    for (t0, before), (t1, after) in itertools.pairwise(zip(steps, samples, strict=True)):
         for family, (n0, n1, dot, diff) in _family_sums(before, after).items():
             if n0 == 0:
                 continue

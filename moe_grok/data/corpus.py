@@ -44,7 +44,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -56,7 +56,7 @@ OLMOE_EOS_TOKEN = "<|endoftext|>"  # its eos token (id 50279)
 _ID_LIMIT = 2**31  # token ids are stored as int32
 _SHORT_POLICIES = ("drop", "error")
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,7 @@ def _choose(n: int, k: int | None, seed: int, group: str) -> np.ndarray:
 
 def _as_ids(value: Any, label: str) -> np.ndarray:
     """A 1-D integer id array from a list / array, or ValueError naming the sample."""
-    if isinstance(value, (str, bytes)) or isinstance(value, Mapping):
+    if isinstance(value, (str, bytes, Mapping)):
         raise ValueError(f"{label}: expected a list of integer token ids, got {type(value).__name__}")
     if isinstance(value, (list, tuple)) and any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
                                                 for v in value):
@@ -332,7 +332,7 @@ def load_jsonl_text(paths: PathLike | Sequence[PathLike], tokenizer_json: Any, s
                 raise ValueError(f"{label}: field {text_field!r} must be a string, got {type(text).__name__}")
         encodings = tokenizer.encode_batch([text for _, text in chosen], add_special_tokens=add_special_tokens)
         samples = []
-        for (label, _), enc in zip(chosen, encodings):
+        for (label, _), enc in zip(chosen, encodings, strict=False):
             ids = list(enc.ids) + ([eos_id] if add_eos else [])
             samples.append((label, np.asarray(ids, np.int64), len(ids)))
         out.append((name, samples))
@@ -534,7 +534,7 @@ def load_olmo_memmap(data_paths: PathLike | Sequence[PathLike] | Mapping[str, Pa
                 raise ValueError(f"{what}: instance id {index[bad[0]]} (entry {bad[0]}) outside [0, {chunk_start[-1]})"
                                  f" = the number of {length}-token instances in the data files")
             f_of = np.searchsorted(chunk_start, index, side="right") - 1
-            for i, f in zip(index, f_of):
+            for i, f in zip(index, f_of, strict=False):
                 j = int(i - chunk_start[f])
                 located.append((int(f), j * length, (j + 1) * length, f"{files[f][0]}[instance {i}]"))
         else:
@@ -664,8 +664,8 @@ def load_split(config: Any, return_info: bool = False):
         if lengths and len(lengths) != len(paths):
             raise ValueError(f"npy format: {len(lengths)} lengths file(s) for {len(paths)} data file(s)")
         file_pad_id = get("file_pad_id")
-        split, info = load_npy_ids(dict(zip(names, paths)), seq_len,
-                                   lengths_by_group=dict(zip(names, lengths)) if lengths else None,
+        split, info = load_npy_ids(dict(zip(names, paths, strict=False)), seq_len,
+                                   lengths_by_group=dict(zip(names, lengths, strict=False)) if lengths else None,
                                    file_pad_id=None if file_pad_id is None or file_pad_id < 0 else int(file_pad_id),
                                    **common)
     else:
@@ -674,7 +674,7 @@ def load_split(config: Any, return_info: bool = False):
                                        instances=get("instances") or None, **common)
     counts = np.bincount(split.groups, minlength=len(split.group_names))
     logging.info("loaded %d samples of %d tokens: %s (truncated %d, dropped %d short)", len(split.tokens), seq_len,
-                ", ".join(f"{g}={c}/{info.available[g]}" for g, c in zip(split.group_names, counts)),
+                ", ".join(f"{g}={c}/{info.available[g]}" for g, c in zip(split.group_names, counts, strict=False)),
                 info.n_truncated, info.n_dropped_short)
     return (split, info) if return_info else split
 

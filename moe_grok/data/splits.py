@@ -69,7 +69,7 @@ class EvalSplit:
             raise ValueError(f"no group {group!r}; groups are {list(self.group_names)}")
         return np.flatnonzero(self.groups == self.group_names.index(group))
 
-    def subset(self, rows: np.ndarray) -> "EvalSplit":
+    def subset(self, rows: np.ndarray) -> EvalSplit:
         """The samples `rows` (group names kept; groups left empty are dropped)."""
         rows = np.asarray(rows)
         kept = np.unique(self.groups[rows])

@@ -9,8 +9,12 @@ at the last position (index ``ANSWER_POSITION``). Token layout for ``TaskSpec(p,
 
 so ``vocab_size(p, ops) = p + len(ops) + 1``. A dataset with several operations is a
 mixed-task dataset: every operation is one data group, split on its own (stratified), with
-a split that depends only on ``(seed, op)`` - adding another operation to ``ops`` leaves the
-split of the existing ones unchanged.
+a split that depends only on ``(seed, op, that op's train fraction)`` - adding another operation
+to ``ops`` leaves the split of the existing ones unchanged.
+
+``random_labels`` replaces every training answer by a label drawn uniformly from 0..p-1 with
+its own seeded stream (the split and the test answers are unchanged): a control task that can
+be memorized but not generalized.
 """
 from __future__ import annotations
 
@@ -37,17 +41,22 @@ class TaskSpec:
     """Which operations, which modulus, and how to split.
 
     p: prime modulus. ops: operation names from ``OPERATIONS`` (order = group order = operator
-    token order). train_fraction: per-group share of pairs in train, in (0, 1). seed: split seed.
+    token order). train_fraction: per-group share of pairs in train, in (0, 1): one value for
+    every operation, or one per operation (same order as ``ops``). random_labels: replace the
+    training answers by seeded uniform random labels. seed: split (and random label) seed.
     """
 
     p: int = 97
     ops: tuple[str, ...] = ("add",)
-    train_fraction: float = 0.5
+    train_fraction: float | tuple[float, ...] = 0.5
     seed: int = 0
+    random_labels: bool = False
 
     def __post_init__(self):
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
         object.__setattr__(self, "ops", ops)
+        if not isinstance(self.train_fraction, (int, float, np.floating)):
+            object.__setattr__(self, "train_fraction", tuple(float(f) for f in self.train_fraction))
         if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.p, (int, np.integer)) or not is_prime(self.p):
@@ -59,8 +68,20 @@ class TaskSpec:
             raise ValueError(f"unknown operations {unknown}; known: {OPERATIONS}")
         if len(set(ops)) != len(ops):
             raise ValueError(f"ops must not repeat, got {ops}")
-        if not 0.0 < self.train_fraction < 1.0:
+        fractions = self.train_fraction if isinstance(self.train_fraction, tuple) else (self.train_fraction,)
+        if isinstance(self.train_fraction, tuple) and len(fractions) != len(ops):
+            raise ValueError(f"train_fraction has {len(fractions)} values for {len(ops)} operations {ops}; "
+                             "give one value, or one per operation")
+        if not all(0.0 < f < 1.0 for f in fractions):
             raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        if not isinstance(self.random_labels, (bool, np.bool_)):
+            raise ValueError(f"random_labels must be a bool, got {self.random_labels!r}")
+
+    def fraction_of(self, op: str) -> float:
+        """Train share of operation ``op``'s pairs."""
+        if isinstance(self.train_fraction, tuple):
+            return self.train_fraction[self.ops.index(op)]
+        return float(self.train_fraction)
 
     @property
     def vocab_size(self) -> int:
@@ -117,7 +138,8 @@ class AlgorithmicDataset:
     """A train/test split of one or more operations (read-only numpy arrays).
 
     *_inputs: [n, SEQ_LEN] int32 token ids ``[a, op, b, =]``; *_targets: [n] int32 answer c
-    (a number token, 0..p-1); *_groups: [n] int32 index into ``group_names`` (= ``spec.ops``).
+    (a number token, 0..p-1; random in train with ``spec.random_labels``);
+    *_groups: [n] int32 index into ``group_names`` (= ``spec.ops``).
     Within each split, examples are ordered by group, then by (a, b).
     """
 
@@ -135,7 +157,8 @@ def make_dataset(spec: TaskSpec) -> AlgorithmicDataset:
     """Every operand pair of every op, encoded and split per group by ``spec.train_fraction``.
 
     Per group: n_train = round(train_fraction * n_pairs), clipped to [1, n_pairs - 1]; the
-    train pairs are a uniformly random subset drawn with ``default_rng([seed, op id])``.
+    train pairs are a uniformly random subset drawn with ``default_rng([seed, op id])``. With
+    ``random_labels``, the group's training answers come from ``default_rng([seed, op id, 2])``.
     """
     splits = {"train": ([], [], []), "test": ([], [], [])}
     for group, op in enumerate(spec.ops):
@@ -145,14 +168,17 @@ def make_dataset(spec: TaskSpec) -> AlgorithmicDataset:
         )
         targets = apply_op(op, a, b, spec.p)
         n_pairs = len(a)
-        n_train = min(max(round(spec.train_fraction * n_pairs), 1), n_pairs - 1)
+        n_train = min(max(round(spec.fraction_of(op) * n_pairs), 1), n_pairs - 1)
         split_rng = np.random.default_rng([spec.seed, OPERATIONS.index(op)])
         permutation = split_rng.permutation(n_pairs)
         is_train = np.zeros(n_pairs, dtype=bool)
         is_train[permutation[:n_train]] = True
-        for name, mask in (("train", is_train), ("test", ~is_train)):
+        train_targets = targets[is_train]
+        if spec.random_labels:
+            train_targets = np.random.default_rng([spec.seed, OPERATIONS.index(op), 2]).integers(0, spec.p, n_train)
+        for name, mask, answers in (("train", is_train, train_targets), ("test", ~is_train, targets[~is_train])):
             splits[name][0].append(inputs[mask])
-            splits[name][1].append(targets[mask])
+            splits[name][1].append(answers)
             splits[name][2].append(np.full(int(mask.sum()), group))
 
     def frozen_int32(parts):
@@ -163,6 +189,6 @@ def make_dataset(spec: TaskSpec) -> AlgorithmicDataset:
     arrays = {
         f"{name}_{field}": frozen_int32(parts)
         for name, fields in splits.items()
-        for field, parts in zip(("inputs", "targets", "groups"), fields)
+        for field, parts in zip(("inputs", "targets", "groups"), fields, strict=True)
     }
     return AlgorithmicDataset(spec=spec, group_names=spec.ops, **arrays)

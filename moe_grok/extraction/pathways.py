@@ -76,8 +76,8 @@ def pathway_expert_lists(mean_weights_BLE, tau: float = 0.7) -> list[list[list[i
     exceeds = cumulative > tau if tau < 1.0 else np.zeros_like(cumulative, dtype=bool)
     kept = np.where(exceeds.any(axis=-1), exceeds.argmax(axis=-1) + 1, num_experts)
     return [
-        [order[:count].tolist() for order, count in zip(sample_order, sample_kept)]
-        for sample_order, sample_kept in zip(rank_order, kept)
+        [order[:count].tolist() for order, count in zip(sample_order, sample_kept, strict=False)]
+        for sample_order, sample_kept in zip(rank_order, kept, strict=False)
     ]
 
 

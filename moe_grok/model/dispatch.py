@@ -56,6 +56,12 @@ def _sort_by_expert(top_idx, num_experts, first_expert=0):
     return order, group_sizes, is_local[order]
 
 
+def _local_rows(t: int, k: int, num_local: int) -> int:
+    """Rows enough for every local assignment: a token's k experts are distinct (top-k), so at
+    most min(k, num_local) of them are on this device. The sorted order puts these first."""
+    return t * min(k, num_local)
+
+
 def _of_layer(layer, *weights):
     """The expert weights of one layer: [L, E, ...] stacks at `layer`, or as given when layer is None."""
     return weights if layer is None else tuple(w[layer] for w in weights)
@@ -67,6 +73,15 @@ def _combine(per_assignment, top_w, out_dtype):
                       preferred_element_type=jnp.float32).astype(out_dtype)
 
 
+def _scatter_combine(sorted_rows, order, sorted_local, top_w, out_dtype):
+    """Each token's sum of its local assignments' rows times their top-k weights, by a
+    scatter-add (no [T*k, D] buffer): sorted_rows [R, D] (row r = assignment order[r]) -> [T, D]."""
+    t, k = top_w.shape
+    weight = jnp.where(sorted_local, top_w.reshape(-1)[order], 0).astype(jnp.float32)
+    out = jnp.zeros((t, sorted_rows.shape[1]), jnp.float32)
+    return out.at[order // k].add(sorted_rows.astype(jnp.float32) * weight[:, None]).astype(out_dtype)
+
+
 def experts_ragged(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_expert=0, out_dtype=None):
     """Sorted tokens through jax.lax.ragged_dot (grouped matmul; the GPU/TPU path).
 
@@ -76,12 +91,11 @@ def experts_ragged(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_ex
     w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
     t, k = top_idx.shape
     order, group_sizes, sorted_local = _sort_by_expert(top_idx, w_gate.shape[0], first_expert)
-    token = order // k
+    rows = _local_rows(t, k, w_gate.shape[0])
+    order, sorted_local = order[:rows], sorted_local[:rows]
     matmul = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes)
-    y = _swiglu(x[token], w_gate, w_up, w_down, matmul)  # rows past the local groups come out 0
-    y = jnp.where(sorted_local[:, None], y, 0)
-    per_assignment = jnp.zeros((t * k, x.shape[1]), y.dtype).at[order].set(y)
-    return _combine(per_assignment.reshape(t, k, -1), top_w, out_dtype or x.dtype)
+    y = _swiglu(x[order // k], w_gate, w_up, w_down, matmul)  # rows past the local groups come out 0
+    return _scatter_combine(y, order, sorted_local, top_w, out_dtype or x.dtype)
 
 
 @jax.custom_vjp
@@ -146,6 +160,14 @@ def plan_chunks(group_sizes, num_rows: int, max_chunk: int, granule: int) -> Chu
                      (starts + full_per_expert * max_chunk)[rem_expert], remainder[rem_expert], class_bounds)
 
 
+def _vary_like(tree, *others):
+    """tree + 0 varying over every mesh axis that `others` vary over: inside shard_map a loop
+    carry must keep its type, and chunk outputs vary with the weights (over "expert"), weight
+    gradients with the tokens (over "data"). Exactly tree outside shard_map."""
+    zero = sum(jnp.zeros_like(o[(0,) * o.ndim], jnp.float32) for o in others)
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype), tree)
+
+
 def _for_each_chunk(plan: ChunkPlan, max_chunk: int, granule: int, body, carry, weights):
     """carry = body(size, expert, start, valid, carry, weights) over every chunk; size is static.
 
@@ -154,6 +176,7 @@ def _for_each_chunk(plan: ChunkPlan, max_chunk: int, granule: int, body, carry, 
     loop-invariant it would convert them whole to float32 once, outside the loop (a float32
     copy of every expert: 27 GB for OLMoE-1B-7B). Carried, only each chunk's slice is converted.
     """
+    carry = _vary_like(carry, *weights)
     def loop(size, lo, hi, chunk_of, carry):
         def step(i, state):
             carry, weights = state
@@ -226,10 +249,19 @@ def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
         return (_write_valid(d_rows, dx, start, valid), d_gate.at[layer, expert].add(dg),
                 d_up.at[layer, expert].add(du), d_down.at[layer, expert].add(dd))
 
-    zeros = tuple(jnp.zeros_like(a) for a in (rows, w_gate, w_up, w_down))
+    zeros = _vary_like(tuple(jnp.zeros_like(a) for a in (rows, w_gate, w_up, w_down)), rows, grad)
     d_rows, d_gate, d_up, d_down = _for_each_chunk(plan, max_chunk, granule, body, zeros, (w_gate, w_up, w_down))
     int_zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0), (plan, layer))
-    return d_rows, *int_zeros, d_gate, d_up, d_down
+    d_gate, d_up, d_down = (_sum_over_unshared_axes(g, w) for g, w in zip((d_gate, d_up, d_down),
+                                                                            (w_gate, w_up, w_down), strict=True))
+    return _sum_over_unshared_axes(d_rows, rows), *int_zeros, d_gate, d_up, d_down
+
+
+def _sum_over_unshared_axes(grad, primal):
+    """Inside shard_map: the gradient summed over the mesh axes it varies over and `primal` does
+    not (a weight replicated over "data" gets the sum of every data shard's gradient)."""
+    extra = tuple(sorted(jax.typeof(grad).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying))
+    return jax.lax.psum(grad, extra) if extra else grad
 
 
 chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
@@ -240,6 +272,7 @@ def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_e
     """Exact sparse dispatch for CPU: the T*k (token, choice) assignments sorted by expert,
     then one matmul per expert chunk (see ChunkPlan). Work is the local assignments plus
     under `granule` rows per expert however unbalanced the routing; no token is ever dropped.
+    The rows of each token's top_idx must be distinct experts (as top-k gives).
 
     x: [T, D]; top_idx/top_w: [T, k]; w_gate/w_up: [E, D, F]; w_down: [E, F, D] (or [L, E, ...]
     stacks with `layer` picking one) -> [T, D] in out_dtype (default x.dtype).
@@ -247,17 +280,21 @@ def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_e
     if layer is None:
         layer, w_gate, w_up, w_down = jnp.int32(0), w_gate[None], w_up[None], w_down[None]
     t, k = top_idx.shape
-    max_chunk = min(max_chunk, -(-t * k // granule) * granule)  # no size classes larger than all rows
+    num_rows = _local_rows(t, k, w_gate.shape[1])  # R
+    max_chunk = min(max_chunk, -(-num_rows // granule) * granule)  # no size classes larger than all rows
     order, group_sizes, sorted_local = _sort_by_expert(top_idx, w_gate.shape[1], first_expert)
+    order, sorted_local = order[:num_rows], sorted_local[:num_rows]
     # Sorted row of each assignment; -1 for other devices' assignments, which read and write nothing.
-    rank = jnp.zeros_like(order).at[order].set(jnp.where(sorted_local, jnp.arange(t * k), -1))
+    rank = jnp.full((t * k,), -1, order.dtype).at[order].set(jnp.where(sorted_local, jnp.arange(num_rows), -1))
     slack = jnp.full((max_chunk,), -1, order.dtype)
     row_token = jnp.concatenate([jnp.where(sorted_local, order // k, -1), slack])
-    rows = gather_rows(x, row_token, rank.reshape(t, k))  # [T*k + max_chunk, D]
-    plan = plan_chunks(group_sizes, t * k, max_chunk, granule)
+    rows = gather_rows(x, row_token, rank.reshape(t, k))  # [R + max_chunk, D]
+    plan = plan_chunks(group_sizes, num_rows, max_chunk, granule)
     out_rows = chunked_swiglu(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down)
+    if num_rows < t * k:  # a share of the experts (expert parallelism): no [T*k, D] buffer of mostly zeros
+        return _scatter_combine(out_rows[:num_rows], order, sorted_local, top_w, out_dtype or x.dtype)
     row_assignment = jnp.concatenate([jnp.where(sorted_local, order, -1), slack])[:, None]
-    per_assignment = gather_rows(out_rows, rank, row_assignment)  # [T*k, D]
+    per_assignment = gather_rows(out_rows, rank, row_assignment)  # [T*k, D]; a gather: CPU scatters are slow
     return _combine(per_assignment.reshape(t, k, -1), top_w, out_dtype or x.dtype)
 
 
@@ -283,28 +320,27 @@ def resolve_moe_impl(impl: str) -> str:
     return "chunked" if jax.default_backend() == "cpu" else "ragged"
 
 
-def dispatch_experts(x, top_idx, top_w, experts, layer, impl: str, mesh: jax.sharding.Mesh | None = None,
+def dispatch_experts(x, router_probs, select, experts, layer, impl: str, mesh: jax.sharding.Mesh | None = None,
                      **kernel_options):
     """Every token through its k experts with kernel `impl`; x [T, D] -> [T, D].
 
+    router_probs: [T, E] float32; select: router_probs -> (top_w [T, k], top_idx [T, k]);
     experts: (gate, up, down) stacks [L, E, ...]; layer: scalar index into them.
 
     With a mesh, inside `jax.shard_map`: tokens are split over every mesh axis (the model's
     batch sharding, `sharding.model_batch_sharding`) and the stacks' experts over "expert".
-    Each device sorts only its own tokens' assignments. Devices of one "expert" group first
-    all-gather their tokens (x [T, D] and top-k ids/weights, never weights), then each runs
+    Each device selects and sorts only its own tokens' experts. Devices of one "expert" group
+    then all-gather their tokens (x and the top-k ids / weights, never weights), each runs
     the kernel on its own experts only (assignments to other experts read and compute
     nothing), and a reduce-scatter sums the partial outputs back to each token's device. For
     top-k >= the expert-axis size this moves as many bytes as an all-to-all of the k token
     copies (MaxText's sparse_matmul) and keeps every kernel static-shaped; nothing is dropped.
     """
     kernel = functools.partial(EXPERT_IMPLS[impl], **kernel_options)
-    if mesh is None:
-        return kernel(x, top_idx, top_w, *experts, layer=layer)
-    expert_axis = sharding.EXPERT_AXIS if mesh.shape.get(sharding.EXPERT_AXIS, 1) > 1 else None
-    tokens = P(sharding.model_batch_axes(mesh))
 
-    def local(x, top_idx, top_w, layer, *experts):
+    def local(x, router_probs, layer, *experts):
+        top_w, top_idx = select(router_probs)
+        top_w = top_w.astype(x.dtype)
         if expert_axis is None:
             return kernel(x, top_idx, top_w, *experts, layer=layer)
         x, top_idx, top_w = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, top_idx, top_w))
@@ -313,6 +349,10 @@ def dispatch_experts(x, top_idx, top_w, experts, layer, impl: str, mesh: jax.sha
                          out_dtype=jnp.float32)  # summed over devices in float32, rounded once
         return jax.lax.psum_scatter(partial, expert_axis, scatter_dimension=0, tiled=True).astype(x.dtype)
 
-    stacks = P(None, expert_axis)
-    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, P(), stacks, stacks, stacks),
-                         out_specs=tokens)(x, top_idx, top_w, layer, *experts)
+    if mesh is None:
+        expert_axis = None
+        return local(x, router_probs, layer, *experts)
+    expert_axis = sharding.EXPERT_AXIS if mesh.shape.get(sharding.EXPERT_AXIS, 1) > 1 else None
+    tokens, stacks = P(sharding.model_batch_axes(mesh)), P(None, expert_axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, P(), stacks, stacks, stacks),
+                         out_specs=tokens)(x, router_probs, layer, *experts)

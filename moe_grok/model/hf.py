@@ -8,13 +8,16 @@ listed in model.safetensors.index.json. Either expert layout is read (hub: per-e
 
 Memory: every parameter (or device shard of one, with a mesh) is filled cell by cell, straight
 from memory-mapped file pages, into one page-aligned host buffer that the CPU client adopts
-without a copy (`jax.make_array_from_callback`): loading peaks at the weights plus one
-(layer, expert) cell. Bad input (truncated or corrupt files, an index mapping a key to the
-wrong shard, invalid config.json, integer weights, non-finite weights) raises CheckpointError
-naming the file or checkpoint and the key, before any parameter is built where possible.
+without a copy (`jax.make_array_from_callback`): loading peaks at the weights plus a few
+(layer, expert) cells.
+
+Bad input (truncated or corrupt files, an index mapping a key to the wrong shard, invalid
+config.json, integer weights, non-finite weights) raises CheckpointError naming the file or
+checkpoint and the key, before any parameter is built where possible.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -168,6 +171,7 @@ class SafetensorsReader:
     """
 
     def __init__(self, ckpt_dir: str):
+        self.directory = ckpt_dir
         single, index_path = os.path.join(ckpt_dir, SINGLE_FILE), os.path.join(ckpt_dir, INDEX_FILE)
         if os.path.exists(single):
             if os.path.exists(index_path):
@@ -305,18 +309,21 @@ def _shard_reader(reader: SafetensorsReader, source_fn: Callable, lead_sizes: tu
     def read(index: tuple) -> np.ndarray:
         lead, rest = index[:len(lead_sizes)], index[len(lead_sizes):]
         ranges = [range(*s.indices(n)) for s, n in zip(lead, lead_sizes, strict=True)]
-        out = None
-        for cell_ids in np.ndindex(*map(len, ranges)):
+
+        def source_cell(cell_ids):
             picks = [r[i] for r, i in zip(ranges, cell_ids, strict=True)]
-            layer = picks[0] if stacked_layers else None
-            expert = picks[-1] if len(picks) > stacked_layers else None
-            src = source_fn(layer, expert)
+            src = source_fn(picks[0] if stacked_layers else None, picks[-1] if len(picks) > stacked_layers else None)
             cell = reader.read(src.key, src.index)
-            cell = (cell.T if src.transpose else cell)[rest]
-            if out is None:
-                out = page_aligned_empty((*map(len, ranges), *cell.shape), dtype)
-            np.copyto(out[cell_ids], cell, casting="unsafe")
-            del cell  # unmaps the file pages
+            return (cell.T if src.transpose else cell)[rest]
+
+        cells = list(np.ndindex(*map(len, ranges)))
+        out = page_aligned_empty((*map(len, ranges), *source_cell(cells[0]).shape), dtype)
+
+        def copy(cell_ids):
+            np.copyto(out[cell_ids], source_cell(cell_ids), casting="unsafe")  # the view's file pages unmap after
+
+        with concurrent.futures.ThreadPoolExecutor(min(len(cells), os.cpu_count() or 1)) as pool:
+            list(pool.map(copy, cells))  # numpy copies (strided transposes, page faults) run without the GIL
         return out
 
     return read
@@ -363,7 +370,8 @@ def validate_keys(model_config: MoEConfig, reader: SafetensorsReader) -> None:
             if got != want:
                 problems.append(f"{key}: shape {got} does not match config (expected {want} for {'/'.join(path)})")
     if problems:
-        raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems[:12]))
+        raise CheckpointError(f"checkpoint {reader.directory} does not match its config.json: "
+                              + "; ".join(problems[:12]))
 
 
 def param_shape_dict(model_config: MoEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -26,6 +26,7 @@ from moe_grok.model import dispatch
 LOGICAL_RULES = (
     ("batch", "data"),
     ("expert", "expert"),
+    ("router_logit", None),  # the router's expert axis: the router is small, every device routes its own tokens
     ("layers", None),
     ("vocab", None),
     ("embed", None),
@@ -160,17 +161,17 @@ class SparseMoE(nn.Module):
         model_config, dtype = self.model_config, self.model_config.jnp_dtype
         b, s, d = x.shape
         e = model_config.num_experts
-        router = self.param("router", _init(model_config.init_std, "embed", "expert"), (d, e), dtype)
+        router = self.param("router", _init(model_config.init_std, "embed", "router_logit"), (d, e), dtype)
 
         tokens = x.reshape(b * s, d)
         router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
-        top_w, top_idx = select_experts(jax.nn.softmax(router_logits, axis=-1), model_config)
         impl = dispatch.resolve_moe_impl(model_config.moe_impl)
         kwargs = {}
         if impl == "chunked":
             kwargs = {"max_chunk": model_config.expert_chunk_size, "granule": model_config.expert_chunk_granule}
-        out = dispatch.dispatch_experts(tokens, top_idx, top_w.astype(dtype), experts, layer, impl, self.mesh,
-                                        **kwargs)
+        select = functools.partial(select_experts, model_config=model_config)
+        out = dispatch.dispatch_experts(tokens, jax.nn.softmax(router_logits, axis=-1), select, experts, layer, impl,
+                                        self.mesh, **kwargs)
         return out.reshape(b, s, d), router_logits.reshape(b, s, e)
 
 

@@ -7,8 +7,6 @@ as HF nests them. The Flax module declares the expert stacks outside its layer s
 """
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -66,18 +64,23 @@ def init_params(model_config: MoEConfig, rng: jax.Array, mesh: jax.sharding.Mesh
     return jax.jit(init, out_shardings=param_shardings(model_config, mesh))(rng)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _finite_cells(array, lead_axes: int):
-    return jnp.all(jnp.isfinite(array), axis=tuple(range(lead_axes, array.ndim)))
-
-
 def first_nonfinite_cell(array: jax.Array, lead_axes: int = 0) -> tuple[int, ...] | None:
     """Index over the first `lead_axes` axes (e.g. (layer, expert)) of the first cell of `array`
-    holding a NaN or inf; () when lead_axes = 0; None when every value is finite."""
-    finite = np.asarray(_finite_cells(array, lead_axes))
-    if finite.all():
-        return None
-    return tuple(int(i) for i in np.argwhere(~finite)[0])
+    holding a NaN or inf; () when lead_axes = 0; None when every value is finite.
+
+    Checked on the host, shard by shard and cell by cell, on the bits (exponent all ones):
+    on CPU the shards are read in place, and nothing of the array's size is allocated
+    (a jitted isfinite().all() makes XLA's CPU backend materialize a float32 or boolean copy).
+    """
+    unsigned = np.dtype(f"uint{8 * array.dtype.itemsize}")
+    exponent = np.array(np.inf, array.dtype).view(unsigned)  # +inf: every exponent bit set
+    for shard in array.addressable_shards:
+        bits = np.asarray(shard.data).view(unsigned)
+        offsets = [s.indices(n)[0] for s, n in zip(shard.index[:lead_axes], array.shape, strict=False)]
+        for cell in np.ndindex(bits.shape[:lead_axes]):
+            if bits[cell].size and np.bitwise_and(bits[cell], exponent).max() == exponent:
+                return tuple(int(o + i) for o, i in zip(offsets, cell, strict=True))
+    return None
 
 
 def router_matrices(params) -> jax.Array:

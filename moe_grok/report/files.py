@@ -113,7 +113,8 @@ def write_report(report: dict[str, Any], out_dir: str, with_plots: bool = True) 
         writer = csv.writer(f)
         writer.writerow(["step", "domain", "group", "set", "metric", "value"])
         for domain, group, set_name, metric, values in _curve_rows(report):
-            writer.writerows([step, domain, group, set_name, metric, _number(v)] for step, v in zip(steps, values))
+            writer.writerows([step, domain, group, set_name, metric, _number(v)]
+                             for step, v in zip(steps, values, strict=False))
     with open(paths["table1.csv"], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["domain", "metric", "window", "n", "pearson_r", "pearson_p", "spearman_r", "spearman_p"])

@@ -51,7 +51,7 @@ def _mark_window(ax, domain: dict) -> None:
 def plot_analysis(report: dict[str, Any], path: str) -> str:
     steps, domains = report["steps"], report["domains"]
     fig, axes = _grid(len(domains), 5)
-    for row, (name, d) in zip(axes, domains.items()):
+    for row, (name, d) in zip(axes, domains.items(), strict=False):
         curves = d["curves"]
         row[0].plot(steps, curves["train_accuracy"], label="train accuracy")
         if "test_accuracy" in curves:
@@ -84,8 +84,8 @@ def plot_groups(report: dict[str, Any], path: str) -> str:
     steps = np.asarray(report["steps"], float)
     domains = report["domains"]
     fig, axes = _grid(len(domains) + 1, 2)
-    for row, (name, d) in zip(axes, domains.items()):
-        for ax, metric in zip(row, ("distance", "consistency")):
+    for row, (name, d) in zip(axes, domains.items(), strict=False):
+        for ax, metric in zip(row, ("distance", "consistency"), strict=False):
             for i, (group_name, g) in enumerate(d["pretrain_groups"].items()):
                 after = steps >= g["step"]
                 values = np.asarray(g["curves"][metric], float)
@@ -96,7 +96,7 @@ def plot_groups(report: dict[str, Any], path: str) -> str:
                         f"{trend['slope']:+.2g}/1k)" if np.isfinite(trend["slope"]) else f"{group_name} (n={g['n']})")
             _finish(ax, f"{name}: {metric} per Pretrain@t* group (bold: after t*)")
     glob = report["global"]
-    for ax, metric in zip(axes[-1], ("distance", "consistency")):
+    for ax, metric in zip(axes[-1], ("distance", "consistency"), strict=False):
         values = np.asarray(glob["curves"][metric], float)
         ax.plot(steps, values, color="k", label=f"all memorized (n={glob['n']})")
         fit = glob["quadratic_fit"][metric]
@@ -112,7 +112,7 @@ def plot_pairs(report: dict[str, Any], path: str) -> str:
     steps = report["steps"]
     domains = report["domains"]
     fig, axes = _grid(len(domains), 1, width=8)
-    for ax, (name, d) in zip(axes[:, 0], domains.items()):
+    for ax, (name, d) in zip(axes[:, 0], domains.items(), strict=False):
         twin = ax.twinx()
         for i, pair in enumerate(d["pairs"]):
             color = f"C{i % 10}"
@@ -134,8 +134,8 @@ def plot_pairs(report: dict[str, Any], path: str) -> str:
 def plot_per_layer(report: dict[str, Any], path: str) -> str:
     domains = report["domains"]
     fig, axes = _grid(len(domains), 2, width=5)
-    for row, (name, d) in zip(axes, domains.items()):
-        for ax, (set_name, values) in zip(row, d["per_layer_distance"].items()):
+    for row, (name, d) in zip(axes, domains.items(), strict=False):
+        for ax, (set_name, values) in zip(row, d["per_layer_distance"].items(), strict=False):
             values = np.asarray(values, float)  # [C, L]
             image = ax.imshow(values.T, aspect="auto", origin="lower", cmap="viridis",
                               extent=(report["steps"][0], report["steps"][-1], -0.5, values.shape[1] - 0.5))
@@ -149,7 +149,7 @@ def plot_sweeps(report: dict[str, Any], path: str) -> str:
     steps = report["steps"]
     domains = report["domains"]
     fig, axes = _grid(len(domains), 2)
-    for row, (name, d) in zip(axes, domains.items()):
+    for row, (name, d) in zip(axes, domains.items(), strict=False):
         for tau, t in d.get("tau_sweep", {}).items():
             row[0].plot(steps, t["distance"], label=f"tau={tau} (r={t['correlation']['pearson_r']:+.2f})")
         _finish(row[0], f"{name}: memorized distance per tau (E.1)")

@@ -14,6 +14,7 @@ from moe_grok.analysis.analyze import AnalysisOptions, TestResults
 from moe_grok.analysis.groups import check_embeddings
 from moe_grok.analysis.sources import checkpoint_sources
 from moe_grok.analysis.test_accuracy import load_test_accuracy_csv, load_test_correctness_csv
+from moe_grok.config import MOE_IMPLS
 from moe_grok.data.corpus import load_split
 
 DTYPES = ("bfloat16", "float32")
@@ -52,8 +53,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     options = AnalysisOptions.from_config(config.analysis)
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
+    if config.moe_impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {config.moe_impl!r}")
     specs = [c for c in config.checkpoints.split(",") if c]
-    sources = checkpoint_sources(specs, dtype=config.dtype)
+    sources = checkpoint_sources(specs, dtype=config.dtype, moe_impl=config.moe_impl)
     test = load_test_results(config, sorted(s.step for s in sources))
     splits = {"train": load_split(config.data)}
     if config.validation_paths:
@@ -69,7 +72,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                             len(splits["train"]))
     mesh = sharding.make_mesh(data=None if config.mesh.data < 0 else config.mesh.data, expert=config.mesh.expert)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-    sources = checkpoint_sources(specs, dtype=config.dtype, mesh=mesh)
+    sources = checkpoint_sources(specs, dtype=config.dtype, mesh=mesh, moe_impl=config.moe_impl)
     validation = "validation" if "validation" in splits else None
     return pipeline.run_pipeline(sources, splits, config.out_dir, test=test, held_out_split=validation,
                                  validation_split=validation, train_embeddings=train_embeddings, options=options,

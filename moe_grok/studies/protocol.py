@@ -124,7 +124,8 @@ def markdown(results: dict[str, Any]) -> str:
     views = sorted({p for r in results["arms"].values() for p in r["positions"]},
                    key=lambda p: (p != "all", p))
     for positions in views:
-        lines += [f"## Routing averaged over {'all tokens (the paper)' if positions == 'all' else positions + ' positions'}",
+        view = "all tokens (the paper)" if positions == "all" else f"{positions} positions"
+        lines += [f"## Routing averaged over {view}",
                   "", "| quantity | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
         for key, label, _ in QUANTITIES:
             cells = [_cell(results["arms"][a]["positions"][positions]["summary"][key])
@@ -190,15 +191,22 @@ def plot_effects(results: dict[str, Any], path: str) -> str:
     return path
 
 
+def arm_seeds(config: ml_collections.ConfigDict, arm: str) -> list[int]:
+    """Seeds 0..n-1 of an arm: config.seeds_per_arm[arm] when > 0, else config.seeds."""
+    n = config.seeds_per_arm.get(arm, 0) or config.seeds
+    if n < 1:
+        raise ValueError(f"arm {arm!r}: seeds must be >= 1, got {n}")
+    return list(range(n))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", progress: bool = True) -> dict:
     """Every arm of config.arms over seeds 0..config.seeds-1; writes results.json, results.md and
     figures to workdir (and to config.docs_dir when set). Returns the results."""
     started = time.time()
     os.makedirs(workdir, exist_ok=True)
-    seeds = list(range(config.seeds))
     results: dict[str, Any] = {"arms": {}, "command": command, "date": time.strftime("%Y-%m-%d")}
     for name, arm in config.arms.items():
-        results["arms"][name] = run_arm(name, arm, seeds, workdir, progress)
+        results["arms"][name] = run_arm(name, arm, arm_seeds(config, name), workdir, progress)
     results["minutes"] = (time.time() - started) / 60
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)

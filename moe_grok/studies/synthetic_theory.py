@@ -76,7 +76,7 @@ class SyntheticConfig:
 
 
     @classmethod
-    def from_config(cls, config) -> "SyntheticConfig":
+    def from_config(cls, config) -> SyntheticConfig:
         """From a config section holding every field (configs/verify_theory.py's `synthetic`)."""
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in config]
@@ -176,10 +176,10 @@ def init_moe(model: OneLayerMoE, dim: int, router_seed: int, expert_seed: int):
 
 def expert_only_optimizer(learning_rate: float) -> optax.GradientTransformation:
     """Adam on the experts; the router gets zero updates (frozen)."""
-    labels = lambda params: {
-        "params": {name: jax.tree.map(lambda _: "frozen" if name == "router" else "trained", sub)
-                   for name, sub in params["params"].items()}
-    }
+    def labels(params):
+        return {"params": {name: jax.tree.map(lambda _, label="frozen" if name == "router" else "trained": label, sub)
+                           for name, sub in params["params"].items()}}
+
     return optax.multi_transform({"trained": optax.adam(learning_rate), "frozen": optax.set_to_zero()}, labels)
 
 
@@ -271,7 +271,8 @@ def run_synthetic(config: SyntheticConfig, mesh: Mesh | None = None) -> dict:
 TABLE_COLUMNS = {  # result key -> table header
     "n_clusters": "clusters", "spread": "spread", "router_scale": "r_scale", "router_seed": "r_seed",
     "edit_distance": "edit_dist", "edit_distance_normalized": "edit_norm", "mean_pathway_experts": "path_len",
-    "d_eff": "d_eff", "d_eff_normalized": "d_eff_norm", "bias": "bias", "variance": "variance", "bound": "bound", "train_mse": "train_mse",
+    "d_eff": "d_eff", "d_eff_normalized": "d_eff_norm", "bias": "bias", "variance": "variance", "bound": "bound",
+    "train_mse": "train_mse",
     "test_mse": "test_mse", "krr_test_mse": "krr_mse",
 }
 CORRELATION_PAIRS = (  # the first is the paper's Fig. 8 (primary)
@@ -428,4 +429,5 @@ def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> st
     with open(os.path.join(config.out, "results.json"), "w") as f:
         json.dump({"base_config": dataclasses.asdict(base), "runs": rows, "correlations": corr}, f, indent=1)
     save_plots(rows, corr, os.path.join(config.out, "theory.png"))
-    return f"Correlations over runs:\n{format_correlations(corr)}\nwrote {config.out}/results.csv, results.json, theory.png"
+    return (f"Correlations over runs:\n{format_correlations(corr)}\n"
+            f"wrote {config.out}/results.csv, results.json, theory.png")

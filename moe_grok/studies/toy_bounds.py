@@ -39,7 +39,7 @@ def toy_run_bounds(workdir: str, n_samples: int = 1000, lam: float = 0.1, noise_
                                                      y, lam, noise_std, delta, c1)
     return [{"step": s.step, "test_error": float(1.0 - s.splits["test"]["correct"].mean()),
              "d_eff": float(b.effective_dimension), "bias": float(b.bias), "variance": float(b.variance),
-             "bound": float(b.total)} for s, b in zip(stats, bounds)]
+             "bound": float(b.total)} for s, b in zip(stats, bounds, strict=False)]
 
 
 def format_toy_bounds(rows: list[dict]) -> str:
@@ -59,7 +59,7 @@ def save_toy_bound_plot(rows: list[dict], path: str) -> None:
     steps = [r["step"] for r in rows]
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
-    for ax, key in zip(axes, ("test_error", "d_eff", "bound")):
+    for ax, key in zip(axes, ("test_error", "d_eff", "bound"), strict=False):
         ax.plot(steps, [r[key] for r in rows], marker=".")
         ax.set_title(key)
         ax.set_xlabel("training step")

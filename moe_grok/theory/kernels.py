@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from moe_grok.sharding import data_axis, data_axis_size, round_up_to_data_axis, shard_batch
 
@@ -115,7 +117,7 @@ def _empirical_ntk_block(apply_fn, params, x_rows, x_cols):
     j_cols = _per_example_grads(apply_fn, params, x_cols)
     blocks = [
         jnp.dot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1).T, precision=HIGHEST)
-        for a, b in zip(jax.tree.leaves(j_rows), jax.tree.leaves(j_cols))
+        for a, b in zip(jax.tree.leaves(j_rows), jax.tree.leaves(j_cols), strict=False)
     ]
     return sum(blocks)
 

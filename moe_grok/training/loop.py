@@ -1,18 +1,29 @@
 """Training the MoE transformer on algorithmic tasks: jitted AdamW steps, orbax checkpoints, resume.
 
 Layout of a run's workdir:
+  run.json                the run's identity (task, split, model, optimizer, seed; see run_dir)
   moe_config.json         the model's MoEConfig
+  config.json             the full config of the latest invocation
   checkpoints/<step>/     params at every `checkpoint_every` steps (the "pretraining checkpoints")
-  train_state/<step>/     params + optimizer state, latest only (for resuming)
-  metrics.jsonl           one JSON object per evaluation (step, losses, accuracies per group)
+  train_state/<step>/     params + optimizer state, the latest two (for resuming)
+  metrics.jsonl           one JSON object per evaluation (step, losses, accuracies per group, routing)
+  train.lock              held by the process training the run
 
 Minibatches are a pure function of (seed, step), so a run killed and resumed from its
-latest train_state reproduces the uninterrupted run exactly.
+latest train state reproduces the uninterrupted run exactly.
+
+Several seeds of one config train together (`train_runs`, used by `multiseed`): every seed
+runs the same compiled single-seed step, dispatched asynchronously one seed after another,
+so seed s of a multi-seed run is bitwise the single-seed run of seed s (a single-seed run is
+the one-seed case of the same loop).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -22,20 +33,26 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from tqdm.auto import tqdm
 
 from moe_grok import sharding
-from moe_grok.config import CONFIG_FILE, MoEConfig, toy
+from moe_grok.config import MoEConfig, toy
 from moe_grok.data import tasks
 from moe_grok.data.splits import position_targets
+from moe_grok.extraction import pathways
 from moe_grok.extraction.routing import extract_dataset, make_extractor
 from moe_grok.model import params as params_lib
-from moe_grok.training import losses
+from moe_grok.training import losses, run_dir
+
+MONITOR_TAU = 0.7  # pathway threshold of the logged pathway length (the analysis' default tau)
+STATES_KEPT = 2  # train states kept: a corrupt latest one falls back to the one before
 
 
 def task_spec(config: ml_collections.ConfigDict) -> tasks.TaskSpec:
-    return tasks.TaskSpec(p=config.task.p, ops=tuple(config.task.ops),
-                          train_fraction=config.task.train_fraction, seed=config.task.seed)
+    task = config.task
+    return tasks.TaskSpec(p=task.p, ops=tuple(task.ops), train_fraction=task.train_fraction, seed=task.seed,
+                          random_labels=task.random_labels)
 
 
 def model_config_of(config: ml_collections.ConfigDict, spec: tasks.TaskSpec) -> MoEConfig:
@@ -48,10 +65,22 @@ def answer_targets(inputs: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray,
     return position_targets(inputs, answers, tasks.ANSWER_POSITION)
 
 
+def _is_router(path) -> bool:
+    return any(getattr(key, "key", None) == "router" for key in path)
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup to a constant learning rate."""
+    """AdamW with linear warmup to a constant learning rate; optionally global-norm gradient
+    clipping first, and the routers ([L, D, E]) left out of the weight decay."""
     schedule = optax.warmup_constant_schedule(0.0, train.learning_rate, train.warmup_steps)
-    return optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay)
+    decay_mask = None
+    if not train.router_weight_decay:
+        decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: not _is_router(p), params)  # noqa: E731
+    adamw = optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.adam_eps, weight_decay=train.weight_decay,
+                        mask=decay_mask)
+    if train.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), adamw)
+    return adamw
 
 
 def loss_fn(params, model_config: MoEConfig, inputs, answers, aux_loss_coef: float, z_loss_coef: float):
@@ -67,16 +96,43 @@ def loss_fn(params, model_config: MoEConfig, inputs, answers, aux_loss_coef: flo
     return loss, {"loss": loss, "ce": ce, "balance_loss": balance, "z_loss": z, "batch_accuracy": accuracy}
 
 
-def make_train_step(model_config: MoEConfig, tx: optax.GradientTransformation, aux_loss_coef: float,
-                    z_loss_coef: float, mesh: jax.sharding.Mesh | None = None):
-    """Jitted (params, opt_state, inputs, answers) -> (params, opt_state, metrics)."""
+OPTIMIZER_KEYS = ("learning_rate", "warmup_steps", "b1", "b2", "adam_eps", "weight_decay", "grad_clip_norm",
+                  "router_weight_decay", "aux_loss_coef", "z_loss_coef")  # train keys the compiled step depends on
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(model_config: MoEConfig, settings: tuple, mesh: jax.sharding.Mesh | None):
+    train = ml_collections.ConfigDict(dict(settings))
+    return make_train_step(model_config, make_optimizer(train), train.aux_loss_coef, train.z_loss_coef, mesh)
+
+
+def compiled_train_step(model_config: MoEConfig, train: ml_collections.ConfigDict,
+                        mesh: jax.sharding.Mesh | None = None):
+    """make_train_step for `config.train`, shared by every run of one process with the same
+    model, optimizer and mesh (so the seeds of a multi-seed run, and repeated runs, compile once)."""
+    return _cached_train_step(model_config, tuple((k, train[k]) for k in OPTIMIZER_KEYS), mesh)
+
+
+def step_function(model_config: MoEConfig, tx: optax.GradientTransformation, aux_loss_coef: float,
+                  z_loss_coef: float):
+    """The un-jitted optimizer step (params, opt_state, inputs [B, S], answers [B]) ->
+    (params, opt_state, metrics)."""
 
     def step(params, opt_state, inputs, answers):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, model_config, inputs, answers, aux_loss_coef,
                                                          z_loss_coef)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
+    return step
+
+
+def make_train_step(model_config: MoEConfig, tx: optax.GradientTransformation, aux_loss_coef: float,
+                    z_loss_coef: float, mesh: jax.sharding.Mesh | None = None):
+    """Jitted step_function (params and optimizer state donated; with a mesh: batch over "data",
+    experts over "expert")."""
+    step = step_function(model_config, tx, aux_loss_coef, z_loss_coef)
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1))
     param_sharding = params_lib.param_shardings(model_config, mesh)
@@ -91,35 +147,100 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
 
 
 class RunCheckpoints:
-    """The orbax managers of a run: all params checkpoints, and the latest full train state."""
+    """The orbax managers of a run: all params checkpoints, and the latest two full train states.
+
+    A train state that cannot be restored is moved to ``workdir/corrupt/`` with a warning naming
+    it, and the one before is used; if none can be restored, RuntimeError names them all.
+    """
 
     def __init__(self, workdir: str):
         self.workdir = os.path.abspath(workdir)
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         self.params = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options)
+        self._open_state()
+
+    def _open_state(self) -> None:
         self.state = ocp.CheckpointManager(
             os.path.join(self.workdir, "train_state"),
-            options=ocp.CheckpointManagerOptions(create=True, max_to_keep=1, enable_async_checkpointing=False))
+            options=ocp.CheckpointManagerOptions(create=True, max_to_keep=STATES_KEPT,
+                                                 enable_async_checkpointing=False))
 
     def save(self, step: int, params, opt_state) -> None:
+        """Params and train state at `step` (a step already on disk is left as it is: resume is exact)."""
         self.params.save(step, args=ocp.args.StandardSave(params))
         self.state.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
 
     def steps(self) -> list[int]:
         return sorted(self.params.all_steps())
 
+    def state_steps(self) -> list[int]:
+        return sorted(self.state.all_steps())
+
     def restore_params(self, step: int, abstract_params):
         return self.params.restore(step, args=ocp.args.StandardRestore(abstract_params))
 
-    def restore_latest_state(self, abstract_state):
-        step = self.state.latest_step()
-        if step is None:
-            return None, None
-        return step, self.state.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    def _state_dir(self, step: int) -> str:
+        return str(ocp.step.find_step_path(self.state.directory, ocp.step.standard_name_format(), step=step))
+
+    def restore_state(self, step: int, abstract_state):
+        """The train state at `step`; on failure it is moved aside and RuntimeError names it."""
+        try:
+            return self.state.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:  # orbax / TensorStore raise many types for damaged files
+            bad = self._state_dir(step)
+            corrupt_dir = os.path.join(self.workdir, "corrupt")
+            os.makedirs(corrupt_dir, exist_ok=True)
+            moved = os.path.join(corrupt_dir, f"train_state_{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(bad, moved)
+            self._open_state()
+            raise RuntimeError(f"train state {bad} cannot be restored ({type(e).__name__}: {str(e)[:300]}); "
+                               f"moved to {moved}") from e
+
+    def restore_latest_state(self, abstract_state, at_most: int | None = None):
+        """(step, state) of the newest restorable train state (<= at_most), or (None, None) when the
+        run has none yet. Falls back over damaged states with a warning; RuntimeError if all are."""
+        failures = []
+        for step in reversed(self.state_steps()):
+            if at_most is not None and step > at_most:
+                continue
+            try:
+                return step, self.restore_state(step, abstract_state)
+            except RuntimeError as e:
+                logging.warning("%s; falling back to the previous train state", e)
+                failures.append(str(e))
+        if failures:
+            raise RuntimeError(f"no usable train state in {self.workdir}/train_state: " + " | ".join(failures))
+        return None, None
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_extractor(model_config: MoEConfig):
+    return make_extractor(model_config)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_init(model_config: MoEConfig):
+    """init_params compiled once per process and model: runs and seeds share it."""
+    return jax.jit(functools.partial(params_lib.init_params, model_config))
+
+
+def _init_params(model_config: MoEConfig, seed: int, mesh: jax.sharding.Mesh | None):
+    """The seed's initial params; with a mesh, made on one device and then placed (the same values
+    as a single-device run, and no sharded compile of the initializer)."""
+    params = _cached_init(model_config)(jax.random.key(seed))
+    return params if mesh is None else jax.device_put(params, params_lib.param_shardings(model_config, mesh))
+
+
+def _mean_pathway_length(mean_weights: np.ndarray, tau: float) -> float:
+    """Mean over samples and layers of the experts on the pathway. mean_weights: [N, L, E]."""
+    return float(np.mean([[len(layer) for layer in sample]
+                          for sample in pathways.pathway_expert_lists(mean_weights, tau)]))
 
 
 def evaluate(model_config: MoEConfig, params, data: tasks.AlgorithmicDataset, extractor, batch_size: int = 2048):
-    """Loss and accuracy per split and group at the answer position -> flat dict of floats."""
+    """Per split: loss and accuracy at the answer position (overall and per group), routing
+    entropy (nats, token mean, averaged over layers and samples) and pathway length (experts
+    per layer at tau = MONITOR_TAU) -> flat dict of floats."""
     result = {}
     for split in ("train", "test"):
         inputs, answers, groups = (getattr(data, f"{split}_{f}") for f in ("inputs", "targets", "groups"))
@@ -131,81 +252,167 @@ def evaluate(model_config: MoEConfig, params, data: tasks.AlgorithmicDataset, ex
         for g, name in enumerate(data.group_names):
             in_group = groups == g
             result[f"{split}_accuracy/{name}"] = float(stats["correct"][in_group].mean())
+            result[f"{split}_loss/{name}"] = float(stats["loss"][in_group].mean())
+        result[f"{split}_routing_entropy"] = float(stats["routing_entropy"].mean())
+        result[f"{split}_pathway_length"] = _mean_pathway_length(stats["mean_weights"], MONITOR_TAU)
     return result
 
 
-def _rewrite_metrics(path: str, up_to_step: int) -> None:
-    """On resume, drop logged evaluations newer than the restored step (they will be redone)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= up_to_step]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """metrics.jsonl as a list of dicts (a line cut short by a kill at the end is skipped)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not valid JSON ({e}); remove or repair that line") from e
+    return rows
+
+
+class _SeedRun:
+    """One seed's workdir, checkpoints, metrics log and training state while training."""
+
+    def __init__(self, workdir: str, seed: int):
+        self.workdir, self.seed = workdir, seed
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.checkpoints: RunCheckpoints | None = None
+        self.params = self.opt_state = self.step_metrics = None
+        self.last: dict[str, Any] = {}
+
+    def prepare(self, config: ml_collections.ConfigDict, model_config: MoEConfig) -> None:
+        """Check (or record) the run's identity, then write its configs."""
+        os.makedirs(self.workdir, exist_ok=True)
+        started = any(os.path.isdir(os.path.join(self.workdir, d)) and os.listdir(os.path.join(self.workdir, d))
+                      for d in ("checkpoints", "train_state"))
+        run_dir.check_or_record_identity(self.workdir, run_dir.run_identity(config, model_config), started)
+        model_config.save(self.workdir)
+        with open(os.path.join(self.workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    def logged(self) -> list[dict[str, Any]]:
+        return read_metrics(self.workdir) if os.path.exists(self.metrics_path) else []
+
+    def keep_metrics_up_to(self, step: int) -> None:
+        """On resume, drop logged evaluations newer than the restored step (they will be redone)."""
+        kept = [row for row in self.logged() if row["step"] <= step]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        self.last = kept[-1] if kept else {}
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.last = row
+
+
+def _restore_common_state(runs: list[_SeedRun], start_states: list) -> int | None:
+    """Put every run at the step all of them can restore: the smallest of their newest usable
+    train states. Returns that step, or None (fresh start) when some run has no state yet."""
+    latest = [run.checkpoints.restore_latest_state(state) for run, state in zip(runs, start_states, strict=True)]
+    if any(step is None for step, _ in latest):
+        return None
+    start = min(step for step, _ in latest)
+    for run, (step, state), target in zip(runs, latest, start_states, strict=True):
+        if step != start:
+            if start not in run.checkpoints.state_steps():
+                raise RuntimeError(f"seed {run.seed} has train states {run.checkpoints.state_steps()} in "
+                                   f"{run.workdir} but not step {start}, where the other seeds resume")
+            state = run.checkpoints.restore_state(start, target)
+        run.params, run.opt_state = state["params"], state["opt_state"]
+    return start
+
+
+def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], mesh: jax.sharding.Mesh | None = None,
+               stop_at: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Train (or resume) one run per (seed, workdir), all seeds together; returns each run's last
+    evaluation. `config.train.seed` is replaced by each run's seed.
+
+    Every run trains the same steps; on resume all restart from the newest train state they
+    all have. stop_at: stop after this many total steps without changing the schedule (tests
+    use it to simulate a kill).
+    """
+    train_config = config.train
+    run_dir.validate_train_config(train_config)
+    spec = task_spec(config)
+    data = tasks.make_dataset(spec)
+    model_config = model_config_of(config, spec)
+    seed_runs = [_SeedRun(workdir, seed) for seed, workdir in runs]
+    if len({os.path.abspath(r.workdir) for r in seed_runs}) != len(seed_runs):
+        raise ValueError(f"every seed needs its own workdir, got {runs}")
+
+    with contextlib.ExitStack() as locks:
+        for run in seed_runs:
+            os.makedirs(run.workdir, exist_ok=True)
+            locks.enter_context(run_dir.WorkdirLock(run.workdir))
+        for run in seed_runs:
+            seed_config = config.copy_and_resolve_references()
+            seed_config.train.seed = run.seed
+            run.prepare(seed_config, model_config)
+            run.checkpoints = RunCheckpoints(run.workdir)
+        return _train_locked(config, seed_runs, data, model_config, mesh, stop_at, progress)
+
+
+def _committed(tree, mesh: jax.sharding.Mesh | None):
+    """Every leaf committed to a device (replicated over the mesh unless already placed), as restored
+    states and step outputs are: fresh and resumed runs then share one compiled step."""
+    target = jax.devices()[0] if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, target), tree)
+
+
+def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConfig, mesh, stop_at, progress):
+    train_config = config.train
+    tx = make_optimizer(train_config)
+    for run in seed_runs:
+        run.params = _committed(_init_params(model_config, run.seed, mesh), mesh)
+        run.opt_state = _committed(tx.init(run.params), mesh)
+    start = _restore_common_state(seed_runs, [{"params": r.params, "opt_state": r.opt_state} for r in seed_runs]) or 0
+    for run in seed_runs:
+        run.keep_metrics_up_to(start)
+
+    train_step = compiled_train_step(model_config, train_config, mesh)
+    extractor = _cached_extractor(model_config)
+    inputs, answers = jnp.asarray(data.train_inputs), jnp.asarray(data.train_targets)
+    n_train = inputs.shape[0]
+    end = train_config.steps if stop_at is None else min(stop_at, train_config.steps)
+    if start == 0:
+        for run in seed_runs:
+            run.checkpoints.save(0, run.params, run.opt_state)
+            if not run.last:
+                run.log({"step": 0, **evaluate(model_config, run.params, data, extractor)})
+    bar = tqdm(range(start, end), initial=start, total=train_config.steps, disable=not progress,
+               desc=f"train {len(seed_runs)} seed{'s' if len(seed_runs) > 1 else ''}")
+    started = time.time()
+    for step in bar:
+        for run in seed_runs:  # dispatched asynchronously: the seeds' steps queue up back to back
+            idx = batch_indices(run.seed, step, n_train, train_config.batch_size)
+            batch = sharding.shard_batch(inputs[idx], mesh), sharding.shard_batch(answers[idx], mesh)
+            run.params, run.opt_state, run.step_metrics = train_step(run.params, run.opt_state, *batch)
+        done = step + 1
+        if done % train_config.eval_every == 0 or done == train_config.steps:
+            for run in seed_runs:
+                row = {"step": done, **{k: float(v) for k, v in run.step_metrics.items()}}
+                if not np.isfinite(row["loss"]):
+                    raise FloatingPointError(f"non-finite training loss at step {done} of seed {run.seed} "
+                                             f"({run.workdir}); its last checkpoint is kept on disk")
+                run.log({**row, **evaluate(model_config, run.params, data, extractor),
+                         "elapsed_s": time.time() - started})
+            bar.set_postfix(train_acc=f"{np.mean([r.last['train_accuracy'] for r in seed_runs]):.2f}",
+                            test_acc=f"{np.mean([r.last['test_accuracy'] for r in seed_runs]):.2f}")
+        if done % train_config.checkpoint_every == 0 or done == train_config.steps:
+            for run in seed_runs:
+                run.checkpoints.save(done, run.params, run.opt_state)
+    return [run.last for run in seed_runs]
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
           stop_at: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) a toy run in `workdir`; returns the last evaluation's metrics.
+    """Train (or resume) the run of `config.train.seed` in `workdir`; returns its last evaluation.
 
     stop_at: stop after this many total steps without changing the schedule (tests use it
     to simulate a kill).
     """
-    train_config = config.train
-    spec = task_spec(config)
-    data = tasks.make_dataset(spec)
-    model_config = model_config_of(config, spec)
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-        if MoEConfig.load(workdir) != model_config:
-            raise ValueError(f"{workdir} holds a run of a different model config; use a new workdir")
-    else:
-        model_config.save(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
-
-    tx = make_optimizer(train_config)
-    params = params_lib.init_params(model_config, jax.random.key(train_config.seed), mesh)
-    opt_state = tx.init(params)
-    ckpts = RunCheckpoints(workdir)
-    start, restored = ckpts.restore_latest_state({"params": params, "opt_state": opt_state})
-    if restored is not None:
-        params, opt_state = restored["params"], restored["opt_state"]
-    start = start or 0
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _rewrite_metrics(metrics_path, start)
-
-    train_step = make_train_step(model_config, tx, train_config.aux_loss_coef, train_config.z_loss_coef, mesh)
-    extractor = make_extractor(model_config)
-    inputs, answers = jnp.asarray(data.train_inputs), jnp.asarray(data.train_targets)
-    n_train = inputs.shape[0]
-    end = train_config.steps if stop_at is None else min(stop_at, train_config.steps)
-    last: dict[str, Any] = {}
-    if start == 0:
-        ckpts.save(0, params, opt_state)
-        last = {"step": 0, **evaluate(model_config, params, data, extractor)}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(last) + "\n")
-    bar = tqdm(range(start, end), initial=start, total=train_config.steps, desc="train", disable=not progress)
-    started = time.time()
-    for step in bar:
-        idx = batch_indices(train_config.seed, step, n_train, train_config.batch_size)
-        params, opt_state, step_metrics = train_step(params, opt_state, sharding.shard_batch(inputs[idx], mesh),
-                                                     sharding.shard_batch(answers[idx], mesh))
-        done = step + 1
-        if done % train_config.eval_every == 0 or done == train_config.steps:
-            last = {"step": done, **{k: float(v) for k, v in step_metrics.items()},
-                    **evaluate(model_config, params, data, extractor), "elapsed_s": time.time() - started}
-            if not np.isfinite(last["loss"]):
-                raise FloatingPointError(f"non-finite training loss at step {done}; last checkpoint kept on disk")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            bar.set_postfix(train_acc=f"{last['train_accuracy']:.2f}", test_acc=f"{last['test_accuracy']:.2f}")
-        if done % train_config.checkpoint_every == 0 or done == train_config.steps:
-            ckpts.save(done, params, opt_state)
-    return last
+    return train_runs(config, [(config.train.seed, workdir)], mesh, stop_at, progress)[0]

@@ -1,0 +1,109 @@
+"""Wall time of S seeds trained together divided by 1 seed, same steps, same process.
+
+  python benchmarks/multiseed.py                      # default toy config, 8 seeds, 100 steps
+  python benchmarks/multiseed.py --steps=200 --rounds=2 --compare_vmap
+
+Both sides are full `training` runs into fresh workdirs (steps, evaluations, checkpoints),
+after one warm-up run that compiles the step; rounds alternate 1-seed and S-seed runs and the
+medians are compared. --compare_vmap also times one optimizer step of the S seeds as one
+jax.vmap program over stacked params (with the config's expert dispatch and with the dense
+one), against the per-seed dispatch that `training` uses.
+"""
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from moe_grok.data import tasks
+from moe_grok.model import params as params_lib
+from moe_grok.studies import launch
+from moe_grok.training import loop, multiseed
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
+_SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds trained together.")
+_STEPS = flags.DEFINE_integer("steps", 100, "Optimizer steps of every timed run.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Alternating (1 seed, S seeds) rounds; medians are compared.")
+_COMPARE_VMAP = flags.DEFINE_bool("compare_vmap", False, "Also time a jax.vmap step over stacked seeds.")
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _median_seconds(run_once, repeats: int = 3) -> float:
+    run_once()  # compiles
+    return statistics.median(_timed(run_once) for _ in range(repeats))
+
+
+def _step_times(config, seeds: int) -> dict[str, float]:
+    """Seconds per optimizer step of all seeds: per-seed dispatch of the compiled single-seed step
+    (what training does) and one jax.vmap program over stacked seeds, with the config's expert
+    dispatch and with the dense one."""
+    spec = loop.task_spec(config)
+    data = tasks.make_dataset(spec)
+    n_train = len(data.train_targets)
+    batches = [loop.batch_indices(s, 0, n_train, config.train.batch_size) for s in range(seeds)]
+    batches = [(jnp.asarray(data.train_inputs[i]), jnp.asarray(data.train_targets[i])) for i in batches]
+    stacked_batch = tuple(jnp.stack([b[k] for b in batches]) for k in range(2))
+    tx = loop.make_optimizer(config.train)
+    times = {}
+    for impl in (config.model.moe_impl, "dense"):
+        model_config = loop.model_config_of(config, spec).replace(moe_impl=impl)
+        step = loop.step_function(model_config, tx, config.train.aux_loss_coef, config.train.z_loss_coef)
+        params = [params_lib.init_params(model_config, jax.random.key(s)) for s in range(seeds)]
+        state = {"seeds": [(p, tx.init(p)) for p in params]}
+        state["stacked"] = jax.tree.map(lambda *a: jnp.stack(a), *state["seeds"])
+        single, vmapped = jax.jit(step), jax.jit(jax.vmap(step))
+
+        def per_seed(single=single, state=state):
+            out = [single(p, o, *b) for (p, o), b in zip(state["seeds"], batches, strict=True)]
+            state["seeds"] = [(p, o) for p, o, _ in jax.block_until_ready(out)]
+
+        def one_program(vmapped=vmapped, state=state):
+            p, o, _ = jax.block_until_ready(vmapped(*state["stacked"], *stacked_batch))
+            state["stacked"] = p, o
+
+        if impl == config.model.moe_impl:
+            times[f"per-seed dispatch ({impl})"] = _median_seconds(per_seed)
+        times[f"vmap ({impl})"] = _median_seconds(one_program)
+    return times
+
+
+def main(argv):
+    del argv
+    launch.quiet_logs()
+    config = _CONFIG.value
+    config.train.steps = _STEPS.value
+    seeds = list(range(_SEEDS.value))
+    with tempfile.TemporaryDirectory() as root:
+        loop.train(config, os.path.join(root, "warmup"), progress=False)  # compiles the step and the evaluation
+        one, many = [], []
+        for r in range(_ROUNDS.value):
+            one.append(_timed(lambda r=r: loop.train(config, os.path.join(root, f"one_{r}"), progress=False)))
+            many.append(_timed(lambda r=r: multiseed.train(config, os.path.join(root, f"many_{r}"), seeds,
+                                                           progress=False)))
+    t_one, t_many = statistics.median(one), statistics.median(many)
+    print(f"config: {dict(config.model)} batch {config.train.batch_size}, {_STEPS.value} steps, eval/checkpoint "
+          f"every {config.train.eval_every}/{config.train.checkpoint_every}; jax {jax.__version__}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"1 seed: {t_one:.1f} s (rounds {[round(t, 1) for t in one]})")
+    print(f"{len(seeds)} seeds together: {t_many:.1f} s (rounds {[round(t, 1) for t in many]})")
+    print(f"ratio {len(seeds)} seeds / 1 seed: {t_many / t_one:.2f}x (per seed: {t_many / t_one / len(seeds):.2f}x)")
+    if _COMPARE_VMAP.value:
+        times = _step_times(config, len(seeds))
+        reference = times[f"per-seed dispatch ({config.model.moe_impl})"]
+        for name, seconds in times.items():
+            print(f"one step of {len(seeds)} seeds, {name}: {seconds * 1e3:.0f} ms ({seconds / reference:.2f}x "
+                  f"per-seed dispatch)")
+
+
+if __name__ == "__main__":
+    app.run(main)

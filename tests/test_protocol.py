@@ -1,0 +1,82 @@
+"""The toy protocol end to end on a tiny budget: every arm, two seeds, analysis, tables, verdicts."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from moe_grok.studies import protocol, protocol_stats
+
+from config_files import load_config
+
+
+def tiny_protocol_config(docs_dir: str):
+    config = load_config("toy_protocol")
+    config.seeds = 2
+    config.docs_dir = docs_dir
+    for arm in config.arms.values():
+        arm.task.p = 7
+        arm.model.update(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8, num_experts=4,
+                         num_experts_per_tok=2, expert_intermediate_size=16, moe_impl="dense")
+        arm.train.update(steps=20, batch_size=32, eval_every=10, checkpoint_every=5, learning_rate=1e-2)
+        arm.analysis.update(batch_size=64, max_pairs=100)
+    return config
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("protocol")
+    config = tiny_protocol_config(str(root / "docs"))
+    results = protocol.run(config, str(root / "work"), command="test", progress=False)
+    return config, root, results
+
+
+def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
+    config, root, results = protocol_run
+    assert set(results["arms"]) == {"grokking", "random_labels", "no_weight_decay", "mixture"}
+    for arm in results["arms"].values():
+        assert [os.path.basename(d) for d in arm["seed_dirs"]] == ["seed_0", "seed_1"]
+        assert set(arm["positions"]) == {"all", "scored"}
+        for view in arm["positions"].values():
+            assert len(view["per_seed"]) == 2
+            # every quantity is aggregated with its seed count; the share of seeds that grok is always defined
+            assert set(view["summary"]) == {key for key, _, _ in protocol.QUANTITIES}
+            assert view["summary"]["groks"]["n"] == 2
+    mixture = results["arms"]["mixture"]["positions"]["all"]["per_seed"][0]
+    assert "h3_distance_alignment" in mixture
+    # results.json round-trips; the page names every arm and the verdict of every hypothesis
+    with open(root / "work" / "results.json") as f:
+        assert json.load(f)["arms"].keys() == results["arms"].keys()
+    page = (root / "docs" / "protocol_results.md").read_text()
+    for name in results["arms"]:
+        assert name in page
+    assert "grokking: H1 (distance)" in page and "mixture: H3 (consistency)" in page
+    assert str(root / "work") not in page  # docs copy names paths relative to the workdir
+    for figure in ("protocol_accuracy.png", "protocol_effects.png"):
+        assert (root / "docs" / "figures" / figure).stat().st_size > 1000
+
+
+def test_protocol_rerun_reuses_training(protocol_run):
+    config, root, results = protocol_run
+    seed_dir = results["arms"]["grokking"]["seed_dirs"][0]
+    checkpoint = os.path.join(seed_dir, "checkpoints", "20")
+    before = os.path.getmtime(checkpoint)
+    again = protocol.run(config, str(root / "work"), command="test", progress=False)
+    assert os.path.getmtime(checkpoint) == before
+    first = results["arms"]["grokking"]["positions"]["all"]["summary"]
+    second = again["arms"]["grokking"]["positions"]["all"]["summary"]
+    assert json.dumps(first, default=float) == json.dumps(second, default=float)
+
+
+def test_mean_ci_and_verdicts():
+    summary = protocol_stats.mean_ci([1.0, 2.0, 3.0, np.nan, None])
+    assert summary["n"] == 3 and summary["mean"] == pytest.approx(2.0)
+    half = 4.302653 * 1.0 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert summary["ci95"] == pytest.approx([2.0 - half, 2.0 + half], rel=1e-5)
+    assert protocol_stats.verdict(summary, ">0") == "inconclusive"  # [-0.48, 4.48] holds 0
+    tight = protocol_stats.mean_ci([1.9, 2.0, 2.1])
+    assert protocol_stats.verdict(tight, ">0") == "confirmed"
+    assert protocol_stats.verdict(tight, "<0") == "refuted"
+    assert protocol_stats.verdict(protocol_stats.mean_ci([-1.0, 1.0, 0.5]), ">0") == "inconclusive"
+    assert protocol_stats.verdict(protocol_stats.mean_ci([1.0]), ">0").startswith("inconclusive")
+    assert protocol_stats.mean_ci([])["n"] == 0
