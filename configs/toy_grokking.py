@@ -9,7 +9,7 @@ def get_config():
     config.task = ml_collections.ConfigDict(dict(
         p=97,  # prime modulus
         ops=("add",),  # operations, one data group each: add, sub, mul, div, x2xyy2
-        train_fraction=0.5,  # share of each operation's (a, b) pairs used for training (or a tuple, one per op)
+        train_fraction=0.5,  # share of each operation's (a, b) pairs used for training (per op: configs/toy_mixture.py)
         random_labels=False,  # replace the training answers by seeded random labels (a control)
         seed=0,  # split (and random label) seed
     ))

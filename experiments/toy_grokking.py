@@ -1,7 +1,7 @@
 """Toy grokking reproduction: train a small MoE on modular arithmetic, then analyse its checkpoints.
 
   python experiments/toy_grokking.py --workdir=runs/toy                       # default config
-  python experiments/toy_grokking.py --workdir=runs/mix --config.task.ops="('add','sub','mul','div')"
+  python experiments/toy_grokking.py --workdir=runs/mix --config=configs/toy_mixture.py   # 4 domains
   python experiments/toy_grokking.py --workdir=runs/toy --config.train.steps=6000
 
 Re-running with the same workdir resumes training from its latest state and reuses the

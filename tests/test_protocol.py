@@ -61,7 +61,10 @@ def test_protocol_rerun_reuses_training(protocol_run):
     seed_dir = results["arms"]["grokking"]["seed_dirs"][0]
     checkpoint = os.path.join(seed_dir, "checkpoints", "20")
     before = os.path.getmtime(checkpoint)
-    again = protocol.run(config, str(root / "work"), command="test", progress=False)
+    one_arm = config.copy_and_resolve_references()
+    for name in ("random_labels", "no_weight_decay", "mixture"):
+        del one_arm.arms[name]
+    again = protocol.run(one_arm, str(root / "work"), command="test", progress=False)
     assert os.path.getmtime(checkpoint) == before
     first = results["arms"]["grokking"]["positions"]["all"]["summary"]
     second = again["arms"]["grokking"]["positions"]["all"]["summary"]

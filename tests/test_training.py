@@ -78,7 +78,7 @@ def _files(workdir):
 
 @pytest.mark.parametrize("changes, message", [
     ({"train.seed": 1}, r"train\.seed: 0 -> 1"),
-    ({"task.train_fraction": 0.6, "train.steps": 350}, r"task\.train_fraction: 0\.4 -> 0\.6"),
+    ({"task.train_fraction": 0.6, "train.steps": 350}, r"task\.train_fraction: 0\.5 -> 0\.6"),
     ({"train.learning_rate": 3e-3, "task.random_labels": True}, r"task\.random_labels: False -> True.*"
                                                                  r"train\.learning_rate: 0\.01 -> 0\.003"),
 ])

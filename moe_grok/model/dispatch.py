@@ -172,9 +172,9 @@ def _for_each_chunk(plan: ChunkPlan, max_chunk: int, granule: int, body, carry, 
     """carry = body(size, expert, start, valid, carry, weights) over every chunk; size is static.
 
     `weights` (the [L, E, ...] stacks) ride in each loop's carry behind an optimization
-    barrier. XLA's CPU backend computes bfloat16 ops in float32; with the stacks
-    loop-invariant it would convert them whole to float32 once, outside the loop (a float32
-    copy of every expert: 27 GB for OLMoE-1B-7B). Carried, only each chunk's slice is converted.
+    barrier. XLA's CPU backend computes bfloat16 elementwise ops in float32; with the stacks
+    loop-invariant it may convert them whole to float32 once, outside the loop (a float32 copy of
+    every expert: 27 GB for OLMoE-1B-7B). Carried, only each chunk's slice is touched.
     """
     carry = _vary_like(carry, *weights)
     def loop(size, lo, hi, chunk_of, carry):
@@ -194,14 +194,15 @@ def _for_each_chunk(plan: ChunkPlan, max_chunk: int, granule: int, body, carry, 
     return carry
 
 
-def _float32_matmul(a, w):
-    """a @ w computed in float32 (what XLA's CPU backend does for bfloat16 anyway, but with the
-    casts explicit it runs ~1.8x faster there), rounded back to a's dtype."""
-    return jnp.matmul(a.astype(jnp.float32), w.astype(jnp.float32)).astype(a.dtype)
+def _matmul_float32_accumulate(a, w):
+    """a @ w accumulated in float32, rounded back to a's dtype. For bfloat16 operands XLA's CPU
+    backend then uses its bfloat16 dot (2.1x the float32 one on an AVX512-BF16 CPU for a
+    [512, 2048] x [2048, 1024] chunk; casting the operands to float32 first runs the float32 dot)."""
+    return jnp.matmul(a, w, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 def _chunk_swiglu(x_chunk, w_gate, w_up, w_down):
-    return _swiglu(x_chunk, w_gate, w_up, w_down, _float32_matmul)
+    return _swiglu(x_chunk, w_gate, w_up, w_down, _matmul_float32_accumulate)
 
 
 def _write_valid(buffer, values, start, valid):
