@@ -96,7 +96,7 @@ def main(argv):
 
     extractor = make_extractor(model_config, with_loss=False)
     jt, jm = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
-    run_ours = lambda: jax.block_until_ready(extractor(params, jt, jm, jt, jm))  # noqa: E731
+    run_ours = lambda: jax.block_until_ready(extractor(params, jt, jm, jt, jm))
 
     # Same routing on both sides (a correctness guard for the timing).
     ours = np.asarray(run_ours().mean_weights)

@@ -242,7 +242,7 @@ def test_partial_correlation_equals_direct_least_squares():
     x = controls @ [1.0, -2.0] + rng.normal(size=30)
     y = controls @ [0.5, 1.0] + 0.7 * x + rng.normal(size=30)
     design = np.column_stack([np.ones(30), controls])
-    residual = lambda v: v - design @ np.linalg.solve(design.T @ design, design.T @ v)  # noqa: E731
+    residual = lambda v: v - design @ np.linalg.solve(design.T @ design, design.T @ v)
     expected = np.corrcoef(residual(x), residual(y))[0, 1]
     result = grokking.partial_correlation(x, y, controls)
     assert result["r"] == pytest.approx(expected) and result["n"] == 30

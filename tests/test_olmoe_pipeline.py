@@ -89,7 +89,7 @@ def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
     test = analyze.TestResults({d: c.mean(1) for d, c in correct.items()}, correct,
                                {d: test_embeddings[r] for d, r in rows.items()})
     out = str(tmp_path / "out")
-    run = lambda: pipeline.run_pipeline(  # noqa: E731
+    run = lambda: pipeline.run_pipeline(
         _sources(workspace), {"train": split, "validation": _validation(workspace)}, out, test=test,
         held_out_split="validation", validation_split="validation",
         train_embeddings=np.load(workspace / "train_embeddings.npy"), options=OPTIONS, batch_size=8, progress=False,

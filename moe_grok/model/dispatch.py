@@ -302,7 +302,7 @@ def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_e
 def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_expert=0, out_dtype=None):
     """Test oracle: every expert on every token, combined with the top-k weights. [T, D]."""
     w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
-    matmul = lambda a, w: jnp.einsum("td,edf->etf", a, w) if a.ndim == 2 else jnp.einsum("etd,edf->etf", a, w)  # noqa: E731
+    matmul = lambda a, w: jnp.einsum("td,edf->etf", a, w) if a.ndim == 2 else jnp.einsum("etd,edf->etf", a, w)
     y = _swiglu(x, w_gate, w_up, w_down, matmul)  # [E, T, D]
     local, _ = _local_experts(top_idx, first_expert, w_gate.shape[0])
     combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(local, w_gate.shape[0], dtype=jnp.float32),

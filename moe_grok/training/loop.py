@@ -75,7 +75,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     schedule = optax.warmup_constant_schedule(0.0, train.learning_rate, train.warmup_steps)
     decay_mask = None
     if not train.router_weight_decay:
-        decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: not _is_router(p), params)  # noqa: E731
+        decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: not _is_router(p), params)
     adamw = optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.adam_eps, weight_decay=train.weight_decay,
                         mask=decay_mask)
     if train.grad_clip_norm > 0:
