@@ -20,6 +20,8 @@ def get_config():
         expert_intermediate_size=64,  # SwiGLU width of each expert
         init_std=0.02,  # std of the normal initialization of the weight matrices (the routers too)
         moe_impl="auto",  # expert dispatch: auto (chunked on CPU, ragged on GPU/TPU), chunked, ragged, dense
+        expert_chunk_size=512,  # chunked dispatch: most rows in one expert matmul (MoEConfig's default)
+        expert_chunk_granule=32,  # chunked dispatch: chunk rows rounded up to a multiple of this (MoEConfig's)
     ))
     config.train = ml_collections.ConfigDict(dict(
         steps=2000,  # optimizer steps
@@ -39,4 +41,6 @@ def get_config():
     ))
     config.analysis = analysis_config()
     config.analysis.batch_size = 1024  # samples per extraction batch
+    config.analysis.train_embeddings = ""  # .npy [train samples, dim] embeddings for pairing ("" = by domain)
+    config.analysis.test_embeddings = ""  # .npy [test-split samples, dim], toy_run.task_splits order ("" = by domain)
     return config

@@ -1,5 +1,6 @@
 """Asynchronous multi-domain grokking (arm C of docs/protocol.md): add, sub, mul and div mod 59,
-one domain each. Model and optimizer: configs/toy_grokking.py's, except where noted."""
+one domain each. Model and optimizer: configs/toy_grokking.py's, except where noted; why the
+settings noted here differ: docs/training.md, "Controls and the mixture"."""
 import importlib.util
 import os
 
@@ -19,13 +20,11 @@ def get_config():
     config.task = ml_collections.ConfigDict(dict(
         p=59,  # prime modulus
         ops=("add", "sub", "mul", "div"),  # operations, one data group (domain) each
-        # share of each operation's (a, b) pairs used for training, per op: at 0.5 each, mul and div
-        # grok thousands of steps before add and sub (docs/training.md), so add and sub get more data
-        train_fraction=(0.7, 0.7, 0.5, 0.5),
+        train_fraction=(0.7, 0.7, 0.5, 0.5),  # share of each operation's (a, b) pairs used for training, per op
         random_labels=False,  # replace the training answers by seeded random labels (a control)
         seed=0,  # split (and random label) seed
     ))
-    config.train.grad_clip_norm = 0.0  # clipping at 1.0 kept four tasks from memorizing (docs/training.md)
+    config.train.grad_clip_norm = 0.0  # no gradient clipping
     config.train.warmup_steps = 10  # linear warmup, then constant
     config.train.steps = 3000  # optimizer steps
     return config

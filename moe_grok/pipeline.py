@@ -1,10 +1,12 @@
 """The whole experiment, shared by the toy runs and OLMoE: checkpoint stats -> analysis -> report."""
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from moe_grok.analysis.analyze import AnalysisOptions, TestResults, analyze, test_results_from_split
@@ -12,6 +14,19 @@ from moe_grok.analysis.sources import CheckpointSource
 from moe_grok.analysis.stats import collect_checkpoint_stats
 from moe_grok.data.splits import EvalSplit
 from moe_grok.report.files import write_report
+from moe_grok.training.run_dir import WorkdirLock
+
+# Not train.lock, so an out_dir that is also a training workdir neither blocks nor is blocked by training.
+LOCK_FILE = "analysis.lock"
+
+
+def _out_dir_lock(out_dir: str):
+    """The writer lock on out_dir, held by process 0 only: it alone writes cache entries and moves
+    corrupt ones aside, and on a shared filesystem the other processes would be refused."""
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    os.makedirs(out_dir, exist_ok=True)
+    return WorkdirLock(out_dir, LOCK_FILE, activity="analyzed", directory_kind="out_dir")
 
 
 def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSplit], out_dir: str,
@@ -22,8 +37,10 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
                  batch_size: int = 32, mesh=None, progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
     """Stats per checkpoint (cached in out_dir/cache), the analysis, and its files.
 
-    The test side comes from `test` (e.g. user CSVs) or, when None, from `test_split`
-    evaluated at every checkpoint (its per-sample correctness gives the Test@ groups).
+    out_dir is locked (out_dir/analysis.lock) for the whole run: a second analysis of it raises
+    RuntimeError naming the holder's pid. The test side comes from `test` (e.g. user CSVs) or,
+    when None, from `test_split` evaluated at every checkpoint (its per-sample correctness gives
+    the Test@ groups).
     held_out_split (default: test_split) holds the held-out control samples. One report per
     entry of options.positions: the first in out_dir/report, the others in
     out_dir/report/positions_<name>. Returns the first. options: default AnalysisOptions().
@@ -35,15 +52,16 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
             raise ValueError(f"no split {name!r}; splits are {sorted(splits)}")
     if test is not None:
         test.check(splits[train_split].group_names, len(sources))
-    stats = collect_checkpoint_stats(sources, splits, os.path.join(out_dir, "cache"), batch_size, mesh, progress)
-    if test is None and test_split is not None:
-        test = test_results_from_split(stats, test_split, splits[test_split], test_embeddings)
-    reports = []
-    for index, positions in enumerate(options.positions):
-        report = analyze(stats, splits, train_split, test, held_out_split, validation_split, train_embeddings,
-                         options, positions)
-        report["checkpoints"] = [s.name for s in stats]
-        subdir = "report" if index == 0 else os.path.join("report", f"positions_{positions}")
-        write_report(report, os.path.join(out_dir, subdir), with_plots)
-        reports.append(report)
+    with _out_dir_lock(out_dir):
+        stats = collect_checkpoint_stats(sources, splits, os.path.join(out_dir, "cache"), batch_size, mesh, progress)
+        if test is None and test_split is not None:
+            test = test_results_from_split(stats, test_split, splits[test_split], test_embeddings)
+        reports = []
+        for index, positions in enumerate(options.positions):
+            report = analyze(stats, splits, train_split, test, held_out_split, validation_split, train_embeddings,
+                             options, positions)
+            report["checkpoints"] = [s.name for s in stats]
+            subdir = "report" if index == 0 else os.path.join("report", f"positions_{positions}")
+            write_report(report, os.path.join(out_dir, subdir), with_plots)
+            reports.append(report)
     return reports[0]

@@ -43,8 +43,9 @@ def build_stats(rng, train_settle, n_test_per_domain=6, domains=("a", "b"), laye
     for c, step in enumerate(STEPS):
         def split_stats(n, loss, correct):
             weights = rng.dirichlet(np.full(EXPERTS, 0.5), size=(n, layers)).astype(np.float32)
-            return {"mean_weights": weights, "scored_mean_weights": weights,
-                    "routing_entropy": rng.uniform(0.5, 1.3, (n, layers)).astype(np.float32),
+            entropy = rng.uniform(0.5, 1.3, (n, layers)).astype(np.float32)
+            return {"mean_weights": weights, "scored_mean_weights": weights, "routing_entropy": entropy,
+                    "scored_routing_entropy": 2.0 - entropy,  # in [0.7, 1.5]: unlike the all-token entropy
                     "loss": loss.astype(np.float32), "correct": correct.astype(np.float32)}
         splits = {"train": split_stats(n_train, train_loss[c], (train_loss[c] < 1).astype(float)),
                   "test": split_stats(len(test_groups), np.full(len(test_groups), 1.0), (c >= onset).astype(float))}
@@ -97,7 +98,9 @@ def test_pretrain_groups_controls_pairs_and_table(rng, tmp_path):
     for key in ("memorized/distance", "held_out/consistency", "random_train/pathway_length", "train_loss",
                 "train_loss_moving_average", "memorized/distance_token"):
         assert set(a["table1"][key]) == {"window", "full"}
-    assert set(a["partial_correlations"]["memorized"]) == {"distance", "consistency"}
+    for set_name in ("memorized", "held_out", "random_train"):  # every distance variant, controlled
+        assert set(a["partial_correlations"][set_name]) == {"distance", "distance_char", "distance_char_normalized",
+                                                            "distance_token", "consistency"}
     assert set(a["tau_sweep"]) == {"0.5", "0.8"} and len(a["eps_delta_sweep"]) == 1
     assert np.asarray(a["per_layer_distance"]["memorized"]).shape == (len(STEPS), LAYERS)
     assert "a|b" in report["cross_domain_distance"]
@@ -108,6 +111,16 @@ def test_pretrain_groups_controls_pairs_and_table(rng, tmp_path):
     text = format_table(report)
     assert "Pretrain@100 -> Test@200" in text and "control: distance (held-out test samples)" in text
     assert paths["pairs.csv"].endswith("pairs.csv")
+
+
+def test_scored_positions_use_the_scored_routing_entropy(rng):
+    stats, splits = build_stats(rng, [1] * 8 + [None] * 8)
+    memorized = np.arange(0, 8, 2)  # domain a's memorized rows
+    options = analyze_lib.AnalysisOptions(eps=0.5)
+    for positions, field in (("all", "routing_entropy"), ("scored", "scored_routing_entropy")):
+        report = analyze_lib.analyze(stats, splits, "train", options=options, positions=positions)
+        expected = [s.splits["train"][field][memorized].mean() for s in stats]
+        assert report["domains"]["a"]["sets"]["memorized"]["curves"]["routing_entropy"] == pytest.approx(expected)
 
 
 def test_per_layer_distance_equals_single_layer_pathways(rng):
@@ -170,6 +183,27 @@ def test_two_layer_models_warn_that_consistency_is_constant(rng):
     report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
     assert any("2 MoE layers" in w for w in report["warnings"])
     assert report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency"] == pytest.approx([1.0] * len(STEPS))
+
+
+def test_unbounded_consistency_is_counted_and_warned(rng, tmp_path):
+    stats, splits = build_stats(rng, [1, 2] * 8)
+    direction = rng.normal(size=HIDDEN).astype(np.float32)
+    for c, s in enumerate(stats):
+        # Every expert of a layer shares one router row, so a sample's routing embedding is that row:
+        # alternating its sign across layers gives consecutive-layer cosines of -1 at checkpoints 2 and 4, +1 elsewhere.
+        signs = (-1.0) ** np.arange(LAYERS) if c in (2, 4) else np.ones(LAYERS)
+        s.router[:] = signs[:, None, None] * direction
+    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
+    share = report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency_unbounded_share"]
+    assert share == pytest.approx([0, 0, 1, 0, 1, 0])
+    warnings = [w for w in report["warnings"] if "consistency is unbounded" in w]
+    assert [w.split(":")[0] for w in warnings] == ["domain 'a'", "domain 'b'"]
+    assert "memorized at step(s) [200, 400] (up to 100% of samples)" in warnings[0]
+    assert "Pretrain@100 at step(s) [200, 400]" in warnings[0]
+    write_report(report, str(tmp_path), with_plots=False)
+    with open(tmp_path / "per_checkpoint.csv") as f:
+        rows = [line.split(",") for line in f.read().splitlines()]
+    assert ["400", "a", "", "memorized", "consistency_unbounded_share", "1"] in rows
 
 
 def test_options_from_config_round_trip():

@@ -5,6 +5,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -133,6 +135,19 @@ def test_identity_names_every_setting(workspace, tmp_path):
     hub = sources_lib.checkpoint_identity("no-such-org/no-such-model", "step5", "float32")
     assert hub == {"kind": "hub", "repo": "no-such-org/no-such-model", "revision": "step5", "commit": None,
                    "model_config": None}
+
+
+def test_converted_checkpoint_gives_the_hf_directorys_stats(workspace, tmp_path):
+    """experiments/convert_checkpoint.py's output, as a checkpoint spec, is the same source as its HF directory."""
+    root, split, reference = workspace
+    launcher = os.path.join(os.path.dirname(__file__), "..", "experiments", "convert_checkpoint.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    result = subprocess.run([sys.executable, launcher, f"--hf_path={root / 'a'}", f"--out={tmp_path / 'converted'}",
+                             "--dtype=float32"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    converted = _collect(tmp_path, "converted", str(tmp_path / "cache"), split)
+    assert converted.step == reference.step
+    _assert_same(converted, reference)
 
 
 def test_older_format_entry_is_stale_not_fatal(workspace, tmp_path, caplog):

@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -237,6 +238,16 @@ def test_jsonl_grouping_and_format_errors(tmp_path, tokenizer_path):
         data.load_jsonl_text(good, tokenizer_path, 8, group_field="domain", groups=["a", "zzz"])
     with pytest.raises(FileNotFoundError):
         data.load_jsonl_text(str(tmp_path / "missing.jsonl"), tokenizer_path, 8, groups_from_files=True)
+
+
+def test_malformed_tokenizer_json_is_named(tmp_path, tokenizer_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "the cat sat", "domain": "a"}])
+    with open(tokenizer_path) as f:
+        text = f.read()
+    truncated = tmp_path / "tokenizer.json"
+    truncated.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(truncated))}: not a valid tokenizers tokenizer.json"):
+        data.load_jsonl_text(good, str(truncated), 8, group_field="domain")
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from moe_grok.data.splits import next_token_targets
 from moe_grok.extraction.routing import extract_dataset
 from moe_grok.model import params as model_lib
 from moe_grok.model.hf import load_hf
@@ -25,13 +26,18 @@ def tiny(tmp_path_factory):
     return hf_model, config, params, tokens, mask
 
 
-def hf_reference(hf_model, tokens, mask):
-    """Per-sample token-mean router softmax, per-token top-k, and mean next-token NLL from HF."""
+def hf_forward(hf_model, tokens, mask):
+    """(HF model output, router softmax [B, S, L, E] float32 numpy)."""
     with torch.no_grad():
         out = hf_model(input_ids=torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask),
                        output_router_logits=True)
     b, s = tokens.shape
-    probs = torch.stack([torch.softmax(r.float(), -1).reshape(b, s, -1) for r in out.router_logits], 2).numpy()
+    return out, torch.stack([torch.softmax(r.float(), -1).reshape(b, s, -1) for r in out.router_logits], 2).numpy()
+
+
+def hf_reference(hf_model, tokens, mask):
+    """Per-sample token-mean router softmax, per-token top-k, and mean next-token NLL from HF."""
+    out, probs = hf_forward(hf_model, tokens, mask)
     m = mask[:, :, None, None].astype(np.float64)
     mean_weights = (probs * m).sum(1) / m.sum(1)
     logp = torch.log_softmax(out.logits.double(), -1).numpy()
@@ -53,6 +59,24 @@ def test_extraction_equals_hf(tiny):
     np.testing.assert_array_equal(out["top_experts"][real], top_idx[real])
     np.testing.assert_allclose(out["top_weights"][real], top_w[real], atol=1e-5)
     np.testing.assert_allclose(out["mean_weights"].sum(-1), 1.0, atol=1e-5)
+
+
+def test_scored_routing_entropy_covers_only_the_scored_positions(tiny):
+    """The answer-position ("scored") view's entropy is the router softmax's entropy at the scored
+    positions alone, not the all-token mean the "all" view uses."""
+    hf_model, config, params, tokens, mask = tiny
+    targets, _ = next_token_targets(tokens, mask)
+    answer_position = 1  # every sample has at least 2 real tokens
+    target_mask = np.zeros_like(mask)
+    target_mask[:, answer_position] = 1
+    out = extract_dataset(config, params, tokens, mask, targets, target_mask, batch_size=4, progress=False)
+    _, probs = hf_forward(hf_model, tokens, mask)
+    entropy = -np.sum(probs * np.log(probs), axis=-1)  # [B, S, L]
+    real = mask[:, :, None].astype(np.float64)
+    np.testing.assert_allclose(out["scored_routing_entropy"], entropy[:, answer_position], atol=1e-4)
+    np.testing.assert_allclose(out["routing_entropy"], (entropy * real).sum(1) / real.sum(1), atol=1e-4)
+    # The answer position routes unlike the sample's average token: the two views differ.
+    assert np.all(np.abs(out["scored_routing_entropy"] - out["routing_entropy"]) > 1e-3)
 
 
 def test_padding_does_not_change_a_sample(tiny):

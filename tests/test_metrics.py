@@ -155,7 +155,7 @@ def test_cross_group():
     assert np.isnan(cross_group_distance(["1"], [], on_small="nan"))
 
 
-# --- JAX Levenshtein ----------------------------------------------------------------------
+# --- pathway complexity and consistency ---------------------------------------------------
 
 
 def test_complexity_by_hand():

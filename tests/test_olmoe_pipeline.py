@@ -16,6 +16,7 @@ from moe_grok.model.hf import CheckpointError
 from moe_grok.sharding import make_mesh
 
 from hf_reference import make_hf_model
+from report_checks import check_report
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 STEPS = (1000, 2000, 3000, 4000, 5000)
@@ -105,6 +106,8 @@ def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
             assert pair["delay"] == pair["test_step"] - pair["pretrain_step"]
         assert set(domain["sets"]) == {"memorized", "held_out", "random_train"}
         assert "validation_loss" in domain["curves"] and "memorized/distance" in domain["table1"]
+        assert domain["window"]["n"] == len(STEPS)  # enough checkpoints for finite partial correlations
+    check_report(report, os.path.join(out, "report"), num_layers=2, num_experts=8)  # hf_reference's model
     assert sorted(os.listdir(os.path.join(out, "cache"))) == [f"step_{s:010d}.npz" for s in STEPS]
 
     from moe_grok.model import hf
@@ -139,6 +142,17 @@ def test_missing_revision_keeps_finished_checkpoints(workspace, tmp_path):
         pipeline.run_pipeline(sources, {"train": _split(workspace)}, str(tmp_path / "out"), batch_size=8,
                               progress=False)
     assert len(os.listdir(cache)) == len(STEPS)
+
+
+def test_second_analysis_of_an_out_dir_is_refused(workspace, tmp_path):
+    from moe_grok.training.run_dir import WorkdirLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with WorkdirLock(str(out), pipeline.LOCK_FILE), pytest.raises(
+            RuntimeError, match=rf"{out} is being analyzed by another process \(pid {os.getpid()}.*another out_dir"):
+        pipeline.run_pipeline(_sources(workspace), {"train": _split(workspace)}, str(out), progress=False)
+    assert os.listdir(out) == [pipeline.LOCK_FILE]  # refused before any checkpoint was computed
 
 
 def test_checkpoint_specs():

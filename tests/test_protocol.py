@@ -83,3 +83,26 @@ def test_mean_ci_and_verdicts():
     assert protocol_stats.verdict(protocol_stats.mean_ci([-1.0, 1.0, 0.5]), ">0") == "inconclusive"
     assert protocol_stats.verdict(protocol_stats.mean_ci([1.0]), ">0").startswith("inconclusive")
     assert protocol_stats.mean_ci([])["n"] == 0
+
+
+def _accuracy_report(curves, steps=(0, 100, 200, 300, 400, 500)):
+    return {"steps": list(steps), "domains": {f"d{i}": {"curves": {"test_accuracy": c}} for i, c in enumerate(curves)}}
+
+
+def test_onset_spread_counts_a_domain_that_never_groks_as_past_the_end():
+    early, late, never = [0, 0.95, 1, 1, 1, 1], [0, 0, 0, 0, 0.95, 1], [0, 0, 0, 0, 0, 0.5]
+    assert protocol_stats.onset_spread(_accuracy_report([early, late])) == 3
+    assert protocol_stats.onset_spread(_accuracy_report([early, never])) == 5  # index 1 -> one past the last (6)
+    assert protocol_stats.onset_spread(_accuracy_report([late, never])) == 2
+    assert np.isnan(protocol_stats.onset_spread(_accuracy_report([never, never])))
+
+
+@pytest.mark.parametrize(("spreads", "expected"), [([np.nan] * 7 + [19.0], "inconclusive"),
+                                                   ([6.0, 4.0, 3.0, 18.0, np.nan, np.nan, 2.0, 5.0], "confirmed")])
+def test_h3_needs_wide_onsets_in_half_of_all_seeds(spreads, expected):
+    confirmed = {"verdicts": {f"{k}_{m}{suffix}": "confirmed" for m in protocol_stats.METRICS
+                              for k, suffix in (("h1", "_slope"), ("h1", "_slope_minus_held_out"),
+                                                ("h2", "_margin_over_loss"), ("h3", "_alignment"))},
+                 "per_seed": [{"onset_spread_checkpoints": s} for s in spreads]}
+    verdicts = protocol.hypothesis_verdicts({"arms": {"mixture": {"positions": {"all": confirmed}}}}, "all")
+    assert {verdicts[f"mixture: H3 ({m})"] for m in protocol_stats.METRICS} == {expected}

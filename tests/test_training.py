@@ -1,21 +1,27 @@
 """Toy pipeline end to end: training, exact resume, checkpoint analysis with caching, reports."""
+import dataclasses
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from moe_grok.analysis import sources as sources_lib
 from moe_grok.analysis import stats as stats_lib
-from moe_grok.config import toy
+from moe_grok.config import MoEConfig, toy
 from moe_grok.data import tasks
 from moe_grok.data.splits import EvalSplit
 from moe_grok.model import params as model_lib
 from moe_grok.studies import toy_bounds, toy_run
 from moe_grok.training import loop as training
 
-from config_files import load_config
+from config_files import CONFIG_DIR, load_config
+from report_checks import check_report
 
 
 def tiny_config(steps=30):
@@ -137,6 +143,40 @@ def test_second_writer_is_refused(finished_run):
     assert training.train(config, workdir, progress=False)["step"] == 30  # released with the holder
 
 
+MODEL_FLAGS = {"moe_impl": "dense", "expert_chunk_size": "64", "expert_chunk_granule": "16"}  # not the defaults
+
+
+def _toy_models(config) -> dict[str, dict]:
+    """{flag prefix: model section} of a toy config (toy_protocol.py holds one toy config per arm)."""
+    if "arms" in config:
+        return {f"arms.{arm}.model": c.model.to_dict() for arm, c in config.arms.items()}
+    return {"model": config.model.to_dict()}
+
+
+@pytest.mark.parametrize("name", ["toy_grokking", "toy_mixture", "toy_protocol"])
+def test_toy_model_sections_declare_the_dispatch_settings_and_take_them_as_flags(name, tmp_path):
+    """The model section is passed whole to toy(): its keys are MoEConfig fields, the dispatch settings
+    are declared with MoEConfig's defaults, and each is settable from the command line."""
+    fields = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+    models = _toy_models(load_config(name))
+    for model in models.values():
+        assert set(model) <= set(fields), set(model) - set(fields)
+        assert {key: model[key] for key in MODEL_FLAGS} == {key: fields[key] for key in MODEL_FLAGS}
+    script = tmp_path / "show_config.py"
+    script.write_text(textwrap.dedent(f"""
+        from absl import app
+        from ml_collections import config_flags
+        _CONFIG = config_flags.DEFINE_config_file("config", {os.path.join(CONFIG_DIR, f"{name}.py")!r})
+        app.run(lambda argv: print(_CONFIG.value.to_json()))
+        """))
+    flags = [f"--config.{prefix}.{key}={value}" for prefix in models for key, value in MODEL_FLAGS.items()]
+    result = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parsed = _toy_models(ml_collections.ConfigDict(json.loads(result.stdout.strip().splitlines()[-1])))
+    for model in parsed.values():
+        assert {key: str(model[key]) for key in MODEL_FLAGS} == MODEL_FLAGS
+
+
 @pytest.mark.parametrize("key, value", [("eval_every", 0), ("batch_size", 0), ("steps", -5),
                                         ("warmup_steps", -1), ("learning_rate", 0.0), ("b2", 1.0)])
 def test_bad_train_config_is_refused_before_any_work(tmp_path, key, value):
@@ -204,8 +244,9 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
         assert domain["test_groups"] and all(n.startswith("Test@") for n in domain["test_groups"])
     out = os.path.join(workdir, "analysis", "report")
     for name in ("summary.json", "per_checkpoint.csv", "table1.csv", "groups.csv", "pairs.csv", "table.txt",
-                 "analysis.png", "groups.png", "pairs.png"):
+                 "analysis.png", "distances.png", "groups.png", "pairs.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    check_report(report, out, num_layers=config.model.num_layers, num_experts=config.model.num_experts)
     with open(os.path.join(out, "table.txt")) as f:
         assert "== add" in f.read()
 
@@ -216,6 +257,39 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
     monkeypatch.setattr(training.RunCheckpoints, "restore_params", refuse)
     again = toy_run.analyze_run(config, workdir, progress=False)
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
+
+
+def test_analysis_pairs_groups_by_embedding_files(finished_run, tmp_path):
+    """config.analysis.train_embeddings / test_embeddings: .npy files pair the groups; a file with
+    the wrong row count is named before any checkpoint is analysed."""
+    import shutil
+
+    config, reference = finished_run
+    splits = toy_run.task_splits(tasks.make_dataset(training.task_spec(config)))
+    sizes = {split: len(splits[split]) for split in ("train", "test")}
+    rng = np.random.default_rng(0)
+    config = config.copy_and_resolve_references()
+    for split, n in sizes.items():
+        np.save(tmp_path / f"{split}.npy", rng.normal(size=(n, 4)))
+        config.analysis[f"{split}_embeddings"] = str(tmp_path / f"{split}.npy")
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)  # with its analysis cache: nothing is extracted again
+    report = toy_run.analyze_run(config, workdir, progress=False, with_plots=False)
+    assert [d["pairing_similarity"] for d in report["domains"].values()] == ["embeddings", "embeddings"]
+
+    np.save(tmp_path / "short.npy", np.zeros((3, 4)))
+    fresh = str(tmp_path / "fresh")
+    shutil.copytree(reference, fresh, ignore=shutil.ignore_patterns("analysis"))
+    for split, n in sizes.items():
+        bad = config.copy_and_resolve_references()
+        bad.analysis[f"{split}_embeddings"] = str(tmp_path / "short.npy")
+        with pytest.raises(ValueError, match=rf"split '{split}' \(.*short.npy\) embeddings have shape \(3, 4\), "
+                                             rf"need \[{n}, dim\]"):
+            toy_run.analyze_run(bad, fresh, progress=False, with_plots=False)
+    assert not os.path.exists(os.path.join(fresh, "analysis"))
+    config.analysis.test_embeddings = str(tmp_path / "missing.npy")
+    with pytest.raises(FileNotFoundError, match="embeddings of split 'test': no such file .*missing.npy"):
+        toy_run.analyze_run(config, fresh, progress=False, with_plots=False)
 
 
 def test_analysis_metrics_match_direct_computation(finished_run):

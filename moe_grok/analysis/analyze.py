@@ -27,7 +27,8 @@ from moe_grok.analysis.stats import CheckpointStats
 from moe_grok.data.splits import EvalSplit
 from moe_grok.extraction import pathways
 
-POSITIONS = {"all": "mean_weights", "scored": "scored_mean_weights"}
+# positions -> (router weights field, routing entropy field) of CheckpointStats.splits
+POSITIONS = {"all": ("mean_weights", "routing_entropy"), "scored": ("scored_mean_weights", "scored_routing_entropy")}
 DISTANCE_VARIANTS = {  # name -> (level, normalized)
     "distance_char": ("char", False), "distance_char_normalized": ("char", True), "distance_token": ("token", False)}
 CONTROL_SETS = ("held_out", "random_train")
@@ -208,11 +209,12 @@ class _Analysis:
     """One analysis run: the shared state of the per-domain computations."""
 
     def __init__(self, stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_split: str,
-                 held_out_split: str | None, options: AnalysisOptions, view: str):
+                 held_out_split: str | None, options: AnalysisOptions, positions: str):
         self.stats, self.splits, self.options = stats, splits, options
         self.train_split, self.held_out_split = train_split, held_out_split
         self.steps = np.array([s.step for s in stats])
-        self.paths = _Pathways(stats, view)
+        weights_field, self.entropy_field = POSITIONS[positions]
+        self.paths = _Pathways(stats, weights_field)
         self.router = [s.router for s in stats]
         self.warnings: list[str] = []
         self._consistency: dict = {}
@@ -220,6 +222,20 @@ class _Analysis:
     def warn(self, message: str) -> None:
         logging.warning("%s", message)
         self.warnings.append(message)
+
+    def warn_unbounded_consistency(self, where: str, curves_by_set: dict[str, dict[str, np.ndarray]]) -> None:
+        """One warning naming every set (and its checkpoints) with samples whose consistency is unbounded."""
+        flagged = []
+        for name, curves in curves_by_set.items():
+            share = curves["consistency_unbounded_share"]
+            at = share > 0  # NaN (an empty set) is not flagged
+            if at.any():
+                flagged.append(f"{name} at step(s) {self.steps[at].tolist()} "
+                               f"(up to {np.max(share[at]):.0%} of samples)")
+        if flagged:
+            self.warn(f"{where}: pathway consistency is unbounded (largest layer cosine below "
+                      f"{metrics.MIN_MAX_COSINE}) for samples of {'; '.join(flagged)}; "
+                      "see consistency_unbounded_share (docs/method.md)")
 
     # ---------------------------------------------------------------- per-set metric curves
     def distance(self, split: str, rows: np.ndarray, checkpoint: int, level: str, normalized: bool,
@@ -260,7 +276,7 @@ class _Analysis:
             curves["consistency_unbounded_share"].append(float(np.mean(unbounded[rows])) if rows.size else np.nan)
             curves["pathway_length"].append(float(np.mean(self.paths.lengths(split, c, o.tau)[rows]))
                                             if rows.size else np.nan)
-            entropy = self.stats[c].splits[split]["routing_entropy"]
+            entropy = self.stats[c].splits[split][self.entropy_field]
             curves["routing_entropy"].append(float(np.mean(entropy[rows])) if rows.size else np.nan)
         curves = {k: np.asarray(v, np.float64) for k, v in curves.items()}
         curves["complexity"] = 1.0 - curves["consistency"]
@@ -345,15 +361,15 @@ def _correlations(curves: dict[str, np.ndarray], accuracy: np.ndarray, window: t
 
 
 def _partial(curves: dict[str, np.ndarray], accuracy: np.ndarray, window: tuple[int, int]) -> dict[str, dict]:
-    """Partial correlation with test accuracy over the window, controlling for the same set's
-    routing entropy and pathway length."""
+    """Partial correlation of every distance variant and consistency with test accuracy over the
+    window, controlling for the same set's routing entropy and pathway length."""
     start, end = window
     if start < 0:
         return {}
     part = slice(start, end + 1)
     controls = np.column_stack([curves["routing_entropy"][part], curves["pathway_length"][part]])
     return {name: grokking.partial_correlation(curves[name][part], accuracy[part], controls)
-            for name in ("distance", "consistency")}
+            for name in ("distance", *DISTANCE_VARIANTS, "consistency") if name in curves}
 
 
 def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_split: str = "train",
@@ -367,7 +383,7 @@ def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_sp
     the CSVs of analysis.test_accuracy); held_out_split: samples the model never trained on,
     the held-out control of every metric; validation_split: samples scored by loss only
     (Table 1's validation loss); train_embeddings: [N_train, dim] per-sample embeddings (pairing).
-    positions: "all" or "scored" routing (default: options.positions[0]).
+    positions: "all" or "scored" routing weights and entropy (default: options.positions[0]).
     """
     positions = positions or options.positions[0]
     if len(stats) < 2:
@@ -378,7 +394,7 @@ def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_sp
         test.check(domains, len(stats))
     if train_embeddings is not None:
         train_embeddings = groups.check_embeddings(f"split {train_split!r}", train_embeddings, len(train))
-    run = _Analysis(stats, splits, train_split, held_out_split, options, POSITIONS[positions])
+    run = _Analysis(stats, splits, train_split, held_out_split, options, positions)
     steps = run.steps
     loss = np.stack([s.splits[train_split]["loss"] for s in stats])  # [C, N]
     train_correct = np.stack([s.splits[train_split]["correct"] for s in stats])
@@ -417,7 +433,7 @@ def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_sp
         if held_out_pool.size:
             sets["held_out"] = (held_out_split, run.control_rows(held_out_pool, size, f"held_out/{domain}"))
         sets["random_train"] = (train_split, run.control_rows(not_memorized, size, f"random_train/{domain}"))
-        set_curves = {name: run.set_curves(split, r, variants=name == "memorized") for name, (split, r) in sets.items()}
+        set_curves = {name: run.set_curves(split, r, variants=True) for name, (split, r) in sets.items()}
         if memorized.size:
             set_curves["memorized"]["train_loss"] = loss[:, memorized].mean(1)
         entry["sets"] = {name: {"split": split, "n": int(r.size), "curves": _curves_json(set_curves[name])}
@@ -431,6 +447,7 @@ def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_sp
         # Pretrain@t* groups with their controls and trends after t*.
         pretrain = groups.groups_by_step(t_star, rows, int(steps[-1]), groups.pretrain_group_name)
         entry["pretrain_groups"] = {}
+        unbounded_checked = dict(set_curves)
         for group in pretrain:
             g_curves = run.set_curves(train_split, group.rows, variants=True)
             g_curves["train_loss"] = loss[:, group.rows].mean(1)
@@ -451,6 +468,9 @@ def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_sp
             if group.rows.size < 2:
                 g_entry["note"] = "fewer than 2 samples: distances are NaN"
             entry["pretrain_groups"][group.name] = g_entry
+            unbounded_checked[group.name] = g_curves
+            unbounded_checked.update({f"{group.name}/{name}": c for name, c in control_curves.items()})
+        run.warn_unbounded_consistency(f"domain {domain!r}", unbounded_checked)
 
         # Test@t# groups, pairing and delays.
         entry["test_groups"], entry["pairs"] = {}, []

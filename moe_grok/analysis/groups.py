@@ -8,6 +8,7 @@ mean cross-group similarity of per-sample embeddings; the grokking delay of a pa
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import scipy.optimize
@@ -95,3 +96,11 @@ def check_embeddings(name: str, embeddings, n_samples: int) -> np.ndarray:
     if embeddings.dtype.kind not in "fiu" or not np.isfinite(embeddings).all():
         raise ValueError(f"{name} embeddings must be finite numbers (dtype {embeddings.dtype})")
     return embeddings.astype(np.float64)
+
+
+def load_embeddings(path: str, split_name: str, n_samples: int) -> np.ndarray:
+    """[n_samples, d] embeddings of split `split_name` from the .npy file at `path`, checked as by
+    check_embeddings; FileNotFoundError if there is no such file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"embeddings of split {split_name!r}: no such file {path}")
+    return check_embeddings(f"split {split_name!r} ({path})", np.load(path, allow_pickle=False), n_samples)

@@ -35,10 +35,11 @@ from moe_grok.extraction.routing import extract_dataset, make_extractor
 from moe_grok.model.params import router_matrices
 
 # What each split stores per field: its axes (N samples, L layers, E experts); all float32, as extracted.
-STAT_AXES = {"mean_weights": "NLE", "scored_mean_weights": "NLE", "routing_entropy": "NL", "loss": "N", "correct": "N"}
+STAT_AXES = {"mean_weights": "NLE", "scored_mean_weights": "NLE", "routing_entropy": "NL",
+             "scored_routing_entropy": "NL", "loss": "N", "correct": "N"}
 STAT_FIELDS = tuple(STAT_AXES)
 # Bump when what an entry holds, or how it is computed, changes: older entries then count as stale.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _DIFFS_SHOWN = 6  # differing key fields named in a stale-entry warning
 
 
@@ -47,9 +48,9 @@ class CheckpointStats:
     """What one checkpoint gives.
 
     splits: per split {mean_weights [N, L, E], scored_mean_weights [N, L, E], routing_entropy
-    [N, L], loss [N], correct [N]} (extraction.routing.RoutingStats); router: the router
-    matrices [L, E, D] float32 (pathway consistency); param_sample: a fixed sample of every
-    parameter (param_dynamics.parameter_sample).
+    [N, L], scored_routing_entropy [N, L], loss [N], correct [N]} (extraction.routing.RoutingStats);
+    router: the router matrices [L, E, D] float32 (pathway consistency); param_sample: a fixed
+    sample of every parameter (param_dynamics.parameter_sample).
     """
 
     step: int

@@ -316,7 +316,10 @@ def load_jsonl_text(paths: PathLike | Sequence[PathLike], tokenizer_json: Any, s
     else:
         if not os.path.exists(os.fspath(tokenizer_json)):
             raise FileNotFoundError(f"no such tokenizer file: {tokenizer_json}")
-        tokenizer = tokenizers.Tokenizer.from_file(os.fspath(tokenizer_json))
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(os.fspath(tokenizer_json))
+        except Exception as e:  # tokenizers raises a bare Exception that names no file
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizers tokenizer.json ({e})") from None
     eos_id = None
     if add_eos:
         eos_id = tokenizer.token_to_id(eos_token)

@@ -27,6 +27,7 @@ class RoutingStats(NamedTuple):
     mean_weights: jax.Array  # [B, L, E] float32 token-mean router softmax (over ALL experts), real tokens
     scored_mean_weights: jax.Array  # [B, L, E] float32 the same over scored positions (target_mask) only
     routing_entropy: jax.Array  # [B, L] float32 token-mean entropy (nats) of the router softmax, real tokens
+    scored_routing_entropy: jax.Array  # [B, L] float32 the same over scored positions (target_mask) only
     loss: jax.Array | None  # [B] float32 mean next-token NLL (nats) over target positions
     correct: jax.Array | None  # [B] float32 fraction of target positions predicted exactly (argmax)
     router_probs: jax.Array | None = None  # [B, S, L, E] float32 (per_token=True)
@@ -63,11 +64,15 @@ def routing_stats(model_config: MoEConfig, params, tokens, mask, targets, target
         top_w, top_idx = select_experts(probs, model_config)
         extra = dict(router_probs=probs, top_experts=top_idx.astype(jnp.int32), top_weights=top_w)
     entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)), axis=-1)  # [B, S, L]
-    real = mask.astype(jnp.float32)
-    mean_entropy = jnp.einsum("bsl,bs->bl", entropy, real) / jnp.sum(real, axis=1)[:, None]
-    # A sample without scored positions gets NaN scored weights (0/0), like token_mean_weights.
-    return RoutingStats(token_mean_weights(probs, mask), token_mean_weights(probs, target_mask), mean_entropy,
-                        loss, correct, **extra)
+    # A sample without scored positions gets NaN scored weights and entropy (0/0), like token_mean_weights.
+    return RoutingStats(token_mean_weights(probs, mask), token_mean_weights(probs, target_mask),
+                        _position_mean(entropy, mask), _position_mean(entropy, target_mask), loss, correct, **extra)
+
+
+def _position_mean(values, positions):
+    """[B, L] mean of values [B, S, L] over the positions [B, S] marked 1."""
+    weight = positions.astype(jnp.float32)
+    return jnp.einsum("bsl,bs->bl", values, weight) / jnp.sum(weight, axis=1)[:, None]
 
 
 def make_extractor(model_config: MoEConfig, mesh: jax.sharding.Mesh | None = None, with_loss: bool = True,

@@ -2,7 +2,8 @@
 
   summary.json        the whole report
   per_checkpoint.csv  step, domain, group, set, metric, value (every curve, long format)
-  table1.csv          domain, metric, window, n, pearson_r, pearson_p, spearman_r, spearman_p
+  table1.csv          domain, metric, window, n, pearson_r, pearson_p, spearman_r, spearman_p (and every
+                      set's partial correlations: metric "<set>/<metric>|entropy,length", window "window_partial")
   groups.csv          Pretrain@ groups: size and trend after t* of every metric and control
   pairs.csv           Pretrain@p -> Test@q pairs and their delays
   sweeps.csv          tau sweep and (eps, delta) sweep rows
@@ -73,11 +74,9 @@ def format_table(report: dict[str, Any]) -> str:
                 w, f = d["table1"][key]["window"], d["table1"][key]["full"]
                 lines.append(f"   {label:<50}{_signed(w['pearson_r'], 9)}{_signed(w['spearman_r'], 7)}"
                              f"{w['pearson_p']:>9.2g}{_signed(f['pearson_r'], 9)}{_signed(f['spearman_r'], 7)}")
-            partial = d.get("partial_correlations", {}).get("memorized", {})
-            for metric in ("distance", "consistency"):
-                if metric in partial:
-                    lines.append(f"   partial r({metric}, test acc | entropy, length) = "
-                                 f"{_signed(partial[metric]['r'], 5)} (n={partial[metric]['n']})")
+            for metric, partial in d.get("partial_correlations", {}).get("memorized", {}).items():
+                lines.append(f"   partial r({metric}, test acc | entropy, length) = "
+                             f"{_signed(partial['r'], 5)} (n={partial['n']})")
     for warning in report.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

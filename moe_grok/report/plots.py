@@ -2,8 +2,11 @@
 
   analysis.png  per domain: accuracies and losses; distance, consistency, pathway length and
                 routing entropy of the memorized samples beside their controls
+  distances.png per domain: every distance variant (character, length-normalized, token level) of the
+                memorized samples beside their held-out and random-training controls
   groups.png    per domain: every Pretrain@t* group's distance and consistency from t* on with its
-                linear trend (the paper's Fig. 4), and the pooled global panel with its quadratic fit
+                linear trend (the paper's Fig. 4) beside the group's held-out (dashed) and
+                random-training (dotted) controls, and the pooled global panel with its quadratic fit
   pairs.png     per domain: each Pretrain@p group's training loss beside its paired Test@q group's
                 accuracy (Fig. 2)
   per_layer.png per domain: pathway distance per layer over checkpoints (Fig. 5)
@@ -19,6 +22,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 SET_STYLES = {"memorized": ("C0", "-"), "held_out": ("C1", "--"), "random_train": ("C2", ":")}
+CONTROL_LINESTYLES = {"held_out": "--", "random_train": ":"}  # a Pretrain@ group's controls, in the group's color
+DISTANCE_PANELS = (  # (curve, title, y label)
+    ("distance_char", "character distance (paper)", "edit distance (characters)"),
+    ("distance_char_normalized", "length-normalized distance", "edit distance / longer pathway"),
+    ("distance_token", "token-level distance", "edit distance (experts)"),
+)
 
 
 def _grid(rows: int, cols: int, width: float = 4.2, height: float = 3.0):
@@ -80,12 +89,28 @@ def plot_analysis(report: dict[str, Any], path: str) -> str:
     return _save(fig, path)
 
 
+def plot_distances(report: dict[str, Any], path: str) -> str:
+    steps, domains = report["steps"], report["domains"]
+    fig, axes = _grid(len(domains), len(DISTANCE_PANELS))
+    for row, (name, d) in zip(axes, domains.items(), strict=False):
+        for ax, (metric, title, ylabel) in zip(row, DISTANCE_PANELS, strict=False):
+            for set_name, s in d["sets"].items():
+                color, style = SET_STYLES[set_name]
+                ax.plot(steps, s["curves"][metric], color=color, linestyle=style, label=f"{set_name} (n={s['n']})")
+            _mark_window(ax, d)
+            _finish(ax, f"{name}: {title}", ylabel)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step (shaded: correlation window)", fontsize=8)
+    return _save(fig, path)
+
+
 def plot_groups(report: dict[str, Any], path: str) -> str:
     steps = np.asarray(report["steps"], float)
     domains = report["domains"]
-    fig, axes = _grid(len(domains) + 1, 2)
+    fig, axes = _grid(len(domains) + 1, 2, width=5.0)
     for row, (name, d) in zip(axes, domains.items(), strict=False):
         for ax, metric in zip(row, ("distance", "consistency"), strict=False):
+            shown_controls = set()
             for i, (group_name, g) in enumerate(d["pretrain_groups"].items()):
                 after = steps >= g["step"]
                 values = np.asarray(g["curves"][metric], float)
@@ -94,6 +119,13 @@ def plot_groups(report: dict[str, Any], path: str) -> str:
                 trend = g["trend_after_t_star"][metric]
                 ax.plot(steps[after], values[after], color=color, label=f"{group_name} (n={g['n']}, "
                         f"{trend['slope']:+.2g}/1k)" if np.isfinite(trend["slope"]) else f"{group_name} (n={g['n']})")
+                for control, curves in g["controls"].items():
+                    ax.plot(steps[after], np.asarray(curves[metric], float)[after], color=color,
+                            linestyle=CONTROL_LINESTYLES[control], alpha=0.7)
+                    shown_controls.add(control)
+            # One legend entry per control style, not per group: the group's color already says whose it is.
+            for control in sorted(shown_controls):
+                ax.plot([], [], color="gray", linestyle=CONTROL_LINESTYLES[control], label=f"{control} control")
             _finish(ax, f"{name}: {metric} per Pretrain@t* group (bold: after t*)")
     glob = report["global"]
     for ax, metric in zip(axes[-1], ("distance", "consistency"), strict=False):
@@ -105,6 +137,7 @@ def plot_groups(report: dict[str, Any], path: str) -> str:
             ax.plot(steps[after], np.polyval(fit["coefficients"], steps[after] / 1000.0), color="r", linestyle="--",
                     label=f"quadratic fit, R^2={fit['r2']:.2f}")
         _finish(ax, f"global: {metric}")
+        ax.set_xlabel("training step", fontsize=8)
     return _save(fig, path)
 
 
@@ -181,6 +214,7 @@ def plot_dynamics(report: dict[str, Any], path: str) -> str:
 
 def plot_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:
     """Every plot of the module docstring into out_dir; returns {file name: path}."""
-    makers = {"analysis.png": plot_analysis, "groups.png": plot_groups, "pairs.png": plot_pairs,
-              "per_layer.png": plot_per_layer, "sweeps.png": plot_sweeps, "dynamics.png": plot_dynamics}
+    makers = {"analysis.png": plot_analysis, "distances.png": plot_distances, "groups.png": plot_groups,
+              "pairs.png": plot_pairs, "per_layer.png": plot_per_layer, "sweeps.png": plot_sweeps,
+              "dynamics.png": plot_dynamics}
     return {name: make(report, os.path.join(out_dir, name)) for name, make in makers.items()}

@@ -11,7 +11,7 @@ from absl import logging
 
 from moe_grok import pipeline, sharding
 from moe_grok.analysis.analyze import AnalysisOptions, TestResults
-from moe_grok.analysis.groups import check_embeddings
+from moe_grok.analysis.groups import load_embeddings
 from moe_grok.analysis.sources import checkpoint_sources
 from moe_grok.analysis.test_accuracy import load_test_accuracy_csv, load_test_correctness_csv
 from moe_grok.config import MOE_IMPLS
@@ -67,9 +67,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         test.check(splits["train"].group_names, len(sources))
     train_embeddings = None
     if config.train_embeddings:
-        train_embeddings = check_embeddings(config.train_embeddings, _load_npy(config.train_embeddings,
-                                                                               "train_embeddings"),
-                                            len(splits["train"]))
+        train_embeddings = load_embeddings(config.train_embeddings, "train", len(splits["train"]))
     mesh = sharding.make_mesh(data=None if config.mesh.data < 0 else config.mesh.data, expert=config.mesh.expert)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     sources = checkpoint_sources(specs, dtype=config.dtype, mesh=mesh, moe_impl=config.moe_impl)

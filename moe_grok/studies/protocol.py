@@ -34,7 +34,8 @@ QUANTITIES = (  # (key of seed_measurements, label, criterion side for the verdi
     ("consistency_paper_sign", "share of seeds with consistency r > 0 (the paper's sign)", ""),
     ("h3_distance_alignment", "H3: distance alignment with its own domain's accuracy", ">0"),
     ("h3_consistency_alignment", "H3: consistency alignment with its own domain's accuracy", ">0"),
-    ("onset_spread_checkpoints", "checkpoints between the first and the last domain onset", ""),
+    ("onset_spread_checkpoints", "checkpoints between the first and the last domain onset (never = one past the end)",
+     ""),
     ("entropy_first", "routing entropy of memorized samples, first checkpoint (nats)", ""),
     ("entropy_last", "routing entropy of memorized samples, last checkpoint (nats)", ""),
     ("length_first", "pathway length, first checkpoint (experts / layer)", ""),
@@ -107,7 +108,7 @@ def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, st
             out[f"{arm}: H2 ({metric})"] = v[f"h2_{metric}_margin_over_loss"]
         if len(r["positions"][positions]["per_seed"]) and "mixture" in arm:
             spread = [m["onset_spread_checkpoints"] for m in r["positions"][positions]["per_seed"]]
-            wide = np.mean([s >= 3 for s in spread if np.isfinite(s)]) if any(np.isfinite(spread)) else 0.0
+            wide = np.mean([np.isfinite(s) and s >= 3 for s in spread])  # share of ALL seeds
             for metric in protocol_stats.METRICS:
                 alignment = v[f"h3_{metric}_alignment"]
                 out[f"{arm}: H3 ({metric})"] = ("confirmed" if alignment == "confirmed" and wide >= 0.5 else
@@ -166,26 +167,27 @@ def plot_accuracy(results: dict[str, Any], path: str) -> str:
 
 
 def plot_effects(results: dict[str, Any], path: str) -> str:
-    """The H1 and H2 quantities per arm with their 95% CIs (all-token routing)."""
-    keys = [k for k, _, side in QUANTITIES if side and not k.startswith("h3")]
-    arms = results["arms"]
-    fig = Figure(figsize=(11, 4))
-    ax = fig.subplots()
-    width = 0.8 / max(len(arms), 1)
-    for i, (name, r) in enumerate(arms.items()):
-        view = r["positions"].get("all")
-        if view is None:
-            continue
-        means = np.array([view["summary"][k]["mean"] for k in keys])
-        ci = np.array([view["summary"][k]["ci95"] for k in keys])
-        x = np.arange(len(keys)) + i * width
-        ax.bar(x, means, width, label=name)
-        ax.errorbar(x, means, yerr=np.abs(ci.T - means), fmt="none", ecolor="k", capsize=2)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_", " ") for k in keys], fontsize=6,
-                  rotation=20)
-    ax.set_title("H1 / H2 quantities, mean and 95% CI across seeds", fontsize=9)
-    ax.legend(fontsize=7)
+    """The H1 and H2 quantities per arm with their 95% CIs (all-token routing), one panel per
+    quantity so that each keeps its own scale."""
+    keys = [(k, label) for k, label, side in QUANTITIES if side and not k.startswith("h3")]
+    arms = {name: r["positions"]["all"]["summary"] for name, r in results["arms"].items() if "all" in r["positions"]}
+    columns = -(-len(keys) // 2)
+    fig = Figure(figsize=(3.4 * columns, 6.0))
+    axes = np.atleast_1d(fig.subplots(2, columns)).ravel()
+    colors = [f"C{i}" for i in range(len(arms))]
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    for ax, (key, label) in zip(axes, keys, strict=False):
+        means = np.array([summary[key]["mean"] for summary in arms.values()], float)
+        ci = np.array([summary[key]["ci95"] for summary in arms.values()], float).reshape(-1, 2)
+        x = np.arange(len(arms))
+        ax.bar(x, np.nan_to_num(means), color=colors)
+        ax.errorbar(x, means, yerr=np.abs(ci.T - means), fmt="none", ecolor="k", capsize=3)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, list(arms), fontsize=7, rotation=30)
+        ax.set_title(label, fontsize=7, wrap=True)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("H1 / H2 quantities per arm: mean and 95% CI across seeds (all-token routing)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

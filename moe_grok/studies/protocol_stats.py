@@ -90,12 +90,15 @@ def alignment(report: dict[str, Any], metric: str) -> float:
 
 
 def onset_spread(report: dict[str, Any]) -> float:
-    """Checkpoints between the earliest and the latest domain onset (NaN unless every domain groks)."""
+    """Checkpoints between the earliest and the latest domain onset. A domain that never groks
+    counts as grokking one checkpoint past the last (censored), so the spread is then a lower
+    bound; NaN when no domain groks."""
     steps = np.asarray(report["steps"])
-    onsets = [domain_measurements(report, d)["onset_step"] for d in report["domains"]]
-    if not onsets or not all(np.isfinite(onsets)):
+    onsets = [grokking.accuracy_onset(d["curves"]["test_accuracy"], steps, GROK_ACCURACY)
+              for d in report["domains"].values() if d["curves"].get("test_accuracy") is not None]
+    if not onsets or max(onsets) < 0:
         return float("nan")
-    index = [int(np.searchsorted(steps, s)) for s in onsets]
+    index = [int(np.searchsorted(steps, s)) if s >= 0 else len(steps) for s in onsets]
     return float(max(index) - min(index))
 
 

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 
 from moe_grok import pipeline
 from moe_grok.analysis.analyze import AnalysisOptions
+from moe_grok.analysis.groups import load_embeddings
 from moe_grok.analysis.sources import CheckpointSource, directory_identity
 from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
@@ -58,10 +59,15 @@ def task_splits(data: tasks.AlgorithmicDataset, validation_share: float = 0.5) -
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
                 progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
     """pipeline.run_pipeline over the run's checkpoints (cache in workdir/analysis/cache,
-    report files in workdir/analysis/report). Returns the report."""
-    data = tasks.make_dataset(loop.task_spec(config))
-    return pipeline.run_pipeline(run_checkpoint_sources(workdir), task_splits(data),
+    report files in workdir/analysis/report), pairing groups by config.analysis.train_embeddings /
+    test_embeddings when set. Returns the report."""
+    options = AnalysisOptions.from_config(config.analysis)
+    splits = task_splits(tasks.make_dataset(loop.task_spec(config)))
+    # Loaded and checked before any checkpoint is: a wrong file fails in seconds, not after the extraction.
+    embeddings = {split: load_embeddings(config.analysis[f"{split}_embeddings"], split, len(splits[split]))
+                  if config.analysis[f"{split}_embeddings"] else None for split in ("train", "test")}
+    return pipeline.run_pipeline(run_checkpoint_sources(workdir), splits,
                                  os.path.join(workdir, "analysis"), test_split="test", validation_split="validation",
-                                 options=AnalysisOptions.from_config(config.analysis),
-                                 batch_size=config.analysis.batch_size, mesh=mesh, progress=progress,
+                                 train_embeddings=embeddings["train"], test_embeddings=embeddings["test"],
+                                 options=options, batch_size=config.analysis.batch_size, mesh=mesh, progress=progress,
                                  with_plots=with_plots)

@@ -106,14 +106,18 @@ def check_or_record_identity(workdir: str, identity: dict[str, Any], started: bo
 
 
 class WorkdirLock:
-    """Exclusive, non-blocking fcntl.flock on ``workdir/train.lock`` for one writer at a time.
+    """Exclusive, non-blocking fcntl.flock on ``workdir/lock_file`` for one writer at a time.
 
     The lock file records the holder's pid; a second writer raises RuntimeError naming it. The
-    kernel releases the lock when the holder exits, however it exits.
+    kernel releases the lock when the holder exits, however it exits. Training holds
+    ``train.lock``; an analysis holds ``analysis.lock`` on its out_dir (moe_grok.pipeline).
+    activity and directory_kind word the refusal ("is being trained ... use another workdir").
     """
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_FILE)
+    def __init__(self, workdir: str, lock_file: str = LOCK_FILE, activity: str = "trained",
+                 directory_kind: str = "workdir"):
+        self.path = os.path.join(workdir, lock_file)
+        self.activity, self.directory_kind = activity, directory_kind
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
@@ -123,8 +127,9 @@ class WorkdirLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RuntimeError(f"{os.path.dirname(self.path)} is being trained by another process (pid {holder}, "
-                               f"lock {self.path}); wait for it to finish or use another workdir") from None
+            raise RuntimeError(f"{os.path.dirname(self.path)} is being {self.activity} by another process (pid "
+                               f"{holder}, lock {self.path}); wait for it to finish or use another "
+                               f"{self.directory_kind}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd

@@ -1,0 +1,144 @@
+"""One MoE layer's experts at OLMoE-1B-7B size, bfloat16, on this machine: HF vs moe_grok vs XLA's best case.
+
+  python benchmarks/expert_matmul.py                 # 512 tokens (the full-size benchmark's 4 x 128 batch)
+  python benchmarks/expert_matmul.py --tokens=4096   # 32 x 128, extract_dataset's default batch
+
+The experts are about 70% of OLMoE-1B-7B's active FLOPs, so their speed bounds the whole
+forward's. Timed in interleaved rounds (with the same routing on every side):
+- HF: transformers' `OlmoeExperts` as `OlmoeModel` builds it (its default experts implementation,
+  printed), on the tokens' top-8 of 64 experts;
+- moe_grok: `experts_chunked`, the CPU dispatch the model uses;
+- XLA best case: the same FLOPs as one batched einsum over experts with exactly T*k/E rows each
+  (perfectly balanced routing, no gathers, no padding): no CPU dispatch written in XLA can beat it;
+- the same best case with the weights stored [E, out, in] (HF's layout: contraction dim minor)
+  and computed as W x^T: XLA's CPU dot is much faster this way round for few rows per expert;
+- the same FLOPs as three plain [T*k, D] x [D, F] matmuls, in XLA and in torch: each library's
+  bfloat16 matmul throughput without the expert split;
+- reading every expert weight of the layer once (torch sums them): the memory-bandwidth floor
+  that any implementation pays per layer when, as at small batches, each expert sees few rows.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+_TOKENS = flags.DEFINE_integer("tokens", 512, "Tokens through the layer.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
+_HIDDEN, _INTERMEDIATE, _EXPERTS, _TOP_K = 2048, 1024, 64, 8
+
+
+def interleaved_min(fns: dict, rounds: int, settle_s: float = 1.0) -> dict[str, float]:
+    """Fastest seconds of each fn over `rounds` rounds that call every fn once, in turn, each call
+    followed by an untimed pause (torch's OpenMP workers spin for a while after a call)."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # compile / warm up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            time.sleep(settle_s)
+    return {name: min(t) for name, t in times.items()}
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import OlmoeConfig, OlmoeModel
+
+    from moe_grok.model.dispatch import experts_chunked
+
+    t, k, e, d, f = _TOKENS.value, _TOP_K, _EXPERTS, _HIDDEN, _INTERMEDIATE
+    torch.set_num_threads(os.cpu_count())
+    rng = np.random.default_rng(0)
+    top_idx = np.argsort(-rng.normal(size=(t, e)), axis=1)[:, :k]
+    x = (rng.normal(size=(t, d)) * 0.1).astype(np.float32)
+    top_w = np.full((t, k), 1.0 / k, np.float32)
+
+    config = OlmoeConfig(hidden_size=d, intermediate_size=f, num_experts=e, num_experts_per_tok=k,
+                         num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16, vocab_size=128,
+                         pad_token_id=1, eos_token_id=None, bos_token_id=None)
+    hf_experts = OlmoeModel(config).to(torch.bfloat16).eval().layers[0].mlp.experts
+    implementation = hf_experts.config._experts_implementation
+    xt, it, wt = torch.as_tensor(x).bfloat16(), torch.as_tensor(top_idx), torch.as_tensor(top_w).bfloat16()
+
+    def run_hf():
+        with torch.no_grad():
+            return hf_experts(xt, it, wt)
+
+    # The same weights on the JAX side: HF's gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F].
+    gate_up = hf_experts.gate_up_proj.detach().float().numpy()
+    w_gate = jnp.asarray(gate_up[:, :f].transpose(0, 2, 1), jnp.bfloat16)[None]  # [1, E, D, F]
+    w_up = jnp.asarray(gate_up[:, f:].transpose(0, 2, 1), jnp.bfloat16)[None]
+    w_down = jnp.asarray(hf_experts.down_proj.detach().float().numpy().transpose(0, 2, 1), jnp.bfloat16)[None]
+    xj, ij, wj = jnp.asarray(x, jnp.bfloat16), jnp.asarray(top_idx, jnp.int32), jnp.asarray(top_w, jnp.bfloat16)
+    chunked = jax.jit(lambda *a: experts_chunked(*a, layer=jnp.int32(0)))
+    run_ours = lambda: chunked(xj, ij, wj, w_gate, w_up, w_down).block_until_ready()
+    np.testing.assert_allclose(np.asarray(run_ours(), np.float32), run_hf().float().numpy(), atol=2e-2)
+
+    def bf16_matmul(a, w, spec):
+        return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+    def swiglu(rows, gate, up, down, spec):
+        return bf16_matmul(jax.nn.silu(bf16_matmul(rows, gate, spec)) * bf16_matmul(rows, up, spec), down, spec)
+
+    balanced_rows = jnp.asarray(rng.normal(size=(e, t * k // e, d)) * 0.1, jnp.bfloat16)
+    balanced = jax.jit(lambda r, g, u, dn: swiglu(r, g[0], u[0], dn[0], "erd,edf->erf"))
+    run_balanced = lambda: balanced(balanced_rows, w_gate, w_up, w_down).block_until_ready()
+    # HF's layout: gate/up [E, F, D], down [E, D, F]; products W x^T ([E, F, rows], then [E, D, rows]).
+    w_gate_t, w_up_t = (jnp.asarray(gate_up[:, half].astype(np.float32), jnp.bfloat16) for half in (slice(None, f),
+                                                                                                  slice(f, None)))
+    w_down_t = jnp.asarray(hf_experts.down_proj.detach().float().numpy(), jnp.bfloat16)
+
+    def swiglu_transposed(rows, gate, up, down):
+        gate_t = bf16_matmul(gate, rows, "efd,erd->efr")
+        up_t = bf16_matmul(up, rows, "efd,erd->efr")
+        return bf16_matmul(down, jax.nn.silu(gate_t) * up_t, "edf,efr->edr")
+
+    transposed = jax.jit(swiglu_transposed)
+    run_transposed = lambda: transposed(balanced_rows, w_gate_t, w_up_t, w_down_t).block_until_ready()
+    np.testing.assert_allclose(np.asarray(run_transposed(), np.float32).transpose(0, 2, 1),
+                               np.asarray(run_balanced(), np.float32), atol=2e-2)
+    flat_rows = balanced_rows.reshape(t * k, d)
+    plain = jax.jit(lambda r, g, u, dn: swiglu(r, g[0, 0], u[0, 0], dn[0, 0], "rd,df->rf"))
+    run_plain_xla = lambda: plain(flat_rows, w_gate, w_up, w_down).block_until_ready()
+    rt = torch.as_tensor(np.asarray(flat_rows, np.float32)).bfloat16()
+    gt, ut = (torch.as_tensor(np.asarray(w[0, 0], np.float32)).bfloat16() for w in (w_gate, w_up))
+    dt = torch.as_tensor(np.asarray(w_down[0, 0], np.float32)).bfloat16()
+
+    def run_plain_torch():
+        with torch.no_grad():
+            return (torch.nn.functional.silu(rt @ gt) * (rt @ ut)) @ dt
+
+    def run_read_weights():
+        return hf_experts.gate_up_proj.sum() + hf_experts.down_proj.sum()
+
+    best = interleaved_min({"hf": run_hf, "ours": run_ours, "balanced": run_balanced, "transposed": run_transposed,
+                            "plain_xla": run_plain_xla,
+                            "plain_torch": run_plain_torch, "read": run_read_weights}, _REPEATS.value)
+    flops = 2 * t * k * 3 * d * f
+    print(f"one MoE layer's experts: {t} tokens, top-{k} of {e}, hidden {d}, intermediate {f}, bfloat16; "
+          f"{os.cpu_count()} cores; fastest of {_REPEATS.value} interleaved rounds; {flops / 1e9:.1f} GFLOP")
+    rows = (("HF OlmoeExperts (experts_implementation=" + str(implementation) + ")", "hf"),
+            ("moe_grok experts_chunked", "ours"),
+            ("XLA best case: balanced batched einsum", "balanced"),
+            ("XLA best case, weights [E, out, in], W x^T", "transposed"),
+            ("XLA: the FLOPs as 3 plain matmuls", "plain_xla"),
+            ("torch: the FLOPs as 3 plain matmuls", "plain_torch"))
+    print(f"{'':<58}{'ms':>8}{'GFLOP/s':>10}{'vs HF':>8}")
+    for label, key in rows:
+        print(f"{label:<58}{best[key] * 1e3:>8.1f}{flops / best[key] / 1e9:>10.0f}{best['hf'] / best[key]:>7.2f}x")
+    weight_bytes = 2 * 3 * e * d * f
+    print(f"{'torch: read the ' + format(weight_bytes / 2**20, ',.0f') + ' MiB of expert weights once':<58}"
+          f"{best['read'] * 1e3:>8.1f}{'':>10}{best['hf'] / best['read']:>7.2f}x"
+          f"   ({weight_bytes / best['read'] / 1e9:.1f} GB/s)")
+
+
+if __name__ == "__main__":
+    app.run(main)
