@@ -42,7 +42,7 @@ def _hf_attention_inputs(hf_model, inputs):
     """What OlmoeModel.forward hands its layers: the hidden states, (cos, sin) and the causal mask."""
     hidden = _torch(inputs["hidden"])
     positions = _torch(inputs["positions"][:1]).long()
-    # The cache argument is positional: transformers renamed it (past_key_values -> cache) in 5.24.
+    # The cache argument is positional: newer transformers renamed it (past_key_values -> cache).
     mask = create_causal_mask(hf_model.config, hidden, _torch(inputs["mask"]), None, position_ids=positions)
     return hidden, hf_model.model.rotary_emb(hidden, positions), mask
 

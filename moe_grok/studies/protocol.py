@@ -77,6 +77,7 @@ def run_arm(name: str, arm: ml_collections.ConfigDict, seeds: list[int], workdir
         summary = {key: protocol_stats.mean_ci([m[key] for m in per_seed]) for key, _, _ in QUANTITIES}
         result["positions"][p] = {
             "per_seed": per_seed, "summary": summary,
+            "per_seed_domains": [protocol_stats.seed_domain_facts(r) for r in seed_reports],
             "verdicts": {key: protocol_stats.verdict(summary[key], side) for key, _, side in QUANTITIES if side},
             "table1": protocol_stats.table1_across_seeds(seed_reports),
             "test_accuracy": [r["domains"][d]["curves"].get("test_accuracy") for r in seed_reports
@@ -142,10 +143,36 @@ def markdown(results: dict[str, Any]) -> str:
                      if positions in results["arms"][a]["positions"] else "" for a in arms]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _per_seed_tables(results)
     lines += ["Time per arm (training of all seeds together; analysis of every seed):", ""]
     lines += [f"- {a}: training {r['train_seconds'] / 60:.1f} min, analysis {r['analysis_seconds'] / 60:.1f} min"
               for a, r in results["arms"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _per_seed_tables(results: dict[str, Any]) -> list[str]:
+    """Seed by seed and domain by domain (all-token view): test onset, calibrated eps, pairs."""
+    lines = ["## Seed by seed (all-token routing)", "",
+             "Per domain: test onset (first checkpoint from which test accuracy stays >= 0.9; `none` with the "
+             "final accuracy), calibrated eps (nats) and share memorized before the last checkpoint, Hungarian "
+             "pairs (how many with a negative delay, Pretrain@t* after its Test@t#).", ""]
+    for arm, r in results["arms"].items():
+        view = r["positions"].get("all") or next(iter(r["positions"].values()))
+        facts = view.get("per_seed_domains", [])
+        if not facts:
+            continue
+        domains = list(facts[0])
+        lines += [f"### {arm}", "", "| seed | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        for seed, seed_facts in zip(r["seeds"], facts, strict=True):
+            cells = []
+            for domain in domains:
+                f = seed_facts[domain]
+                onset = str(f["onset"]) if f["onset"] >= 0 else f"none ({f['final_test_accuracy']:.2f})"
+                cells.append(f"{onset}; eps {f['eps']:.2g}, {f['share_before_end']:.0%}; "
+                             f"{f['pairs']} pairs ({f['negative_delays']} negative)")
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def plot_accuracy(results: dict[str, Any], path: str) -> str:

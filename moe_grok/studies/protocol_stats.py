@@ -102,6 +102,28 @@ def onset_spread(report: dict[str, Any]) -> float:
     return float(max(index) - min(index))
 
 
+def _float(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def seed_domain_facts(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per domain of one seed's report, the facts the results page lists seed by seed: test onset
+    (step, -1 = never), final test accuracy, the calibrated eps, the share memorized before the
+    last checkpoint, and the Hungarian pairs with how many have a negative delay."""
+    steps = np.asarray(report["steps"])
+    facts = {}
+    for name, d in report["domains"].items():
+        accuracy = d["curves"].get("test_accuracy")
+        pairs = d.get("pairs", [])
+        facts[name] = {
+            "onset": grokking.accuracy_onset(accuracy, steps, GROK_ACCURACY) if accuracy is not None else -1,
+            "final_test_accuracy": float(accuracy[-1]) if accuracy is not None else float("nan"),
+            "eps": _float(d["memorization"].get("eps")),
+            "share_before_end": _float(d["memorization"].get("share_before_end")),
+            "pairs": len(pairs), "negative_delays": sum(p["delay"] < 0 for p in pairs)}
+    return facts
+
+
 def seed_measurements(report: dict[str, Any]) -> dict[str, float]:
     """One seed's quantities: averaged over domains, plus the multi-domain ones."""
     per_domain = [domain_measurements(report, d) for d in report["domains"]]
