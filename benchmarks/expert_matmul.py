@@ -20,29 +20,15 @@ forward's. Timed in interleaved rounds (with the same routing on every side):
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 from absl import app, flags
 
+from timing import interleaved_times
+
 _TOKENS = flags.DEFINE_integer("tokens", 512, "Tokens through the layer.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
 _HIDDEN, _INTERMEDIATE, _EXPERTS, _TOP_K = 2048, 1024, 64, 8
-
-
-def interleaved_min(fns: dict, rounds: int, settle_s: float = 1.0) -> dict[str, float]:
-    """Fastest seconds of each fn over `rounds` rounds that call every fn once, in turn, each call
-    followed by an untimed pause (torch's OpenMP workers spin for a while after a call)."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # compile / warm up
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            time.sleep(settle_s)
-    return {name: min(t) for name, t in times.items()}
 
 
 def main(argv):
@@ -119,9 +105,11 @@ def main(argv):
     def run_read_weights():
         return hf_experts.gate_up_proj.sum() + hf_experts.down_proj.sum()
 
-    best = interleaved_min({"hf": run_hf, "ours": run_ours, "balanced": run_balanced, "transposed": run_transposed,
-                            "plain_xla": run_plain_xla,
-                            "plain_torch": run_plain_torch, "read": run_read_weights}, _REPEATS.value)
+    fns = {"hf": run_hf, "ours": run_ours, "balanced": run_balanced, "transposed": run_transposed,
+           "plain_xla": run_plain_xla, "plain_torch": run_plain_torch, "read": run_read_weights}
+    for fn in fns.values():
+        fn()  # compile / warm up
+    best = {name: float(np.min(t)) for name, t in interleaved_times(fns, _REPEATS.value).items()}
     flops = 2 * t * k * 3 * d * f
     print(f"one MoE layer's experts: {t} tokens, top-{k} of {e}, hidden {d}, intermediate {f}, bfloat16; "
           f"{os.cpu_count()} cores; fastest of {_REPEATS.value} interleaved rounds; {flops / 1e9:.1f} GFLOP")

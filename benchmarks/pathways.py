@@ -15,31 +15,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 import numpy as np
 from absl import app, flags
+
+from timing import interleaved_times
 
 _QUICK = flags.DEFINE_bool("quick", False, "A smaller shape (hidden 128, 2 layers, vocab 1024), for a smoke test.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Samples per forward.")
 _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sample.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
-
-
-def interleaved_times(fns: dict, rounds: int, settle_s: float = 1.0) -> dict[str, np.ndarray]:
-    """Seconds of each fn in each of `rounds` rounds that call every fn once, in turn.
-
-    Each call is followed by an untimed pause: torch's OpenMP workers spin-wait for a while
-    after a call, and without the pause they steal the cores from the next (JAX) call.
-    """
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            time.sleep(settle_s)
-    return {name: np.asarray(t) for name, t in times.items()}
 
 
 def make_matmul(n: int):
