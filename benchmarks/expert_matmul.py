@@ -12,6 +12,8 @@ forward's. Timed in interleaved rounds (with the same routing on every side):
   (perfectly balanced routing, no gathers, no padding): no CPU dispatch written in XLA can beat it;
 - the same best case with the weights stored [E, out, in] (HF's layout: contraction dim minor)
   and computed as W x^T: XLA's CPU dot is much faster this way round for few rows per expert;
+- the same with those weights sliced from a 4-layer stack [L, E, out, in], as a layer scan reads
+  them: XLA's CPU backend copies a slice before the dot;
 - the same FLOPs as three plain [T*k, D] x [D, F] matmuls, in XLA and in torch: each library's
   bfloat16 matmul throughput without the expert split;
 - reading every expert weight of the layer once (torch sums them): the memory-bandwidth floor
@@ -91,6 +93,10 @@ def main(argv):
     run_transposed = lambda: transposed(balanced_rows, w_gate_t, w_up_t, w_down_t).block_until_ready()
     np.testing.assert_allclose(np.asarray(run_transposed(), np.float32).transpose(0, 2, 1),
                                np.asarray(run_balanced(), np.float32), atol=2e-2)
+    # The same, each weight sliced from a 4-layer [L, E, out, in] stack (as a layer scan reads it).
+    stacks = tuple(jnp.stack([w] * 4) for w in (w_gate_t, w_up_t, w_down_t))
+    from_stack = jax.jit(lambda r, layer, g, u, dn: swiglu_transposed(r, g[layer], u[layer], dn[layer]))
+    run_from_stack = lambda: from_stack(balanced_rows, jnp.int32(2), *stacks).block_until_ready()
     flat_rows = balanced_rows.reshape(t * k, d)
     plain = jax.jit(lambda r, g, u, dn: swiglu(r, g[0, 0], u[0, 0], dn[0, 0], "rd,df->rf"))
     run_plain_xla = lambda: plain(flat_rows, w_gate, w_up, w_down).block_until_ready()
@@ -106,6 +112,7 @@ def main(argv):
         return hf_experts.gate_up_proj.sum() + hf_experts.down_proj.sum()
 
     fns = {"hf": run_hf, "ours": run_ours, "balanced": run_balanced, "transposed": run_transposed,
+           "from_stack": run_from_stack,
            "plain_xla": run_plain_xla, "plain_torch": run_plain_torch, "read": run_read_weights}
     for fn in fns.values():
         fn()  # compile / warm up
@@ -117,6 +124,7 @@ def main(argv):
             ("moe_grok experts_chunked", "ours"),
             ("XLA best case: balanced batched einsum", "balanced"),
             ("XLA best case, weights [E, out, in], W x^T", "transposed"),
+            ("  the same, weights sliced from an [L, E, out, in] stack", "from_stack"),
             ("XLA: the FLOPs as 3 plain matmuls", "plain_xla"),
             ("torch: the FLOPs as 3 plain matmuls", "plain_torch"))
     print(f"{'':<58}{'ms':>8}{'GFLOP/s':>10}{'vs HF':>8}")
