@@ -1,4 +1,4 @@
-"""One MoE layer's experts at OLMoE-1B-7B size, bfloat16, on this machine: HF vs moe_grok vs XLA's best case.
+"""One MoE layer's experts at OLMoE-1B-7B size, bfloat16, on this machine: HF vs moe_grok vs XLA formulations.
 
   python benchmarks/expert_matmul.py                 # 512 tokens (the full-size benchmark's 4 x 128 batch)
   python benchmarks/expert_matmul.py --tokens=4096   # 32 x 128, extract_dataset's default batch
@@ -8,9 +8,9 @@ forward's. Timed in interleaved rounds (with the same routing on every side):
 - HF: transformers' `OlmoeExperts` as `OlmoeModel` builds it (its default experts implementation,
   printed), on the tokens' top-8 of 64 experts;
 - moe_grok: `experts_chunked`, the CPU dispatch the model uses;
-- XLA best case: the same FLOPs as one batched einsum over experts with exactly T*k/E rows each
-  (perfectly balanced routing, no gathers, no padding): no CPU dispatch written in XLA can beat it;
-- the same best case with the weights stored [E, out, in] (HF's layout: contraction dim minor)
+- XLA, balanced: the same FLOPs as one batched einsum over experts with exactly T*k/E rows each
+  (perfectly balanced routing, no gathers, no padding), in moe_grok's weight layout;
+- the same balanced einsum with the weights stored [E, out, in] (HF's layout: contraction dim minor)
   and computed as W x^T: XLA's CPU dot is much faster this way round for few rows per expert;
 - the same with those weights sliced from a 4-layer stack [L, E, out, in], as a layer scan reads
   them: XLA's CPU backend copies a slice before the dot;
@@ -31,6 +31,8 @@ from timing import interleaved_times
 _TOKENS = flags.DEFINE_integer("tokens", 512, "Tokens through the layer.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
 _HIDDEN, _INTERMEDIATE, _EXPERTS, _TOP_K = 2048, 1024, 64, 8
+flags.register_validator("tokens", lambda t: t > 0 and t * _TOP_K % _EXPERTS == 0,
+                         f"--tokens must be positive with tokens * {_TOP_K} a multiple of {_EXPERTS} (balanced rows)")
 
 
 def main(argv):
@@ -122,8 +124,8 @@ def main(argv):
           f"{os.cpu_count()} cores; fastest of {_REPEATS.value} interleaved rounds; {flops / 1e9:.1f} GFLOP")
     rows = (("HF OlmoeExperts (experts_implementation=" + str(implementation) + ")", "hf"),
             ("moe_grok experts_chunked", "ours"),
-            ("XLA best case: balanced batched einsum", "balanced"),
-            ("XLA best case, weights [E, out, in], W x^T", "transposed"),
+            ("XLA, balanced batched einsum", "balanced"),
+            ("XLA, balanced, weights [E, out, in], W x^T", "transposed"),
             ("  the same, weights sliced from an [L, E, out, in] stack", "from_stack"),
             ("XLA: the FLOPs as 3 plain matmuls", "plain_xla"),
             ("torch: the FLOPs as 3 plain matmuls", "plain_torch"))

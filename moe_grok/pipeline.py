@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moe_grok.analysis.analyze import AnalysisOptions, TestResults, analyze, test_results_from_split
 from moe_grok.analysis.sources import CheckpointSource
@@ -20,13 +21,32 @@ from moe_grok.training.run_dir import WorkdirLock
 LOCK_FILE = "analysis.lock"
 
 
+@contextlib.contextmanager
 def _out_dir_lock(out_dir: str):
     """The writer lock on out_dir, held by process 0 only: it alone writes cache entries and moves
-    corrupt ones aside, and on a shared filesystem the other processes would be refused."""
-    if jax.process_index() != 0:
-        return contextlib.nullcontext()
-    os.makedirs(out_dir, exist_ok=True)
-    return WorkdirLock(out_dir, LOCK_FILE, activity="analyzed", directory_kind="out_dir")
+    corrupt ones aside, and on a shared filesystem the other processes would be refused. Every
+    process learns whether process 0 got it, so that none goes on into the collective extraction
+    alone."""
+    lock, refusal = None, None
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = WorkdirLock(out_dir, LOCK_FILE, activity="analyzed", directory_kind="out_dir")
+        try:
+            lock.__enter__()
+        except RuntimeError as error:
+            lock, refusal = None, error
+    if jax.process_count() > 1:
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
+        if refused and refusal is None:
+            refusal = RuntimeError(f"{out_dir} is being analyzed by another process (process 0 could not take "
+                                   f"{os.path.join(out_dir, LOCK_FILE)})")
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSplit], out_dir: str,

@@ -54,7 +54,7 @@ def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
     # seed by seed: one row per seed of every arm, one cell per domain of the mixture
     facts = results["arms"]["mixture"]["positions"]["all"]["per_seed_domains"]
     assert len(facts) == 2 and len(facts[0]) == len(config.arms.mixture.task.ops)
-    assert page.count("### mixture") == 1 and "| 1 | " in page.split("### mixture")[1]
+    assert page.count("### mixture (routing over all tokens)") == 1 and "| 1 | " in page.split("### mixture")[1]
     assert str(root / "work") not in page  # docs copy names paths relative to the workdir
     for figure in ("protocol_accuracy.png", "protocol_effects.png"):
         assert (root / "docs" / "figures" / figure).stat().st_size > 1000

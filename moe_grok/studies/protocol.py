@@ -15,7 +15,7 @@ from moe_grok.studies import protocol_stats, toy_run
 from moe_grok.training import multiseed
 
 QUANTITIES = (  # (key of seed_measurements, label, criterion side for the verdict or "")
-    ("groks", "share of seeds that grok (test acc >= 0.9 to the end)", ""),
+    ("groks", "share of seeds that grok (test acc > 0.9 to the end)", ""),
     ("final_test_accuracy", "final test accuracy", ""),
     ("share_memorized_before_end", "share memorized before the last checkpoint", ""),
     ("early_groups", "early Pretrain@t* groups (>= 5 samples, t* before the onset)", ""),
@@ -152,17 +152,19 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _per_seed_tables(results: dict[str, Any]) -> list[str]:
     """Seed by seed and domain by domain (all-token view): test onset, calibrated eps, pairs."""
-    lines = ["## Seed by seed (all-token routing)", "",
-             "Per domain: test onset (first checkpoint from which test accuracy stays >= 0.9; `none` with the "
+    lines = ["## Seed by seed", "",
+             "Per domain: test onset (first checkpoint from which test accuracy stays > 0.9; `none` with the "
              "final accuracy), calibrated eps (nats) and share memorized before the last checkpoint, Hungarian "
              "pairs (how many with a negative delay, Pretrain@t* after its Test@t#).", ""]
     for arm, r in results["arms"].items():
-        view = r["positions"].get("all") or next(iter(r["positions"].values()))
-        facts = view.get("per_seed_domains", [])
+        positions = "all" if "all" in r["positions"] else next(iter(r["positions"]))
+        facts = r["positions"][positions].get("per_seed_domains", [])
         if not facts:
             continue
         domains = list(facts[0])
-        lines += [f"### {arm}", "", "| seed | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        view = "all tokens" if positions == "all" else f"{positions} positions"
+        lines += [f"### {arm} (routing over {view})", "",
+                  "| seed | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
         for seed, seed_facts in zip(r["seeds"], facts, strict=True):
             cells = []
             for domain in domains:

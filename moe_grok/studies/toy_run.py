@@ -64,8 +64,9 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     options = AnalysisOptions.from_config(config.analysis)
     splits = task_splits(tasks.make_dataset(loop.task_spec(config)))
     # Loaded and checked before any checkpoint is: a wrong file fails in seconds, not after the extraction.
-    embeddings = {split: load_embeddings(config.analysis[f"{split}_embeddings"], split, len(splits[split]))
-                  if config.analysis[f"{split}_embeddings"] else None for split in ("train", "test")}
+    paths = {split: config.analysis.get(f"{split}_embeddings", "") for split in ("train", "test")}  # "" = by domain
+    embeddings = {split: load_embeddings(path, split, len(splits[split])) if path else None
+                  for split, path in paths.items()}
     return pipeline.run_pipeline(run_checkpoint_sources(workdir), splits,
                                  os.path.join(workdir, "analysis"), test_split="test", validation_split="validation",
                                  train_embeddings=embeddings["train"], test_embeddings=embeddings["test"],

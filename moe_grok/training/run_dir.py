@@ -124,7 +124,10 @@ class WorkdirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as error:
+            if not isinstance(error, BlockingIOError):  # e.g. no flock on this filesystem
+                os.close(fd)
+                raise
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RuntimeError(f"{os.path.dirname(self.path)} is being {self.activity} by another process (pid "
