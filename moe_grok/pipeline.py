@@ -14,8 +14,8 @@ from moe_grok.analysis.analyze import AnalysisOptions, TestResults, analyze, tes
 from moe_grok.analysis.sources import CheckpointSource
 from moe_grok.analysis.stats import collect_checkpoint_stats
 from moe_grok.data.splits import EvalSplit
+from moe_grok.locking import DirectoryLock
 from moe_grok.report.files import write_report
-from moe_grok.training.run_dir import WorkdirLock
 
 # Not train.lock, so an out_dir that is also a training workdir neither blocks nor is blocked by training.
 LOCK_FILE = "analysis.lock"
@@ -30,7 +30,7 @@ def _out_dir_lock(out_dir: str):
     lock, refusal = None, None
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        lock = WorkdirLock(out_dir, LOCK_FILE, activity="analyzed", directory_kind="out_dir")
+        lock = DirectoryLock(out_dir, LOCK_FILE, activity="analyzed", directory_kind="out_dir")
         try:
             lock.__enter__()
         except RuntimeError as error:

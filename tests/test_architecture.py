@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PACKAGE = os.path.join(ROOT, "moe_grok")
 LAYERS = {  # module prefix -> layer; a module may import only modules of its own or a lower layer
-    "moe_grok.sharding": 0, "moe_grok.config": 0,
+    "moe_grok.sharding": 0, "moe_grok.config": 0, "moe_grok.locking": 0,
     "moe_grok.data": 1,
     "moe_grok.model": 2,
     "moe_grok.extraction": 3,

@@ -145,11 +145,11 @@ def test_missing_revision_keeps_finished_checkpoints(workspace, tmp_path):
 
 
 def test_second_analysis_of_an_out_dir_is_refused(workspace, tmp_path):
-    from moe_grok.training.run_dir import WorkdirLock
+    from moe_grok.locking import DirectoryLock
 
     out = tmp_path / "out"
     out.mkdir()
-    with WorkdirLock(str(out), pipeline.LOCK_FILE), pytest.raises(
+    with DirectoryLock(str(out), pipeline.LOCK_FILE, "analyzed", "out_dir"), pytest.raises(
             RuntimeError, match=rf"{out} is being analyzed by another process \(pid {os.getpid()}.*another out_dir"):
         pipeline.run_pipeline(_sources(workspace), {"train": _split(workspace)}, str(out), progress=False)
     assert os.listdir(out) == [pipeline.LOCK_FILE]  # refused before any checkpoint was computed

@@ -138,7 +138,7 @@ def test_second_writer_is_refused(finished_run):
     from moe_grok.training import run_dir
 
     config, workdir = finished_run
-    with run_dir.WorkdirLock(workdir), pytest.raises(RuntimeError, match=f"another process \\(pid {os.getpid()}"):
+    with run_dir.workdir_lock(workdir), pytest.raises(RuntimeError, match=f"another process \\(pid {os.getpid()}"):
         training.train(config, workdir, progress=False)
     assert training.train(config, workdir, progress=False)["step"] == 30  # released with the holder
 

@@ -347,7 +347,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
     with contextlib.ExitStack() as locks:
         for run in seed_runs:
             os.makedirs(run.workdir, exist_ok=True)
-            locks.enter_context(run_dir.WorkdirLock(run.workdir))
+            locks.enter_context(run_dir.workdir_lock(run.workdir))
         for run in seed_runs:
             seed_config = config.copy_and_resolve_references()
             seed_config.train.seed = run.seed

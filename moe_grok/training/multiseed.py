@@ -35,7 +35,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, seeds, mesh: jax.shar
     identity = run_dir.run_identity(config, model_config)
     identity["train"]["seed"] = seeds
     os.makedirs(workdir, exist_ok=True)
-    with run_dir.WorkdirLock(workdir):
+    with run_dir.workdir_lock(workdir):
         started = any(os.path.isdir(seed_workdir(workdir, s)) for s in seeds)
         run_dir.check_or_record_identity(workdir, identity, started)
         runs = [(seed, seed_workdir(workdir, seed)) for seed in seeds]

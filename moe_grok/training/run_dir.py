@@ -8,7 +8,6 @@ and checkpoint cadence are not part of it: a run may be extended.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from moe_grok.config import MoEConfig
+from moe_grok.locking import DirectoryLock
 
 IDENTITY_FILE = "run.json"
 LOCK_FILE = "train.lock"
@@ -105,42 +105,6 @@ def check_or_record_identity(workdir: str, identity: dict[str, Any], started: bo
                          + "; ".join(differences) + ". Use a new workdir, or the recorded config to resume it")
 
 
-class WorkdirLock:
-    """Exclusive, non-blocking fcntl.flock on ``workdir/lock_file`` for one writer at a time.
-
-    The lock file records the holder's pid; a second writer raises RuntimeError naming it. The
-    kernel releases the lock when the holder exits, however it exits. Training holds
-    ``train.lock``; an analysis holds ``analysis.lock`` on its out_dir (moe_grok.pipeline).
-    activity and directory_kind word the refusal ("is being trained ... use another workdir").
-    """
-
-    def __init__(self, workdir: str, lock_file: str = LOCK_FILE, activity: str = "trained",
-                 directory_kind: str = "workdir"):
-        self.path = os.path.join(workdir, lock_file)
-        self.activity, self.directory_kind = activity, directory_kind
-        self._fd: int | None = None
-
-    def __enter__(self) -> WorkdirLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if not isinstance(error, BlockingIOError):  # e.g. no flock on this filesystem
-                os.close(fd)
-                raise
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RuntimeError(f"{os.path.dirname(self.path)} is being {self.activity} by another process (pid "
-                               f"{holder}, lock {self.path}); wait for it to finish or use another "
-                               f"{self.directory_kind}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+def workdir_lock(workdir: str) -> DirectoryLock:
+    """The training writer lock, ``workdir/train.lock``: a second trainer of the workdir is refused."""
+    return DirectoryLock(workdir, LOCK_FILE, activity="trained", directory_kind="workdir")
