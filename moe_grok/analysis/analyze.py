@@ -233,7 +233,7 @@ class _Analysis:
                 flagged.append(f"{name} at step(s) {self.steps[at].tolist()} "
                                f"(up to {np.max(share[at]):.0%} of samples)")
         if flagged:
-            self.warn(f"{where}: pathway consistency is unbounded (largest layer cosine below "
+            self.warn(f"{where}: pathway consistency is unbounded (largest layer cosine at or below "
                       f"{metrics.MIN_MAX_COSINE}) for samples of {'; '.join(flagged)}; "
                       "see consistency_unbounded_share (docs/method.md)")
 

@@ -69,9 +69,10 @@ def pair_groups(similarity: np.ndarray) -> list[tuple[int, int]]:
     """One-to-one (pretrain index, test index) pairs maximizing the total similarity
     (scipy's linear_sum_assignment; min(n_pretrain, n_test) pairs, in pretrain order).
 
-    Ties (e.g. no embeddings: every pair equally similar) go to chronological order: the k-th
-    earliest Pretrain group with the k-th earliest Test group, by a tie-break term far below
-    any similarity difference (groups are given earliest first)."""
+    Ties (e.g. no embeddings: every pair equally similar) go to relative chronological rank, by a
+    tie-break term far below any similarity difference: ranks scaled to [0, 1] (groups are given
+    earliest first), so equal counts pair k-th with k-th and unequal counts pair first with first
+    and last with last (docs/method.md)."""
     similarity = np.asarray(similarity, np.float64)
     if similarity.ndim != 2:
         raise ValueError(f"similarity must be [n_pretrain, n_test], got shape {similarity.shape}")

@@ -278,12 +278,13 @@ def layer_cosines(mean_weights, router_matrices, mesh: Mesh | None = None) -> ja
 def consistency_edge_cases(mean_weights, router_matrices) -> dict:
     """Where the paper's complexity formula stops measuring smoothness (docs/method.md).
 
-    Returns {"unbounded": bool [batch] (max_l c_l < MIN_MAX_COSINE: the ratio leaves [-1, 1] and
-    C_i can be any size, e.g. -5e7 for cosines [0, -1]), "two_layers": bool (with 2 layers there
+    Returns {"unbounded": bool [batch] (max_l c_l <= MIN_MAX_COSINE: the ratio leaves [-1, 1] and
+    C_i can be any size, e.g. C_i = +5e7, consistency -5e7, for cosines [0, -1]),
+    "two_layers": bool (with 2 layers there
     is one cosine, c / max c = 1, so C_i = 0 and consistency = 1 whatever the routing)}.
     """
     cosines = np.asarray(layer_cosines(mean_weights, router_matrices))
-    return {"unbounded": cosines.max(axis=1) < MIN_MAX_COSINE, "two_layers": cosines.shape[1] == 1}
+    return {"unbounded": cosines.max(axis=1) <= MIN_MAX_COSINE, "two_layers": cosines.shape[1] == 1}
 
 
 def pathway_consistency(mean_weights, router_matrices, mesh: Mesh | None = None) -> jax.Array:
