@@ -14,7 +14,7 @@ from moe_grok.model import params as model_lib
 from moe_grok.model.checkpoint_io import restore_params, save_params
 from moe_grok.model.hf import INDEX_FILE, SINGLE_FILE, CheckpointError, load_hf
 
-from hf_reference import save_hf_model
+from hf_reference import hf_outputs, save_hf_model
 
 SHARD = "model-00002-of-00003.safetensors"
 TINY = toy(vocab_size=20, num_layers=2, hidden_size=16, head_dim=4, expert_intermediate_size=16)
@@ -48,6 +48,26 @@ def _raises(path, *fragments, **kwargs) -> CheckpointError:
     shown = info.value.__cause__ or (None if info.value.__suppress_context__ else info.value.__context__)
     assert shown is None, f"the traceback shows {shown!r} too"
     return info.value
+
+
+def test_tied_checkpoint_that_also_stores_the_head_loads_like_transformers(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from transformers import OlmoeForCausalLM
+
+    save_hf_model(tmp_path, tie_word_embeddings=True)
+    state = load_file(str(tmp_path / SINGLE_FILE))
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].copy()  # stored, equal: still tied
+    save_file(state, str(tmp_path / SINGLE_FILE), metadata={"format": "pt"})
+    model_config, params = load_hf(str(tmp_path))
+    tokens = np.array([[3, 7, 11, 2]])
+    ours = np.asarray(model_lib.forward(model_config, params, jnp.asarray(tokens)).logits)
+    theirs, _ = hf_outputs(OlmoeForCausalLM.from_pretrained(str(tmp_path)).eval(), tokens)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    # A stored head that differs from the embedding: transformers unties them; we name the conflict.
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    save_file(state, str(tmp_path / SINGLE_FILE), metadata={"format": "pt"})
+    _raises(tmp_path, "ties the word embeddings, but lm_head.weight differs", "tie_word_embeddings to false")
 
 
 def test_single_file_wins_over_an_index_like_transformers(sharded, tmp_path):

@@ -350,7 +350,17 @@ def validate_keys(model_config: MoEConfig, reader: SafetensorsReader) -> None:
                 src = fn(layer, expert)
                 needed.setdefault(src.key, (path, src, cell[::-1] if src.transpose else cell))
     missing = sorted(set(needed) - keys)
-    unexpected = sorted(k for k in keys - set(needed) if not k.endswith("rotary_emb.inv_freq"))
+    # With tied embeddings transformers ignores a stored head equal to the embedding, but unties the
+    # two (keeping the stored head) when they differ: accept the first, name the second.
+    ignored = set()
+    if model_config.tie_word_embeddings and "lm_head.weight" in keys:
+        ignored.add("lm_head.weight")
+        embedding = "model.embed_tokens.weight"
+        if embedding in keys and not np.array_equal(reader.read("lm_head.weight"), reader.read(embedding)):
+            raise CheckpointError(f"checkpoint {reader.directory}: config.json ties the word embeddings, but "
+                                  f"lm_head.weight differs from {embedding} (transformers would untie them and use "
+                                  "the stored head); set tie_word_embeddings to false in config.json to load it so")
+    unexpected = sorted(k for k in keys - set(needed) - ignored if not k.endswith("rotary_emb.inv_freq"))
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
