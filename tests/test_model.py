@@ -128,6 +128,32 @@ def test_dispatch_gradients_match_dense(impl, stacked):
             assert not np.asarray(g)[[0, 2]].any()
 
 
+def test_bfloat16_chunked_weight_gradients_are_summed_in_float32():
+    """Every token on one expert, 4096 rows in 64-row chunks: rounding the weight gradient to
+    bfloat16 after each chunk would double its error against a float32 reference (1.1% vs 0.6%)."""
+    rng = np.random.default_rng(0)
+    t, d, f, e = 4096, 32, 32, 4
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    top_w, top_idx = jax.lax.top_k(jax.nn.softmax(jnp.asarray(rng.normal(size=(t, e)) + 30 * (np.arange(e) < 1),
+                                                              jnp.float32)), 1)
+    stacks = [jnp.asarray(rng.normal(size=(1, e) + s) / np.sqrt(s[0]), jnp.float32) for s in ((d, f), (d, f), (f, d))]
+    cotangent = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+
+    def weight_grads(kernel, dtype):
+        def loss(*ws):
+            out = kernel(x.astype(dtype), top_idx, top_w.astype(dtype), *ws, layer=jnp.int32(0))
+            return jnp.sum(out.astype(jnp.float32) * cotangent)
+        return [np.asarray(g, np.float32)[0, 0] for g in
+                jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*(w.astype(dtype) for w in stacks))]
+
+    reference = weight_grads(dispatch.experts_dense, jnp.float32)
+    chunked = functools.partial(dispatch.experts_chunked, max_chunk=64, granule=32)
+    for kernel in (dispatch.experts_dense, chunked):
+        errors = [np.linalg.norm(g - r) / np.linalg.norm(r) for g, r in
+                  zip(weight_grads(kernel, jnp.bfloat16), reference, strict=True)]
+        assert max(errors) < 0.008, (kernel, errors)  # bfloat16 inputs alone give ~0.6%
+
+
 def test_chunk_plan_by_hand():
     # Rows per expert [0, 5, 16, 33]; chunks of at most 16 rows, rounded up to 4.
     plan = dispatch.plan_chunks(jnp.asarray([0, 5, 16, 33]), 54, max_chunk=16, granule=4)

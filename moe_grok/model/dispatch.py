@@ -237,7 +237,7 @@ def _chunked_swiglu_fwd(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_d
 def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
     # Dynamic-trip-count loops have no automatic reverse mode: the same loops run each
     # chunk's VJP (rows past `valid` get zero cotangent), accumulating the weight gradients
-    # into full [L, E, ...] stacks (zero outside `layer`; fine for the small models trained here).
+    # into full float32 [L, E, ...] stacks (zero outside `layer`; fine for the small models trained here).
     rows, plan, layer, w_gate, w_up, w_down = residuals
 
     def body(size, expert, start, valid, grads, weights):
@@ -247,14 +247,16 @@ def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
         g_chunk = jnp.where((jnp.arange(size) < valid)[:, None], g_chunk, 0)
         _, pull = jax.vjp(_chunk_swiglu, x_chunk, *(w[layer, expert] for w in weights))
         dx, dg, du, dd = pull(g_chunk)
-        return (_write_valid(d_rows, dx, start, valid), d_gate.at[layer, expert].add(dg),
-                d_up.at[layer, expert].add(du), d_down.at[layer, expert].add(dd))
+        add = lambda total, g: total.at[layer, expert].add(g.astype(jnp.float32))
+        return _write_valid(d_rows, dx, start, valid), add(d_gate, dg), add(d_up, du), add(d_down, dd)
 
-    zeros = _vary_like(tuple(jnp.zeros_like(a) for a in (rows, w_gate, w_up, w_down)), rows, grad)
-    d_rows, d_gate, d_up, d_down = _for_each_chunk(plan, max_chunk, granule, body, zeros, (w_gate, w_up, w_down))
+    # Weight gradients are summed (over chunks, then data shards) in float32 and rounded once.
+    stacks = (w_gate, w_up, w_down)
+    zeros = _vary_like((jnp.zeros_like(rows), *(jnp.zeros(w.shape, jnp.float32) for w in stacks)), rows, grad)
+    d_rows, *d_weights = _for_each_chunk(plan, max_chunk, granule, body, zeros, stacks)
     int_zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0), (plan, layer))
-    d_gate, d_up, d_down = (_sum_over_unshared_axes(g, w) for g, w in zip((d_gate, d_up, d_down),
-                                                                            (w_gate, w_up, w_down), strict=True))
+    d_gate, d_up, d_down = (_sum_over_unshared_axes(g, w).astype(w.dtype) for g, w in zip(d_weights, stacks,
+                                                                                          strict=True))
     return _sum_over_unshared_axes(d_rows, rows), *int_zeros, d_gate, d_up, d_down
 
 
