@@ -27,26 +27,22 @@ def _out_dir_lock(out_dir: str):
     corrupt ones aside, and on a shared filesystem the other processes would be refused. Every
     process learns whether process 0 got it, so that none goes on into the collective extraction
     alone."""
-    lock, refusal = None, None
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = DirectoryLock(out_dir, LOCK_FILE, activity="analyzed", directory_kind="out_dir")
-        try:
-            lock.__enter__()
-        except RuntimeError as error:
-            lock, refusal = None, error
-    if jax.process_count() > 1:
-        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
-        if refused and refusal is None:
-            refusal = RuntimeError(f"{out_dir} is being analyzed by another process (process 0 could not take "
-                                   f"{os.path.join(out_dir, LOCK_FILE)})")
-    if refusal is not None:
-        raise refusal
-    try:
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if jax.process_index() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            try:
+                held.enter_context(DirectoryLock(out_dir, LOCK_FILE, activity="analyzed", directory_kind="out_dir"))
+            except RuntimeError as error:
+                refusal = error
+        if jax.process_count() > 1:
+            refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
+            if refused and refusal is None:
+                refusal = RuntimeError(f"{out_dir} is being analyzed by another process (process 0 could not take "
+                                       f"{os.path.join(out_dir, LOCK_FILE)})")
+        if refusal is not None:
+            raise refusal
         yield
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
 
 
 def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSplit], out_dir: str,

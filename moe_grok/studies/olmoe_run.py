@@ -1,12 +1,10 @@
 """The paper's OLMoE experiment from a config (configs/olmoe_grokking.py): data, checkpoints, pipeline."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from moe_grok import pipeline, sharding
@@ -20,12 +18,6 @@ from moe_grok.data.corpus import load_split
 DTYPES = ("bfloat16", "float32")
 
 
-def _load_npy(path: str, what: str) -> np.ndarray:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: no such file {path}")
-    return np.load(path, allow_pickle=False)
-
-
 def load_test_results(config: ml_collections.ConfigDict, steps: list[int]) -> TestResults | None:
     """TestResults from config.test_correctness_csv (per sample; with config.test_embeddings) or
     config.test_accuracy_csv (per domain), or None."""
@@ -33,11 +25,9 @@ def load_test_results(config: ml_collections.ConfigDict, steps: list[int]) -> Te
         _, correct, rows = load_test_correctness_csv(config.test_correctness_csv, steps=steps)
         embeddings = {}
         if config.test_embeddings:
-            table = _load_npy(config.test_embeddings, "test_embeddings")
-            n_rows = sum(r.size for r in rows.values())
-            if table.ndim != 2 or table.shape[0] != n_rows:
-                raise ValueError(f"{config.test_embeddings}: shape {table.shape}, need [{n_rows}, dim]: one row per "
-                                 f"test sample of {config.test_correctness_csv}, in first-appearance order")
+            # One row per test sample of the CSV, in first-appearance order.
+            table = load_embeddings(config.test_embeddings, f"test ({config.test_correctness_csv})",
+                                    sum(r.size for r in rows.values()))
             embeddings = {g: table[r] for g, r in rows.items()}
         return TestResults({g: c.mean(axis=1) for g, c in correct.items()}, correct, embeddings)
     if config.test_accuracy_csv:

@@ -151,7 +151,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _per_seed_tables(results: dict[str, Any]) -> list[str]:
-    """Seed by seed and domain by domain (all-token view): test onset, calibrated eps, pairs."""
+    """Seed by seed and domain by domain (the all-token view where there is one): test onset,
+    calibrated eps, pairs."""
     lines = ["## Seed by seed", "",
              "Per domain: test onset (first checkpoint from which test accuracy stays > 0.9; `none` with the "
              "final accuracy), calibrated eps (nats) and share memorized before the last checkpoint, Hungarian "
