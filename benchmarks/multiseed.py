@@ -7,8 +7,11 @@ Both sides are full `training` runs into fresh workdirs (steps, evaluations, che
 after one warm-up run that compiles the step; rounds alternate 1-seed and S-seed runs and the
 medians are compared. --compare_vmap also times one optimizer step of the S seeds as one
 jax.vmap program over stacked params (with the config's expert dispatch and with the dense
-one), against the per-seed dispatch that `training` uses.
+one), against the one-thread-per-seed dispatch that `training` uses, one seed alone, and all seeds
+dispatched from one thread. Under `taskset -c 0` it measures what one core does, the bound on
+what seeds sharing the cores can gain.
 """
+import concurrent.futures
 import os
 import statistics
 import tempfile
@@ -44,9 +47,9 @@ def _median_seconds(run_once, repeats: int = 3) -> float:
 
 
 def _step_times(config, seeds: int) -> dict[str, float]:
-    """Seconds per optimizer step of all seeds: per-seed dispatch of the compiled single-seed step
-    (what training does) and one jax.vmap program over stacked seeds, with the config's expert
-    dispatch and with the dense one."""
+    """Seconds per optimizer step: one seed; all seeds as training runs them (the compiled
+    single-seed step, one thread per seed); the same from one thread; and one jax.vmap program
+    over stacked seeds, with the config's expert dispatch and with the dense one."""
     spec = loop.task_spec(config)
     data = tasks.make_dataset(spec)
     n_train = len(data.train_targets)
@@ -55,15 +58,21 @@ def _step_times(config, seeds: int) -> dict[str, float]:
     stacked_batch = tuple(jnp.stack([b[k] for b in batches]) for k in range(2))
     tx = loop.make_optimizer(config.train)
     times = {}
+    pool = concurrent.futures.ThreadPoolExecutor(seeds)
     for impl in (config.model.moe_impl, "dense"):
         model_config = loop.model_config_of(config, spec).replace(moe_impl=impl)
-        step = loop.step_function(model_config, tx, config.train.aux_loss_coef, config.train.z_loss_coef)
+        step = loop.step_function(model_config, tx, config.train.aux_loss_coef, config.train.z_loss_coef,
+                                  config.train.label_smoothing)
         params = [params_lib.init_params(model_config, jax.random.key(s)) for s in range(seeds)]
         state = {"seeds": [(p, tx.init(p)) for p in params]}
         state["stacked"] = jax.tree.map(lambda *a: jnp.stack(a), *state["seeds"])
         single, vmapped = jax.jit(step), jax.jit(jax.vmap(step))
 
-        def per_seed(single=single, state=state):
+        def advance(s, single=single, state=state):
+            p, o, _ = jax.block_until_ready(single(*state["seeds"][s], *batches[s]))
+            state["seeds"][s] = p, o
+
+        def one_thread(single=single, state=state):
             out = [single(p, o, *b) for (p, o), b in zip(state["seeds"], batches, strict=True)]
             state["seeds"] = [(p, o) for p, o, _ in jax.block_until_ready(out)]
 
@@ -72,8 +81,12 @@ def _step_times(config, seeds: int) -> dict[str, float]:
             state["stacked"] = p, o
 
         if impl == config.model.moe_impl:
-            times[f"per-seed dispatch ({impl})"] = _median_seconds(per_seed)
+            times[f"1 seed ({impl})"] = _median_seconds(lambda advance=advance: advance(0))
+            times[f"one thread per seed ({impl}), what training does"] = _median_seconds(
+                lambda advance=advance: list(pool.map(advance, range(seeds))))
+            times[f"all seeds from one thread ({impl})"] = _median_seconds(one_thread)
         times[f"vmap ({impl})"] = _median_seconds(one_program)
+    pool.shutdown()
     return times
 
 
@@ -99,10 +112,9 @@ def main(argv):
     print(f"ratio {len(seeds)} seeds / 1 seed: {t_many / t_one:.2f}x (per seed: {t_many / t_one / len(seeds):.2f}x)")
     if _COMPARE_VMAP.value:
         times = _step_times(config, len(seeds))
-        reference = times[f"per-seed dispatch ({config.model.moe_impl})"]
+        reference = times[f"one thread per seed ({config.model.moe_impl}), what training does"]
         for name, seconds in times.items():
-            print(f"one step of {len(seeds)} seeds, {name}: {seconds * 1e3:.0f} ms ({seconds / reference:.2f}x "
-                  f"per-seed dispatch)")
+            print(f"one optimizer step, {name}: {seconds * 1e3:.0f} ms ({seconds / reference:.2f}x training's)")
 
 
 if __name__ == "__main__":

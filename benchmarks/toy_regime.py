@@ -16,6 +16,9 @@ Per seed:
               loss <= eps and within delta of its final value at every later checkpoint) at a
               checkpoint before `grok`: samples whose training loss is flat while test accuracy
               finishes its rise
+  early_calibrated  the same share with the analysis' eps (calibrated per seed so that 20-25% of
+              the samples are memorized before the last checkpoint: eps_calibrated), and
+              first_memorized_calibrated the earliest t* with it
   entropy     train routing entropy (nats, token mean) at `memorized` and at the end
   length      pathway length (experts per layer, tau 0.7) at `memorized` and at the end
 """
@@ -77,6 +80,15 @@ def seed_row(config, workdir: str) -> dict:
     ckpt_steps, loss = per_sample_train_loss(config, workdir)
     memorized = grokking.memorization_steps(loss, ckpt_steps, _EPS, _DELTA)
     row["early"] = float(np.mean((memorized >= 0) & (memorized < row["grok"]))) if row["grok"] >= 0 else 0.0
+    try:  # the analysis' eps: calibrated to 20-25% memorized before the last checkpoint
+        row["eps_calibrated"] = grokking.calibrate_eps(loss, ckpt_steps, _DELTA).eps
+    except grokking.EpsCalibrationError:
+        row["eps_calibrated"] = -1.0
+    memorized = grokking.memorization_steps(loss, ckpt_steps, max(row["eps_calibrated"], 0.0), _DELTA)
+    onset = row["grok"] if row["grok"] >= 0 else int(ckpt_steps[-1]) + 1
+    row["early_calibrated"] = float(np.mean((memorized >= 0) & (memorized < onset)))
+    memorized = memorized[memorized >= 0]
+    row["first_memorized_calibrated"] = int(memorized.min()) if memorized.size else -1
     return row
 
 
@@ -87,7 +99,8 @@ def summary(rows: list[dict], ops) -> dict:
 
     out = {"seeds": len(rows), "grok_share": float(np.mean([r["grok"] >= 0 for r in rows])),
            "grok_median": median("grok"), "memorized_median": median("memorized"),
-           "spikes": int(sum(r["spikes"] for r in rows)), "early": float(np.mean([r["early"] for r in rows]))}
+           "spikes": int(sum(r["spikes"] for r in rows)), "early": float(np.mean([r["early"] for r in rows])),
+           "early_calibrated": float(np.mean([r["early_calibrated"] for r in rows]))}
     for op in ops:
         out[f"grok_share/{op}"] = float(np.mean([r[f"grok/{op}"] >= 0 for r in rows]))
         out[f"grok_median/{op}"] = median(f"grok/{op}")

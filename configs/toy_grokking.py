@@ -35,6 +35,7 @@ def get_config():
         router_weight_decay=True,  # apply weight decay to the routers too
         aux_loss_coef=0.01,  # load-balancing loss weight
         z_loss_coef=0.0,  # router z-loss weight
+        label_smoothing=0.0,  # answer labels smoothed toward uniform by this share (0 = plain cross-entropy)
         seed=0,  # init and minibatch seed
         eval_every=100,  # steps between evaluations (metrics.jsonl)
         checkpoint_every=100,  # steps between params checkpoints (the analysed "pretraining checkpoints")

@@ -68,11 +68,45 @@ def test_protocol_rerun_reuses_training(protocol_run):
     one_arm = config.copy_and_resolve_references()
     for name in ("random_labels", "no_weight_decay", "mixture"):
         del one_arm.arms[name]
+    one_arm.name = "one_arm"
     again = protocol.run(one_arm, str(root / "work"), command="test", progress=False)
     assert os.path.getmtime(checkpoint) == before
+    # the config's name names the generated files; the first run's page is left as it was
+    assert (root / "docs" / "one_arm_results.md").read_text().startswith("# Toy protocol (one_arm)")
+    assert (root / "docs" / "figures" / "one_arm_accuracy.png").exists()
+    assert "mixture" in (root / "docs" / "protocol_results.md").read_text()
     first = results["arms"]["grokking"]["positions"]["all"]["summary"]
     second = again["arms"]["grokking"]["positions"]["all"]["summary"]
     assert json.dumps(first, default=float) == json.dumps(second, default=float)
+
+
+def _flat(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(a, b):
+    a, b = _flat(a), _flat(b)
+    return {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
+
+
+def test_round2_is_arm_a_with_the_registered_regime_changes_and_its_two_controls():
+    """docs/protocol.md, Round 2: A2 = arm A with exactly four changes; each control changes one setting of A2."""
+    round1, round2 = load_config("toy_protocol"), load_config("toy_protocol_round2")
+    assert round2.name == "protocol_round2" and set(round2.arms) == {"grokking", "random_labels", "no_weight_decay"}
+    a2 = round2.arms.grokking
+    assert _differences(round1.arms.grokking, a2) == {
+        "train.label_smoothing", "train.router_weight_decay", "train.aux_loss_coef", "task.train_fraction",
+        "train.steps"}
+    assert (a2.train.label_smoothing, a2.train.router_weight_decay, a2.train.aux_loss_coef, a2.task.train_fraction,
+            a2.train.steps) == (0.1, False, 0.0, 0.4, 3000)
+    assert _differences(a2, round2.arms.random_labels) == {"task.random_labels"}
+    assert _differences(a2, round2.arms.no_weight_decay) == {"train.weight_decay"}
 
 
 def test_mean_ci_and_verdicts():

@@ -178,7 +178,8 @@ def test_toy_model_sections_declare_the_dispatch_settings_and_take_them_as_flags
 
 
 @pytest.mark.parametrize("key, value", [("eval_every", 0), ("batch_size", 0), ("steps", -5),
-                                        ("warmup_steps", -1), ("learning_rate", 0.0), ("b2", 1.0)])
+                                        ("warmup_steps", -1), ("learning_rate", 0.0), ("b2", 1.0),
+                                        ("label_smoothing", 1.0), ("label_smoothing", -0.1)])
 def test_bad_train_config_is_refused_before_any_work(tmp_path, key, value):
     """Issue 12.9: eval_every=0 / batch_size=0 raised ZeroDivisionError mid-run; steps=-5 was accepted."""
     config = tiny_config()
@@ -186,6 +187,26 @@ def test_bad_train_config_is_refused_before_any_work(tmp_path, key, value):
     with pytest.raises(ValueError, match=f"config.train: .*{key} must be"):
         training.train(config, str(tmp_path / "run"), progress=False)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_label_smoothing_is_the_cross_entropy_against_smoothed_labels():
+    """ce = -sum_c q_c log p_c with q = (1 - a) one_hot + a / V; nll stays the plain NLL; a = 0 is plain CE."""
+    config = tiny_config()
+    spec = training.task_spec(config)
+    model_config = training.model_config_of(config, spec)
+    data = tasks.make_dataset(spec)
+    params = model_lib.init_params(model_config, jax.random.key(0))
+    inputs, answers = data.train_inputs[:16], data.train_targets[:16]
+    out = model_lib.forward(model_config, params, inputs, np.ones(inputs.shape, np.int32))
+    log_p = np.asarray(jax.nn.log_softmax(out.logits[:, tasks.ANSWER_POSITION].astype(np.float32)), np.float64)
+    nll = -np.mean(log_p[np.arange(16), answers])
+    smoothing = 0.2
+    q = (1 - smoothing) * np.eye(log_p.shape[-1])[answers] + smoothing / log_p.shape[-1]
+    _, plain = training.loss_fn(params, model_config, inputs, answers, 0.0, 0.0)
+    _, smoothed = training.loss_fn(params, model_config, inputs, answers, 0.0, 0.0, smoothing)
+    np.testing.assert_allclose([plain["ce"], plain["nll"], smoothed["nll"]], nll, rtol=1e-5)
+    np.testing.assert_allclose(smoothed["ce"], -np.mean(np.sum(q * log_p, -1)), rtol=1e-5)
+    assert abs(float(smoothed["ce"]) - nll) > 1e-3  # smoothing really changes the optimized loss
 
 
 def test_resume_from_step_zero_logs_it_once(finished_run, tmp_path):

@@ -13,17 +13,19 @@ Minibatches are a pure function of (seed, step), so a run killed and resumed fro
 latest train state reproduces the uninterrupted run exactly.
 
 Several seeds of one config train together (`train_runs`, used by `multiseed`): every seed
-runs the same compiled single-seed step, dispatched asynchronously one seed after another,
-so seed s of a multi-seed run is bitwise the single-seed run of seed s (a single-seed run is
-the one-seed case of the same loop).
+runs the same compiled single-seed step, each seed in its own thread between evaluations, so
+seed s of a multi-seed run is bitwise the single-seed run of seed s (a single-seed run is the
+one-seed case of the same loop).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -47,6 +49,7 @@ from moe_grok.training import losses, run_dir
 
 MONITOR_TAU = 0.7  # pathway threshold of the logged pathway length (the analysis' default tau)
 STATES_KEPT = 2  # train states kept: a corrupt latest one falls back to the one before
+MAX_SEED_THREADS = 16  # most seeds advanced concurrently, one thread each
 
 
 def task_spec(config: ml_collections.ConfigDict) -> tasks.TaskSpec:
@@ -83,27 +86,37 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     return adamw
 
 
-def loss_fn(params, model_config: MoEConfig, inputs, answers, aux_loss_coef: float, z_loss_coef: float):
-    """Cross-entropy at the answer position + load-balancing + router z-loss. Returns (loss, metrics)."""
+def loss_fn(params, model_config: MoEConfig, inputs, answers, aux_loss_coef: float, z_loss_coef: float,
+            label_smoothing: float = 0.0):
+    """Cross-entropy at the answer position (against labels smoothed by `label_smoothing`) +
+    load-balancing + router z-loss. Returns (loss, metrics); metrics' "ce" is the optimized
+    (smoothed) cross-entropy, "nll" the plain one."""
     mask = jnp.ones(inputs.shape, jnp.int32)
     out = params_lib.forward(model_config, params, inputs, mask)
     logits = out.logits[:, tasks.ANSWER_POSITION].astype(jnp.float32)
-    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, answers))
+    nll = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, answers))
+    if label_smoothing:
+        labels = optax.smooth_labels(jax.nn.one_hot(answers, logits.shape[-1]), label_smoothing)
+        ce = jnp.mean(optax.softmax_cross_entropy(logits, labels))
+    else:
+        ce = nll
     balance = losses.load_balancing_loss(out.router_logits, mask, model_config.num_experts_per_tok)
     z = losses.router_z_loss(out.router_logits, mask)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == answers)
     loss = ce + aux_loss_coef * balance + z_loss_coef * z
-    return loss, {"loss": loss, "ce": ce, "balance_loss": balance, "z_loss": z, "batch_accuracy": accuracy}
+    return loss, {"loss": loss, "ce": ce, "nll": nll, "balance_loss": balance, "z_loss": z, "batch_accuracy": accuracy}
 
 
 OPTIMIZER_KEYS = ("learning_rate", "warmup_steps", "b1", "b2", "adam_eps", "weight_decay", "grad_clip_norm",
-                  "router_weight_decay", "aux_loss_coef", "z_loss_coef")  # train keys the compiled step depends on
+                  "router_weight_decay", "aux_loss_coef", "z_loss_coef",
+                  "label_smoothing")  # train keys the compiled step depends on
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_train_step(model_config: MoEConfig, settings: tuple, mesh: jax.sharding.Mesh | None):
     train = ml_collections.ConfigDict(dict(settings))
-    return make_train_step(model_config, make_optimizer(train), train.aux_loss_coef, train.z_loss_coef, mesh)
+    return make_train_step(model_config, make_optimizer(train), train.aux_loss_coef, train.z_loss_coef, mesh,
+                           train.label_smoothing)
 
 
 def compiled_train_step(model_config: MoEConfig, train: ml_collections.ConfigDict,
@@ -114,13 +127,13 @@ def compiled_train_step(model_config: MoEConfig, train: ml_collections.ConfigDic
 
 
 def step_function(model_config: MoEConfig, tx: optax.GradientTransformation, aux_loss_coef: float,
-                  z_loss_coef: float):
+                  z_loss_coef: float, label_smoothing: float = 0.0):
     """The un-jitted optimizer step (params, opt_state, inputs [B, S], answers [B]) ->
     (params, opt_state, metrics)."""
 
     def step(params, opt_state, inputs, answers):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, model_config, inputs, answers, aux_loss_coef,
-                                                         z_loss_coef)
+                                                         z_loss_coef, label_smoothing)
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
@@ -129,10 +142,10 @@ def step_function(model_config: MoEConfig, tx: optax.GradientTransformation, aux
 
 
 def make_train_step(model_config: MoEConfig, tx: optax.GradientTransformation, aux_loss_coef: float,
-                    z_loss_coef: float, mesh: jax.sharding.Mesh | None = None):
+                    z_loss_coef: float, mesh: jax.sharding.Mesh | None = None, label_smoothing: float = 0.0):
     """Jitted step_function (params and optimizer state donated; with a mesh: batch over "data",
     experts over "expert")."""
-    step = step_function(model_config, tx, aux_loss_coef, z_loss_coef)
+    step = step_function(model_config, tx, aux_loss_coef, z_loss_coef, label_smoothing)
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1))
     param_sharding = params_lib.param_shardings(model_config, mesh)
@@ -363,6 +376,11 @@ def _committed(tree, mesh: jax.sharding.Mesh | None):
     return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, target), tree)
 
 
+def _next_boundary(step: int, train) -> int:
+    """The first step after `step` with an evaluation or a checkpoint."""
+    return min((step // every + 1) * every for every in (train.eval_every, train.checkpoint_every))
+
+
 def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConfig, mesh, stop_at, progress):
     train_config = config.train
     tx = make_optimizer(train_config)
@@ -383,28 +401,48 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
             run.checkpoints.save(0, run.params, run.opt_state)
             if not run.last:
                 run.log({"step": 0, **evaluate(model_config, run.params, data, extractor)})
-    bar = tqdm(range(start, end), initial=start, total=train_config.steps, disable=not progress,
+    bar = tqdm(total=train_config.steps, initial=start, disable=not progress,
                desc=f"train {len(seed_runs)} seed{'s' if len(seed_runs) > 1 else ''}")
-    started = time.time()
-    for step in bar:
-        for run in seed_runs:  # dispatched asynchronously: the seeds' steps queue up back to back
+    progress_lock, seed_steps = threading.Lock(), {run.seed: start for run in seed_runs}
+
+    def advance(run: _SeedRun, first: int, last: int) -> None:
+        """Run `run`'s steps first..last-1, then wait for its device work."""
+        for step in range(first, last):
             idx = batch_indices(run.seed, step, n_train, train_config.batch_size)
             batch = sharding.shard_batch(inputs[idx], mesh), sharding.shard_batch(answers[idx], mesh)
             run.params, run.opt_state, run.step_metrics = train_step(run.params, run.opt_state, *batch)
-        done = step + 1
-        if done % train_config.eval_every == 0 or done == train_config.steps:
-            for run in seed_runs:
-                row = {"step": done, **{k: float(v) for k, v in run.step_metrics.items()}}
-                if not np.isfinite(row["loss"]):
-                    raise FloatingPointError(f"non-finite training loss at step {done} of seed {run.seed} "
-                                             f"({run.workdir}); its last checkpoint is kept on disk")
-                run.log({**row, **evaluate(model_config, run.params, data, extractor),
-                         "elapsed_s": time.time() - started})
-            bar.set_postfix(train_acc=f"{np.mean([r.last['train_accuracy'] for r in seed_runs]):.2f}",
-                            test_acc=f"{np.mean([r.last['test_accuracy'] for r in seed_runs]):.2f}")
-        if done % train_config.checkpoint_every == 0 or done == train_config.steps:
-            for run in seed_runs:
-                run.checkpoints.save(done, run.params, run.opt_state)
+            with progress_lock:  # the bar shows the slowest seed
+                seed_steps[run.seed] = step + 1
+                bar.update(min(seed_steps.values()) - bar.n)
+        jax.block_until_ready(run.params)
+
+    started = time.time()
+    # Seeds run in their own threads between evaluations: the CPU runtime executes one dispatching
+    # thread's programs one after another, and one toy step uses the cores only partly
+    # (docs/training.md). With a mesh the seeds stay in one thread, so every process launches its
+    # collective programs in the same order.
+    workers = 1 if mesh is not None else min(len(seed_runs), MAX_SEED_THREADS)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        each_run = map if workers == 1 else pool.map
+        step = start
+        while step < end:
+            done = min(end, _next_boundary(step, train_config))
+            list(each_run(lambda run, first=step, last=done: advance(run, first, last), seed_runs))
+            step = done
+            if done % train_config.eval_every == 0 or done == train_config.steps:
+                evaluations = each_run(lambda run: evaluate(model_config, run.params, data, extractor), seed_runs)
+                for run, evaluation in zip(seed_runs, evaluations, strict=True):
+                    row = {"step": done, **{k: float(v) for k, v in run.step_metrics.items()}}
+                    if not np.isfinite(row["loss"]):
+                        raise FloatingPointError(f"non-finite training loss at step {done} of seed {run.seed} "
+                                                 f"({run.workdir}); its last checkpoint is kept on disk")
+                    run.log({**row, **evaluation, "elapsed_s": time.time() - started})
+                bar.set_postfix(train_acc=f"{np.mean([r.last['train_accuracy'] for r in seed_runs]):.2f}",
+                                test_acc=f"{np.mean([r.last['test_accuracy'] for r in seed_runs]):.2f}")
+            if done % train_config.checkpoint_every == 0 or done == train_config.steps:
+                for run in seed_runs:
+                    run.checkpoints.save(done, run.params, run.opt_state)
+    bar.close()
     return [run.last for run in seed_runs]
 
 

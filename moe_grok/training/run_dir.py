@@ -46,7 +46,7 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
     for key in ("weight_decay", "aux_loss_coef", "z_loss_coef", "grad_clip_norm"):
         if not _finite_at_least(train[key], 0.0):
             problems.append(f"{key} must be a finite number >= 0, got {train[key]!r}")
-    for key in ("b1", "b2"):
+    for key in ("b1", "b2", "label_smoothing"):
         if not (_finite_at_least(train[key], 0.0) and train[key] < 1):
             problems.append(f"{key} must be in [0, 1), got {train[key]!r}")
     if not isinstance(train.router_weight_decay, bool):
