@@ -1,22 +1,15 @@
 """Asynchronous multi-domain grokking (arm C of docs/protocol.md): add, sub, mul and div mod 59,
 one domain each. Model and optimizer: configs/toy_grokking.py's, except where noted; why the
 settings noted here differ: docs/training.md, "Controls and the mixture"."""
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _toy_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_grokking.py")
-    spec = importlib.util.spec_from_file_location("toy_grokking_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from moe_grok.studies.launch import config_module
 
 
 def get_config():
-    config = _toy_config()
+    config = config_module(os.path.dirname(os.path.abspath(__file__)), "toy_grokking").get_config()
     config.task = ml_collections.ConfigDict(dict(
         p=59,  # prime modulus
         ops=("add", "sub", "mul", "div"),  # operations, one data group (domain) each

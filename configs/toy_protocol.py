@@ -3,16 +3,25 @@
 Arms A and B start from configs/toy_grokking.py (the default run = arm A) and change only what
 makes them the arm; arm C is configs/toy_mixture.py; any key is a flag, e.g. --config.arms.mixture.train.steps=3000.
 """
-import importlib.util
 import os
+
+from moe_grok.studies.launch import config_module
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_module(_HERE, name).get_config()
+
+
+def controls(grokking):
+    """Arm B of an arm A: (B1 random labels: memorizes, cannot generalize; B2 weight decay 0:
+    memorizes, does not grok in the budget), each arm A with that one setting changed."""
+    random_labels = grokking.copy_and_resolve_references()
+    random_labels.task.random_labels = True
+    no_weight_decay = grokking.copy_and_resolve_references()
+    no_weight_decay.train.weight_decay = 0.0
+    return random_labels, no_weight_decay
 
 
 def get_config():
@@ -30,13 +39,7 @@ def get_config():
     grokking.analysis.positions = ("all", "scored")  # pathways from all tokens (paper) and the answer only
     config.arms.grokking = grokking
 
-    random_labels = grokking.copy_and_resolve_references()  # B1: memorizes, cannot generalize
-    random_labels.task.random_labels = True
-    config.arms.random_labels = random_labels
-
-    no_weight_decay = grokking.copy_and_resolve_references()  # B2: memorizes, does not grok in the budget
-    no_weight_decay.train.weight_decay = 0.0
-    config.arms.no_weight_decay = no_weight_decay
+    config.arms.random_labels, config.arms.no_weight_decay = controls(grokking)  # B1, B2
 
     mixture = _load("toy_mixture")  # C: four domains that grok at different times
     mixture.analysis.positions = grokking.analysis.positions

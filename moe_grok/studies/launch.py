@@ -1,7 +1,20 @@
 """What every absl launcher in experiments/ and benchmarks/ shares."""
 from __future__ import annotations
 
+import importlib.util
+import os
+from types import ModuleType
+
 from absl import flags, logging
+
+
+def config_module(directory: str, name: str) -> ModuleType:
+    """configs/<name>.py in `directory`, loaded by path the way ml_collections' config flags load
+    a config file (config files import their neighbours with it)."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(directory, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def quiet_logs() -> None:
