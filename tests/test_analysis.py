@@ -206,6 +206,28 @@ def test_unbounded_consistency_is_counted_and_warned(rng, tmp_path):
     assert ["400", "a", "", "memorized", "consistency_unbounded_share", "1"] in rows
 
 
+
+def test_unbounded_consistency_warning_stays_short(rng, monkeypatch):
+    """Past the listing limits the warning counts checkpoints and sets instead of naming them all."""
+    stats, splits = build_stats(rng, [1, 2] * 8)
+    direction = rng.normal(size=HIDDEN).astype(np.float32)
+    for c, s in enumerate(stats):
+        signs = (-1.0) ** np.arange(LAYERS) if c in (2, 4) else np.ones(LAYERS)
+        s.router[:] = signs[:, None, None] * direction
+
+    def warning_of_domain_a():
+        report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
+        return next(w for w in report["warnings"] if w.startswith("domain 'a'") and "unbounded" in w)
+
+    flagged_sets = warning_of_domain_a().count(" at step(s) [200, 400]")
+    assert flagged_sets > 1
+    monkeypatch.setattr(analyze_lib, "MAX_LISTED_STEPS", 1)
+    monkeypatch.setattr(analyze_lib, "MAX_LISTED_SETS", 1)
+    warning = warning_of_domain_a()
+    assert "samples of memorized at 2 of 6 checkpoints (steps 200..400) (up to 100% of samples); " \
+           f"{flagged_sets - 1} more set(s); see" in warning
+    assert "step(s) [" not in warning
+
 def test_options_from_config_round_trip():
     config = analyze_lib.analysis_config(max_pairs=0, tau_sweep=(0.6,), positions=("all", "scored"))
     config.eps = 0.3

@@ -109,6 +109,14 @@ def test_round2_is_arm_a_with_the_registered_regime_changes_and_its_two_controls
     assert _differences(a2, round2.arms.no_weight_decay) == {"train.weight_decay"}
 
 
+
+def test_round3_is_arm_c_with_a_longer_budget():
+    """docs/protocol.md, Round 3: C3 = arm C with 5,000 steps, nothing else changed."""
+    round1, round3 = load_config("toy_protocol"), load_config("toy_protocol_round3")
+    assert round3.name == "protocol_round3" and set(round3.arms) == {"mixture"}
+    assert _differences(round1.arms.mixture, round3.arms.mixture) == {"train.steps"}
+    assert round3.arms.mixture.train.steps == 5000
+
 def test_mean_ci_and_verdicts():
     summary = protocol_stats.mean_ci([1.0, 2.0, 3.0, np.nan, None])
     assert summary["n"] == 3 and summary["mean"] == pytest.approx(2.0)

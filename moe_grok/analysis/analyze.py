@@ -33,6 +33,8 @@ DISTANCE_VARIANTS = {  # name -> (level, normalized)
     "distance_char": ("char", False), "distance_char_normalized": ("char", True), "distance_token": ("token", False)}
 CONTROL_SETS = ("held_out", "random_train")
 SET_METRICS = ("distance", "consistency", "complexity", "pathway_length", "routing_entropy")
+MAX_LISTED_STEPS = 6  # an unbounded-consistency warning lists up to this many steps of a set, else counts them
+MAX_LISTED_SETS = 6  # ... and names up to this many sets, the most affected first
 TABLE1_SETS = ("memorized", *CONTROL_SETS)
 
 
@@ -224,17 +226,25 @@ class _Analysis:
         self.warnings.append(message)
 
     def warn_unbounded_consistency(self, where: str, curves_by_set: dict[str, dict[str, np.ndarray]]) -> None:
-        """One warning naming every set (and its checkpoints) with samples whose consistency is unbounded."""
+        """One warning naming the sets (and their checkpoints) with samples whose consistency is
+        unbounded, the most affected first; the per-checkpoint shares are in the report's curves."""
         flagged = []
         for name, curves in curves_by_set.items():
             share = curves["consistency_unbounded_share"]
             at = share > 0  # NaN (an empty set) is not flagged
             if at.any():
-                flagged.append(f"{name} at step(s) {self.steps[at].tolist()} "
-                               f"(up to {np.max(share[at]):.0%} of samples)")
+                steps = self.steps[at].tolist()
+                where_in_run = (f"step(s) {steps}" if len(steps) <= MAX_LISTED_STEPS else
+                                f"{len(steps)} of {len(at)} checkpoints (steps {steps[0]}..{steps[-1]})")
+                flagged.append((float(np.max(share[at])), f"{name} at {where_in_run} "
+                                                          f"(up to {np.max(share[at]):.0%} of samples)"))
         if flagged:
+            flagged.sort(key=lambda item: -item[0])  # stable: equal shares keep the sets' order
+            listed = [text for _, text in flagged[:MAX_LISTED_SETS]]
+            if len(flagged) > MAX_LISTED_SETS:
+                listed.append(f"{len(flagged) - MAX_LISTED_SETS} more set(s)")
             self.warn(f"{where}: pathway consistency is unbounded (largest layer cosine at or below "
-                      f"{metrics.MIN_MAX_COSINE}) for samples of {'; '.join(flagged)}; "
+                      f"{metrics.MIN_MAX_COSINE}) for samples of {'; '.join(listed)}; "
                       "see consistency_unbounded_share (docs/method.md)")
 
     # ---------------------------------------------------------------- per-set metric curves
