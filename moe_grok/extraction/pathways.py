@@ -75,9 +75,11 @@ def pathway_expert_lists(mean_weights_BLE, tau: float = 0.7) -> list[list[list[i
     cumulative = np.cumsum(np.take_along_axis(weights, rank_order, axis=-1), axis=-1)
     exceeds = cumulative > tau if tau < 1.0 else np.zeros_like(cumulative, dtype=bool)
     kept = np.where(exceeds.any(axis=-1), exceeds.argmax(axis=-1) + 1, num_experts)
+    # Sliced as Python lists: one tolist() of the whole array, not one per (sample, layer), is what
+    # keeps this cheap for whole splits (the analysis calls it per split, checkpoint and tau).
     return [
-        [order[:count].tolist() for order, count in zip(sample_order, sample_kept, strict=False)]
-        for sample_order, sample_kept in zip(rank_order, kept, strict=False)
+        [order[:count] for order, count in zip(sample_order, sample_kept, strict=True)]
+        for sample_order, sample_kept in zip(rank_order.tolist(), kept.tolist(), strict=True)
     ]
 
 

@@ -1,0 +1,132 @@
+"""Where one toy optimizer step's time goes: forward, gradient and full step, and a profile of
+the step's XLA operations by model part.
+
+  python benchmarks/toy_step.py                    # default toy config
+  python benchmarks/toy_step.py --rounds=5 --config.model.expert_chunk_size=1024
+
+Each time is the mean of --repeats calls, then the median over interleaved rounds (forward,
+gradient, step, in turn), so a drift of the machine's speed hits all three alike. The profile
+(jax.profiler, one trace of --profiled steps) sums the XLA CPU runtime's per-operation events
+by the model part named in each operation's metadata: attention, MoE (router, dispatch,
+experts), norms, the rest; forward and backward apart. Operations inside the expert-dispatch
+loops carry no metadata of their own and are counted as "loop bodies". A profiled step runs
+slower than an unprofiled one: read the profile's shares, not its milliseconds.
+"""
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from moe_grok.data import tasks
+from moe_grok.model import params as params_lib
+from moe_grok.studies import launch
+from moe_grok.training import loop
+
+import timing  # benchmarks/timing.py
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Calls per timed function per round (the round's median counts).")
+_PROFILED = flags.DEFINE_integer("profiled", 5, "Steps in the profile (0 = no profile).")
+
+_RUNTIME_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool")  # runtime and Python frames, not ops
+
+
+def _part(op_name: str) -> str:
+    direction = "backward" if "transpose(" in op_name else "forward"
+    for part, marker in (("attention", "/attn"), ("MoE", "/moe"), ("norms", "norm")):
+        if marker in op_name:
+            return f"{direction} {part}"
+    if "jvp(" not in op_name and "transpose(" not in op_name:
+        return "optimizer update"
+    return f"{direction} other"
+
+
+def _op_metadata(compiled_text: str) -> dict[str, str]:
+    """HLO instruction name -> its op_name metadata."""
+    metadata = {}
+    for line in compiled_text.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", line)
+        if match:
+            metadata[match.group(1)] = match.group(2)
+    return metadata
+
+
+def _profile(step, args, steps: int, metadata: dict[str, str]) -> tuple[collections.Counter, int]:
+    """(milliseconds per step by model part, operations per step) from a jax.profiler trace."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                jax.block_until_ready(step(*args))
+        (trace_file,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(trace_file) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    parts, count = collections.Counter(), 0
+    for event in events:
+        name = event["name"]
+        if name.startswith(_RUNTIME_EVENTS) or name.startswith("while"):  # a while event spans its body's ops
+            continue
+        count += 1
+        parts[_part(metadata[name]) if name in metadata else "loop bodies (expert dispatch)"] += event["dur"] / 1e3
+    return collections.Counter({k: v / steps for k, v in parts.items()}), count // steps
+
+
+def main(argv):
+    del argv
+    launch.quiet_logs()
+    config = _CONFIG.value
+    spec = loop.task_spec(config)
+    data = tasks.make_dataset(spec)
+    batch = loop.batch_indices(config.train.seed, 0, len(data.train_targets), config.train.batch_size)
+    inputs, answers = jnp.asarray(data.train_inputs[batch]), jnp.asarray(data.train_targets[batch])
+    model_config = loop.model_config_of(config, spec)
+    params = params_lib.init_params(model_config, jax.random.key(config.train.seed))
+    tx = loop.make_optimizer(config.train)
+    opt_state = tx.init(params)
+    train = config.train
+
+    def loss(p):
+        return loop.loss_fn(p, model_config, inputs, answers, train.aux_loss_coef, train.z_loss_coef,
+                            train.label_smoothing)[0]
+
+    forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
+    step = jax.jit(loop.step_function(model_config, tx, train.aux_loss_coef, train.z_loss_coef,
+                                      train.label_smoothing))
+    calls = {"forward (loss)": lambda: forward(params), "gradient": lambda: gradient(params),
+             "optimizer step": lambda: step(params, opt_state, inputs, answers)}
+    for call in calls.values():
+        jax.block_until_ready(call())  # compiles
+
+    def repeated(call):
+        return lambda: [jax.block_until_ready(call()) for _ in range(_REPEATS.value)]
+
+    rounds = timing.interleaved_times({name: repeated(call) for name, call in calls.items()}, _ROUNDS.value,
+                                      settle_s=0.2)
+    print(f"config: {dict(config.model)}, batch {inputs.shape}; jax {jax.__version__}, {os.cpu_count()} CPUs")
+    for name, seconds in rounds.items():
+        per_call = seconds / _REPEATS.value * 1e3
+        print(f"{name}: {statistics.median(per_call):.1f} ms (per round {[round(float(t), 1) for t in per_call]})")
+    if _PROFILED.value:
+        compiled = step.lower(params, opt_state, inputs, answers).compile()
+        parts, ops = _profile(step, (params, opt_state, inputs, answers), _PROFILED.value,
+                              _op_metadata(compiled.as_text()))
+        total = sum(parts.values())
+        flops = compiled.cost_analysis().get("flops", float("nan"))
+        print(f"XLA cost analysis: {flops / 1e9:.2f} GFLOP per step")
+        print(f"profile: {ops} XLA operations per step, {total:.1f} ms of operation time per profiled step")
+        for part, ms in parts.most_common():
+            print(f"  {part}: {ms:.1f} ms ({ms / total:.0%})")
+
+
+if __name__ == "__main__":
+    app.run(main)
