@@ -36,7 +36,7 @@ import timing  # benchmarks/timing.py
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Calls per timed function per round (the round's median counts).")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Calls per timed function per round (their mean is the round's time).")
 _PROFILED = flags.DEFINE_integer("profiled", 5, "Steps in the profile (0 = no profile).")
 
 _RUNTIME_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool")  # runtime and Python frames, not ops

@@ -185,14 +185,22 @@ def test_two_layer_models_warn_that_consistency_is_constant(rng):
     assert report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency"] == pytest.approx([1.0] * len(STEPS))
 
 
-def test_unbounded_consistency_is_counted_and_warned(rng, tmp_path):
+def _stats_with_unbounded_consistency(rng):
+    """build_stats whose samples have unbounded consistency at checkpoints 2 and 4 (steps 200, 400).
+
+    Every expert of a layer shares one router row, so a sample's routing embedding is that row:
+    alternating its sign across layers gives consecutive-layer cosines of -1 at checkpoints 2 and 4,
+    +1 elsewhere."""
     stats, splits = build_stats(rng, [1, 2] * 8)
     direction = rng.normal(size=HIDDEN).astype(np.float32)
     for c, s in enumerate(stats):
-        # Every expert of a layer shares one router row, so a sample's routing embedding is that row:
-        # alternating its sign across layers gives consecutive-layer cosines of -1 at checkpoints 2 and 4, +1 elsewhere.
         signs = (-1.0) ** np.arange(LAYERS) if c in (2, 4) else np.ones(LAYERS)
         s.router[:] = signs[:, None, None] * direction
+    return stats, splits
+
+
+def test_unbounded_consistency_is_counted_and_warned(rng, tmp_path):
+    stats, splits = _stats_with_unbounded_consistency(rng)
     report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
     share = report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency_unbounded_share"]
     assert share == pytest.approx([0, 0, 1, 0, 1, 0])
@@ -206,14 +214,9 @@ def test_unbounded_consistency_is_counted_and_warned(rng, tmp_path):
     assert ["400", "a", "", "memorized", "consistency_unbounded_share", "1"] in rows
 
 
-
 def test_unbounded_consistency_warning_stays_short(rng, monkeypatch):
     """Past the listing limits the warning counts checkpoints and sets instead of naming them all."""
-    stats, splits = build_stats(rng, [1, 2] * 8)
-    direction = rng.normal(size=HIDDEN).astype(np.float32)
-    for c, s in enumerate(stats):
-        signs = (-1.0) ** np.arange(LAYERS) if c in (2, 4) else np.ones(LAYERS)
-        s.router[:] = signs[:, None, None] * direction
+    stats, splits = _stats_with_unbounded_consistency(rng)
 
     def warning_of_domain_a():
         report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
@@ -227,6 +230,7 @@ def test_unbounded_consistency_warning_stays_short(rng, monkeypatch):
     assert "samples of memorized at 2 of 6 checkpoints (steps 200..400) (up to 100% of samples); " \
            f"{flagged_sets - 1} more set(s); see" in warning
     assert "step(s) [" not in warning
+
 
 def test_options_from_config_round_trip():
     config = analyze_lib.analysis_config(max_pairs=0, tau_sweep=(0.6,), positions=("all", "scored"))

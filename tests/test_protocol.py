@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moe_grok.studies import protocol, protocol_stats
+from moe_grok.training import run_dir
 
 from config_files import load_config
 
@@ -80,18 +81,9 @@ def test_protocol_rerun_reuses_training(protocol_run):
     assert json.dumps(first, default=float) == json.dumps(second, default=float)
 
 
-def _flat(config, prefix=""):
-    out = {}
-    for key, value in config.items():
-        if hasattr(value, "items"):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _differences(a, b):
-    a, b = _flat(a), _flat(b)
+    """Dotted keys whose values differ between two configs."""
+    a, b = run_dir.flatten(a.to_dict()), run_dir.flatten(b.to_dict())
     return {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
 
 
@@ -109,13 +101,13 @@ def test_round2_is_arm_a_with_the_registered_regime_changes_and_its_two_controls
     assert _differences(a2, round2.arms.no_weight_decay) == {"train.weight_decay"}
 
 
-
 def test_round3_is_arm_c_with_a_longer_budget():
     """docs/protocol.md, Round 3: C3 = arm C with 5,000 steps, nothing else changed."""
     round1, round3 = load_config("toy_protocol"), load_config("toy_protocol_round3")
     assert round3.name == "protocol_round3" and set(round3.arms) == {"mixture"}
     assert _differences(round1.arms.mixture, round3.arms.mixture) == {"train.steps"}
     assert round3.arms.mixture.train.steps == 5000
+
 
 def test_mean_ci_and_verdicts():
     summary = protocol_stats.mean_ci([1.0, 2.0, 3.0, np.nan, None])

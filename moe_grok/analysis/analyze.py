@@ -233,11 +233,10 @@ class _Analysis:
             share = curves["consistency_unbounded_share"]
             at = share > 0  # NaN (an empty set) is not flagged
             if at.any():
-                steps = self.steps[at].tolist()
+                steps, worst = self.steps[at].tolist(), float(np.max(share[at]))
                 where_in_run = (f"step(s) {steps}" if len(steps) <= MAX_LISTED_STEPS else
                                 f"{len(steps)} of {len(at)} checkpoints (steps {steps[0]}..{steps[-1]})")
-                flagged.append((float(np.max(share[at])), f"{name} at {where_in_run} "
-                                                          f"(up to {np.max(share[at]):.0%} of samples)"))
+                flagged.append((worst, f"{name} at {where_in_run} (up to {worst:.0%} of samples)"))
         if flagged:
             flagged.sort(key=lambda item: -item[0])  # stable: equal shares keep the sets' order
             listed = [text for _, text in flagged[:MAX_LISTED_SETS]]

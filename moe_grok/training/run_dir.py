@@ -62,11 +62,12 @@ def run_identity(config: ml_collections.ConfigDict, model_config: MoEConfig) -> 
                                   "train": train}))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -74,7 +75,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def identity_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """'key: recorded -> wanted' for every field that differs (missing fields shown as <absent>)."""
-    old, new = _flatten(recorded), _flatten(wanted)
+    old, new = flatten(recorded), flatten(wanted)
     return [f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
             for key in sorted(set(old) | set(new)) if old.get(key, "<absent>") != new.get(key, "<absent>")]
 
