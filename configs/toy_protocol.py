@@ -32,6 +32,7 @@ def get_config():
     config.seeds_per_arm = ml_collections.ConfigDict(dict(  # per-arm override of `seeds` (0 = use `seeds`)
         grokking=0, random_labels=0, no_weight_decay=0, mixture=0))
     config.name = "protocol"  # generated files: <name>_results.md, figures/<name>_accuracy.png, <name>_effects.png
+    config.analysis_process = True  # analyse each arm in a spawned process while the next arm trains (False: inline)
     config.docs_dir = ""  # also write the generated tables and figures here (e.g. "docs"; "" = workdir only)
     config.arms = ml_collections.ConfigDict()
 

@@ -70,6 +70,7 @@ def test_protocol_rerun_reuses_training(protocol_run):
     for name in ("random_labels", "no_weight_decay", "mixture"):
         del one_arm.arms[name]
     one_arm.name = "one_arm"
+    one_arm.analysis_process = False  # the first run analysed in a spawned process; this one inline
     again = protocol.run(one_arm, str(root / "work"), command="test", progress=False)
     assert os.path.getmtime(checkpoint) == before
     # the config's name names the generated files; the first run's page is left as it was
@@ -79,6 +80,17 @@ def test_protocol_rerun_reuses_training(protocol_run):
     first = results["arms"]["grokking"]["positions"]["all"]["summary"]
     second = again["arms"]["grokking"]["positions"]["all"]["summary"]
     assert json.dumps(first, default=float) == json.dumps(second, default=float)
+
+
+def test_a_failed_analysis_names_its_arm_and_keeps_the_training(tmp_path):
+    config = tiny_protocol_config("")
+    config.seeds = 1
+    for name in ("random_labels", "no_weight_decay", "mixture"):
+        del config.arms[name]
+    config.arms.grokking.analysis.train_embeddings = str(tmp_path / "missing.npy")  # fails in the spawned analysis
+    with pytest.raises(RuntimeError, match="analysis of arm 'grokking' failed.*missing.npy"):
+        protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
+    assert os.path.isdir(tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20")
 
 
 def _differences(a, b):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -60,13 +61,10 @@ def _read_reports(seed_dir: str, positions: tuple[str, ...]) -> dict[str, dict]:
     return reports
 
 
-def run_arm(name: str, arm: ml_collections.ConfigDict, seeds: list[int], workdir: str,
-            progress: bool = True) -> dict[str, Any]:
-    """Train the arm's seeds together, analyse each seed (seeds in parallel threads), aggregate
-    across seeds."""
+def analyse_arm(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> dict[str, Any]:
+    """Analyse each trained seed of an arm (seeds in parallel threads) and aggregate across seeds:
+    {"analysis_seconds", "positions": {view: per-seed measurements, summary, verdicts, Table 1}}."""
     started = time.time()
-    seed_dirs = multiseed.train(arm, os.path.join(workdir, name), seeds, progress=progress)
-    trained = time.time()
     positions = tuple(arm.analysis.positions)
     reports: dict[str, list] = {p: [] for p in positions}
     with concurrent.futures.ThreadPoolExecutor(min(len(seeds), ANALYSIS_THREADS)) as pool:  # as training does
@@ -75,8 +73,7 @@ def run_arm(name: str, arm: ml_collections.ConfigDict, seeds: list[int], workdir
     for seed_dir in seed_dirs:
         for p, report in _read_reports(seed_dir, positions).items():
             reports[p].append(report)
-    result = {"seeds": seeds, "seed_dirs": seed_dirs, "train_seconds": trained - started,
-              "analysis_seconds": time.time() - trained, "positions": {}}
+    result = {"analysis_seconds": time.time() - started, "positions": {}}
     for p, seed_reports in reports.items():
         per_seed = [protocol_stats.seed_measurements(r) for r in seed_reports]
         summary = {key: protocol_stats.mean_ci([m[key] for m in per_seed]) for key, _, _ in QUANTITIES}
@@ -89,6 +86,48 @@ def run_arm(name: str, arm: ml_collections.ConfigDict, seeds: list[int], workdir
                               for d in r["domains"]],
             "steps": seed_reports[0]["steps"]}
     return result
+
+
+class _AnalysisQueue:
+    """Arm analyses run one after another, in a separate (spawned) process when `in_process` is
+    False, so that arm k's analysis, which is mostly single-threaded Python, runs while arm k+1
+    trains and the two share the cores. A failed analysis is raised at the next check(), naming its
+    arm; the training done so far and the analysis caches stay on disk, so a re-run resumes."""
+
+    def __init__(self, in_process: bool):
+        self._pool = None if in_process else concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"))  # fork is unsafe once JAX runs threads
+        self._pending: dict[str, Any] = {}
+
+    def submit(self, name: str, arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> None:
+        if self._pool is None:
+            self._pending[name] = analyse_arm(arm, seeds, seed_dirs)
+        else:
+            self._pending[name] = self._pool.submit(analyse_arm, arm, seeds, seed_dirs)
+
+    def _result(self, name: str) -> dict[str, Any]:
+        pending = self._pending[name]
+        if self._pool is None:
+            return pending
+        try:
+            return pending.result()
+        except Exception as error:
+            raise RuntimeError(f"the analysis of arm {name!r} failed (its training is saved; re-run to resume): "
+                               f"{error!r}") from error
+
+    def check(self) -> None:
+        """Raise the error of any analysis that has finished with one."""
+        for name, pending in self._pending.items():
+            if self._pool is not None and pending.done():
+                self._result(name)
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Every submitted arm's analysis, in submission order (waits for them)."""
+        return {name: self._result(name) for name in self._pending}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _cell(summary: dict) -> str:
@@ -149,7 +188,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _per_seed_tables(results)
-    lines += ["Time per arm (training of all seeds together; analysis of every seed):", ""]
+    lines += ["Time per arm (training of all seeds together; analysis of every seed, which runs beside the next "
+              "arm's training unless the config's analysis_process is False):", ""]
     lines += [f"- {a}: training {r['train_seconds'] / 60:.1f} min, analysis {r['analysis_seconds'] / 60:.1f} min"
               for a, r in results["arms"].items()]
     return "\n".join(lines) + "\n"
@@ -239,13 +279,26 @@ def arm_seeds(config: ml_collections.ConfigDict, arm: str) -> list[int]:
 def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", progress: bool = True) -> dict:
     """Every arm of config.arms over seeds 0..config.seeds-1; writes results.json,
     <config.name>_results.md and figures <config.name>_{accuracy,effects}.png to workdir (and to
-    config.docs_dir when set). Returns the results."""
+    config.docs_dir when set). Each arm's analysis runs in a spawned process while the next arm
+    trains (in this process, after its own training, when config.analysis_process is False).
+    Returns the results."""
     started = time.time()
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, Any] = {"arms": {}, "name": config.name, "command": command,
                                "date": time.strftime("%Y-%m-%d")}
-    for name, arm in config.arms.items():
-        results["arms"][name] = run_arm(name, arm, arm_seeds(config, name), workdir, progress)
+    analyses = _AnalysisQueue(in_process=not config.analysis_process)
+    try:
+        for name, arm in config.arms.items():
+            analyses.check()
+            seeds = arm_seeds(config, name)
+            arm_started = time.time()
+            seed_dirs = multiseed.train(arm, os.path.join(workdir, name), seeds, progress=progress)
+            results["arms"][name] = {"seeds": seeds, "seed_dirs": seed_dirs, "train_seconds": time.time() - arm_started}
+            analyses.submit(name, arm, seeds, seed_dirs)
+        for name, analysis in analyses.results().items():
+            results["arms"][name].update(analysis)
+    finally:
+        analyses.close()
     results["minutes"] = (time.time() - started) / 60
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
