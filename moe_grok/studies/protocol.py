@@ -280,8 +280,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
     """Every arm of config.arms over seeds 0..config.seeds-1; writes results.json,
     <config.name>_results.md and figures <config.name>_{accuracy,effects}.png to workdir (and to
     config.docs_dir when set). Each arm's analysis runs in a spawned process while the next arm
-    trains (in this process, after its own training, when config.analysis_process is False).
-    Returns the results."""
+    trains (in this process, after its own training, when config.analysis_process is False); a
+    script that calls this must do so under `if __name__ == "__main__":`, since the spawned
+    process imports the script's module. Returns the results."""
     started = time.time()
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, Any] = {"arms": {}, "name": config.name, "command": command,
