@@ -5,12 +5,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # an environment variable reaches spawned processes
 
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The toy protocol end to end on a tiny budget: every arm, two seeds, analysis, tables, verdicts."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -80,17 +81,30 @@ def test_protocol_rerun_reuses_training(protocol_run):
     first = results["arms"]["grokking"]["positions"]["all"]["summary"]
     second = again["arms"]["grokking"]["positions"]["all"]["summary"]
     assert json.dumps(first, default=float) == json.dumps(second, default=float)
+    # inline from scratch (the same training, no analysis cache) equals the spawned process's analysis
+    fresh = root / "fresh"
+    shutil.copytree(root / "work" / "grokking", fresh / "grokking", ignore=shutil.ignore_patterns("analysis"))
+    inline = protocol.run(one_arm, str(fresh), command="test", progress=False)
+    assert json.dumps(inline["arms"]["grokking"]["positions"], default=float) == json.dumps(
+        results["arms"]["grokking"]["positions"], default=float)
 
 
-def test_a_failed_analysis_names_its_arm_and_keeps_the_training(tmp_path):
+@pytest.mark.parametrize("analysis_process", [True, False])
+def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, analysis_process):
     config = tiny_protocol_config("")
     config.seeds = 1
-    for name in ("random_labels", "no_weight_decay", "mixture"):
+    config.analysis_process = analysis_process
+    for name in ("no_weight_decay", "mixture"):
         del config.arms[name]
-    config.arms.grokking.analysis.train_embeddings = str(tmp_path / "missing.npy")  # fails in the spawned analysis
+    config.arms.grokking.analysis.train_embeddings = str(tmp_path / "missing.npy")  # the analysis fails on it
     with pytest.raises(RuntimeError, match="analysis of arm 'grokking' failed.*missing.npy"):
         protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
-    assert os.path.isdir(tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20")
+    checkpoint = tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20"
+    trained = os.path.getmtime(checkpoint)
+    config.arms.grokking.analysis.train_embeddings = ""
+    results = protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
+    assert os.path.getmtime(checkpoint) == trained
+    assert set(results["arms"]) == {"grokking", "random_labels"}
 
 
 def _differences(a, b):

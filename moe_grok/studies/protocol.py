@@ -88,29 +88,45 @@ def analyse_arm(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: lis
     return result
 
 
+def _start_analysis_process() -> None:
+    """Initializer of the analysis process: JAX there grows its device memory as needed instead of
+    reserving most of an accelerator, which the training process has already done."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 class _AnalysisQueue:
-    """Arm analyses run one after another, in a separate (spawned) process when `in_process` is
-    False, so that arm k's analysis, which is mostly single-threaded Python, runs while arm k+1
-    trains and the two share the cores. A failed analysis is raised at the next check(), naming its
-    arm; the training done so far and the analysis caches stay on disk, so a re-run resumes."""
+    """Arm analyses run one after another, in a separate (spawned) process unless `in_process`, so
+    that arm k's analysis, which is mostly single-threaded Python, runs while arm k+1 trains and the
+    two share the cores. A failed analysis raises RuntimeError naming its arm, at the next check()
+    or results(); the training done so far and the analysis caches stay on disk, so a re-run
+    resumes. The process starts fresh: JAX settings reach it as environment variables (JAX_...),
+    not through jax.config.update in this process."""
 
     def __init__(self, in_process: bool):
         self._pool = None if in_process else concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"))  # fork is unsafe once JAX runs threads
-        self._pending: dict[str, Any] = {}
+            1, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe once JAX runs threads
+            initializer=_start_analysis_process)
+        self._pending: dict[str, concurrent.futures.Future] = {}
 
     def submit(self, name: str, arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> None:
-        if self._pool is None:
-            self._pending[name] = analyse_arm(arm, seeds, seed_dirs)
-        else:
-            self._pending[name] = self._pool.submit(analyse_arm, arm, seeds, seed_dirs)
+        self.check()
+        if self._pool is not None:
+            try:
+                self._pending[name] = self._pool.submit(analyse_arm, arm, seeds, seed_dirs)
+            except concurrent.futures.process.BrokenProcessPool as error:
+                raise RuntimeError(f"the analysis process died before arm {name!r} (its training is saved; "
+                                   "re-run to resume)") from error
+            return
+        self._pending[name] = done = concurrent.futures.Future()
+        try:
+            done.set_result(analyse_arm(arm, seeds, seed_dirs))
+        except Exception as error:
+            done.set_exception(error)
+        self.check()
 
     def _result(self, name: str) -> dict[str, Any]:
-        pending = self._pending[name]
-        if self._pool is None:
-            return pending
         try:
-            return pending.result()
+            return self._pending[name].result()
         except Exception as error:
             raise RuntimeError(f"the analysis of arm {name!r} failed (its training is saved; re-run to resume): "
                                f"{error!r}") from error
@@ -118,16 +134,22 @@ class _AnalysisQueue:
     def check(self) -> None:
         """Raise the error of any analysis that has finished with one."""
         for name, pending in self._pending.items():
-            if self._pool is not None and pending.done():
+            if pending.done():
                 self._result(name)
 
     def results(self) -> dict[str, dict[str, Any]]:
         """Every submitted arm's analysis, in submission order (waits for them)."""
         return {name: self._result(name) for name in self._pending}
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool) -> None:
+        """Shut the analysis process down: after its queue when `wait`, else at once (after an error
+        or Ctrl-C; the checkpoints it analysed to the end are cached)."""
+        if self._pool is None:
+            return
+        if not wait:
+            for process in list(self._pool._processes.values()):  # no public terminate before Python 3.14
+                process.terminate()
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _cell(summary: dict) -> str:
@@ -188,8 +210,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _per_seed_tables(results)
-    lines += ["Time per arm (training of all seeds together; analysis of every seed, which runs beside the next "
-              "arm's training unless the config's analysis_process is False):", ""]
+    overlapped = (", in a separate process beside the next arm's training if any"
+                  if results.get("analysis_process") else "")
+    lines += [f"Time per arm (training of all seeds together; analysis of every seed{overlapped}):", ""]
     lines += [f"- {a}: training {r['train_seconds'] / 60:.1f} min, analysis {r['analysis_seconds'] / 60:.1f} min"
               for a, r in results["arms"].items()]
     return "\n".join(lines) + "\n"
@@ -286,11 +309,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
     started = time.time()
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, Any] = {"arms": {}, "name": config.name, "command": command,
-                               "date": time.strftime("%Y-%m-%d")}
+                               "date": time.strftime("%Y-%m-%d"), "analysis_process": config.analysis_process}
     analyses = _AnalysisQueue(in_process=not config.analysis_process)
     try:
         for name, arm in config.arms.items():
-            analyses.check()
             seeds = arm_seeds(config, name)
             arm_started = time.time()
             seed_dirs = multiseed.train(arm, os.path.join(workdir, name), seeds, progress=progress)
@@ -298,8 +320,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
             analyses.submit(name, arm, seeds, seed_dirs)
         for name, analysis in analyses.results().items():
             results["arms"][name].update(analysis)
-    finally:
-        analyses.close()
+    except BaseException:
+        analyses.close(wait=False)
+        raise
+    analyses.close(wait=True)
     results["minutes"] = (time.time() - started) / 60
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
