@@ -110,18 +110,19 @@ class _AnalysisQueue:
 
     def submit(self, name: str, arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> None:
         self.check()
-        if self._pool is not None:
+        if self._pool is None:  # run now; a finished future carries the result or the error
+            future = concurrent.futures.Future()
             try:
-                self._pending[name] = self._pool.submit(analyse_arm, arm, seeds, seed_dirs)
+                future.set_result(analyse_arm(arm, seeds, seed_dirs))
+            except Exception as error:
+                future.set_exception(error)
+        else:
+            try:
+                future = self._pool.submit(analyse_arm, arm, seeds, seed_dirs)
             except concurrent.futures.process.BrokenProcessPool as error:
                 raise RuntimeError(f"the analysis process died before arm {name!r} (its training is saved; "
                                    "re-run to resume)") from error
-            return
-        self._pending[name] = done = concurrent.futures.Future()
-        try:
-            done.set_result(analyse_arm(arm, seeds, seed_dirs))
-        except Exception as error:
-            done.set_exception(error)
+        self._pending[name] = future
         self.check()
 
     def _result(self, name: str) -> dict[str, Any]:
