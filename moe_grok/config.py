@@ -41,6 +41,7 @@ class MoEConfig:
     moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, per-expert chunked matmuls on CPU
     expert_chunk_size: int = 512  # CPU "chunked" dispatch: most rows in one expert matmul
     expert_chunk_granule: int = 32  # ... and chunk rows are rounded up to a multiple of this
+    remat_layers: bool = False  # gradients recompute each layer's forward instead of storing its activations
     init_std: float = 0.02
 
     def __post_init__(self):

@@ -223,7 +223,11 @@ class MoETransformer(nn.Module):
                          embedding_init=_init(model_config.init_std, "vocab", "embed"), name="embed")
         x = embed(tokens)
         experts = ExpertStacks(model_config, name="experts")()
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+        # remat_layers: the backward pass keeps only each layer's input and recomputes the rest. On
+        # XLA's CPU backend this also makes a toy training step cheaper: the scan no longer fills
+        # [L, ...] buffers with every intermediate (docs/benchmarks.md).
+        layer = nn.remat(DecoderLayer, prevent_cse=False) if model_config.remat_layers else DecoderLayer
+        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=model_config.num_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, router_logits = layers(model_config, self.mesh, name="layers")(x, positions, mask, experts,
