@@ -4,8 +4,12 @@ the step's XLA operations by model part.
   python benchmarks/toy_step.py                    # default toy config
   python benchmarks/toy_step.py --rounds=5 --config.model.expert_chunk_size=1024
 
-Each time is the mean of --repeats calls, then the median over interleaved rounds (forward,
-gradient, step, in turn), so a drift of the machine's speed hits all three alike. The profile
+The optimizer step is compiled as `training` compiles it (remat_layers as configured, the CPU
+compiler options of `loop.train_step_compiler_options`); the same step is also timed with each of
+those two settings left out, and with both, so one run shows what each is worth.
+
+Each time is the mean of --repeats calls, then the median over interleaved rounds (every timed
+call in turn), so a drift of the machine's speed hits them all alike. The profile
 (jax.profiler, one trace of --profiled steps) sums the XLA CPU runtime's per-operation events
 by the model part named in each operation's metadata: attention, MoE (router, dispatch,
 experts), norms, the rest; forward and backward apart. Operations inside the expert-dispatch
@@ -13,6 +17,8 @@ loops carry no metadata of their own and are counted as "loop bodies". A profile
 slower than an unprofiled one: read the profile's shares, not its milliseconds.
 """
 import collections
+import dataclasses
+import functools
 import glob
 import gzip
 import json
@@ -99,11 +105,27 @@ def main(argv):
         return loop.loss_fn(p, model_config, inputs, answers, train.aux_loss_coef, train.z_loss_coef,
                             train.label_smoothing)[0]
 
+    def optimizer_step(remat_layers: bool, compiler_options):
+        step_config = dataclasses.replace(model_config, remat_layers=remat_layers)
+        return jax.jit(loop.step_function(step_config, tx, train.aux_loss_coef, train.z_loss_coef,
+                                          train.label_smoothing), compiler_options=compiler_options)
+
     forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
-    step = jax.jit(loop.step_function(model_config, tx, train.aux_loss_coef, train.z_loss_coef,
-                                      train.label_smoothing))
+    options = loop.train_step_compiler_options(jax.devices()[0].platform)
+    step = optimizer_step(model_config.remat_layers, options)  # as `training` compiles it (without donation)
     calls = {"forward (loss)": lambda: forward(params), "gradient": lambda: gradient(params),
              "optimizer step": lambda: step(params, opt_state, inputs, answers)}
+    # The step's two CPU speed settings, each left out, then both (the step as it was before them).
+    variants = {}
+    if options:
+        variants["optimizer step, without the CPU compiler options"] = (model_config.remat_layers, None)
+    if model_config.remat_layers:
+        variants["optimizer step, without remat_layers"] = (False, options)
+    if options and model_config.remat_layers:
+        variants["optimizer step, without either"] = (False, None)
+    for name, (remat_layers, compiler_options) in variants.items():
+        calls[name] = functools.partial(optimizer_step(remat_layers, compiler_options), params, opt_state, inputs,
+                                        answers)
     for call in calls.values():
         jax.block_until_ready(call())  # compiles
 

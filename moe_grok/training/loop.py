@@ -143,21 +143,21 @@ def step_function(model_config: MoEConfig, tx: optax.GradientTransformation, aux
 
 # XLA's CPU backend hands only matmuls to its YNNPACK library, not elementwise ops and reductions:
 # for the toy step's many small [B, S, H, Dh] fusions its own loops are faster (docs/benchmarks.md).
-_CPU_TRAIN_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+CPU_TRAIN_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 @functools.lru_cache(maxsize=4)
-def _train_step_compiler_options(platform: str) -> dict[str, str] | None:
-    """_CPU_TRAIN_STEP_OPTIONS on CPU when this XLA accepts them (the option is experimental), else None."""
+def train_step_compiler_options(platform: str) -> dict[str, str] | None:
+    """CPU_TRAIN_STEP_OPTIONS on CPU when this XLA accepts them (the option is experimental), else None."""
     if platform != "cpu":
         return None
     try:
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_TRAIN_STEP_OPTIONS).lower(jnp.zeros(())).compile()
+        jax.jit(lambda x: x + 1, compiler_options=CPU_TRAIN_STEP_OPTIONS).lower(jnp.zeros(())).compile()
     except jax.errors.JaxRuntimeError as e:
         logging.warning("XLA CPU option %s not accepted (%s); compiling the train step without it",
-                        _CPU_TRAIN_STEP_OPTIONS, str(e)[:200])
+                        CPU_TRAIN_STEP_OPTIONS, str(e)[:200])
         return None
-    return _CPU_TRAIN_STEP_OPTIONS
+    return CPU_TRAIN_STEP_OPTIONS
 
 
 def make_train_step(model_config: MoEConfig, tx: optax.GradientTransformation, aux_loss_coef: float,
@@ -166,7 +166,7 @@ def make_train_step(model_config: MoEConfig, tx: optax.GradientTransformation, a
     experts over "expert")."""
     step = step_function(model_config, tx, aux_loss_coef, z_loss_coef, label_smoothing)
     platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
-    options = _train_step_compiler_options(platform)
+    options = train_step_compiler_options(platform)
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1), compiler_options=options)
     param_sharding = params_lib.param_shardings(model_config, mesh)
