@@ -112,20 +112,20 @@ def main(argv):
 
     forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
     options = loop.train_step_compiler_options(jax.devices()[0].platform)
-    step = optimizer_step(model_config.remat_layers, options)  # as `training` compiles it (without donation)
-    calls = {"forward (loss)": lambda: forward(params), "gradient": lambda: gradient(params),
-             "optimizer step": lambda: step(params, opt_state, inputs, answers)}
-    # The step's two CPU speed settings, each left out, then both (the step as it was before them).
-    variants = {}
+    # The step as `training` compiles it (without donation), then with each of its two CPU speed
+    # settings left out, then without both (the step as it was before them).
+    remat = model_config.remat_layers
+    settings = {"optimizer step": (remat, options)}
     if options:
-        variants["optimizer step, without the CPU compiler options"] = (model_config.remat_layers, None)
-    if model_config.remat_layers:
-        variants["optimizer step, without remat_layers"] = (False, options)
-    if options and model_config.remat_layers:
-        variants["optimizer step, without either"] = (False, None)
-    for name, (remat_layers, compiler_options) in variants.items():
-        calls[name] = functools.partial(optimizer_step(remat_layers, compiler_options), params, opt_state, inputs,
-                                        answers)
+        settings["optimizer step, without the CPU compiler options"] = (remat, None)
+    if remat:
+        settings["optimizer step, without remat_layers"] = (False, options)
+    if options and remat:
+        settings["optimizer step, without either"] = (False, None)
+    steps = {name: optimizer_step(*setting) for name, setting in settings.items()}
+    step = steps["optimizer step"]  # the profiled one
+    calls = {"forward (loss)": lambda: forward(params), "gradient": lambda: gradient(params),
+             **{name: functools.partial(s, params, opt_state, inputs, answers) for name, s in steps.items()}}
     for call in calls.values():
         jax.block_until_ready(call())  # compiles
 

@@ -387,12 +387,19 @@ def test_mesh_training_equals_single_device(tmp_path):
         np.testing.assert_allclose(multi[key], single[key], rtol=2e-4, atol=1e-5)
 
 
-def _loss_and_grads(config, remat_layers: bool):
-    """(loss, gradients) of the toy loss on 32 training samples, with or without remat_layers."""
+def _tiny_model(remat_layers: bool | None = None):
+    """(dataset, MoEConfig, initial params) of tiny_config(), remat_layers overridden when given."""
+    config = tiny_config()
     spec = training.task_spec(config)
-    data = tasks.make_dataset(spec)
-    model_config = dataclasses.replace(training.model_config_of(config, spec), remat_layers=remat_layers)
-    params = model_lib.init_params(model_config, jax.random.key(0))
+    model_config = training.model_config_of(config, spec)
+    if remat_layers is not None:
+        model_config = dataclasses.replace(model_config, remat_layers=remat_layers)
+    return tasks.make_dataset(spec), model_config, model_lib.init_params(model_config, jax.random.key(0))
+
+
+def _loss_and_grads(remat_layers: bool):
+    """(loss, gradients) of the toy loss on 32 training samples, with or without remat_layers."""
+    data, model_config, params = _tiny_model(remat_layers)
 
     def loss(p):
         return training.loss_fn(p, model_config, data.train_inputs[:32], data.train_targets[:32], 0.01, 0.001)[0]
@@ -404,7 +411,7 @@ def test_remat_layers_changes_only_how_gradients_are_computed():
     """Recomputing each layer's forward in the backward pass gives the same loss and gradients
     (to float32 summation order); the toy configs train with it."""
     assert load_config("toy_grokking").model.remat_layers
-    (loss, grads), (loss_remat, grads_remat) = (_loss_and_grads(tiny_config(), remat) for remat in (False, True))
+    (loss, grads), (loss_remat, grads_remat) = (_loss_and_grads(remat) for remat in (False, True))
     np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-6)
     flat, flat_remat = jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_remat)
     for (path, g), g_remat in zip(flat, flat_remat, strict=True):
@@ -416,12 +423,8 @@ def test_remat_layers_changes_only_how_gradients_are_computed():
 def test_cpu_train_step_compiler_options_take_effect_and_are_dropped_when_unknown(monkeypatch, caplog):
     """On CPU the train step hands XLA only matmuls for YNNPACK (fewer library fusions in the compiled
     step than without the option); an XLA that does not know the option gets a warning, not an error."""
-    config = tiny_config()
-    spec = training.task_spec(config)
-    data = tasks.make_dataset(spec)
-    model_config = training.model_config_of(config, spec)
-    params = model_lib.init_params(model_config, jax.random.key(0))
-    tx = training.make_optimizer(config.train)
+    data, model_config, params = _tiny_model()
+    tx = training.make_optimizer(tiny_config().train)
     args = (params, tx.init(params), data.train_inputs[:32], data.train_targets[:32])
     step = training.step_function(model_config, tx, 0.01, 0.0)
     options = training.train_step_compiler_options("cpu")
