@@ -6,13 +6,18 @@ import pytest
 from moe_grok.extraction.pathways import (
     LAYER_BOUNDARY,
     check_nonempty,
+    layer_pathways,
+    layer_strings_of,
     pathway_expert_lists,
     pathway_experts,
+    pathway_lengths,
     pathway_string,
     pathway_strings,
     pathway_token_tuple,
     pathway_tokens,
+    strings_of,
     token_mean_weights,
+    tokens_of,
 )
 
 
@@ -148,3 +153,19 @@ def test_strings_and_tokens_from_weights():
     weights[1, 1, [10, 2]] = [0.5, 0.5]
     assert pathway_strings(weights, tau=0.75) == ["3,1,5-9,1", "11-2,10"]
     assert pathway_tokens(weights, tau=0.75) == [(3, 1, 5, -1, 9, 1), (11, -1, 2, 10)]
+
+
+@pytest.mark.parametrize("experts, layers, tau", [(8, 4, 0.7), (3, 2, 1.0), (64, 16, 0.5), (200, 2, 0.9)])
+def test_layer_pathway_codes_give_the_per_sample_forms(experts, layers, tau):
+    rng = np.random.default_rng(experts)
+    weights = rng.dirichlet(np.full(experts, 0.3), size=(300, layers))
+    weights[:20] = weights[0]  # repeated sample pathways
+    weights[20:30] = 1.0 / experts  # ties: the lower id first
+    expected = pathway_expert_lists(weights, tau)
+    codes = layer_pathways(weights, tau)
+    assert len(set(codes.patterns)) == len(codes.patterns)
+    assert strings_of(codes) == pathway_strings(weights, tau) == [pathway_string(e) for e in expected]
+    assert tokens_of(codes) == [pathway_token_tuple(e) for e in expected]
+    for layer in range(layers):
+        assert layer_strings_of(codes, layer) == [pathway_string([e[layer]]) for e in expected]
+    np.testing.assert_array_equal(pathway_lengths(weights, tau), [[len(x) for x in e] for e in expected])

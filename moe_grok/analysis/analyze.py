@@ -177,34 +177,31 @@ class _Pathways:
     def weights(self, split: str, checkpoint: int) -> np.ndarray:
         return self._stats[checkpoint].splits[split][self._view]
 
-    def _experts(self, split: str, checkpoint: int, tau: float):
-        key = ("experts", split, checkpoint, tau)
+    def _codes(self, split: str, checkpoint: int, tau: float) -> pathways.LayerPathways:
+        key = ("codes", split, checkpoint, tau)
         if key not in self._cache:
-            self._cache[key] = pathways.pathway_expert_lists(self.weights(split, checkpoint), tau)
+            self._cache[key] = pathways.layer_pathways(self.weights(split, checkpoint), tau)
+        return self._cache[key]
+
+    def _cached(self, kind: str, split: str, checkpoint: int, tau: float, make):
+        key = (kind, split, checkpoint, tau)
+        if key not in self._cache:
+            self._cache[key] = make(self._codes(split, checkpoint, tau))
         return self._cache[key]
 
     def strings(self, split: str, checkpoint: int, tau: float) -> list[str]:
-        key = ("strings", split, checkpoint, tau)
-        if key not in self._cache:
-            self._cache[key] = [pathways.pathway_string(e) for e in self._experts(split, checkpoint, tau)]
-        return self._cache[key]
+        return self._cached("strings", split, checkpoint, tau, pathways.strings_of)
 
     def tokens(self, split: str, checkpoint: int, tau: float) -> list[tuple[int, ...]]:
-        key = ("tokens", split, checkpoint, tau)
-        if key not in self._cache:
-            self._cache[key] = [pathways.pathway_token_tuple(e) for e in self._experts(split, checkpoint, tau)]
-        return self._cache[key]
+        return self._cached("tokens", split, checkpoint, tau, pathways.tokens_of)
 
     def lengths(self, split: str, checkpoint: int, tau: float) -> np.ndarray:
         """[N] experts per layer on each sample's pathway."""
-        key = ("lengths", split, checkpoint, tau)
-        if key not in self._cache:
-            self._cache[key] = np.array([np.mean([len(layer) for layer in e])
-                                         for e in self._experts(split, checkpoint, tau)])
-        return self._cache[key]
+        return self._cached("lengths", split, checkpoint, tau, lambda codes: codes.lengths.mean(axis=1))
 
     def layer_strings(self, split: str, checkpoint: int, tau: float, layer: int) -> list[str]:
-        return [pathways.pathway_string([e[layer]]) for e in self._experts(split, checkpoint, tau)]
+        return self._cached(f"layer_strings/{layer}", split, checkpoint, tau,
+                            lambda codes: pathways.layer_strings_of(codes, layer))
 
 
 class _Analysis:
@@ -220,6 +217,7 @@ class _Analysis:
         self.router = [s.router for s in stats]
         self.warnings: list[str] = []
         self._consistency: dict = {}
+        self._distances: dict = {}
 
     def warn(self, message: str) -> None:
         logging.warning("%s", message)
@@ -250,10 +248,15 @@ class _Analysis:
     def distance(self, split: str, rows: np.ndarray, checkpoint: int, level: str, normalized: bool,
                  tau: float | None = None) -> float:
         tau = self.options.tau if tau is None else tau
-        source = self.paths.strings if level == "char" else self.paths.tokens
-        every = source(split, checkpoint, tau)
-        return metrics.group_pathway_distance([every[i] for i in rows], level, normalized, self.options.max_pairs,
-                                              self.options.seed, on_small="nan")
+        # The same set recurs (the primary distance is also a variant; the sweeps' centre is the
+        # memorized set): each (set, checkpoint, form) is measured once.
+        key = (split, checkpoint, level, normalized, tau, np.asarray(rows, np.int64).tobytes())
+        if key not in self._distances:
+            source = self.paths.strings if level == "char" else self.paths.tokens
+            every = source(split, checkpoint, tau)
+            self._distances[key] = metrics.group_pathway_distance(
+                [every[i] for i in rows], level, normalized, self.options.max_pairs, self.options.seed, on_small="nan")
+        return self._distances[key]
 
     def consistency_all(self, split: str, checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """(consistency [N], unbounded flag [N]) of every sample of a split at a checkpoint."""

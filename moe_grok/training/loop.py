@@ -267,8 +267,7 @@ def _init_params(model_config: MoEConfig, seed: int, mesh: jax.sharding.Mesh | N
 
 def _mean_pathway_length(mean_weights: np.ndarray, tau: float) -> float:
     """Mean over samples and layers of the experts on the pathway. mean_weights: [N, L, E]."""
-    return float(np.mean([[len(layer) for layer in sample]
-                          for sample in pathways.pathway_expert_lists(mean_weights, tau)]))
+    return float(np.mean(pathways.pathway_lengths(mean_weights, tau)))
 
 
 def evaluate(model_config: MoEConfig, params, data: tasks.AlgorithmicDataset, extractor, batch_size: int = 2048):
