@@ -103,6 +103,7 @@ class LayerPathways(NamedTuple):
 
     ids: np.ndarray  # [batch, layers] int64 index into patterns
     patterns: list[tuple[int, ...]]  # distinct single-layer pathways, experts in rank order
+    texts: list[str]  # pathway_string of each pattern ("3,1,5")
     lengths: np.ndarray  # [batch, layers] int experts on the pathway
 
 
@@ -115,7 +116,8 @@ def layer_pathways(mean_weights_BLE, tau: float = 0.7) -> LayerPathways:
     rows = on_path[first]
     patterns = [tuple(row[:count]) for row, count in zip(rows.tolist(), kept.reshape(-1)[first].tolist(),
                                                           strict=True)]
-    return LayerPathways(ids.reshape(batch, layers), patterns, kept)
+    texts = [",".join(map(str, pattern)) for pattern in patterns]
+    return LayerPathways(ids.reshape(batch, layers), patterns, texts, kept)
 
 
 def _unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,8 +141,7 @@ def _join_layers(codes: LayerPathways, layer_forms: list, join) -> list:
 
 def strings_of(codes: LayerPathways) -> list[str]:
     """One paper-format pathway string per sample (``pathway_string`` of its experts)."""
-    texts = [",".join(map(str, pattern)) for pattern in codes.patterns]
-    return _join_layers(codes, texts, "-".join)
+    return _join_layers(codes, codes.texts, "-".join)
 
 
 def tokens_of(codes: LayerPathways) -> list[tuple[int, ...]]:
@@ -150,8 +151,7 @@ def tokens_of(codes: LayerPathways) -> list[tuple[int, ...]]:
 
 def layer_strings_of(codes: LayerPathways, layer: int) -> list[str]:
     """One single-layer pathway string per sample: ``pathway_string([experts at layer])``."""
-    texts = [",".join(map(str, pattern)) for pattern in codes.patterns]
-    return [texts[i] for i in codes.ids[:, layer].tolist()]
+    return [codes.texts[i] for i in codes.ids[:, layer].tolist()]
 
 
 def pathway_experts(mean_weights_LE, tau: float = 0.7) -> list[list[int]]:
