@@ -16,7 +16,8 @@ _PUBLIC = {
     "save_params": "moe_grok.model.checkpoint_io", "restore_params": "moe_grok.model.checkpoint_io",
     "forward": "moe_grok.model.params", "init_params": "moe_grok.model.params",
     "router_matrices": "moe_grok.model.params",
-    "extract_dataset": "moe_grok.extraction.routing", "make_extractor": "moe_grok.extraction.routing",
+    "extract_dataset": "moe_grok.extraction.routing", "extract_splits": "moe_grok.extraction.routing",
+    "make_extractor": "moe_grok.extraction.routing",
     "EvalSplit": "moe_grok.data.splits",
     "run_pipeline": "moe_grok.pipeline",
 }

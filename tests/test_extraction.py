@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_grok.data.splits import next_token_targets
-from moe_grok.extraction.routing import extract_dataset
+from moe_grok.extraction.routing import extract_dataset, extract_splits, tiling_batch_size
 from moe_grok.model import params as model_lib
 from moe_grok.model.hf import load_hf
 from moe_grok.sharding import make_mesh
@@ -95,6 +95,33 @@ def test_mesh_extraction_equals_single_device(tiny):
     multi = extract_dataset(config, placed, tokens, mask, batch_size=8, mesh=mesh, progress=False)
     for key in single:
         np.testing.assert_allclose(multi[key], single[key], atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, batch, shards, expected", [(9409, 2048, 1, 1882), (9409, 1024, 1, 941),
+                                                          (13, 4, 1, 4), (13, 8, 8, 8), (8, 8, 1, 8), (3, 32, 1, 3)])
+def test_tiling_batch_size_keeps_the_batch_count_with_the_least_padding(rows, batch, shards, expected):
+    size = tiling_batch_size(rows, batch, shards)
+    assert size == expected and size % shards == 0
+    assert -(-rows // size) == -(-rows // batch)  # as many batches as batch_size would take
+
+
+def test_splits_streamed_together_equal_each_split_alone(tiny):
+    """Splits of one length share batches, another length gets its own; every split's rows come
+    back in order with the values extract_dataset gives it alone (up to float rounding)."""
+    _, config, params, tokens, mask = tiny
+    short = tokens[:5, :4]
+    targets, target_mask = next_token_targets(tokens[6:], mask[6:])
+    splits = {"a": (tokens[:6], mask[:6], None, None), "short": (short, None, None, None),
+              "b": (tokens[6:], mask[6:], targets, target_mask)}
+    together = extract_splits(config, params, splits, batch_size=4, progress=False)
+    assert list(together) == ["a", "short", "b"]
+    for name, (split_tokens, split_mask, split_targets, split_target_mask) in splits.items():
+        alone = extract_dataset(config, params, split_tokens, split_mask, split_targets, split_target_mask,
+                                batch_size=4, progress=False)
+        assert together[name].keys() == alone.keys()
+        for key in alone:
+            assert together[name][key].shape == alone[key].shape
+            np.testing.assert_allclose(together[name][key], alone[key], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_are_named(tiny):

@@ -1,7 +1,7 @@
 """Per-checkpoint statistics: every split's per-sample routing, loss and correctness, cached.
 
 `collect_checkpoint_stats` runs every split through every checkpoint once
-(`extraction.routing.extract_dataset`) and caches each checkpoint's results as an atomic .npz,
+(`extraction.routing.extract_splits`) and caches each checkpoint's results as an atomic .npz,
 so an interrupted run resumes without recomputing finished checkpoints.
 
 A cache entry (cache_dir/step_<step>.npz) is used only when its key equals the current one:
@@ -31,7 +31,7 @@ from moe_grok.analysis.param_dynamics import parameter_sample
 from moe_grok.analysis.sources import CheckpointSource
 from moe_grok.config import MoEConfig
 from moe_grok.data.splits import EvalSplit
-from moe_grok.extraction.routing import extract_dataset, make_extractor
+from moe_grok.extraction.routing import extract_splits, make_extractor
 from moe_grok.model.params import router_matrices
 
 # What each split stores per field: its axes (N samples, L layers, E experts); all float32, as extracted.
@@ -222,15 +222,15 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
             results.append(stats)
             continue
         extractor = extractor or _extractor(model_config, mesh)
-        per_split = {}
         for split_name, split in splits.items():
             if split.tokens.shape[1] > model_config.max_seq_len:
                 raise ValueError(f"split {split_name!r} has sequences of {split.tokens.shape[1]} tokens, longer than "
                                  f"the model's limit {model_config.max_seq_len}; truncate them (seq_len flag)")
-            out = extract_dataset(model_config, params, split.tokens, split.mask, split.targets, split.target_mask,
-                                  batch_size=batch_size, mesh=mesh, extractor=extractor,
-                                  progress=f"step {source.step} {split_name}" if progress else False)
-            per_split[split_name] = {f: out[f] for f in STAT_FIELDS}
+        extracted = extract_splits(model_config, params,
+                                   {name: (s.tokens, s.mask, s.targets, s.target_mask) for name, s in splits.items()},
+                                   batch_size=batch_size, mesh=mesh, extractor=extractor,
+                                   progress=f"step {source.step}" if progress else False)
+        per_split = {name: {f: out[f] for f in STAT_FIELDS} for name, out in extracted.items()}
         stats = CheckpointStats(source.step, source.name, per_split, np.asarray(router_matrices(params), np.float32),
                                 parameter_sample(params))
         # The identity is read again after loading: a hub checkpoint's commit and files are known only now.

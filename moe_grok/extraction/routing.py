@@ -2,7 +2,8 @@
 
 `routing_stats` is the pure per-batch function; `make_extractor` jits it (optionally over a
 mesh: batch over "data", experts over "expert"); `extract_dataset` streams a whole dataset
-through it in fixed-shape batches with a progress bar and returns host numpy arrays.
+through it in fixed-shape batches with a progress bar and returns host numpy arrays;
+`extract_splits` streams several splits together.
 """
 from __future__ import annotations
 
@@ -142,3 +143,51 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
         bad = np.flatnonzero(~np.isfinite(result["loss"]))
         raise FloatingPointError(f"non-finite loss for samples {bad[:10].tolist()} (of {bad.size})")
     return result
+
+
+def tiling_batch_size(rows: int, batch_size: int, shards: int = 1) -> int:
+    """The batch size, at most `batch_size` (rounded up to a multiple of `shards`), that covers
+    `rows` in as few batches as `batch_size` would, with the least padding: 9,409 rows at 2,048
+    take 5 batches of 1,882 (9,410 rows computed) instead of 5 of 2,048 (10,240)."""
+    batches = -(-rows // max(batch_size, 1))
+    size = -(-rows // batches)
+    return -(-size // shards) * shards
+
+
+def extract_splits(model_config: MoEConfig, params, splits: dict[str, tuple], batch_size: int = 32,
+                   mesh: jax.sharding.Mesh | None = None, extractor=None, progress: bool | str = True
+                   ) -> dict[str, dict[str, np.ndarray]]:
+    """`extract_dataset` of several splits, with the rows of all splits of one sequence length
+    streamed together in batches that tile them (`tiling_batch_size`): each split's own last,
+    padded batch is not computed. The model is dropless, so a row's outputs do not depend on the
+    rows it shares a batch with; the batch size can change them by float rounding, which rarely
+    flips a near-tied top-k choice and with it the sample's later layers.
+
+    splits: name -> (tokens [N, S], mask [N, S] or None, targets [N, S] or None, target_mask [N, S]
+    or None); None as in extract_dataset (all tokens real; next-token targets).
+    Returns name -> extract_dataset's dict for that split's rows, in order.
+    """
+    by_length: dict[int, list[str]] = {}
+    for name, (tokens, *_rest) in splits.items():
+        by_length.setdefault(np.shape(tokens)[1], []).append(name)
+    shards = 1 if mesh is None else mesh.size
+    result = {}
+    for names in by_length.values():
+        arrays = [_split_arrays(*splits[n]) for n in names]
+        joined = [np.concatenate(column) for column in zip(*arrays, strict=True)]
+        size = tiling_batch_size(joined[0].shape[0], batch_size, shards)
+        out = extract_dataset(model_config, params, *joined, batch_size=size, mesh=mesh, extractor=extractor,
+                              progress=progress)
+        ends = np.cumsum([len(a[0]) for a in arrays])
+        for name, end, count in zip(names, ends, (len(a[0]) for a in arrays), strict=True):
+            result[name] = {field: value[end - count:end] for field, value in out.items()}
+    return {name: result[name] for name in splits}
+
+
+def _split_arrays(tokens, mask, targets, target_mask) -> list[np.ndarray]:
+    """extract_dataset's defaults made explicit, so splits can be concatenated."""
+    tokens = np.asarray(tokens, np.int32)
+    mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
+    if targets is None:
+        targets, target_mask = next_token_targets(tokens, mask)
+    return [tokens, mask, np.asarray(targets, np.int32), np.asarray(target_mask, np.int32)]

@@ -43,7 +43,7 @@ from moe_grok.config import MoEConfig, toy
 from moe_grok.data import tasks
 from moe_grok.data.splits import position_targets
 from moe_grok.extraction import pathways
-from moe_grok.extraction.routing import extract_dataset, make_extractor
+from moe_grok.extraction.routing import extract_splits, make_extractor
 from moe_grok.model import params as params_lib
 from moe_grok.training import losses, run_dir
 
@@ -274,12 +274,14 @@ def evaluate(model_config: MoEConfig, params, data: tasks.AlgorithmicDataset, ex
     """Per split: loss and accuracy at the answer position (overall and per group), routing
     entropy (nats, token mean, averaged over layers and samples) and pathway length (experts
     per layer at tau = MONITOR_TAU) -> flat dict of floats."""
+    splits = {split: (getattr(data, f"{split}_inputs"), None,
+                      *answer_targets(getattr(data, f"{split}_inputs"), getattr(data, f"{split}_targets")))
+              for split in ("train", "test")}
+    extracted = extract_splits(model_config, params, splits, batch_size=batch_size, extractor=extractor,
+                               progress=False)
     result = {}
-    for split in ("train", "test"):
-        inputs, answers, groups = (getattr(data, f"{split}_{f}") for f in ("inputs", "targets", "groups"))
-        targets, target_mask = answer_targets(inputs, answers)
-        stats = extract_dataset(model_config, params, inputs, None, targets, target_mask, batch_size=batch_size,
-                                extractor=extractor, progress=False)
+    for split, stats in extracted.items():
+        groups = getattr(data, f"{split}_groups")
         result[f"{split}_loss"] = float(stats["loss"].mean())
         result[f"{split}_accuracy"] = float(stats["correct"].mean())
         for g, name in enumerate(data.group_names):
@@ -436,6 +438,18 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
                 bar.update(min(seed_steps.values()) - bar.n)
         jax.block_until_ready(run.params)
 
+    def at_boundary(run: _SeedRun, done: int) -> None:
+        """Log the evaluation at `done`, then save the checkpoint (in this order: a run killed in
+        between resumes from the previous checkpoint and redoes the evaluation)."""
+        if done % train_config.eval_every == 0 or done == train_config.steps:
+            row = {"step": done, **{k: float(v) for k, v in run.step_metrics.items()}}
+            if not np.isfinite(row["loss"]):
+                raise FloatingPointError(f"non-finite training loss at step {done} of seed {run.seed} "
+                                         f"({run.workdir}); its last checkpoint is kept on disk")
+            run.log({**row, **evaluate(model_config, run.params, data, extractor), "elapsed_s": time.time() - started})
+        if done % train_config.checkpoint_every == 0 or done == train_config.steps:
+            run.checkpoints.save(done, run.params, run.opt_state)
+
     started = time.time()
     # Seeds run in their own threads between evaluations: the CPU runtime executes one dispatching
     # thread's programs one after another, and one toy step uses the cores only partly
@@ -447,21 +461,12 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
         step = start
         while step < end:
             done = min(end, _next_boundary(step, train_config))
-            list(each_run(lambda run, first=step, last=done: advance(run, first, last), seed_runs))
+            # A seed evaluates and saves as soon as its own steps are done, beside the others' steps.
+            list(each_run(lambda run, first=step, last=done: (advance(run, first, last), at_boundary(run, last)),
+                          seed_runs))
             step = done
-            if done % train_config.eval_every == 0 or done == train_config.steps:
-                evaluations = each_run(lambda run: evaluate(model_config, run.params, data, extractor), seed_runs)
-                for run, evaluation in zip(seed_runs, evaluations, strict=True):
-                    row = {"step": done, **{k: float(v) for k, v in run.step_metrics.items()}}
-                    if not np.isfinite(row["loss"]):
-                        raise FloatingPointError(f"non-finite training loss at step {done} of seed {run.seed} "
-                                                 f"({run.workdir}); its last checkpoint is kept on disk")
-                    run.log({**row, **evaluation, "elapsed_s": time.time() - started})
-                bar.set_postfix(train_acc=f"{np.mean([r.last['train_accuracy'] for r in seed_runs]):.2f}",
-                                test_acc=f"{np.mean([r.last['test_accuracy'] for r in seed_runs]):.2f}")
-            if done % train_config.checkpoint_every == 0 or done == train_config.steps:
-                for run in seed_runs:
-                    run.checkpoints.save(done, run.params, run.opt_state)
+            bar.set_postfix(train_acc=f"{np.mean([r.last['train_accuracy'] for r in seed_runs]):.2f}",
+                            test_acc=f"{np.mean([r.last['test_accuracy'] for r in seed_runs]):.2f}")
     bar.close()
     return [run.last for run in seed_runs]
 
