@@ -39,9 +39,8 @@ def main(argv):
     params = loop._cached_init(model_config)(jax.random.key(0))
     extractor = make_extractor(model_config)
     batch = _BATCH.value
-    splits = {split: (getattr(data, f"{split}_inputs"), None,
-                      *loop.answer_targets(getattr(data, f"{split}_inputs"), getattr(data, f"{split}_targets")))
-              for split in ("train", "test")}
+    splits = loop.evaluation_splits(data)
+    sizes = [len(arrays[0]) for arrays in splits.values()]
 
     def alone():
         return {name: extract_dataset(model_config, params, *arrays, batch_size=batch, extractor=extractor,
@@ -57,9 +56,8 @@ def main(argv):
         for value, other in zip(reference[name].values(), joined[name].values(), strict=True):
             close &= np.isclose(other, value, rtol=1e-5, atol=1e-6).reshape(len(close), -1).all(axis=1)
         differing += int((~close).sum())
-    if differing > 1e-3 * sum(len(arrays[0]) for arrays in splits.values()):
+    if differing > 1e-3 * sum(sizes):
         raise SystemExit(f"{differing} samples differ between the two ways: more than near-ties explain")
-    sizes = [len(arrays[0]) for arrays in splits.values()]
     rows_alone = sum(-(-n // batch) * batch for n in sizes)
     tile = tiling_batch_size(sum(sizes), batch)
     rows_together = -(-sum(sizes) // tile) * tile

@@ -113,14 +113,8 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
                          f"{model_config.max_seq_len}")
     if tokens.max() >= model_config.vocab_size or tokens.min() < 0:
         raise ValueError(f"token ids must lie in [0, {model_config.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
-    mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
-    if mask.shape != tokens.shape:
-        raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
+    tokens, mask, targets, target_mask = _split_arrays(tokens, mask, targets, target_mask)
     check_nonempty(mask)
-    if targets is None:
-        targets, target_mask = next_token_targets(tokens, mask)
-    targets = np.asarray(targets, np.int32)
-    target_mask = np.asarray(target_mask, np.int32)
     n = tokens.shape[0]
     shards = 1 if mesh is None else mesh.size  # the batch is split over every device
     step = -(-max(batch_size, 1) // shards) * shards
@@ -178,16 +172,20 @@ def extract_splits(model_config: MoEConfig, params, splits: dict[str, tuple], ba
         size = tiling_batch_size(joined[0].shape[0], batch_size, shards)
         out = extract_dataset(model_config, params, *joined, batch_size=size, mesh=mesh, extractor=extractor,
                               progress=progress)
-        ends = np.cumsum([len(a[0]) for a in arrays])
-        for name, end, count in zip(names, ends, (len(a[0]) for a in arrays), strict=True):
-            result[name] = {field: value[end - count:end] for field, value in out.items()}
+        bounds = np.cumsum([len(a[0]) for a in arrays])[:-1]
+        parts = {field: np.split(value, bounds) for field, value in out.items()}
+        for index, name in enumerate(names):
+            result[name] = {field: part[index] for field, part in parts.items()}
     return {name: result[name] for name in splits}
 
 
 def _split_arrays(tokens, mask, targets, target_mask) -> list[np.ndarray]:
-    """extract_dataset's defaults made explicit, so splits can be concatenated."""
+    """[tokens, mask, targets, target_mask] as int32 [N, S], with the defaults of None (all tokens
+    real; next-token targets) made explicit: extract_dataset's inputs, and splits ready to join."""
     tokens = np.asarray(tokens, np.int32)
     mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
     if targets is None:
         targets, target_mask = next_token_targets(tokens, mask)
     return [tokens, mask, np.asarray(targets, np.int32), np.asarray(target_mask, np.int32)]

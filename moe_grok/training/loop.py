@@ -270,15 +270,20 @@ def _mean_pathway_length(mean_weights: np.ndarray, tau: float) -> float:
     return float(np.mean(pathways.pathway_lengths(mean_weights, tau)))
 
 
+def evaluation_splits(data: tasks.AlgorithmicDataset) -> dict[str, tuple]:
+    """The splits `evaluate` scores, as extract_splits takes them: name -> (inputs, None, targets,
+    target_mask), scored at the answer position."""
+    return {split: (getattr(data, f"{split}_inputs"), None,
+                    *answer_targets(getattr(data, f"{split}_inputs"), getattr(data, f"{split}_targets")))
+            for split in ("train", "test")}
+
+
 def evaluate(model_config: MoEConfig, params, data: tasks.AlgorithmicDataset, extractor, batch_size: int = 2048):
     """Per split: loss and accuracy at the answer position (overall and per group), routing
     entropy (nats, token mean, averaged over layers and samples) and pathway length (experts
     per layer at tau = MONITOR_TAU) -> flat dict of floats."""
-    splits = {split: (getattr(data, f"{split}_inputs"), None,
-                      *answer_targets(getattr(data, f"{split}_inputs"), getattr(data, f"{split}_targets")))
-              for split in ("train", "test")}
-    extracted = extract_splits(model_config, params, splits, batch_size=batch_size, extractor=extractor,
-                               progress=False)
+    extracted = extract_splits(model_config, params, evaluation_splits(data), batch_size=batch_size,
+                               extractor=extractor, progress=False)
     result = {}
     for split, stats in extracted.items():
         groups = getattr(data, f"{split}_groups")
