@@ -1,16 +1,16 @@
-"""Evaluation during training: each split streamed alone vs all splits streamed together, one run.
+"""Evaluation: each split streamed alone vs all splits streamed together, one run.
 
-  python benchmarks/evaluation.py                          # default toy config, train + test, batch 2048
+  python benchmarks/evaluation.py                          # default toy config, batch 1024
   python benchmarks/evaluation.py --config=configs/toy_mixture.py
-  python benchmarks/evaluation.py --batch_size=1024        # the analysis' extraction batch
+  python benchmarks/evaluation.py --batch_size=2048
 
-Training evaluates the train and test splits at every `eval_every` steps, and the analysis extracts
-the same rows again at every checkpoint. The reference streams each split alone (`extract_dataset`
-per split: each split's last batch is padded to the full batch size); `extract_splits` streams the
-rows of both in batches that tile them. Outputs are checked equal up to float rounding (a sample
-whose near-tied top-k choice flips with the batch size is counted; more than 0.1% fail), then both
-are timed in interleaved rounds (seed-0 initial params: the forward's cost does not depend on the
-values); prints the medians, the rows each computes and the ratio.
+Training evaluates tasks.evaluation_splits (train, test, validation) at every `eval_every` steps,
+and hands those outputs to the analysis as its cache entries. The reference streams each split
+alone (`extract_dataset` per split: each split's last batch is padded to the full batch size);
+`extract_splits` streams the rows of all in batches that tile them. Outputs are checked equal up to
+float rounding (a sample whose near-tied top-k choice flips with the batch size is counted; more
+than 0.1% fail), then both are timed in interleaved rounds (seed-0 initial params: the forward's
+cost does not depend on the values); prints the medians, the rows each computes and the ratio.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from timing import interleaved_times
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy_grokking.py", "Toy training config.")
-_BATCH = flags.DEFINE_integer("batch_size", 2048, "Extraction batch size (training's evaluation uses 2048).")
+_BATCH = flags.DEFINE_integer("batch_size", 1024, "Extraction batch size (the toy configs' evaluation and analysis).")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
 
 
@@ -39,7 +39,7 @@ def main(argv):
     params = loop._cached_init(model_config)(jax.random.key(0))
     extractor = make_extractor(model_config)
     batch = _BATCH.value
-    splits = loop.evaluation_splits(data)
+    splits = {name: (s.tokens, s.mask, s.targets, s.target_mask) for name, s in tasks.evaluation_splits(data).items()}
     sizes = [len(arrays[0]) for arrays in splits.values()]
 
     def alone():

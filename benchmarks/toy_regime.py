@@ -51,7 +51,7 @@ def per_sample_train_loss(config, workdir: str) -> tuple[np.ndarray, np.ndarray]
     data = tasks.make_dataset(loop.task_spec(config))
     model_config = MoEConfig.load(workdir)
     checkpoints = loop.RunCheckpoints(workdir)
-    targets, target_mask = loop.answer_targets(data.train_inputs, data.train_targets)
+    targets, target_mask = tasks.answer_targets(data.train_inputs, data.train_targets)
     abstract = params_lib.param_shapes(model_config)
     steps = checkpoints.steps()
     extractor = make_extractor(model_config)

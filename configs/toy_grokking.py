@@ -40,9 +40,10 @@ def get_config():
         seed=0,  # init and minibatch seed
         eval_every=100,  # steps between evaluations (metrics.jsonl)
         checkpoint_every=100,  # steps between params checkpoints (the analysed "pretraining checkpoints")
+        eval_batch_size=1024,  # rows per evaluation batch; = analysis.batch_size: the analysis reuses the evaluation
     ))
     config.analysis = analysis_config()
-    config.analysis.batch_size = 1024  # samples per extraction batch
+    config.analysis.batch_size = 1024  # samples per extraction batch (= train.eval_batch_size: see there)
     config.analysis.train_embeddings = ""  # .npy [train samples, dim] embeddings for pairing ("" = by domain)
-    config.analysis.test_embeddings = ""  # .npy [test-split samples, dim], toy_run.task_splits order ("" = by domain)
+    config.analysis.test_embeddings = ""  # .npy [test-split samples, dim] (tasks.evaluation_splits; "" = by domain)
     return config

@@ -21,6 +21,7 @@ def tiny_protocol_config(docs_dir: str):
         arm.model.update(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8, num_experts=4,
                          num_experts_per_tok=2, expert_intermediate_size=16, moe_impl="dense")
         arm.train.update(steps=20, batch_size=32, eval_every=10, checkpoint_every=5, learning_rate=1e-2)
+        arm.train.eval_batch_size = 64  # = analysis.batch_size: the analysis reuses training's evaluations
         arm.analysis.update(batch_size=64, max_pairs=100)
     return config
 

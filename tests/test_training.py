@@ -177,7 +177,7 @@ def test_toy_model_sections_declare_the_dispatch_settings_and_take_them_as_flags
         assert {key: str(model[key]) for key in MODEL_FLAGS} == MODEL_FLAGS
 
 
-@pytest.mark.parametrize("key, value", [("eval_every", 0), ("batch_size", 0), ("steps", -5),
+@pytest.mark.parametrize("key, value", [("eval_every", 0), ("batch_size", 0), ("steps", -5), ("eval_batch_size", 0),
                                         ("warmup_steps", -1), ("learning_rate", 0.0), ("b2", 1.0),
                                         ("label_smoothing", 1.0), ("label_smoothing", -0.1)])
 def test_bad_train_config_is_refused_before_any_work(tmp_path, key, value):
@@ -280,13 +280,54 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
 
 
+def test_training_hands_its_evaluation_to_the_analysis_cache(tmp_path, monkeypatch):
+    """With train.eval_batch_size = analysis.batch_size, each evaluated checkpoint's extraction becomes
+    the analysis' cache entry: the analysis extracts only the other checkpoints, and its report and
+    entries equal those of an analysis that extracts every checkpoint itself."""
+    import shutil
+
+    config = tiny_config(steps=20)
+    config.train.update(checkpoint_every=5, eval_batch_size=64)  # steps 5 and 15: checkpoints not evaluated
+    handed = str(tmp_path / "handed")
+    training.train(config, handed, progress=False, on_evaluated_checkpoint=toy_run.analysis_cache_writer(config))
+    cache = os.path.join(handed, "analysis", "cache")
+    assert sorted(os.listdir(cache)) == [f"step_{s:010d}.npz" for s in (0, 10, 20)]
+    fresh = str(tmp_path / "fresh")
+    shutil.copytree(handed, fresh, ignore=shutil.ignore_patterns("analysis"))
+
+    restored = []
+    restore = training.RunCheckpoints.restore_params
+    monkeypatch.setattr(training.RunCheckpoints, "restore_params",
+                        lambda self, step, abstract: restored.append(step) or restore(self, step, abstract))
+    report = toy_run.analyze_run(config, handed, progress=False, with_plots=False)
+    assert restored == [5, 15]
+    restored.clear()
+    reference = toy_run.analyze_run(config, fresh, progress=False, with_plots=False)
+    assert restored == [0, 5, 10, 15, 20]
+    assert json.dumps(report, default=float) == json.dumps(reference, default=float)
+    for step in (0, 10, 20):
+        name = f"step_{step:010d}.npz"
+        with np.load(os.path.join(cache, name)) as a, np.load(os.path.join(fresh, "analysis", "cache", name)) as b:
+            assert a.files == b.files
+            for array in a.files:
+                if array != "key":  # the key names each run's own checkpoint files
+                    np.testing.assert_array_equal(a[array], b[array], err_msg=f"{name}: {array}")
+            # the logged "test" metrics are over both held-out halves
+            logged = next(m for m in training.read_metrics(handed) if m["step"] == step)
+            held_out = np.concatenate([a["test/correct"], a["validation/correct"]])
+            assert logged["test_accuracy"] == pytest.approx(float(held_out.mean()))
+
+    config.train.eval_batch_size = 128  # another batch size rounds differently: the analysis extracts itself
+    assert toy_run.analysis_cache_writer(config) is None
+
+
 def test_analysis_pairs_groups_by_embedding_files(finished_run, tmp_path):
     """config.analysis.train_embeddings / test_embeddings: .npy files pair the groups; a file with
     the wrong row count is named before any checkpoint is analysed."""
     import shutil
 
     config, reference = finished_run
-    splits = toy_run.task_splits(tasks.make_dataset(training.task_spec(config)))
+    splits = tasks.evaluation_splits(tasks.make_dataset(training.task_spec(config)))
     sizes = {split: len(splits[split]) for split in ("train", "test")}
     rng = np.random.default_rng(0)
     config = config.copy_and_resolve_references()
@@ -319,7 +360,7 @@ def test_analysis_metrics_match_direct_computation(finished_run):
 
     config, workdir = finished_run
     data = tasks.make_dataset(training.task_spec(config))
-    splits = toy_run.task_splits(data)
+    splits = tasks.evaluation_splits(data)
     source = toy_run.run_checkpoint_sources(workdir)[-1]
     mconfig, params = source.load()
     stats = stats_lib.collect_checkpoint_stats([source], splits, os.path.join(workdir, "analysis", "cache"),
@@ -368,7 +409,7 @@ def test_theory_bounds_along_toy_checkpoints(finished_run):
     # The last row equals the theory module applied directly to that checkpoint's routing.
     data = tasks.make_dataset(training.task_spec(config))
     chosen = np.sort(np.random.default_rng(0).choice(len(data.train_targets), 30, replace=False))
-    stats = stats_lib.collect_checkpoint_stats(toy_run.run_checkpoint_sources(workdir), toy_run.task_splits(data),
+    stats = stats_lib.collect_checkpoint_stats(toy_run.run_checkpoint_sources(workdir), tasks.evaluation_splits(data),
                                               os.path.join(workdir, "analysis", "cache"), progress=False)
     gram = theory.multilayer_routing_gram(stats[-1].splits["train"]["mean_weights"][chosen])
     y = np.eye(config.task.p)[data.train_targets[chosen]] - 1.0 / config.task.p

@@ -2,7 +2,8 @@
 
 `collect_checkpoint_stats` runs every split through every checkpoint once
 (`extraction.routing.extract_splits`) and caches each checkpoint's results as an atomic .npz,
-so an interrupted run resumes without recomputing finished checkpoints.
+so an interrupted run resumes without recomputing finished checkpoints. `store_checkpoint_stats`
+writes an entry from outputs extracted elsewhere (training's evaluation).
 
 A cache entry (cache_dir/step_<step>.npz) is used only when its key equals the current one:
 the cache format, the stored fields, the data fingerprints and the checkpoint's identity
@@ -183,6 +184,34 @@ def _save_cached(path: str, stats: CheckpointStats, key: dict[str, Any], archite
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
 
 
+def _checkpoint_stats(source: CheckpointSource, extracted: dict[str, dict[str, np.ndarray]], params
+                      ) -> CheckpointStats:
+    per_split = {name: {f: np.asarray(out[f]) for f in STAT_FIELDS} for name, out in extracted.items()}
+    return CheckpointStats(source.step, source.name, per_split, np.asarray(router_matrices(params), np.float32),
+                           parameter_sample(params))
+
+
+def store_checkpoint_stats(cache_dir: str, source: CheckpointSource, splits: dict[str, EvalSplit],
+                           extracted: dict[str, dict[str, np.ndarray]], model_config: MoEConfig, params) -> None:
+    """Write the cache entry `collect_checkpoint_stats` would write for `source`, from outputs
+    extracted elsewhere (training's evaluation of the checkpoint it has just saved), so that
+    checkpoint is not extracted again.
+
+    extracted: `extract_splits`' outputs for exactly `splits` (same names, rows and order) through
+    `source`'s params; ValueError if the names or sizes differ. The entry is then what the
+    analysis would compute itself when it extracts with the same batch size (which sets the float
+    rounding) and mesh.
+    """
+    sizes = {name: len(split) for name, split in splits.items()}
+    got = {name: len(out["loss"]) for name, out in extracted.items()}
+    if got != sizes:
+        raise ValueError(f"extracted splits {got} are not the splits {sizes} (name: samples)")
+    os.makedirs(cache_dir, exist_ok=True)
+    fingerprints = {name: split.fingerprint() for name, split in splits.items()}
+    _save_cached(_cache_path(cache_dir, source.step), _checkpoint_stats(source, extracted, params),
+                 entry_key(source, fingerprints), model_config.architecture())
+
+
 def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[str, EvalSplit], cache_dir: str,
                              batch_size: int = 32, mesh=None, progress: bool = True) -> list[CheckpointStats]:
     """Run every split through every checkpoint (cached per checkpoint, see the module doc). Sorted by step.
@@ -230,9 +259,7 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
                                    {name: (s.tokens, s.mask, s.targets, s.target_mask) for name, s in splits.items()},
                                    batch_size=batch_size, mesh=mesh, extractor=extractor,
                                    progress=f"step {source.step}" if progress else False)
-        per_split = {name: {f: out[f] for f in STAT_FIELDS} for name, out in extracted.items()}
-        stats = CheckpointStats(source.step, source.name, per_split, np.asarray(router_matrices(params), np.float32),
-                                parameter_sample(params))
+        stats = _checkpoint_stats(source, extracted, params)
         # The identity is read again after loading: a hub checkpoint's commit and files are known only now.
         _save_cached(path, stats, entry_key(source, fingerprints), arch)
         results.append(stats)

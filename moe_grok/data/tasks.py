@@ -22,6 +22,8 @@ import dataclasses
 
 import numpy as np
 
+from moe_grok.data.splits import EvalSplit, position_targets
+
 OPERATIONS = ("add", "sub", "mul", "div", "x2xyy2")
 """Known operations: a+b, a-b, a*b, a*b^-1 (b != 0), a^2+ab+b^2; all mod p."""
 
@@ -192,3 +194,27 @@ def make_dataset(spec: TaskSpec) -> AlgorithmicDataset:
         for field, parts in zip(("inputs", "targets", "groups"), fields, strict=True)
     }
     return AlgorithmicDataset(spec=spec, group_names=spec.ops, **arrays)
+
+
+def answer_targets(inputs: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Targets / target_mask [N, SEQ_LEN] scoring only the answer position."""
+    return position_targets(inputs, answers, ANSWER_POSITION)
+
+
+def evaluation_splits(data: AlgorithmicDataset, validation_share: float = 0.5) -> dict[str, EvalSplit]:
+    """The splits every checkpoint is evaluated on (by training's evaluation and by the analysis),
+    scored at the answer position, groups = operations: "train", and the held-out pairs cut in two
+    by a seeded draw per operation: "validation" (Table 1's validation loss) and "test" (accuracy,
+    Test@ groups, the held-out control). Training logs "test" metrics over both halves."""
+    def split_of(inputs, answers, groups):
+        return EvalSplit(inputs, np.ones_like(inputs), *answer_targets(inputs, answers), groups, data.group_names)
+
+    held_out = np.zeros(len(data.test_targets), bool)
+    for group in range(len(data.group_names)):
+        rows = np.flatnonzero(data.test_groups == group)
+        rng = np.random.default_rng([data.spec.seed, group, 1])
+        held_out[rng.choice(rows, int(round(validation_share * rows.size)), replace=False)] = True
+    inputs, answers, groups = data.test_inputs, data.test_targets, data.test_groups
+    return {"train": split_of(data.train_inputs, data.train_targets, data.train_groups),
+            "test": split_of(inputs[~held_out], answers[~held_out], groups[~held_out]),
+            "validation": split_of(inputs[held_out], answers[held_out], groups[held_out])}

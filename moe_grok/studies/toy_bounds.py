@@ -28,7 +28,7 @@ def toy_run_bounds(workdir: str, n_samples: int = 1000, lam: float = 0.1, noise_
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     data = tasks.make_dataset(loop.task_spec(config))
-    stats = collect_checkpoint_stats(toy_run.run_checkpoint_sources(workdir), toy_run.task_splits(data),
+    stats = collect_checkpoint_stats(toy_run.run_checkpoint_sources(workdir), tasks.evaluation_splits(data),
                                      os.path.join(workdir, "analysis", "cache"),
                                      batch_size=config.analysis.batch_size, progress=False)
     n_train = len(data.train_targets)

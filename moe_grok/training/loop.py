@@ -27,6 +27,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,12 +42,13 @@ from tqdm.auto import tqdm
 from moe_grok import sharding
 from moe_grok.config import MoEConfig, toy
 from moe_grok.data import tasks
-from moe_grok.data.splits import position_targets
+from moe_grok.data.splits import EvalSplit
 from moe_grok.extraction import pathways
 from moe_grok.extraction.routing import extract_splits, make_extractor
 from moe_grok.model import params as params_lib
 from moe_grok.training import losses, run_dir
 
+CHECKPOINTS_DIR = "checkpoints"  # below a run's workdir: params at every checkpoint step
 MONITOR_TAU = 0.7  # pathway threshold of the logged pathway length (the analysis' default tau)
 STATES_KEPT = 2  # train states kept: a corrupt latest one falls back to the one before
 MAX_SEED_THREADS = 16  # most seeds advanced concurrently, one thread each
@@ -61,11 +63,6 @@ def task_spec(config: ml_collections.ConfigDict) -> tasks.TaskSpec:
 def model_config_of(config: ml_collections.ConfigDict, spec: tasks.TaskSpec) -> MoEConfig:
     """The run's MoEConfig: `toy()` with the config's `model` fields, sized for the task."""
     return toy(vocab_size=spec.vocab_size, max_seq_len=tasks.SEQ_LEN, **config.model.to_dict())
-
-
-def answer_targets(inputs: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Targets/target_mask [N, SEQ_LEN] scoring only the answer position (for extraction)."""
-    return position_targets(inputs, answers, tasks.ANSWER_POSITION)
 
 
 def _is_router(path) -> bool:
@@ -190,7 +187,7 @@ class RunCheckpoints:
     def __init__(self, workdir: str):
         self.workdir = os.path.abspath(workdir)
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-        self.params = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options)
+        self.params = ocp.CheckpointManager(os.path.join(self.workdir, CHECKPOINTS_DIR), options=options)
         self._open_state()
 
     def _open_state(self) -> None:
@@ -270,32 +267,41 @@ def _mean_pathway_length(mean_weights: np.ndarray, tau: float) -> float:
     return float(np.mean(pathways.pathway_lengths(mean_weights, tau)))
 
 
-def evaluation_splits(data: tasks.AlgorithmicDataset) -> dict[str, tuple]:
-    """The splits `evaluate` scores, as extract_splits takes them: name -> (inputs, None, targets,
-    target_mask), scored at the answer position."""
-    return {split: (getattr(data, f"{split}_inputs"), None,
-                    *answer_targets(getattr(data, f"{split}_inputs"), getattr(data, f"{split}_targets")))
-            for split in ("train", "test")}
+LOGGED_SPLITS = {"train": ("train",), "test": ("test", "validation")}  # logged split: its evaluation splits
+"""metrics.jsonl's "test" metrics are over all held-out pairs: both halves tasks.evaluation_splits cuts."""
+
+EvaluationCallback = Callable[[str, int, Any, dict[str, dict[str, np.ndarray]]], None]
+"""(workdir, step, params, extracted): called after a checkpoint at an evaluated step is saved."""
 
 
-def evaluate(model_config: MoEConfig, params, data: tasks.AlgorithmicDataset, extractor, batch_size: int = 2048):
-    """Per split: loss and accuracy at the answer position (overall and per group), routing
-    entropy (nats, token mean, averaged over layers and samples) and pathway length (experts
-    per layer at tau = MONITOR_TAU) -> flat dict of floats."""
-    extracted = extract_splits(model_config, params, evaluation_splits(data), batch_size=batch_size,
-                               extractor=extractor, progress=False)
+def evaluate(model_config: MoEConfig, params, splits: dict[str, EvalSplit], extractor, batch_size: int
+             ) -> tuple[dict[str, float], dict[str, dict[str, np.ndarray]]]:
+    """Run tasks.evaluation_splits' `splits` through `params` together (extract_splits, `batch_size`
+    rows per batch) -> (metrics, extracted).
+
+    metrics, per LOGGED_SPLITS split: loss and accuracy at the answer position (overall and per
+    group), routing entropy (nats, token mean, averaged over layers and samples) and pathway length
+    (experts per layer at tau = MONITOR_TAU), as a flat dict of floats. extracted: extract_splits'
+    per-sample outputs per evaluation split (what the analysis caches per checkpoint).
+    """
+    extracted = extract_splits(model_config, params,
+                               {name: (s.tokens, s.mask, s.targets, s.target_mask) for name, s in splits.items()},
+                               batch_size=batch_size, extractor=extractor, progress=False)
+    group_names = splits["train"].group_names
     result = {}
-    for split, stats in extracted.items():
-        groups = getattr(data, f"{split}_groups")
-        result[f"{split}_loss"] = float(stats["loss"].mean())
-        result[f"{split}_accuracy"] = float(stats["correct"].mean())
-        for g, name in enumerate(data.group_names):
+    for logged, parts in LOGGED_SPLITS.items():
+        groups = np.concatenate([splits[part].groups for part in parts])
+        stats = {field: np.concatenate([extracted[part][field] for part in parts])
+                 for field in ("loss", "correct", "routing_entropy", "mean_weights")}
+        result[f"{logged}_loss"] = float(stats["loss"].mean())
+        result[f"{logged}_accuracy"] = float(stats["correct"].mean())
+        for g, name in enumerate(group_names):
             in_group = groups == g
-            result[f"{split}_accuracy/{name}"] = float(stats["correct"][in_group].mean())
-            result[f"{split}_loss/{name}"] = float(stats["loss"][in_group].mean())
-        result[f"{split}_routing_entropy"] = float(stats["routing_entropy"].mean())
-        result[f"{split}_pathway_length"] = _mean_pathway_length(stats["mean_weights"], MONITOR_TAU)
-    return result
+            result[f"{logged}_accuracy/{name}"] = float(stats["correct"][in_group].mean())
+            result[f"{logged}_loss/{name}"] = float(stats["loss"][in_group].mean())
+        result[f"{logged}_routing_entropy"] = float(stats["routing_entropy"].mean())
+        result[f"{logged}_pathway_length"] = _mean_pathway_length(stats["mean_weights"], MONITOR_TAU)
+    return result, extracted
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -327,7 +333,7 @@ class _SeedRun:
         """Check (or record) the run's identity, then write its configs."""
         os.makedirs(self.workdir, exist_ok=True)
         started = any(os.path.isdir(os.path.join(self.workdir, d)) and os.listdir(os.path.join(self.workdir, d))
-                      for d in ("checkpoints", "train_state"))
+                      for d in (CHECKPOINTS_DIR, "train_state"))
         run_dir.check_or_record_identity(self.workdir, run_dir.run_identity(config, model_config), started)
         model_config.save(self.workdir)
         with open(os.path.join(self.workdir, "config.json"), "w") as f:
@@ -367,13 +373,16 @@ def _restore_common_state(runs: list[_SeedRun], start_states: list) -> int | Non
 
 
 def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], mesh: jax.sharding.Mesh | None = None,
-               stop_at: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+               stop_at: int | None = None, progress: bool = True,
+               on_evaluated_checkpoint: EvaluationCallback | None = None) -> list[dict[str, Any]]:
     """Train (or resume) one run per (seed, workdir), all seeds together; returns each run's last
     evaluation. `config.train.seed` is replaced by each run's seed.
 
     Every run trains the same steps; on resume all restart from the newest train state they
     all have. stop_at: stop after this many total steps without changing the schedule (tests
-    use it to simulate a kill).
+    use it to simulate a kill). on_evaluated_checkpoint: called in the seed's thread with
+    (workdir, step, params, the evaluation's extracted outputs) once a checkpoint at an evaluated
+    step is saved (e.g. studies.toy_run.analysis_cache_writer).
     """
     train_config = config.train
     run_dir.validate_train_config(train_config)
@@ -393,7 +402,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
             seed_config.train.seed = run.seed
             run.prepare(seed_config, model_config)
             run.checkpoints = RunCheckpoints(run.workdir)
-        return _train_locked(config, seed_runs, data, model_config, mesh, stop_at, progress)
+        return _train_locked(config, seed_runs, data, model_config, mesh, stop_at, progress,
+                             on_evaluated_checkpoint)
 
 
 def _committed(tree, mesh: jax.sharding.Mesh | None):
@@ -408,7 +418,8 @@ def _next_boundary(step: int, train) -> int:
     return min((step // every + 1) * every for every in (train.eval_every, train.checkpoint_every))
 
 
-def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConfig, mesh, stop_at, progress):
+def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConfig, mesh, stop_at, progress,
+                  on_evaluated_checkpoint: EvaluationCallback | None):
     train_config = config.train
     tx = make_optimizer(train_config)
     for run in seed_runs:
@@ -420,6 +431,7 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
 
     train_step = compiled_train_step(model_config, train_config, mesh)
     extractor = _cached_extractor(model_config)
+    splits = tasks.evaluation_splits(data)
     inputs, answers = jnp.asarray(data.train_inputs), jnp.asarray(data.train_targets)
     n_train = inputs.shape[0]
     end = train_config.steps if stop_at is None else min(stop_at, train_config.steps)
@@ -427,7 +439,10 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
         for run in seed_runs:
             run.checkpoints.save(0, run.params, run.opt_state)
             if not run.last:
-                run.log({"step": 0, **evaluate(model_config, run.params, data, extractor)})
+                metrics, extracted = evaluate(model_config, run.params, splits, extractor, train_config.eval_batch_size)
+                run.log({"step": 0, **metrics})
+                if on_evaluated_checkpoint is not None:
+                    on_evaluated_checkpoint(run.workdir, 0, run.params, extracted)
     bar = tqdm(total=train_config.steps, initial=start, disable=not progress,
                desc=f"train {len(seed_runs)} seed{'s' if len(seed_runs) > 1 else ''}")
     progress_lock, seed_steps = threading.Lock(), {run.seed: start for run in seed_runs}
@@ -446,14 +461,18 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
     def at_boundary(run: _SeedRun, done: int) -> None:
         """Log the evaluation at `done`, then save the checkpoint (in this order: a run killed in
         between resumes from the previous checkpoint and redoes the evaluation)."""
+        extracted = None
         if done % train_config.eval_every == 0 or done == train_config.steps:
             row = {"step": done, **{k: float(v) for k, v in run.step_metrics.items()}}
             if not np.isfinite(row["loss"]):
                 raise FloatingPointError(f"non-finite training loss at step {done} of seed {run.seed} "
                                          f"({run.workdir}); its last checkpoint is kept on disk")
-            run.log({**row, **evaluate(model_config, run.params, data, extractor), "elapsed_s": time.time() - started})
+            metrics, extracted = evaluate(model_config, run.params, splits, extractor, train_config.eval_batch_size)
+            run.log({**row, **metrics, "elapsed_s": time.time() - started})
         if done % train_config.checkpoint_every == 0 or done == train_config.steps:
             run.checkpoints.save(done, run.params, run.opt_state)
+            if extracted is not None and on_evaluated_checkpoint is not None:
+                on_evaluated_checkpoint(run.workdir, done, run.params, extracted)
 
     started = time.time()
     # Seeds run in their own threads between evaluations: the CPU runtime executes one dispatching
@@ -477,10 +496,11 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
-          stop_at: int | None = None, progress: bool = True) -> dict[str, Any]:
+          stop_at: int | None = None, progress: bool = True,
+          on_evaluated_checkpoint: EvaluationCallback | None = None) -> dict[str, Any]:
     """Train (or resume) the run of `config.train.seed` in `workdir`; returns its last evaluation.
 
     stop_at: stop after this many total steps without changing the schedule (tests use it
-    to simulate a kill).
+    to simulate a kill); on_evaluated_checkpoint: see train_runs.
     """
-    return train_runs(config, [(config.train.seed, workdir)], mesh, stop_at, progress)[0]
+    return train_runs(config, [(config.train.seed, workdir)], mesh, stop_at, progress, on_evaluated_checkpoint)[0]

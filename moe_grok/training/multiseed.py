@@ -21,11 +21,13 @@ def seed_workdir(workdir: str, seed: int) -> str:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, seeds, mesh: jax.sharding.Mesh | None = None,
-          stop_at: int | None = None, progress: bool = True) -> list[str]:
+          stop_at: int | None = None, progress: bool = True,
+          on_evaluated_checkpoint: loop.EvaluationCallback | None = None) -> list[str]:
     """Train (or resume) `config` for every seed in `seeds` together; returns the seed workdirs.
 
     `config.train.seed` is ignored (each run gets its seed). A re-run must name the same seeds and
     identity (run.json); steps may grow. stop_at: stop after this many steps (tests: a kill).
+    on_evaluated_checkpoint: see loop.train_runs.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -39,6 +41,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, seeds, mesh: jax.shar
         started = any(os.path.isdir(seed_workdir(workdir, s)) for s in seeds)
         run_dir.check_or_record_identity(workdir, identity, started)
         runs = [(seed, seed_workdir(workdir, seed)) for seed in seeds]
-        loop.train_runs(config, runs, mesh, stop_at, progress)
+        loop.train_runs(config, runs, mesh, stop_at, progress, on_evaluated_checkpoint)
     return [path for _, path in runs]
 

@@ -20,7 +20,7 @@ from moe_grok.locking import DirectoryLock
 
 IDENTITY_FILE = "run.json"
 LOCK_FILE = "train.lock"
-NOT_IDENTITY = ("steps", "eval_every", "checkpoint_every")  # train keys that do not change the trajectory
+NOT_IDENTITY = ("steps", "eval_every", "checkpoint_every", "eval_batch_size")  # keys that leave the trajectory
 
 
 def _positive_int(value) -> bool:
@@ -34,7 +34,8 @@ def _finite_at_least(value, low: float) -> bool:
 def validate_train_config(train: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming every bad key of ``config.train`` (before any work starts)."""
     problems = [f"{key} must be a positive integer, got {train[key]!r}"
-                for key in ("steps", "batch_size", "eval_every", "checkpoint_every") if not _positive_int(train[key])]
+                for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_batch_size")
+                if not _positive_int(train[key])]
     if not isinstance(train.warmup_steps, int) or train.warmup_steps < 0:
         problems.append(f"warmup_steps must be an integer >= 0, got {train.warmup_steps!r}")
     if not isinstance(train.seed, int) or train.seed < 0:
