@@ -317,6 +317,16 @@ def test_training_hands_its_evaluation_to_the_analysis_cache(tmp_path, monkeypat
             held_out = np.concatenate([a["test/correct"], a["validation/correct"]])
             assert logged["test_accuracy"] == pytest.approx(float(held_out.mean()))
 
+    # A resume below the newest checkpoint redoes steps whose checkpoints are already on disk (or, with
+    # another checkpoint_every, were never written): nothing is handed over for them.
+    shutil.rmtree(training.RunCheckpoints(handed)._state_dir(20))
+    os.remove(os.path.join(cache, "step_0000000020.npz"))
+    resumed = config.copy_and_resolve_references()
+    resumed.train.update(eval_every=4, checkpoint_every=4)  # steps 16 and 20 evaluated again from step 15
+    training.train(resumed, handed, progress=False, on_evaluated_checkpoint=toy_run.analysis_cache_writer(resumed))
+    assert sorted(os.listdir(cache)) == [f"step_{s:010d}.npz" for s in (0, 5, 10, 15)]  # 5, 15: the analyses'
+    assert [m["step"] for m in training.read_metrics(handed)] == [0, 10, 16, 20]
+
     config.train.eval_batch_size = 128  # another batch size rounds differently: the analysis extracts itself
     assert toy_run.analysis_cache_writer(config) is None
 

@@ -19,6 +19,7 @@ import datetime
 import functools
 import json
 import os
+import threading
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -178,7 +179,7 @@ def _save_cached(path: str, stats: CheckpointStats, key: dict[str, Any], archite
         return
     arrays = {f"{split}/{f}": v[f] for split, v in stats.splits.items() for f in STAT_FIELDS}
     arrays.update({f"params/{k}": v for k, v in stats.param_sample.items()})
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp.npz"  # two writers never share a temporary file
     np.savez(tmp, router=stats.router, key=json.dumps(key), architecture=json.dumps(architecture),
              name=stats.name, **arrays)
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file

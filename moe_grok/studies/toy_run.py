@@ -53,12 +53,16 @@ def analysis_cache_writer(config: ml_collections.ConfigDict) -> loop.EvaluationC
     splits = tasks.evaluation_splits(tasks.make_dataset(loop.task_spec(config)))
 
     def write(workdir: str, step: int, params, extracted) -> None:
-        model_config = MoEConfig.load(workdir)
-        checkpoints_dir = os.path.join(os.path.abspath(workdir), loop.CHECKPOINTS_DIR)
-        source = CheckpointSource(step, f"step {step}", lambda: (model_config, params),
-                                  lambda: _checkpoint_identity(checkpoints_dir, step, model_config))
-        store_checkpoint_stats(os.path.join(workdir, ANALYSIS_DIR, "cache"), source, splits, extracted,
-                               model_config, params)
+        cache_dir = os.path.join(workdir, ANALYSIS_DIR, "cache")
+        try:
+            model_config = MoEConfig.load(workdir)
+            checkpoints_dir = os.path.join(os.path.abspath(workdir), loop.CHECKPOINTS_DIR)
+            source = CheckpointSource(step, f"step {step}", lambda: (model_config, params),
+                                      lambda: _checkpoint_identity(checkpoints_dir, step, model_config))
+            store_checkpoint_stats(cache_dir, source, splits, extracted, model_config, params)
+        except (OSError, ValueError) as e:  # the cache is optional: training goes on, the analysis extracts
+            logging.warning("step %d of %s: the evaluation was not stored in %s (%s: %s); the analysis will "
+                            "extract this checkpoint itself", step, workdir, cache_dir, type(e).__name__, e)
 
     return write
 

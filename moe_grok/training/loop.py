@@ -196,10 +196,12 @@ class RunCheckpoints:
             options=ocp.CheckpointManagerOptions(create=True, max_to_keep=STATES_KEPT,
                                                  enable_async_checkpointing=False))
 
-    def save(self, step: int, params, opt_state) -> None:
-        """Params and train state at `step` (a step already on disk is left as it is: resume is exact)."""
-        self.params.save(step, args=ocp.args.StandardSave(params))
+    def save(self, step: int, params, opt_state) -> bool:
+        """Params and train state at `step`; True if the params were written now (orbax skips a step at
+        or below its newest one, e.g. on resume: what is on disk is left as it is, resume being exact)."""
+        written = self.params.save(step, args=ocp.args.StandardSave(params))
         self.state.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+        return bool(written)
 
     def steps(self) -> list[int]:
         return sorted(self.params.all_steps())
@@ -386,6 +388,10 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
     """
     train_config = config.train
     run_dir.validate_train_config(train_config)
+    if mesh is not None and on_evaluated_checkpoint is not None:
+        # A mesh changes the evaluation's float rounding: its outputs are not what the analysis computes.
+        logging.warning("training on a mesh: on_evaluated_checkpoint is not called (the analysis extracts itself)")
+        on_evaluated_checkpoint = None
     spec = task_spec(config)
     data = tasks.make_dataset(spec)
     model_config = model_config_of(config, spec)
@@ -437,11 +443,11 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
     end = train_config.steps if stop_at is None else min(stop_at, train_config.steps)
     if start == 0:
         for run in seed_runs:
-            run.checkpoints.save(0, run.params, run.opt_state)
+            written = run.checkpoints.save(0, run.params, run.opt_state)
             if not run.last:
                 metrics, extracted = evaluate(model_config, run.params, splits, extractor, train_config.eval_batch_size)
                 run.log({"step": 0, **metrics})
-                if on_evaluated_checkpoint is not None:
+                if written and on_evaluated_checkpoint is not None:
                     on_evaluated_checkpoint(run.workdir, 0, run.params, extracted)
     bar = tqdm(total=train_config.steps, initial=start, disable=not progress,
                desc=f"train {len(seed_runs)} seed{'s' if len(seed_runs) > 1 else ''}")
@@ -460,7 +466,8 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
 
     def at_boundary(run: _SeedRun, done: int) -> None:
         """Log the evaluation at `done`, then save the checkpoint (in this order: a run killed in
-        between resumes from the previous checkpoint and redoes the evaluation)."""
+        between resumes from the previous checkpoint and redoes the evaluation), then hand the
+        evaluation to on_evaluated_checkpoint if this checkpoint was written now."""
         extracted = None
         if done % train_config.eval_every == 0 or done == train_config.steps:
             row = {"step": done, **{k: float(v) for k, v in run.step_metrics.items()}}
@@ -470,8 +477,8 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
             metrics, extracted = evaluate(model_config, run.params, splits, extractor, train_config.eval_batch_size)
             run.log({**row, **metrics, "elapsed_s": time.time() - started})
         if done % train_config.checkpoint_every == 0 or done == train_config.steps:
-            run.checkpoints.save(done, run.params, run.opt_state)
-            if extracted is not None and on_evaluated_checkpoint is not None:
+            written = run.checkpoints.save(done, run.params, run.opt_state)
+            if written and extracted is not None and on_evaluated_checkpoint is not None:
                 on_evaluated_checkpoint(run.workdir, done, run.params, extracted)
 
     started = time.time()
