@@ -39,7 +39,7 @@ def main(argv):
     params = loop._cached_init(model_config)(jax.random.key(0))
     extractor = make_extractor(model_config)
     batch = _BATCH.value
-    splits = {name: (s.tokens, s.mask, s.targets, s.target_mask) for name, s in tasks.evaluation_splits(data).items()}
+    splits = {name: split.arrays() for name, split in tasks.evaluation_splits(data).items()}
     sizes = [len(arrays[0]) for arrays in splits.values()]
 
     def alone():

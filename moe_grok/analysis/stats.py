@@ -257,7 +257,7 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
                 raise ValueError(f"split {split_name!r} has sequences of {split.tokens.shape[1]} tokens, longer than "
                                  f"the model's limit {model_config.max_seq_len}; truncate them (seq_len flag)")
         extracted = extract_splits(model_config, params,
-                                   {name: (s.tokens, s.mask, s.targets, s.target_mask) for name, s in splits.items()},
+                                   {name: split.arrays() for name, split in splits.items()},
                                    batch_size=batch_size, mesh=mesh, extractor=extractor,
                                    progress=f"step {source.step}" if progress else False)
         stats = _checkpoint_stats(source, extracted, params)

@@ -63,6 +63,10 @@ class EvalSplit:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, mask, targets, target_mask), as extraction.routing's extract_* functions take them."""
+        return self.tokens, self.mask, self.targets, self.target_mask
+
     def rows(self, group: str) -> np.ndarray:
         """Indices of the samples of `group` (ValueError naming the known groups otherwise)."""
         if group not in self.group_names:

@@ -50,9 +50,8 @@ def analysis_cache_writer(config: ml_collections.ConfigDict) -> loop.EvaluationC
         logging.info("train.eval_batch_size %d != analysis.batch_size %d: the analysis extracts every checkpoint",
                      config.train.eval_batch_size, config.analysis.batch_size)
         return None
-    splits = tasks.evaluation_splits(tasks.make_dataset(loop.task_spec(config)))
 
-    def write(workdir: str, step: int, params, extracted) -> None:
+    def write(workdir: str, step: int, params, splits, extracted) -> None:
         cache_dir = os.path.join(workdir, ANALYSIS_DIR, "cache")
         try:
             model_config = MoEConfig.load(workdir)

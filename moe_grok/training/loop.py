@@ -272,8 +272,8 @@ def _mean_pathway_length(mean_weights: np.ndarray, tau: float) -> float:
 LOGGED_SPLITS = {"train": ("train",), "test": ("test", "validation")}  # logged split: its evaluation splits
 """metrics.jsonl's "test" metrics are over all held-out pairs: both halves tasks.evaluation_splits cuts."""
 
-EvaluationCallback = Callable[[str, int, Any, dict[str, dict[str, np.ndarray]]], None]
-"""(workdir, step, params, extracted): called after a checkpoint at an evaluated step is saved."""
+EvaluationCallback = Callable[[str, int, Any, dict[str, EvalSplit], dict[str, dict[str, np.ndarray]]], None]
+"""(workdir, step, params, splits, extracted): called after a checkpoint at an evaluated step is saved."""
 
 
 def evaluate(model_config: MoEConfig, params, splits: dict[str, EvalSplit], extractor, batch_size: int
@@ -287,7 +287,7 @@ def evaluate(model_config: MoEConfig, params, splits: dict[str, EvalSplit], extr
     per-sample outputs per evaluation split (what the analysis caches per checkpoint).
     """
     extracted = extract_splits(model_config, params,
-                               {name: (s.tokens, s.mask, s.targets, s.target_mask) for name, s in splits.items()},
+                               {name: split.arrays() for name, split in splits.items()},
                                batch_size=batch_size, extractor=extractor, progress=False)
     group_names = splits["train"].group_names
     result = {}
@@ -383,8 +383,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
     Every run trains the same steps; on resume all restart from the newest train state they
     all have. stop_at: stop after this many total steps without changing the schedule (tests
     use it to simulate a kill). on_evaluated_checkpoint: called in the seed's thread with
-    (workdir, step, params, the evaluation's extracted outputs) once a checkpoint at an evaluated
-    step is saved (e.g. studies.toy_run.analysis_cache_writer).
+    (workdir, step, params, the evaluation's splits, its extracted outputs) once a checkpoint at an
+    evaluated step is saved (e.g. studies.toy_run.analysis_cache_writer).
     """
     train_config = config.train
     run_dir.validate_train_config(train_config)
@@ -448,7 +448,7 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
                 metrics, extracted = evaluate(model_config, run.params, splits, extractor, train_config.eval_batch_size)
                 run.log({"step": 0, **metrics})
                 if written and on_evaluated_checkpoint is not None:
-                    on_evaluated_checkpoint(run.workdir, 0, run.params, extracted)
+                    on_evaluated_checkpoint(run.workdir, 0, run.params, splits, extracted)
     bar = tqdm(total=train_config.steps, initial=start, disable=not progress,
                desc=f"train {len(seed_runs)} seed{'s' if len(seed_runs) > 1 else ''}")
     progress_lock, seed_steps = threading.Lock(), {run.seed: start for run in seed_runs}
@@ -479,7 +479,7 @@ def _train_locked(config, seed_runs: list[_SeedRun], data, model_config: MoEConf
         if done % train_config.checkpoint_every == 0 or done == train_config.steps:
             written = run.checkpoints.save(done, run.params, run.opt_state)
             if written and extracted is not None and on_evaluated_checkpoint is not None:
-                on_evaluated_checkpoint(run.workdir, done, run.params, extracted)
+                on_evaluated_checkpoint(run.workdir, done, run.params, splits, extracted)
 
     started = time.time()
     # Seeds run in their own threads between evaluations: the CPU runtime executes one dispatching
