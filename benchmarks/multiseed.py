@@ -8,8 +8,9 @@ after one warm-up run that compiles the step; rounds alternate 1-seed and S-seed
 medians are compared. --compare_vmap also times one optimizer step of the S seeds as one
 jax.vmap program over stacked params (with the config's expert dispatch and with the dense
 one), against the one-thread-per-seed dispatch that `training` uses, one seed alone, and all seeds
-dispatched from one thread. Under `taskset -c 0` it measures what one core does, the bound on
-what seeds sharing the cores can gain.
+dispatched from one thread, and checks whether each vmapped step equals the single-seed steps bit
+for bit. Under `taskset -c 0` it measures what one core does, the bound on what seeds sharing the
+cores can gain.
 """
 import concurrent.futures
 import os
@@ -46,10 +47,19 @@ def _median_seconds(run_once, repeats: int = 3) -> float:
     return statistics.median(_timed(run_once) for _ in range(repeats))
 
 
-def _step_times(config, seeds: int) -> dict[str, float]:
+def _bitwise_equal(vmapped_out, seed_outs: list) -> bool:
+    """Whether seed s's slice of the vmapped step's (params, optimizer state, metrics) equals the
+    single-seed step's, bit for bit (the optimizer state holds the gradients' moments: at step 0
+    the warmup's learning rate is 0, and the params alone would not show a gradient difference)."""
+    return all(bool(jnp.array_equal(stacked[s], alone)) for s, out in enumerate(seed_outs)
+               for stacked, alone in zip(jax.tree.leaves(vmapped_out), jax.tree.leaves(out), strict=True))
+
+
+def _step_times(config, seeds: int) -> tuple[dict[str, float], dict[str, bool]]:
     """Seconds per optimizer step: one seed; all seeds as training runs them (the compiled
     single-seed step, one thread per seed); the same from one thread; and one jax.vmap program
-    over stacked seeds, with the config's expert dispatch and with the dense one."""
+    over stacked seeds, with the config's expert dispatch and with the dense one. Also whether
+    each vmapped program's first step equals the single-seed steps bit for bit (per dispatch)."""
     spec = loop.task_spec(config)
     data = tasks.make_dataset(spec)
     n_train = len(data.train_targets)
@@ -57,7 +67,7 @@ def _step_times(config, seeds: int) -> dict[str, float]:
     batches = [(jnp.asarray(data.train_inputs[i]), jnp.asarray(data.train_targets[i])) for i in batches]
     stacked_batch = tuple(jnp.stack([b[k] for b in batches]) for k in range(2))
     tx = loop.make_optimizer(config.train)
-    times = {}
+    times, bitwise = {}, {}
     pool = concurrent.futures.ThreadPoolExecutor(seeds)
     for impl in (config.model.moe_impl, "dense"):
         model_config = loop.model_config_of(config, spec).replace(moe_impl=impl)
@@ -66,7 +76,10 @@ def _step_times(config, seeds: int) -> dict[str, float]:
         params = [params_lib.init_params(model_config, jax.random.key(s)) for s in range(seeds)]
         state = {"seeds": [(p, tx.init(p)) for p in params]}
         state["stacked"] = jax.tree.map(lambda *a: jnp.stack(a), *state["seeds"])
-        single, vmapped = jax.jit(step), jax.jit(jax.vmap(step))
+        options = loop.train_step_compiler_options(jax.devices()[0].platform)
+        single, vmapped = jax.jit(step, compiler_options=options), jax.jit(jax.vmap(step), compiler_options=options)
+        bitwise[impl] = _bitwise_equal(vmapped(*state["stacked"], *stacked_batch),
+                                       [single(p, o, *b) for (p, o), b in zip(state["seeds"], batches, strict=True)])
 
         def advance(s, single=single, state=state):
             p, o, _ = jax.block_until_ready(single(*state["seeds"][s], *batches[s]))
@@ -87,7 +100,7 @@ def _step_times(config, seeds: int) -> dict[str, float]:
             times[f"all seeds from one thread ({impl})"] = _median_seconds(one_thread)
         times[f"vmap ({impl})"] = _median_seconds(one_program)
     pool.shutdown()
-    return times
+    return times, bitwise
 
 
 def main(argv):
@@ -111,10 +124,12 @@ def main(argv):
     print(f"{len(seeds)} seeds together: {t_many:.1f} s (rounds {[round(t, 1) for t in many]})")
     print(f"ratio {len(seeds)} seeds / 1 seed: {t_many / t_one:.2f}x (per seed: {t_many / t_one / len(seeds):.2f}x)")
     if _COMPARE_VMAP.value:
-        times = _step_times(config, len(seeds))
+        times, bitwise = _step_times(config, len(seeds))
         reference = times[f"one thread per seed ({config.model.moe_impl}), what training does"]
         for name, seconds in times.items():
             print(f"one optimizer step, {name}: {seconds * 1e3:.0f} ms ({seconds / reference:.2f}x training's)")
+        for impl, equal in bitwise.items():
+            print(f"vmap ({impl}) step bitwise equal to the single-seed steps, every seed: {equal}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ the step's XLA operations by model part.
   python benchmarks/toy_step.py --rounds=5 --config.model.expert_chunk_size=1024
 
 The optimizer step is compiled as `training` compiles it (remat_layers as configured, the CPU
-compiler options of `loop.train_step_compiler_options`); the same step is also timed with each of
-those two settings left out, and with both, so one run shows what each is worth.
+compiler options of `loop.train_step_compiler_options`, the attention form `attention_impl` picks);
+the same step is also timed with each of those settings left out, and without the first two, so one
+run shows what each is worth. Every step setting is timed twice: one seed alone, and
+--seed_threads seeds' steps each in its own thread, as multi-seed training runs them (there the
+seeds compete for the cores, and a setting can be worth more than it is to one seed alone).
 
 Each time is the mean of --repeats calls, then the median over interleaved rounds (every timed
 call in turn), so a drift of the machine's speed hits them all alike. The profile
@@ -17,6 +20,7 @@ loops carry no metadata of their own and are counted as "loop bodies". A profile
 slower than an unprofiled one: read the profile's shares, not its milliseconds.
 """
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import glob
@@ -33,6 +37,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from moe_grok.data import tasks
+from moe_grok.model import layers
 from moe_grok.model import params as params_lib
 from moe_grok.studies import launch
 from moe_grok.training import loop
@@ -44,6 +49,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Calls per timed function per round (their mean is the round's time).")
 _PROFILED = flags.DEFINE_integer("profiled", 5, "Steps in the profile (0 = no profile).")
+_SEED_THREADS = flags.DEFINE_integer("seed_threads", 8, "Seeds stepped in threads, as training does (0 = not timed).")
 
 _RUNTIME_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool")  # runtime and Python frames, not ops
 
@@ -105,27 +111,40 @@ def main(argv):
         return loop.loss_fn(p, model_config, inputs, answers, train.aux_loss_coef, train.z_loss_coef,
                             train.label_smoothing)[0]
 
-    def optimizer_step(remat_layers: bool, compiler_options):
-        step_config = dataclasses.replace(model_config, remat_layers=remat_layers)
+    def optimizer_step(remat_layers: bool, compiler_options, attention_impl: str):
+        step_config = dataclasses.replace(model_config, remat_layers=remat_layers, attention_impl=attention_impl)
         return jax.jit(loop.step_function(step_config, tx, train.aux_loss_coef, train.z_loss_coef,
                                           train.label_smoothing), compiler_options=compiler_options)
 
     forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
     options = loop.train_step_compiler_options(jax.devices()[0].platform)
-    # The step as `training` compiles it (without donation), then with each of its two CPU speed
-    # settings left out, then without both (the step as it was before them).
-    remat = model_config.remat_layers
-    settings = {"optimizer step": (remat, options)}
+    # The step as `training` compiles it (without donation), then with each of its three CPU speed
+    # settings left out, then without the first two (the step as it was before them).
+    remat, attention = model_config.remat_layers, model_config.attention_impl
+    settings = {"optimizer step": (remat, options, attention)}
     if options:
-        settings["optimizer step, without the CPU compiler options"] = (remat, None)
+        settings["optimizer step, without the CPU compiler options"] = (remat, None, attention)
     if remat:
-        settings["optimizer step, without remat_layers"] = (False, options)
+        settings["optimizer step, without remat_layers"] = (False, options, attention)
     if options and remat:
-        settings["optimizer step, without either"] = (False, None)
+        settings["optimizer step, without either"] = (False, None, attention)
+    if layers.resolve_attention_impl(attention, inputs.shape[1]) == "elementwise":
+        settings["optimizer step, with matmul attention"] = (remat, options, "matmul")
     steps = {name: optimizer_step(*setting) for name, setting in settings.items()}
     step = steps["optimizer step"]  # the profiled one
     calls = {"forward (loss)": lambda: forward(params), "gradient": lambda: gradient(params),
              **{name: functools.partial(s, params, opt_state, inputs, answers) for name, s in steps.items()}}
+    if _SEED_THREADS.value:
+        pool = concurrent.futures.ThreadPoolExecutor(_SEED_THREADS.value)
+        seed_args = []
+        for seed in range(_SEED_THREADS.value):
+            rows = loop.batch_indices(seed, 0, len(data.train_targets), config.train.batch_size)
+            seed_params = params_lib.init_params(model_config, jax.random.key(seed))
+            seed_args.append((seed_params, tx.init(seed_params), jnp.asarray(data.train_inputs[rows]),
+                              jnp.asarray(data.train_targets[rows])))
+        for name, s in steps.items():
+            calls[f"{name}, {_SEED_THREADS.value} seeds in threads"] = functools.partial(
+                lambda s: list(pool.map(lambda args: jax.block_until_ready(s(*args)), seed_args)), s)
     for call in calls.values():
         jax.block_until_ready(call())  # compiles
 

@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 MOE_IMPLS = ("auto", "ragged", "chunked", "dense")
+ATTENTION_IMPLS = ("auto", "matmul", "elementwise")
 CONFIG_FILE = "moe_config.json"  # the MoEConfig beside a saved checkpoint or training run
 
 
@@ -42,6 +43,7 @@ class MoEConfig:
     expert_chunk_size: int = 512  # CPU "chunked" dispatch: most rows in one expert matmul
     expert_chunk_granule: int = 32  # ... and chunk rows are rounded up to a multiple of this
     remat_layers: bool = False  # gradients recompute each layer's forward instead of storing its activations
+    attention_impl: str = "auto"  # auto: elementwise products for sequences of <= 8 tokens, batched matmuls beyond
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -55,6 +57,8 @@ class MoEConfig:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.moe_impl not in MOE_IMPLS:
             problems.append(f"moe_impl={self.moe_impl!r} not in {MOE_IMPLS}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl={self.attention_impl!r} not in {ATTENTION_IMPLS}")
         if not 0 < self.expert_chunk_granule <= self.expert_chunk_size or \
                 self.expert_chunk_size % self.expert_chunk_granule:
             problems.append(f"expert_chunk_size={self.expert_chunk_size} must be a positive multiple of "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moe_grok.config import MoEConfig, olmoe_1b_7b, toy
-from moe_grok.model import dispatch
+from moe_grok.model import dispatch, layers
 from moe_grok.model import params as model_lib
 from moe_grok.model.checkpoint_io import restore_params, save_params
 from moe_grok.model.hf import CheckpointError, load_hf
@@ -49,6 +49,42 @@ def test_logits_and_router_logits_match_hf(tmp_path, rng, overrides):
     config, params = load_hf(str(tmp_path))
     tokens, mask = _batch(rng)
     _assert_parity(hf_model, config, params, tokens, mask)
+
+
+@pytest.mark.parametrize("attention_impl", ["matmul", "elementwise"])
+def test_both_attention_forms_match_hf(tmp_path, rng, attention_impl):
+    """GQA, clipping and padding, each attention form forced whatever the sequence length."""
+    hf_model = save_hf_model(tmp_path, num_key_value_heads=2, clip_qkv=0.5)
+    config, params = load_hf(str(tmp_path))
+    tokens, mask = _batch(rng)
+    _assert_parity(hf_model, config.replace(attention_impl=attention_impl), params, tokens, mask)
+
+
+def test_attention_forms_agree_in_gradients_and_bfloat16(tmp_path, rng):
+    """The elementwise form is the matmul form up to summation order: float32 gradients, and
+    bfloat16 outputs (operands rounded alike, products accumulated in float32)."""
+    save_hf_model(tmp_path, num_key_value_heads=2)
+    tokens, mask = (jnp.asarray(a) for a in _batch(rng, seq=6))
+    assert layers.resolve_attention_impl("auto", layers.ELEMENTWISE_ATTENTION_MAX_SEQ) == "elementwise"
+    assert layers.resolve_attention_impl("auto", layers.ELEMENTWISE_ATTENTION_MAX_SEQ + 1) == "matmul"
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        toy(vocab_size=8, attention_impl="flash")
+    config, params = load_hf(str(tmp_path))
+    probe = jnp.asarray(rng.normal(size=(*tokens.shape, config.vocab_size)), jnp.float32) * mask[..., None]
+
+    def gradients(attention_impl):
+        loss = lambda p: jnp.sum(model_lib.forward(config.replace(attention_impl=attention_impl), p, tokens,
+                                                   mask).logits * probe)
+        return jax.jit(jax.grad(loss))(params)
+
+    for ours, theirs in zip(jax.tree.leaves(gradients("elementwise")), jax.tree.leaves(gradients("matmul")),
+                            strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(theirs)).max()))
+    config16, params16 = load_hf(str(tmp_path), dtype=jnp.bfloat16)
+    logits = {impl: np.asarray(model_lib.forward(config16.replace(attention_impl=impl), params16, tokens, mask).logits,
+                               np.float32)[np.asarray(mask, bool)] for impl in ("elementwise", "matmul")}
+    assert np.abs(logits["elementwise"] - logits["matmul"]).max() < 0.02 * np.abs(logits["matmul"]).max()
 
 
 def test_sharded_index_and_fused_layouts_load_identically(tmp_path, rng):

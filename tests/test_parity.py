@@ -85,15 +85,16 @@ def test_rotary_embedding(models):
     _close(ours, theirs.transpose(1, 2), what="RoPE")
 
 
-def test_attention_with_qk_norm(models):
+@pytest.mark.parametrize("attention_impl", ["matmul", "elementwise"])
+def test_attention_with_qk_norm(models, attention_impl):
     hf_model, model_config, params, inputs = models
     layer = LAYER
-    ours = jax.jit(layers.Attention(model_config).apply)(
+    ours = jax.jit(layers.Attention(model_config.replace(attention_impl=attention_impl)).apply)(
         {"params": _layer_params(params, layer)["attn"]}, inputs["hidden"], inputs["positions"], inputs["mask"])
     hidden, position_embeddings, mask = _hf_attention_inputs(hf_model, inputs)
     with torch.no_grad():
         theirs, _ = hf_model.model.layers[layer].self_attn(hidden, position_embeddings, mask)
-    _close(ours, theirs, inputs["mask"], what=f"attention, layer {layer}")
+    _close(ours, theirs, inputs["mask"], what=f"{attention_impl} attention, layer {layer}")
 
 
 def test_moe_block(models):

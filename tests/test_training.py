@@ -77,6 +77,27 @@ def test_workdir_with_other_model_is_refused(finished_run):
         training.train(other, workdir, progress=False)
 
 
+def test_run_recorded_before_attention_impl_resumes_with_the_matmul_form(tmp_path):
+    """A run.json written before `attention_impl` existed: those runs trained with the matmul form,
+    so resuming with it continues the run, and the default ("auto") is refused, naming the field."""
+    config = tiny_config()
+    config.model.attention_impl = "matmul"
+    workdir = str(tmp_path / "old")
+    training.train(config, workdir, stop_at=10, progress=False)
+    identity_path = os.path.join(workdir, "run.json")
+    with open(identity_path) as f:
+        identity = json.load(f)
+    del identity["model"]["attention_impl"]
+    with open(identity_path, "w") as f:
+        json.dump(identity, f)
+    before = metrics_without_time(workdir)
+    with pytest.raises(ValueError, match="model.attention_impl: 'matmul' -> 'auto'"):
+        training.train(tiny_config(), workdir, progress=False)
+    training.train(config, workdir, progress=False)
+    assert training.RunCheckpoints(workdir).steps() == [0, 10, 20, 30]
+    assert metrics_without_time(workdir)[:len(before)] == before
+
+
 def _files(workdir):
     return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
             for root, _, names in os.walk(workdir) for name in names if name != "train.lock"}

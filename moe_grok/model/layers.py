@@ -83,6 +83,62 @@ def rotary_embedding(x, positions, theta: float):
     return x * cos + rotated * sin
 
 
+ELEMENTWISE_ATTENTION_MAX_SEQ = 8  # "auto" attention: elementwise products up to this many tokens
+
+
+def resolve_attention_impl(impl: str, seq_len: int) -> str:
+    """'auto' -> 'elementwise' for sequences of at most ELEMENTWISE_ATTENTION_MAX_SEQ tokens (the toy
+    tasks' 4), 'matmul' beyond. XLA's CPU backend runs the [S, Dh] x [Dh, S] products of a short
+    sequence as thousands of tiny matmuls, and their gradients slower still; as broadcast products
+    summed over Dh they fuse into a few loops (a toy training step 1.2x faster, docs/benchmarks.md).
+    The elementwise form holds a [B, S, S, H, Dh] product: for long sequences the matmuls win."""
+    if impl != "auto":
+        return impl
+    return "elementwise" if seq_len <= ELEMENTWISE_ATTENTION_MAX_SEQ else "matmul"
+
+
+def _attention_bias(mask):
+    """Additive float32 bias [B, S_q, S_k]: 0 where a query may attend (causal, key not padding),
+    float32 min elsewhere (as HF). mask: [B, S]."""
+    s = mask.shape[1]
+    allowed = jnp.tril(jnp.ones((s, s), dtype=bool))[None] & mask[:, None, :].astype(bool)
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+
+
+def _repeat_kv(k, v, num_heads: int):
+    """GQA: each kv head repeated for its group of query heads. [B, S, K, Dh] -> [B, S, H, Dh]."""
+    return tuple(jnp.repeat(t, num_heads // t.shape[2], axis=2) for t in (k, v))
+
+
+def _matmul_attention(q, k, v, bias, dtype):
+    """Softmax attention as batched matmuls, heads first. q: [B, S, H, Dh]; k, v: [B, S, K, Dh];
+    bias: [B, S_q, S_k] float32 -> [B, S, H, Dh] in dtype."""
+    k, v = _repeat_kv(k, v, q.shape[2])
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, S, Dh]
+    scores = (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * q.shape[-1] ** -0.5  # [B, H, S_q, S_k]
+    scores = scores + bias[:, None]
+    # Softmax with the normalization applied after the value matmul: one pass fewer over the
+    # [B, H, S, S] scores, mathematically the same (float32 throughout).
+    unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.matmul(unnormalized.astype(dtype), v, preferred_element_type=jnp.float32)
+    out = (out / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(dtype)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def _elementwise_attention(q, k, v, bias, dtype):
+    """The same softmax attention as broadcast products summed over Dh (scores) and over S_k
+    (values), in the [B, S, H, Dh] layout, so no transposes either. Operands are rounded to dtype
+    and multiplied in float32, as the matmul form accumulates. Shapes as `_matmul_attention`."""
+    k, v = _repeat_kv(k, v, q.shape[2])
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    scores = jnp.sum(q32[:, :, None] * k32[:, None], axis=-1) * q.shape[-1] ** -0.5  # [B, S_q, S_k, H]
+    scores = scores + bias[..., None]
+    unnormalized = jnp.exp(scores - jnp.max(scores, axis=2, keepdims=True))
+    weights = unnormalized.astype(dtype).astype(jnp.float32)
+    out = jnp.sum(weights[..., None] * v.astype(jnp.float32)[:, None], axis=2)  # [B, S_q, H, Dh]
+    return (out / jnp.sum(unnormalized, axis=2)[..., None]).astype(dtype)
+
+
 class Attention(nn.Module):
     """Causal self-attention with full-width q/k RMSNorm before RoPE, optional GQA and clip_qkv."""
 
@@ -106,22 +162,14 @@ class Attention(nn.Module):
         k = rotary_embedding(k.reshape(b, s, kv, hd), positions, model_config.rope_theta)
         v = v.reshape(b, s, kv, hd)
 
-        # Heads first ([B, H, S, Dh]); GQA repeats each kv head for its group of query heads.
-        q = jnp.swapaxes(q, 1, 2)
-        k, v = (jnp.repeat(jnp.swapaxes(t, 1, 2), h // kv, axis=1) for t in (k, v))
-        scores = (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * hd**-0.5  # [B, H, S_q, S_k]
-        causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-        allowed = causal[None, :, :] & mask[:, None, :].astype(bool)  # [B, S_q, S_k]
-        scores = scores + jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # additive mask, as HF
-        # Softmax with the normalization applied after the value matmul: one pass fewer over the
-        # [B, H, S, S] scores, mathematically the same (float32 throughout).
-        unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-        out = jnp.matmul(unnormalized.astype(dtype), v, preferred_element_type=jnp.float32)
-        out = (out / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(dtype)  # [B, H, S, Dh]
-        out = jnp.swapaxes(out, 1, 2).reshape(b, s, h * hd)
+        bias = _attention_bias(mask)  # [B, S_q, S_k]
+        if resolve_attention_impl(model_config.attention_impl, s) == "elementwise":
+            out = _elementwise_attention(q, k, v, bias, dtype)
+        else:
+            out = _matmul_attention(q, k, v, bias, dtype)
         o_proj = dense(model_config.hidden_size, kernel_init=_init(model_config.init_std, "q_width", "embed"),
                        name="o_proj")
-        return o_proj(out)
+        return o_proj(out.reshape(b, s, h * hd))
 
 
 def select_experts(probs, model_config: MoEConfig):

@@ -21,6 +21,8 @@ from moe_grok.locking import DirectoryLock
 IDENTITY_FILE = "run.json"
 LOCK_FILE = "train.lock"
 NOT_IDENTITY = ("steps", "eval_every", "checkpoint_every", "eval_batch_size")  # keys that leave the trajectory
+# Identity fields added after runs were recorded without them: the value those runs trained with.
+ADDED_IDENTITY_FIELDS = {"model.attention_impl": "matmul"}
 
 
 def _positive_int(value) -> bool:
@@ -101,7 +103,10 @@ def check_or_record_identity(workdir: str, identity: dict[str, Any], started: bo
             recorded = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the run identity {path}: {e}") from e
-    differences = identity_differences(recorded, identity)
+    flat_recorded = flatten(recorded)
+    recorded = {**{key: value for key, value in ADDED_IDENTITY_FIELDS.items() if key not in flat_recorded},
+                **flat_recorded}
+    differences = identity_differences(recorded, flatten(identity))
     if differences:
         raise ValueError(f"{workdir} holds a different run ({path}); differing fields (recorded -> this config): "
                          + "; ".join(differences) + ". Use a new workdir, or the recorded config to resume it")
