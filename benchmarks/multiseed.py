@@ -8,9 +8,9 @@ after one warm-up run that compiles the step; rounds alternate 1-seed and S-seed
 medians are compared. --compare_vmap also times one optimizer step of the S seeds as one
 jax.vmap program over stacked params (with the config's expert dispatch and with the dense
 one), against the one-thread-per-seed dispatch that `training` uses, one seed alone, and all seeds
-dispatched from one thread, and checks whether each vmapped step equals the single-seed steps bit
-for bit. Under `taskset -c 0` it measures what one core does, the bound on what seeds sharing the
-cores can gain.
+dispatched from one thread, and checks whether each vmapped program's first step (from the
+initial state) equals the single-seed steps bit for bit. Under `taskset -c 0` it measures what
+one core does, the bound on what seeds sharing the cores can gain.
 """
 import concurrent.futures
 import os

@@ -119,7 +119,7 @@ def main(argv):
     forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
     options = loop.train_step_compiler_options(jax.devices()[0].platform)
     # The step as `training` compiles it (without donation), then with each of its three CPU speed
-    # settings left out, then without the first two (the step as it was before them).
+    # settings left out, then without the first two ("either": remat_layers, compiler options).
     remat, attention = model_config.remat_layers, model_config.attention_impl
     settings = {"optimizer step": (remat, options, attention)}
     if options:
@@ -153,6 +153,8 @@ def main(argv):
 
     rounds = timing.interleaved_times({name: repeated(call) for name, call in calls.items()}, _ROUNDS.value,
                                       settle_s=0.2)
+    if _SEED_THREADS.value:
+        pool.shutdown()
     print(f"config: {dict(config.model)}, batch {inputs.shape}; jax {jax.__version__}, {os.cpu_count()} CPUs")
     for name, seconds in rounds.items():
         per_call = seconds / _REPEATS.value * 1e3

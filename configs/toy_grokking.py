@@ -23,7 +23,7 @@ def get_config():
         expert_chunk_size=512,  # chunked dispatch: most rows in one expert matmul (MoEConfig's default)
         expert_chunk_granule=32,  # chunked dispatch: chunk rows rounded up to a multiple of this (MoEConfig's)
         remat_layers=True,  # gradients recompute each layer's forward: a cheaper step on CPU (docs/benchmarks.md)
-        attention_impl="auto",  # auto (elementwise for these 4-token sequences: faster on CPU), matmul, elementwise
+        attention_impl="auto",  # auto (on CPU elementwise for these 4-token sequences: faster), matmul, elementwise
     ))
     config.train = ml_collections.ConfigDict(dict(
         steps=2000,  # optimizer steps

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 MOE_IMPLS = ("auto", "ragged", "chunked", "dense")
 ATTENTION_IMPLS = ("auto", "matmul", "elementwise")
+# Fields newer than some saved configs and run identities: the value those ran with.
+FIELDS_ADDED_LATER = {"attention_impl": "matmul"}
 CONFIG_FILE = "moe_config.json"  # the MoEConfig beside a saved checkpoint or training run
 
 
@@ -43,7 +45,7 @@ class MoEConfig:
     expert_chunk_size: int = 512  # CPU "chunked" dispatch: most rows in one expert matmul
     expert_chunk_granule: int = 32  # ... and chunk rows are rounded up to a multiple of this
     remat_layers: bool = False  # gradients recompute each layer's forward instead of storing its activations
-    attention_impl: str = "auto"  # auto: elementwise products for sequences of <= 8 tokens, batched matmuls beyond
+    attention_impl: str = "auto"  # auto: elementwise products on CPU for <= 8 tokens, else batched matmuls
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -138,7 +140,7 @@ class MoEConfig:
 
     @classmethod
     def from_json(cls, text: str) -> MoEConfig:
-        fields = json.loads(text)
+        fields = {**FIELDS_ADDED_LATER, **json.loads(text)}
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"config has fields this moe_grok version does not know: {unknown}")

@@ -87,14 +87,16 @@ ELEMENTWISE_ATTENTION_MAX_SEQ = 8  # "auto" attention: elementwise products up t
 
 
 def resolve_attention_impl(impl: str, seq_len: int) -> str:
-    """'auto' -> 'elementwise' for sequences of at most ELEMENTWISE_ATTENTION_MAX_SEQ tokens (the toy
-    tasks' 4), 'matmul' beyond. XLA's CPU backend runs the [S, Dh] x [Dh, S] products of a short
-    sequence as thousands of tiny matmuls, and their gradients slower still; as broadcast products
-    summed over Dh they fuse into a few loops (a toy training step 1.2x faster, docs/benchmarks.md).
-    The elementwise form holds a [B, S, S, H, Dh] product: for long sequences the matmuls win."""
+    """'auto' -> 'elementwise' on CPU for sequences of at most ELEMENTWISE_ATTENTION_MAX_SEQ tokens
+    (the toy tasks' 4), 'matmul' otherwise. XLA's CPU backend runs the [S, Dh] x [Dh, S] products of
+    a short sequence as thousands of tiny matmuls, and their gradients slower still; as broadcast
+    products summed over Dh they fuse into a few loops (a toy training step 1.2x faster,
+    docs/benchmarks.md). The elementwise form holds a [B, S, S, H, Dh] product, so long sequences
+    keep the matmuls; on GPU/TPU it was not measured."""
     if impl != "auto":
         return impl
-    return "elementwise" if seq_len <= ELEMENTWISE_ATTENTION_MAX_SEQ else "matmul"
+    short = seq_len <= ELEMENTWISE_ATTENTION_MAX_SEQ
+    return "elementwise" if short and jax.default_backend() == "cpu" else "matmul"
 
 
 def _attention_bias(mask):
@@ -127,11 +129,13 @@ def _matmul_attention(q, k, v, bias, dtype):
 
 def _elementwise_attention(q, k, v, bias, dtype):
     """The same softmax attention as broadcast products summed over Dh (scores) and over S_k
-    (values), in the [B, S, H, Dh] layout, so no transposes either. Operands are rounded to dtype
-    and multiplied in float32, as the matmul form accumulates. Shapes as `_matmul_attention`."""
+    (values), in the [B, S, H, Dh] layout, so no transposes either. Products are summed in float32
+    and rounded where the matmul form rounds (scores to dtype, as its dtype matmul returns them;
+    softmax weights to dtype before the values). Shapes as `_matmul_attention`."""
     k, v = _repeat_kv(k, v, q.shape[2])
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.sum(q32[:, :, None] * k32[:, None], axis=-1) * q.shape[-1] ** -0.5  # [B, S_q, S_k, H]
+    scores = jnp.sum(q32[:, :, None] * k32[:, None], axis=-1).astype(dtype)  # [B, S_q, S_k, H]
+    scores = scores.astype(jnp.float32) * q.shape[-1] ** -0.5
     scores = scores + bias[..., None]
     unnormalized = jnp.exp(scores - jnp.max(scores, axis=2, keepdims=True))
     weights = unnormalized.astype(dtype).astype(jnp.float32)

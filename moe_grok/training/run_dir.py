@@ -15,14 +15,14 @@ from typing import Any
 
 import ml_collections
 
-from moe_grok.config import MoEConfig
+from moe_grok.config import FIELDS_ADDED_LATER, MoEConfig
 from moe_grok.locking import DirectoryLock
 
 IDENTITY_FILE = "run.json"
 LOCK_FILE = "train.lock"
 NOT_IDENTITY = ("steps", "eval_every", "checkpoint_every", "eval_batch_size")  # keys that leave the trajectory
 # Identity fields added after runs were recorded without them: the value those runs trained with.
-ADDED_IDENTITY_FIELDS = {"model.attention_impl": "matmul"}
+ADDED_IDENTITY_FIELDS = {f"model.{name}": value for name, value in FIELDS_ADDED_LATER.items()}
 
 
 def _positive_int(value) -> bool:
@@ -103,10 +103,7 @@ def check_or_record_identity(workdir: str, identity: dict[str, Any], started: bo
             recorded = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the run identity {path}: {e}") from e
-    flat_recorded = flatten(recorded)
-    recorded = {**{key: value for key, value in ADDED_IDENTITY_FIELDS.items() if key not in flat_recorded},
-                **flat_recorded}
-    differences = identity_differences(recorded, flatten(identity))
+    differences = identity_differences({**ADDED_IDENTITY_FIELDS, **flatten(recorded)}, identity)
     if differences:
         raise ValueError(f"{workdir} holds a different run ({path}); differing fields (recorded -> this config): "
                          + "; ".join(differences) + ". Use a new workdir, or the recorded config to resume it")
