@@ -69,6 +69,7 @@ def _step_times(config, seeds: int) -> tuple[dict[str, float], dict[str, bool]]:
     tx = loop.make_optimizer(config.train)
     times, bitwise = {}, {}
     pool = concurrent.futures.ThreadPoolExecutor(seeds)
+    options = loop.train_step_compiler_options(jax.devices()[0].platform)
     for impl in (config.model.moe_impl, "dense"):
         model_config = loop.model_config_of(config, spec).replace(moe_impl=impl)
         step = loop.step_function(model_config, tx, config.train.aux_loss_coef, config.train.z_loss_coef,
@@ -76,7 +77,6 @@ def _step_times(config, seeds: int) -> tuple[dict[str, float], dict[str, bool]]:
         params = [params_lib.init_params(model_config, jax.random.key(s)) for s in range(seeds)]
         state = {"seeds": [(p, tx.init(p)) for p in params]}
         state["stacked"] = jax.tree.map(lambda *a: jnp.stack(a), *state["seeds"])
-        options = loop.train_step_compiler_options(jax.devices()[0].platform)
         single, vmapped = jax.jit(step, compiler_options=options), jax.jit(jax.vmap(step), compiler_options=options)
         bitwise[impl] = _bitwise_equal(vmapped(*state["stacked"], *stacked_batch),
                                        [single(p, o, *b) for (p, o), b in zip(state["seeds"], batches, strict=True)])
