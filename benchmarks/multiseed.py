@@ -110,7 +110,9 @@ def main(argv):
     config.train.steps = _STEPS.value
     seeds = list(range(_SEEDS.value))
     with tempfile.TemporaryDirectory() as root:
-        loop.train(config, os.path.join(root, "warmup"), progress=False)  # compiles the step and the evaluation
+        warmup = config.copy_and_resolve_references()
+        warmup.train.steps = min(config.train.steps, config.train.eval_every)  # enough to compile step and evaluation
+        loop.train(warmup, os.path.join(root, "warmup"), progress=False)
         one, many = [], []
         for r in range(_ROUNDS.value):
             one.append(_timed(lambda r=r: loop.train(config, os.path.join(root, f"one_{r}"), progress=False)))

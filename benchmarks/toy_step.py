@@ -3,6 +3,7 @@ the step's XLA operations by model part.
 
   python benchmarks/toy_step.py                    # default toy config
   python benchmarks/toy_step.py --rounds=5 --config.model.expert_chunk_size=1024
+  python benchmarks/toy_step.py --profile_vmap     # also profile a jax.vmap step over 8 stacked seeds
 
 The optimizer step is compiled as `training` compiles it (remat_layers as configured, the CPU
 compiler options of `loop.train_step_compiler_options`, the attention form `attention_impl` picks);
@@ -17,7 +18,10 @@ call in turn), so a drift of the machine's speed hits them all alike. The profil
 by the model part named in each operation's metadata: attention, MoE (router, dispatch,
 experts), norms, the rest; forward and backward apart. Operations inside the expert-dispatch
 loops carry no metadata of their own and are counted as "loop bodies". A profiled step runs
-slower than an unprofiled one: read the profile's shares, not its milliseconds.
+slower than an unprofiled one: read the profile's shares, not its milliseconds. The step's matmul
+FLOPs are counted by arithmetic (XLA's cost analysis counts each loop body once). --profile_vmap
+profiles one jax.vmap program over the --seed_threads seeds' stacked state the same way and puts
+each part beside one seed's: a part below --seed_threads times one seed's is work the seeds share.
 """
 import collections
 import concurrent.futures
@@ -37,7 +41,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from moe_grok.data import tasks
-from moe_grok.model import layers
+from moe_grok.model import dispatch, layers
 from moe_grok.model import params as params_lib
 from moe_grok.studies import launch
 from moe_grok.training import loop
@@ -50,6 +54,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Calls per timed function per round (their mean is the round's time).")
 _PROFILED = flags.DEFINE_integer("profiled", 5, "Steps in the profile (0 = no profile).")
 _SEED_THREADS = flags.DEFINE_integer("seed_threads", 8, "Seeds stepped in threads, as training does (0 = not timed).")
+_PROFILE_VMAP = flags.DEFINE_bool("profile_vmap", False, "Also profile one jax.vmap step over the --seed_threads "
+                                  "seeds' stacked state, by model part beside one seed's step.")
 
 _RUNTIME_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool")  # runtime and Python frames, not ops
 
@@ -91,6 +97,23 @@ def _profile(step, args, steps: int, metadata: dict[str, str]) -> tuple[collecti
         count += 1
         parts[_part(metadata[name]) if name in metadata else "loop bodies (expert dispatch)"] += event["dur"] / 1e3
     return collections.Counter({k: v / steps for k, v in parts.items()}), count // steps
+
+
+def _matmul_flops_per_step(model_config, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one optimizer step, by arithmetic: the forward; with remat_layers every
+    layer's forward again; the backward (twice the forward); with the chunked dispatch the
+    experts' forward a third time (each chunk's VJP recomputes it). XLA's cost analysis counts
+    every loop body once (the layer scan, the dispatch loops), so it cannot give this."""
+    c = model_config
+    width = (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # q, o; k, v
+    attention = 2 * c.hidden_size * width + 2 * 2 * seq * c.num_heads * c.head_dim  # projections; scores, values
+    experts = c.num_experts_per_tok * 3 * 2 * c.hidden_size * c.expert_intermediate_size
+    layer = attention + 2 * c.hidden_size * c.num_experts + experts  # + router
+    forward = c.num_layers * layer + 2 * c.hidden_size * c.vocab_size  # + LM head
+    total = 3 * forward + (c.num_layers * layer if c.remat_layers else 0)
+    if dispatch.resolve_moe_impl(c.moe_impl) == "chunked":
+        total += c.num_layers * experts
+    return total * batch * seq
 
 
 def main(argv):
@@ -164,11 +187,27 @@ def main(argv):
         parts, ops = _profile(step, (params, opt_state, inputs, answers), _PROFILED.value,
                               _op_metadata(compiled.as_text()))
         total = sum(parts.values())
-        flops = compiled.cost_analysis().get("flops", float("nan"))
-        print(f"XLA cost analysis: {flops / 1e9:.2f} GFLOP per step")
+        flops = _matmul_flops_per_step(model_config, *inputs.shape)
+        step_ms = statistics.median(rounds["optimizer step"]) / _REPEATS.value * 1e3
+        print(f"matmul FLOPs per step (arithmetic): {flops / 1e9:.2f} GFLOP, {flops / step_ms / 1e6:.0f} GFLOP/s "
+              f"at {step_ms:.1f} ms (XLA's cost analysis, each loop body once: "
+              f"{compiled.cost_analysis().get('flops', float('nan')) / 1e9:.2f} GFLOP)")
         print(f"profile: {ops} XLA operations per step, {total:.1f} ms of operation time per profiled step")
         for part, ms in parts.most_common():
             print(f"  {part}: {ms:.1f} ms ({ms / total:.0%})")
+        if _PROFILE_VMAP.value and _SEED_THREADS.value:
+            stacked = jax.tree.map(lambda *a: jnp.stack(a), *seed_args)
+            vmapped = jax.jit(jax.vmap(loop.step_function(model_config, tx, train.aux_loss_coef,
+                                                          train.z_loss_coef, train.label_smoothing)),
+                              compiler_options=options)
+            v_parts, v_ops = _profile(vmapped, stacked, _PROFILED.value,
+                                      _op_metadata(vmapped.lower(*stacked).compile().as_text()))
+            seeds = _SEED_THREADS.value
+            print(f"profile of one jax.vmap step over {seeds} stacked seeds: {v_ops} XLA operations, "
+                  f"{sum(v_parts.values()):.1f} ms of operation time ({sum(v_parts.values()) / total:.1f}x one seed's; "
+                  f"below {seeds}x where the seeds share work)")
+            for part, ms in v_parts.most_common():
+                print(f"  {part}: {ms:.1f} ms ({ms / max(parts[part], 1e-9):.1f}x one seed's)")
 
 
 if __name__ == "__main__":

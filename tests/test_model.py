@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -202,6 +203,43 @@ def test_bfloat16_chunked_weight_gradients_are_summed_in_float32():
                   zip(weight_grads(kernel, jnp.bfloat16), reference, strict=True)]
         assert max(errors) < 0.008, (kernel, errors)  # bfloat16 inputs alone give ~0.6%
 
+
+def _while_carry_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every while loop's carried arrays in a (closed) jaxpr, nested loops included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += _while_carry_shapes(sub)
+    return shapes
+
+
+def test_vmapped_chunked_dispatch_runs_the_seeds_as_one_dispatch():
+    """jax.vmap over stacked seeds' weights (and their own tokens and routing): the chunk loops run
+    once over seeds x experts, with every seed's output and gradients as it gets them alone."""
+    rng = np.random.default_rng(3)
+    seeds, t, d, f, e, k, layers_ = 3, 40, 8, 6, 4, 2, 2
+    x = jnp.asarray(rng.normal(size=(seeds, t, d)), jnp.float32)
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(seeds, t, e)) + 2 * (np.arange(e) < 1), jnp.float32))
+    top_w, top_idx = jax.lax.top_k(probs, k)  # seeds route differently (skewed toward expert 0)
+    w = [jnp.asarray(rng.normal(size=(seeds, layers_, *s)), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    cotangent = jnp.asarray(rng.normal(size=(seeds, t, d)), jnp.float32)
+
+    def loss(x, tw, idx, wg, wu, wdown, g):
+        out = dispatch.experts_chunked(x, idx, tw, wg, wu, wdown, layer=jnp.int32(1), max_chunk=8, granule=2)
+        return jnp.sum(jnp.sin(out) * g)
+
+    value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5))
+    batched = jax.jit(jax.vmap(value_and_grads))(x, top_w, top_idx, *w, cotangent)
+    for s in range(seeds):
+        alone = jax.jit(value_and_grads)(x[s], top_w[s], top_idx[s], *(a[s] for a in w), cotangent[s])
+        for got, expected in zip(jax.tree.leaves(batched), jax.tree.leaves(alone), strict=True):
+            np.testing.assert_array_equal(np.asarray(got[s]), np.asarray(expected))
+    rows = t * k + 8  # a seed's expert-sorted rows and the last chunk's slack
+    carries = _while_carry_shapes(jax.make_jaxpr(jax.vmap(value_and_grads))(x, top_w, top_idx, *w, cotangent).jaxpr)
+    assert (seeds * rows, d) in carries  # the seeds' rows merged into one loop carry
+    assert not any(shape[:1] == (seeds,) and len(shape) > 1 for shape in carries)  # no loop runs per seed
 
 def test_chunk_plan_by_hand():
     # Rows per expert [0, 5, 16, 33]; chunks of at most 16 rows, rounded up to 4.

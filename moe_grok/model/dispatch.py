@@ -10,6 +10,7 @@ outside [first_expert, first_expert + E) contribute nothing (expert parallelism,
 
 - ragged:  tokens sorted by expert through jax.lax.ragged_dot (grouped matmul; GPU/TPU).
 - chunked: exact per-expert chunked matmuls with a hand-written VJP (CPU, where ragged_dot is slow).
+  Under jax.vmap (seeds' stacked weights) its loops run once over seeds x experts (_chunk_loops).
 - dense:   every expert on every token, then masked (the test oracle).
 
 `dispatch_experts` runs a kernel on one device, or under a mesh inside `jax.shard_map`:
@@ -141,12 +142,14 @@ class ChunkPlan(NamedTuple):
     class_bounds: jax.Array  # [max_chunk // granule + 2]: class c is rem_*[bounds[c]:bounds[c + 1]]
 
 
-def plan_chunks(group_sizes, num_rows: int, max_chunk: int, granule: int) -> ChunkPlan:
-    """ChunkPlan for at most `num_rows` expert-sorted rows, `group_sizes` [E] of them per expert."""
+def plan_chunks(group_sizes, num_rows: int, max_chunk: int, granule: int, starts=None) -> ChunkPlan:
+    """ChunkPlan for at most `num_rows` expert-sorted rows, `group_sizes` [E] of them per expert,
+    expert e's run starting at row starts[e] (default: the runs back to back from row 0)."""
     if max_chunk % granule:
         raise ValueError(f"expert chunk size {max_chunk} is not a multiple of its granule {granule}")
     num_experts = group_sizes.shape[0]
-    starts = jnp.cumsum(group_sizes) - group_sizes
+    if starts is None:
+        starts = jnp.cumsum(group_sizes) - group_sizes
     full_per_expert = group_sizes // max_chunk
     full_ends = jnp.cumsum(full_per_expert)
     chunk = jnp.arange(num_rows // max_chunk)
@@ -212,12 +215,8 @@ def _write_valid(buffer, values, start, valid):
     return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.where(keep, values, window), start, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def chunked_swiglu(max_chunk: int, granule: int, rows, plan: ChunkPlan, layer, w_gate, w_up, w_down):
-    """SwiGLU of expert-sorted rows [R + max_chunk, D] (the tail is slack for the last chunk's
-    overhang), each chunk through its expert of `layer`; returns [R + max_chunk, D] (rows no
-    chunk covers unchanged). w_gate/w_up: [L, E, D, F]; w_down: [L, E, F, D]. Each chunk
-    slices its expert's matrices straight from the stacks (no per-layer copy of all experts)."""
+def _swiglu_over_chunks(max_chunk: int, granule: int, rows, plan: ChunkPlan, layer, weights):
+    """Each chunk of expert-sorted rows through its expert of `layer`, in place (see chunked_swiglu)."""
 
     def body(size, expert, start, valid, buffer, weights):
         # Each row belongs to one chunk, which reads it before writing its output there, so
@@ -226,19 +225,13 @@ def chunked_swiglu(max_chunk: int, granule: int, rows, plan: ChunkPlan, layer, w
         y = _chunk_swiglu(x_chunk, *(w[layer, expert] for w in weights))
         return _write_valid(buffer, y, start, valid)
 
-    return _for_each_chunk(plan, max_chunk, granule, body, rows, (w_gate, w_up, w_down))
+    return _for_each_chunk(plan, max_chunk, granule, body, rows, weights)
 
 
-def _chunked_swiglu_fwd(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down):
-    out = chunked_swiglu(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down)
-    return out, (rows, plan, layer, w_gate, w_up, w_down)
-
-
-def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
-    # Dynamic-trip-count loops have no automatic reverse mode: the same loops run each
-    # chunk's VJP (rows past `valid` get zero cotangent), accumulating the weight gradients
-    # into full float32 [L, E, ...] stacks (zero outside `layer`; fine for the small models trained here).
-    rows, plan, layer, w_gate, w_up, w_down = residuals
+def _swiglu_vjp_over_chunks(max_chunk: int, granule: int, rows, grad, plan: ChunkPlan, layer, weights):
+    """(d_rows [R + max_chunk, D], float32 d_weights [L, E, ...] each, zero outside `layer`): the same
+    loops run each chunk's VJP (rows past `valid` get zero cotangent). Dynamic-trip-count loops have
+    no automatic reverse mode."""
 
     def body(size, expert, start, valid, grads, weights):
         d_rows, d_gate, d_up, d_down = grads
@@ -250,11 +243,94 @@ def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
         add = lambda total, g: total.at[layer, expert].add(g.astype(jnp.float32))
         return _write_valid(d_rows, dx, start, valid), add(d_gate, dg), add(d_up, du), add(d_down, dd)
 
-    # Weight gradients are summed (over chunks, then data shards) in float32 and rounded once.
-    stacks = (w_gate, w_up, w_down)
-    zeros = _vary_like((jnp.zeros_like(rows), *(jnp.zeros(w.shape, jnp.float32) for w in stacks)), rows, grad)
-    d_rows, *d_weights = _for_each_chunk(plan, max_chunk, granule, body, zeros, stacks)
-    int_zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0), (plan, layer))
+    zeros = _vary_like((jnp.zeros_like(rows), *(jnp.zeros(w.shape, jnp.float32) for w in weights)), rows, grad)
+    d_rows, *d_weights = _for_each_chunk(plan, max_chunk, granule, body, zeros, weights)
+    return d_rows, tuple(d_weights)
+
+
+def _merge_seeds(max_chunk: int, granule: int, size: int, in_batched, rows, group_sizes, layer, weights):
+    """`size` (S) independent dispatches (a leading seed axis on rows [S, N, D], group_sizes [S, E] and the
+    weight stacks [S, L, E, ...]) as one over S*E experts: (rows [S*N, D], its ChunkPlan, this
+    layer's weights [1, S*E, ...]). Seed s's expert e is expert s*E + e, its rows where they were, so
+    every chunk has the shape and rows it has alone and the loops run once, not once per seed."""
+    rows, group_sizes, *weights = (a if b else jnp.broadcast_to(a, (size, *a.shape))
+                                   for a, b in zip((rows, group_sizes, *weights), in_batched, strict=True))
+    seeds, n = rows.shape[:2]
+    starts = jnp.cumsum(group_sizes, axis=1) - group_sizes + (jnp.arange(seeds) * n)[:, None]
+    plan = plan_chunks(group_sizes.reshape(-1), seeds * (n - max_chunk), max_chunk, granule, starts.reshape(-1))
+    layer_weights = tuple(jax.lax.dynamic_index_in_dim(w, layer, axis=1, keepdims=False) for w in weights)
+    merged = tuple(w.reshape(1, -1, *w.shape[2:]) for w in layer_weights)
+    return rows.reshape(seeds * n, -1), plan, merged
+
+
+@functools.cache
+def _chunk_loops(max_chunk: int, granule: int):
+    """(forward, vjp) of chunked_swiglu's loops, each with a vmap rule that runs a batch of
+    independent dispatches (jax.vmap over seeds' stacked params) as one dispatch (_merge_seeds).
+    jax.vmap's own rule would run every loop to the longest trip count of any seed, selecting whole
+    carries (the weight-gradient stacks) at every iteration."""
+
+    @jax.custom_batching.custom_vmap
+    def forward(rows, group_sizes, layer, *weights):
+        plan = plan_chunks(group_sizes, rows.shape[0] - max_chunk, max_chunk, granule)
+        return _swiglu_over_chunks(max_chunk, granule, rows, plan, layer, weights)
+
+    @forward.def_vmap
+    def forward_rule(axis_size, in_batched, rows, group_sizes, layer, *weights):
+        if in_batched[2]:
+            raise NotImplementedError("the chunked expert dispatch batches seeds, not layers")
+        merged_rows, plan, merged = _merge_seeds(max_chunk, granule, axis_size,
+                                                 (in_batched[0], in_batched[1], *in_batched[3:]),
+                                                 rows, group_sizes, layer, weights)
+        out = _swiglu_over_chunks(max_chunk, granule, merged_rows, plan, jnp.int32(0), merged)
+        return out.reshape(-1, *rows.shape[-2:]), True
+
+    @jax.custom_batching.custom_vmap
+    def vjp(rows, grad, group_sizes, layer, *weights):
+        plan = plan_chunks(group_sizes, rows.shape[0] - max_chunk, max_chunk, granule)
+        return _swiglu_vjp_over_chunks(max_chunk, granule, rows, grad, plan, layer, weights)
+
+    @vjp.def_vmap
+    def vjp_rule(axis_size, in_batched, rows, grad, group_sizes, layer, *weights):
+        if in_batched[3]:
+            raise NotImplementedError("the chunked expert dispatch batches seeds, not layers")
+        if not in_batched[1]:
+            grad = jnp.broadcast_to(grad, (axis_size, *grad.shape))
+        merged_rows, plan, merged = _merge_seeds(max_chunk, granule, axis_size,
+                                                 (in_batched[0], in_batched[2], *in_batched[4:]),
+                                                 rows, group_sizes, layer, weights)
+        d_rows, d_merged = _swiglu_vjp_over_chunks(max_chunk, granule, merged_rows, grad.reshape(merged_rows.shape),
+                                                   plan, jnp.int32(0), merged)
+        stacks = tuple(w.shape[-4:] if w.ndim > 4 else w.shape for w in weights)  # [L, E, ...] of one seed
+        d_weights = tuple(jax.lax.dynamic_update_index_in_dim(jnp.zeros((axis_size, *shape), jnp.float32),
+                                                              d.reshape(axis_size, *shape[1:]), layer, axis=1)
+                          for d, shape in zip(d_merged, stacks, strict=True))
+        return (d_rows.reshape(axis_size, *rows.shape[-2:]), d_weights), (True, (True,) * len(weights))
+
+    return forward, vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def chunked_swiglu(max_chunk: int, granule: int, rows, group_sizes, layer, w_gate, w_up, w_down):
+    """SwiGLU of expert-sorted rows [R + max_chunk, D] (the tail is slack for the last chunk's
+    overhang; group_sizes [E] rows per expert, back to back), each chunk (ChunkPlan) through its
+    expert of `layer`; returns [R + max_chunk, D] (rows no chunk covers unchanged). w_gate/w_up:
+    [L, E, D, F]; w_down: [L, E, F, D]. Each chunk slices its expert's matrices straight from the
+    stacks (no per-layer copy of all experts)."""
+    return _chunk_loops(max_chunk, granule)[0](rows, group_sizes, layer, w_gate, w_up, w_down)
+
+
+def _chunked_swiglu_fwd(max_chunk, granule, rows, group_sizes, layer, w_gate, w_up, w_down):
+    out = chunked_swiglu(max_chunk, granule, rows, group_sizes, layer, w_gate, w_up, w_down)
+    return out, (rows, group_sizes, layer, w_gate, w_up, w_down)
+
+
+def _chunked_swiglu_bwd(max_chunk, granule, residuals, grad):
+    # The weight gradients accumulate into full float32 [L, E, ...] stacks (zero outside `layer`;
+    # fine for the small models trained here), summed over chunks, then data shards, rounded once.
+    rows, group_sizes, layer, *stacks = residuals
+    d_rows, d_weights = _chunk_loops(max_chunk, granule)[1](rows, grad, group_sizes, layer, *stacks)
+    int_zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), jax.dtypes.float0), (group_sizes, layer))
     d_gate, d_up, d_down = (_sum_over_unshared_axes(g, w).astype(w.dtype) for g, w in zip(d_weights, stacks,
                                                                                           strict=True))
     return _sum_over_unshared_axes(d_rows, rows), *int_zeros, d_gate, d_up, d_down
@@ -292,8 +368,7 @@ def experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_e
     slack = jnp.full((max_chunk,), -1, order.dtype)
     row_token = jnp.concatenate([jnp.where(sorted_local, order // k, -1), slack])
     rows = gather_rows(x, row_token, rank.reshape(t, k))  # [R + max_chunk, D]
-    plan = plan_chunks(group_sizes, num_rows, max_chunk, granule)
-    out_rows = chunked_swiglu(max_chunk, granule, rows, plan, layer, w_gate, w_up, w_down)
+    out_rows = chunked_swiglu(max_chunk, granule, rows, group_sizes, layer, w_gate, w_up, w_down)
     if num_rows < t * k:  # a share of the experts (expert parallelism): no [T*k, D] buffer of mostly zeros
         return _scatter_combine(out_rows[:num_rows], order, sorted_local, top_w, out_dtype or x.dtype)
     row_assignment = jnp.concatenate([jnp.where(sorted_local, order, -1), slack])[:, None]
