@@ -144,6 +144,27 @@ def test_sampled_pairs_are_distinct_and_seeded():
     assert len({group_pathway_distance(pathways, max_pairs=4, seed=s) for s in range(10)}) > 1
 
 
+def test_distances_do_not_depend_on_the_thread_policy(monkeypatch):
+    """rapidfuzz in this thread (small calls) and on all cores (large ones) give the same numbers."""
+    rng = np.random.default_rng(0)
+    pathways = ["-".join(",".join(map(str, rng.permutation(8)[: rng.integers(1, 4)])) for _ in range(4))
+                for _ in range(120)]
+    tokens = [tuple(rng.integers(0, 8, rng.integers(1, 9))) for _ in range(120)]
+    results = {}
+    for threshold, workers in ((0, -1), (10**12, 1)):
+        monkeypatch.setattr(metrics, "PARALLEL_MIN_DISTANCES", threshold)
+        assert metrics._workers(10) == workers
+        results[workers] = (
+            group_pathway_distance(pathways), group_pathway_distance(pathways, normalized=True),
+            group_pathway_distance(pathways, max_pairs=300, seed=1),
+            group_pathway_distance(tokens, "token", max_pairs=50),
+            cross_group_distance(pathways[:50], pathways[50:]), cross_group_distance(pathways[:50], pathways[50:],
+                                                                                      max_pairs=400, seed=2),
+            pairwise_pathway_distances(pathways).tobytes(),
+            pairwise_pathway_distances(pathways, pairs=[[0, 5], [7, 3]]).tobytes())
+    assert results[-1] == results[1]
+
+
 def test_cross_group():
     assert cross_group_distance(["1", "2"], ["1"]) == 0.5
     assert cross_group_distance(["1,2", "3"], ["1,2", "3"]) == 1.5

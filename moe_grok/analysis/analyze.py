@@ -255,7 +255,8 @@ class _Analysis:
             source = self.paths.strings if level == "char" else self.paths.tokens
             every = source(split, checkpoint, tau)
             self._distances[key] = metrics.group_pathway_distance(
-                [every[i] for i in rows], level, normalized, self.options.max_pairs, self.options.seed, on_small="nan")
+                [every[i] for i in np.asarray(rows).tolist()], level, normalized, self.options.max_pairs,
+                self.options.seed, on_small="nan")
         return self._distances[key]
 
     def consistency_all(self, split: str, checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
@@ -301,8 +302,9 @@ class _Analysis:
         for c in range(len(self.stats)):
             source = self.paths.strings if o.distance_level == "char" else self.paths.tokens
             a, b = source(split_a, c, o.tau), source(split_b, c, o.tau)
-            out.append(metrics.cross_group_distance([a[i] for i in rows_a], [b[i] for i in rows_b], o.distance_level,
-                                                    o.distance_normalized, o.max_pairs, o.seed, on_small="nan"))
+            out.append(metrics.cross_group_distance([a[i] for i in rows_a.tolist()], [b[i] for i in rows_b.tolist()],
+                                                    o.distance_level, o.distance_normalized, o.max_pairs, o.seed,
+                                                    on_small="nan"))
         return np.asarray(out)
 
     def per_layer_distance(self, split: str, rows: np.ndarray) -> np.ndarray:
@@ -313,8 +315,9 @@ class _Analysis:
         for c in range(len(self.stats)):
             for layer in range(num_layers):
                 strings = self.paths.layer_strings(split, c, o.tau, layer)
-                out[c, layer] = metrics.group_pathway_distance(
-                    [strings[i] for i in rows], "char", o.distance_normalized, o.max_pairs, o.seed, on_small="nan")
+                out[c, layer] = metrics.group_pathway_distance([strings[i] for i in rows.tolist()], "char",
+                                                               o.distance_normalized, o.max_pairs, o.seed,
+                                                               on_small="nan")
         return out
 
     # ---------------------------------------------------------------- per-domain pieces

@@ -11,6 +11,8 @@ and the router weight matrices.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -28,6 +30,16 @@ Level = Literal["char", "token"]
 OnSmall = Literal["raise", "nan"]
 Pathway = str | Sequence[int]
 
+# rapidfuzz starts a thread pool on every call with workers != 1. The analysis' distances come in
+# calls of at most a few thousand pairs, many seeds' analyses run in threads at once, and below
+# this many distances per call the pool costs more than it gains (benchmarks/group_distances.py).
+PARALLEL_MIN_DISTANCES = 100_000
+
+
+def _workers(distances: int) -> int:
+    """rapidfuzz's `workers` for a call computing `distances` distances: 1 (this thread) or -1 (all cores)."""
+    return -1 if distances >= PARALLEL_MIN_DISTANCES else 1
+
 # ---------------------------------------------------------------------------------------
 # Metric 1: pathway distance
 # ---------------------------------------------------------------------------------------
@@ -37,16 +49,17 @@ def _check_pathways(pathways: Sequence[Pathway], level: Level) -> list[Pathway]:
     if level not in ("char", "token"):
         raise ValueError(f"level must be 'char' or 'token', got {level!r}")
     pathways = list(pathways)
-    for index, pathway in enumerate(pathways):
-        if level == "char" and not isinstance(pathway, str):
-            raise ValueError(
-                f"level='char' needs str pathways (pathway_strings); item {index} is "
-                f"{type(pathway).__name__}"
-            )
-        if level == "token" and isinstance(pathway, str):
-            raise ValueError(
-                f"level='token' needs integer token sequences (pathway_tokens); item {index} is str"
-            )
+    is_str = list(map(isinstance, pathways, itertools.repeat(str)))  # one C-level pass: called per group
+    if level == "char" and not all(is_str):
+        index = is_str.index(False)
+        raise ValueError(
+            f"level='char' needs str pathways (pathway_strings); item {index} is "
+            f"{type(pathways[index]).__name__}"
+        )
+    if level == "token" and any(is_str):
+        raise ValueError(
+            f"level='token' needs integer token sequences (pathway_tokens); item {is_str.index(True)} is str"
+        )
     return pathways
 
 
@@ -82,17 +95,19 @@ def pairwise_pathway_distances(
     pathways = _check_pathways(pathways, level)
     scorer, dtype = _scorer_and_dtype(normalized)
     if pairs is None:
-        return process.cdist(pathways, pathways, scorer=scorer, dtype=dtype, workers=-1)
+        return process.cdist(pathways, pathways, scorer=scorer, dtype=dtype, workers=_workers(len(pathways) ** 2))
     pairs = _check_pairs(pairs, len(pathways))
     if not len(pairs):
         return np.zeros(0, dtype)
-    return process.cpdist(
-        [pathways[i] for i in pairs[:, 0]],
-        [pathways[j] for j in pairs[:, 1]],
-        scorer=scorer,
-        dtype=dtype,
-        workers=-1,
-    )
+    return _pair_distances(pathways, pairs[:, 0].tolist(), pairs[:, 1].tolist(), normalized)
+
+
+def _pair_distances(pathways: list[Pathway], first: Sequence[int], second: Sequence[int], normalized: bool
+                    ) -> np.ndarray:
+    """``[m]`` distances of the pairs (pathways[first[k]], pathways[second[k]])."""
+    scorer, dtype = _scorer_and_dtype(normalized)
+    return process.cpdist([pathways[i] for i in first], [pathways[j] for j in second], scorer=scorer, dtype=dtype,
+                          workers=_workers(len(first)))
 
 
 def _check_max_pairs(max_pairs: int | None) -> None:
@@ -140,9 +155,19 @@ def group_pathway_distance(
     if max_pairs is None or total_pairs <= max_pairs:
         matrix = pairwise_pathway_distances(pathways, level, normalized)
         return float(matrix.sum(dtype=np.float64) / (count * (count - 1)))  # zero diagonal
-    condensed = np.random.default_rng(seed).choice(total_pairs, size=max_pairs, replace=False)
+    first, second = _sampled_pairs(count, max_pairs, seed)
+    return float(_pair_distances(pathways, first, second, normalized).mean(dtype=np.float64))
+
+
+@functools.lru_cache(maxsize=1024)
+def _sampled_pairs(count: int, max_pairs: int, seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ``max_pairs`` distinct pairs i<j of ``count`` pathways drawn with ``seed``, as (firsts, seconds).
+
+    A pure function of its arguments, kept because the analysis measures the same group (same
+    size, same seed) at every checkpoint."""
+    condensed = np.random.default_rng(seed).choice(count * (count - 1) // 2, size=max_pairs, replace=False)
     pairs = _unordered_pairs(count, condensed)
-    return float(pairwise_pathway_distances(pathways, level, normalized, pairs).mean(dtype=np.float64))
+    return tuple(pairs[:, 0].tolist()), tuple(pairs[:, 1].tolist())
 
 
 def cross_group_distance(
@@ -170,16 +195,16 @@ def cross_group_distance(
     scorer, dtype = _scorer_and_dtype(normalized)
     total_pairs = len(group_a) * len(group_b)
     if max_pairs is None or total_pairs <= max_pairs:
-        matrix = process.cdist(group_a, group_b, scorer=scorer, dtype=dtype, workers=-1)
+        matrix = process.cdist(group_a, group_b, scorer=scorer, dtype=dtype, workers=_workers(total_pairs))
         return float(matrix.mean(dtype=np.float64))
     flat = np.random.default_rng(seed).choice(total_pairs, size=max_pairs, replace=False)
     index_a, index_b = np.divmod(flat, len(group_b))
     distances = process.cpdist(
-        [group_a[i] for i in index_a],
-        [group_b[j] for j in index_b],
+        [group_a[i] for i in index_a.tolist()],
+        [group_b[j] for j in index_b.tolist()],
         scorer=scorer,
         dtype=dtype,
-        workers=-1,
+        workers=_workers(max_pairs),
     )
     return float(distances.mean(dtype=np.float64))
 
