@@ -40,6 +40,9 @@ def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
     for arm in results["arms"].values():
         assert [os.path.basename(d) for d in arm["seed_dirs"]] == ["seed_0", "seed_1"]
         assert set(arm["positions"]) == {"all", "scored"}
+        # the seeds are dealt over config.analysis_processes (2) tasks; the pool starts its processes on
+        # demand, so a tiny task may run both shares in one
+        assert arm["analysis_shares"] == [[0], [1]] and arm["analysis_processes"] in (1, 2)
         for view in arm["positions"].values():
             assert len(view["per_seed"]) == 2
             # every quantity is aggregated with its seed count; the share of seeds that grok is always defined

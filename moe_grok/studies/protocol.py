@@ -61,19 +61,36 @@ def _read_reports(seed_dir: str, positions: tuple[str, ...]) -> dict[str, dict]:
     return reports
 
 
-def analyse_arm(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> dict[str, Any]:
-    """Analyse each trained seed of an arm (seeds in parallel threads) and aggregate across seeds:
-    {"analysis_seconds", "positions": {view: per-seed measurements, summary, verdicts, Table 1}}."""
+def analyse_seeds(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str],
+                  plot_seed: int | None = None) -> tuple[float, float, int]:
+    """Analyse trained seeds of an arm, in parallel threads (each writes its own directory's report;
+    plots for `plot_seed` only). Returns (start, end) in seconds since the epoch and the process id."""
     started = time.time()
-    positions = tuple(arm.analysis.positions)
-    reports: dict[str, list] = {p: [] for p in positions}
     with concurrent.futures.ThreadPoolExecutor(min(len(seeds), ANALYSIS_THREADS)) as pool:  # as training does
         list(pool.map(lambda seed, seed_dir: toy_run.analyze_run(_seed_config(arm, seed), seed_dir, progress=False,
-                                                                 with_plots=seed == seeds[0]), seeds, seed_dirs))
+                                                                 with_plots=seed == plot_seed), seeds, seed_dirs))
+    return started, time.time(), os.getpid()
+
+
+def analyse_arm(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> dict[str, Any]:
+    """Analyse each trained seed of an arm (seeds in parallel threads) and aggregate across seeds:
+    {"analysis_seconds", "analysis_processes", "analysis_shares", "positions": {view: per-seed measurements,
+    summary, verdicts, Table 1}}."""
+    started, ended, _ = analyse_seeds(arm, seeds, seed_dirs, plot_seed=seeds[0])
+    return summarize_arm(arm, seed_dirs, ended - started, processes=1, shares=[seeds])
+
+
+def summarize_arm(arm: ml_collections.ConfigDict, seed_dirs: list[str], analysis_seconds: float,
+                  processes: int, shares: list[list[int]]) -> dict[str, Any]:
+    """analyse_arm's result from the seeds' reports on disk (`shares`: the seeds of each analysis task,
+    `processes`: how many processes ran them)."""
+    positions = tuple(arm.analysis.positions)
+    reports: dict[str, list] = {p: [] for p in positions}
     for seed_dir in seed_dirs:
         for p, report in _read_reports(seed_dir, positions).items():
             reports[p].append(report)
-    result = {"analysis_seconds": time.time() - started, "positions": {}}
+    result = {"analysis_seconds": analysis_seconds, "analysis_processes": processes, "analysis_shares": shares,
+              "positions": {}}
     for p, seed_reports in reports.items():
         per_seed = [protocol_stats.seed_measurements(r) for r in seed_reports]
         summary = {key: protocol_stats.mean_ci([m[key] for m in per_seed]) for key, _, _ in QUANTITIES}
@@ -95,55 +112,69 @@ def _start_analysis_process() -> None:
 
 
 class _AnalysisQueue:
-    """Arm analyses run one after another, in a separate (spawned) process unless `in_process`, so
-    that arm k's analysis, which is mostly single-threaded Python, runs while arm k+1 trains and the
-    two share the cores. A failed analysis raises RuntimeError naming its arm, at the next check()
-    or results(); the training done so far and the analysis caches stay on disk, so a re-run
-    resumes. The process starts fresh: JAX settings reach it as environment variables (JAX_...),
-    not through jax.config.update in this process."""
+    """Arm analyses run one after another, in `processes` separate (spawned) processes unless
+    `in_process`, so that arm k's analysis, which is mostly Python, runs while arm k+1 trains and the
+    two share the cores; an arm's seeds are dealt over the processes (each runs its share in threads:
+    threads of one process share one GIL). A failed analysis raises RuntimeError naming its arm, at
+    the next check() or results(); the training done so far and the analysis caches stay on disk, so
+    a re-run resumes. The processes start fresh: JAX settings reach them as environment variables
+    (JAX_...), not through jax.config.update in this process."""
 
-    def __init__(self, in_process: bool):
+    def __init__(self, in_process: bool, processes: int = 1):
+        if processes < 1:
+            raise ValueError(f"analysis_processes must be >= 1, got {processes}")
+        self._processes = processes
         self._pool = None if in_process else concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe once JAX runs threads
+            processes, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe once JAX runs threads
             initializer=_start_analysis_process)
-        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._pending: dict[str, tuple] = {}  # name -> (futures, arm, seed_dirs, seed shares)
+        self._results: dict[str, dict[str, Any]] = {}
 
     def submit(self, name: str, arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> None:
         self.check()
-        if self._pool is None:  # run now; a finished future carries the result or the error
+        if self._pool is None:  # run now; a finished future carries analyse_seeds' result or the error
             future = concurrent.futures.Future()
             try:
-                future.set_result(analyse_arm(arm, seeds, seed_dirs))
+                future.set_result(analyse_seeds(arm, seeds, seed_dirs, plot_seed=seeds[0]))
             except Exception as error:
                 future.set_exception(error)
+            futures, shares = [future], [seeds]
         else:
+            shares = [seeds[k::self._processes] for k in range(min(self._processes, len(seeds)))]
             try:
-                future = self._pool.submit(analyse_arm, arm, seeds, seed_dirs)
+                futures = [self._pool.submit(analyse_seeds, arm, share, [seed_dirs[seeds.index(s)] for s in share],
+                                             seeds[0]) for share in shares]
             except concurrent.futures.process.BrokenProcessPool as error:
-                raise RuntimeError(f"the analysis process died before arm {name!r} (its training is saved; "
+                raise RuntimeError(f"an analysis process died before arm {name!r} (its training is saved; "
                                    "re-run to resume)") from error
-        self._pending[name] = future
+        self._pending[name] = futures, arm, seed_dirs, shares
         self.check()
 
     def _result(self, name: str) -> dict[str, Any]:
-        try:
-            return self._pending[name].result()
-        except Exception as error:
-            raise RuntimeError(f"the analysis of arm {name!r} failed (its training is saved; re-run to resume): "
-                               f"{error!r}") from error
+        if name not in self._results:
+            futures, arm, seed_dirs, shares = self._pending[name]
+            try:
+                spans = [future.result() for future in futures]
+            except Exception as error:
+                raise RuntimeError(f"the analysis of arm {name!r} failed (its training is saved; re-run to "
+                                   f"resume): {error!r}") from error
+            seconds = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+            self._results[name] = summarize_arm(arm, seed_dirs, seconds, len({pid for _, _, pid in spans}), shares)
+        return self._results[name]
 
     def check(self) -> None:
         """Raise the error of any analysis that has finished with one."""
-        for name, pending in self._pending.items():
-            if pending.done():
-                self._result(name)
+        for name, (futures, *_) in self._pending.items():
+            for future in futures:
+                if future.done() and future.exception() is not None:
+                    self._result(name)
 
     def results(self) -> dict[str, dict[str, Any]]:
         """Every submitted arm's analysis, in submission order (waits for them)."""
         return {name: self._result(name) for name in self._pending}
 
     def close(self, wait: bool) -> None:
-        """Shut the analysis process down: after its queue when `wait`, else at once (after an error
+        """Shut the analysis processes down: after their queue when `wait`, else at once (after an error
         or Ctrl-C; the checkpoints it analysed to the end are cached)."""
         if self._pool is None:
             return
@@ -211,7 +242,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _per_seed_tables(results)
-    overlapped = (", in a separate process beside the next arm's training if any"
+    overlapped = (", in separate processes beside the next arm's training if any"
                   if results.get("analysis_process") else "")
     lines += [f"Time per arm (training of all seeds together; analysis of every seed{overlapped}):", ""]
     lines += [f"- {a}: training {r['train_seconds'] / 60:.1f} min, analysis {r['analysis_seconds'] / 60:.1f} min"
@@ -303,15 +334,16 @@ def arm_seeds(config: ml_collections.ConfigDict, arm: str) -> list[int]:
 def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", progress: bool = True) -> dict:
     """Every arm of config.arms over seeds 0..config.seeds-1; writes results.json,
     <config.name>_results.md and figures <config.name>_{accuracy,effects}.png to workdir (and to
-    config.docs_dir when set). Each arm's analysis runs in a spawned process while the next arm
-    trains (in this process, after its own training, when config.analysis_process is False); a
-    script that calls this must do so under `if __name__ == "__main__":`, since the spawned
-    process imports the script's module. Returns the results."""
+    config.docs_dir when set). Each arm's analysis runs in config.analysis_processes spawned
+    processes while the next arm trains (in this process, after its own training, when
+    config.analysis_process is False); a script that calls this must do so under
+    `if __name__ == "__main__":`, since the spawned processes import the script's module. Returns the
+    results."""
     started = time.time()
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, Any] = {"arms": {}, "name": config.name, "command": command,
                                "date": time.strftime("%Y-%m-%d"), "analysis_process": config.analysis_process}
-    analyses = _AnalysisQueue(in_process=not config.analysis_process)
+    analyses = _AnalysisQueue(in_process=not config.analysis_process, processes=config.analysis_processes)
     try:
         for name, arm in config.arms.items():
             seeds = arm_seeds(config, name)
