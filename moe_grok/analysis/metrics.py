@@ -99,14 +99,14 @@ def pairwise_pathway_distances(
     pairs = _check_pairs(pairs, len(pathways))
     if not len(pairs):
         return np.zeros(0, dtype)
-    return _pair_distances(pathways, pairs[:, 0].tolist(), pairs[:, 1].tolist(), normalized)
+    return _pair_distances(pathways, pathways, pairs[:, 0].tolist(), pairs[:, 1].tolist(), normalized)
 
 
-def _pair_distances(pathways: list[Pathway], first: Sequence[int], second: Sequence[int], normalized: bool
-                    ) -> np.ndarray:
-    """``[m]`` distances of the pairs (pathways[first[k]], pathways[second[k]])."""
+def _pair_distances(group_a: list[Pathway], group_b: list[Pathway], first: Sequence[int], second: Sequence[int],
+                    normalized: bool) -> np.ndarray:
+    """``[m]`` distances of the pairs (group_a[first[k]], group_b[second[k]])."""
     scorer, dtype = _scorer_and_dtype(normalized)
-    return process.cpdist([pathways[i] for i in first], [pathways[j] for j in second], scorer=scorer, dtype=dtype,
+    return process.cpdist([group_a[i] for i in first], [group_b[j] for j in second], scorer=scorer, dtype=dtype,
                           workers=_workers(len(first)))
 
 
@@ -156,7 +156,7 @@ def group_pathway_distance(
         matrix = pairwise_pathway_distances(pathways, level, normalized)
         return float(matrix.sum(dtype=np.float64) / (count * (count - 1)))  # zero diagonal
     first, second = _sampled_pairs(count, max_pairs, seed)
-    return float(_pair_distances(pathways, first, second, normalized).mean(dtype=np.float64))
+    return float(_pair_distances(pathways, pathways, first, second, normalized).mean(dtype=np.float64))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -192,21 +192,15 @@ def cross_group_distance(
             f"cross-group distance needs non-empty groups, got sizes {len(group_a)} and {len(group_b)}",
             on_small,
         )
-    scorer, dtype = _scorer_and_dtype(normalized)
     total_pairs = len(group_a) * len(group_b)
     if max_pairs is None or total_pairs <= max_pairs:
+        scorer, dtype = _scorer_and_dtype(normalized)
         matrix = process.cdist(group_a, group_b, scorer=scorer, dtype=dtype, workers=_workers(total_pairs))
         return float(matrix.mean(dtype=np.float64))
     flat = np.random.default_rng(seed).choice(total_pairs, size=max_pairs, replace=False)
     index_a, index_b = np.divmod(flat, len(group_b))
-    distances = process.cpdist(
-        [group_a[i] for i in index_a.tolist()],
-        [group_b[j] for j in index_b.tolist()],
-        scorer=scorer,
-        dtype=dtype,
-        workers=_workers(max_pairs),
-    )
-    return float(distances.mean(dtype=np.float64))
+    return float(_pair_distances(group_a, group_b, index_a.tolist(), index_b.tolist(), normalized)
+                 .mean(dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------

@@ -140,10 +140,11 @@ class _AnalysisQueue:
                 future.set_exception(error)
             futures, shares = [future], [seeds]
         else:
-            shares = [seeds[k::self._processes] for k in range(min(self._processes, len(seeds)))]
+            tasks = range(min(self._processes, len(seeds)))
+            shares = [seeds[k::self._processes] for k in tasks]
             try:
-                futures = [self._pool.submit(analyse_seeds, arm, share, [seed_dirs[seeds.index(s)] for s in share],
-                                             seeds[0]) for share in shares]
+                futures = [self._pool.submit(analyse_seeds, arm, shares[k], seed_dirs[k::self._processes], seeds[0])
+                           for k in tasks]
             except concurrent.futures.process.BrokenProcessPool as error:
                 raise RuntimeError(f"an analysis process died before arm {name!r} (its training is saved; "
                                    "re-run to resume)") from error
