@@ -52,7 +52,7 @@ def _reference_distance(pathways: list[str], max_pairs: int, seed: int) -> float
 
 def _workload(seed: int) -> tuple[list[list[str]], list[np.ndarray]]:
     """(pathway strings per checkpoint, sample sets) of one analysis."""
-    from moe_grok.extraction import pathways
+    from moe_grok.analysis import pathways
 
     rng = np.random.default_rng(seed)
     strings = []

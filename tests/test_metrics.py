@@ -14,7 +14,7 @@ from moe_grok.analysis.metrics import (
     pathway_consistency,
     routing_embeddings,
 )
-from moe_grok.extraction.pathways import pathway_strings, pathway_tokens
+from moe_grok.analysis.pathways import pathway_strings, pathway_tokens
 
 
 def reference_levenshtein(a, b):

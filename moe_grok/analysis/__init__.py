@@ -1,1 +1,1 @@
-"""Analysis layer: checkpoint sources and cached stats, pathway metrics, memorization / grokking rules."""
+"""Analysis layer: pure array math over per-checkpoint statistics: pathways, metrics, grokking rules, statistics, the report dict."""

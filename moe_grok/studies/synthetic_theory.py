@@ -43,7 +43,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from moe_grok.analysis.metrics import group_pathway_distance
-from moe_grok.extraction.pathways import pathway_strings
+from moe_grok.analysis.pathways import pathway_strings
 from moe_grok.sharding import shard_batch
 from moe_grok.theory import kernels as theory
 

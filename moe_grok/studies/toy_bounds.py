@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from moe_grok.analysis.grokking import metric_correlations
-from moe_grok.analysis.stats import collect_checkpoint_stats
+from moe_grok.checkpoints.cache import collect_checkpoint_stats
 from moe_grok.data import tasks
 from moe_grok.studies import toy_run
 from moe_grok.theory import kernels as theory

@@ -1,4 +1,4 @@
-"""Per-checkpoint statistics: every split's per-sample routing, loss and correctness, cached.
+"""The per-checkpoint statistics cache: every split's per-sample routing, loss and correctness.
 
 `collect_checkpoint_stats` runs every split through every checkpoint once
 (`extraction.routing.extract_splits`) and caches each checkpoint's results as an atomic .npz,
@@ -29,8 +29,9 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.param_dynamics import parameter_sample
-from moe_grok.analysis.sources import CheckpointSource
+from moe_grok.checkpoints.sources import CheckpointSource
 from moe_grok.config import MoEConfig
 from moe_grok.data.splits import EvalSplit
 from moe_grok.extraction.routing import extract_splits, make_extractor
@@ -43,23 +44,6 @@ STAT_FIELDS = tuple(STAT_AXES)
 # Bump when what an entry holds, or how it is computed, changes: older entries then count as stale.
 CACHE_FORMAT = 3
 _DIFFS_SHOWN = 6  # differing key fields named in a stale-entry warning
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointStats:
-    """What one checkpoint gives.
-
-    splits: per split {mean_weights [N, L, E], scored_mean_weights [N, L, E], routing_entropy
-    [N, L], scored_routing_entropy [N, L], loss [N], correct [N]} (extraction.routing.RoutingStats);
-    router: the router matrices [L, E, D] float32 (pathway consistency); param_sample: a fixed
-    sample of every parameter (param_dynamics.parameter_sample).
-    """
-
-    step: int
-    name: str
-    splits: dict[str, dict[str, np.ndarray]]
-    router: np.ndarray
-    param_sample: dict[str, np.ndarray]
 
 
 class CorruptCacheEntry(ValueError):
