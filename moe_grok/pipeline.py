@@ -11,8 +11,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from moe_grok.analysis.analyze import AnalysisOptions, TestResults, analyze, test_results_from_split
-from moe_grok.checkpoints.sources import CheckpointSource
 from moe_grok.checkpoints.cache import collect_checkpoint_stats
+from moe_grok.checkpoints.sources import CheckpointSource
 from moe_grok.data.splits import EvalSplit
 from moe_grok.locking import DirectoryLock
 from moe_grok.report.files import write_report

@@ -7,8 +7,8 @@ import pytest
 from moe_grok.analysis import analyze as analyze_lib
 from moe_grok.analysis import metrics
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
-from moe_grok.data.splits import EvalSplit
 from moe_grok.analysis.pathways import pathway_expert_lists, pathway_string
+from moe_grok.data.splits import EvalSplit
 from moe_grok.report.files import format_table, write_report
 
 STEPS = np.array([0, 100, 200, 300, 400, 500])

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from moe_grok.checkpoints import sources as sources_lib
 from moe_grok.checkpoints import cache as cache_lib
+from moe_grok.checkpoints import sources as sources_lib
 from moe_grok.config import toy
 from moe_grok.data.splits import EvalSplit, next_token_targets
 from moe_grok.model import checkpoint_io, hf

@@ -9,9 +9,9 @@ import pytest
 
 from moe_grok import pipeline
 from moe_grok.analysis import analyze
-from moe_grok.checkpoints import test_correctness
-from moe_grok.checkpoints import sources as sources_lib
 from moe_grok.checkpoints import cache as cache_lib
+from moe_grok.checkpoints import sources as sources_lib
+from moe_grok.checkpoints import test_correctness
 from moe_grok.data import corpus as data
 from moe_grok.model.hf import CheckpointError
 from moe_grok.sharding import make_mesh
@@ -199,8 +199,7 @@ def test_experiment_script(workspace, tmp_path):
 
 
 def test_cross_domain_control_curve(workspace, tmp_path):
-    from moe_grok.analysis import grokking, metrics
-    from moe_grok.analysis import pathways
+    from moe_grok.analysis import grokking, metrics, pathways
 
     split = _split(workspace)
     options = analyze.AnalysisOptions(max_pairs=None, delta=0.3)

@@ -1,1 +1,2 @@
-"""Analysis layer: pure array math over per-checkpoint statistics: pathways, metrics, grokking rules, statistics, the report dict."""
+"""Analysis layer: pure array math over per-checkpoint statistics (pathways, metrics, grokking rules,
+statistics) and the report dict built from them."""

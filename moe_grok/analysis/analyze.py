@@ -21,11 +21,10 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from moe_grok.analysis import grokking, groups, metrics
-from moe_grok.analysis.param_dynamics import parameter_dynamics
+from moe_grok.analysis import grokking, groups, metrics, pathways
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
+from moe_grok.analysis.param_dynamics import parameter_dynamics
 from moe_grok.data.splits import EvalSplit
-from moe_grok.analysis import pathways
 
 # positions -> (router weights field, routing entropy field) of CheckpointStats.splits
 POSITIONS = {"all": ("mean_weights", "routing_entropy"), "scored": ("scored_mean_weights", "scored_routing_entropy")}

@@ -14,7 +14,6 @@ zip, bad CRC, missing array, wrong dtype or shape) is renamed *.corrupt-<time> a
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import json
