@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from moe_grok.analysis import grokking, groups, metrics, pathways
+from moe_grok.analysis import grokking, groups, metrics, pathways, statistics
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.param_dynamics import parameter_dynamics
 from moe_grok.data.splits import EvalSplit
@@ -382,7 +382,7 @@ def _partial(curves: dict[str, np.ndarray], accuracy: np.ndarray, window: tuple[
         return {}
     part = slice(start, end + 1)
     controls = np.column_stack([curves["routing_entropy"][part], curves["pathway_length"][part]])
-    return {name: grokking.partial_correlation(curves[name][part], accuracy[part], controls)
+    return {name: statistics.partial_correlation(curves[name][part], accuracy[part], controls)
             for name in ("distance", *DISTANCE_VARIANTS, "consistency") if name in curves}
 
 

@@ -4,35 +4,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.stats
 
-from moe_grok.analysis import grokking
+from moe_grok.analysis import grokking, statistics
+from moe_grok.analysis.statistics import mean_ci
 from moe_grok.report.files import TABLE1_ROWS
 
 GROK_ACCURACY = 0.9  # a domain groks when its test accuracy reaches this and stays there
 MIN_EARLY_GROUP = 5  # samples in an "early" Pretrain@t* group
 METRICS = ("distance", "consistency")
 PAPER_SIGN = {"distance": -1.0, "consistency": 1.0}
-
-
-def mean_ci(values, confidence: float = 0.95) -> dict[str, Any]:
-    """Mean and t-distribution confidence interval of the finite values: {"mean", "ci95", "n"}."""
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
-    if values.size == 0:
-        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
-    if values.size == 1:
-        return {"mean": float(values[0]), "ci95": [float("nan"), float("nan")], "n": 1}
-    half = scipy.stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
-    return {"mean": float(values.mean()), "ci95": [float(values.mean() - half), float(values.mean() + half)],
-            "n": int(values.size)}
-
-
-def _pearson(x, y) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
-        return float("nan")
-    return float(scipy.stats.pearsonr(x[keep], y[keep]).statistic)
 
 
 def _mean(values) -> float:
@@ -83,8 +63,9 @@ def alignment(report: dict[str, Any], metric: str) -> float:
     values = []
     for d in domains:
         curve = report["domains"][d]["sets"]["memorized"]["curves"][metric]
-        own = abs(_pearson(curve, report["domains"][d]["curves"]["test_accuracy"]))
-        others = [abs(_pearson(curve, report["domains"][e]["curves"]["test_accuracy"])) for e in domains if e != d]
+        accuracy = {e: report["domains"][e]["curves"]["test_accuracy"] for e in domains}
+        own = abs(statistics.pearson_r(curve, accuracy[d]))
+        others = [abs(statistics.pearson_r(curve, accuracy[e])) for e in domains if e != d]
         values.append(own - _mean(others))
     return _mean(values)
 

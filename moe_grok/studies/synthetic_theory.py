@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from moe_grok.analysis.metrics import group_pathway_distance
 from moe_grok.analysis.pathways import pathway_strings
+from moe_grok.analysis.statistics import fisher_interval
 from moe_grok.sharding import shard_batch
 from moe_grok.theory import kernels as theory
 
@@ -307,16 +308,6 @@ def _group_key(row):
 
 def _structure_label(key) -> str:
     return f"K={key[0]} spread={key[1]} scale={key[2]}"
-
-
-def fisher_interval(r: float, n: int, confidence: float = 0.95) -> list[float]:
-    """Confidence interval of a Pearson r from n pairs (Fisher z); NaN when n < 4."""
-    from scipy import stats
-
-    if n < 4 or not np.isfinite(r):
-        return [float("nan"), float("nan")]
-    z, half = np.arctanh(np.clip(r, -0.999999, 0.999999)), stats.norm.ppf(0.5 + confidence / 2) / np.sqrt(n - 3)
-    return [float(np.tanh(z - half)), float(np.tanh(z + half))]
 
 
 def within_structure(rows, a: str, b: str) -> dict:
