@@ -34,7 +34,6 @@ CONTROL_SETS = ("held_out", "random_train")
 SET_METRICS = ("distance", "consistency", "complexity", "pathway_length", "routing_entropy")
 MAX_LISTED_STEPS = 6  # an unbounded-consistency warning lists up to this many steps of a set, else counts them
 MAX_LISTED_SETS = 6  # ... and names up to this many sets, the most affected first
-TABLE1_SETS = ("memorized", *CONTROL_SETS)
 
 
 @dataclasses.dataclass(frozen=True)
