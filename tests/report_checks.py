@@ -1,13 +1,13 @@
 """Checks of a finished report (analysis.analyze's dict) and of the files report.files wrote from
 it, shared by the toy and OLMoE end-to-end tests: every entry present, shaped and within its bounds."""
 import csv
-import json
 import math
 import os
 
 import numpy as np
 import pytest
 
+from moe_grok import strict_json
 from moe_grok.analysis.analyze import DISTANCE_VARIANTS
 
 PARTIAL_METRICS = {"distance", *DISTANCE_VARIANTS, "consistency"}
@@ -125,7 +125,7 @@ def check_report(report, out_dir, num_layers, num_experts):
 def _check_files(report, out_dir):
     """summary.json is the report; the CSVs hold its curves, partial correlations, sweeps and dynamics."""
     with open(os.path.join(out_dir, "summary.json")) as f:
-        assert json.dumps(json.load(f)) == json.dumps(report, default=float)
+        assert strict_json.dumps(strict_json.loads(f.read())) == strict_json.dumps(report)  # strict: NaN as null
     steps = [str(s) for s in report["steps"]]
     per_checkpoint = _csv_rows(os.path.join(out_dir, "per_checkpoint.csv"))
     table1 = _csv_rows(os.path.join(out_dir, "table1.csv"))

@@ -1,15 +1,17 @@
 """The paper's analysis on hand-built checkpoint statistics: every rule, control and degenerate case."""
+import json
 import math
 
 import numpy as np
 import pytest
 
+from moe_grok import strict_json
 from moe_grok.analysis import analyze as analyze_lib
 from moe_grok.analysis import metrics
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.pathways import pathway_expert_lists, pathway_string
 from moe_grok.data.splits import EvalSplit
-from moe_grok.report.files import format_table, write_report
+from moe_grok.report.files import format_table, read_summary, write_report
 
 STEPS = np.array([0, 100, 200, 300, 400, 500])
 LAYERS, EXPERTS, HIDDEN = 3, 4, 5
@@ -238,3 +240,27 @@ def test_options_from_config_round_trip():
     options = analyze_lib.AnalysisOptions.from_config(config)
     assert options.max_pairs is None and options.eps == 0.3 and options.positions == ("all", "scored")
     assert set(config) == {f for f in analyze_lib.AnalysisOptions.__dataclass_fields__}
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def test_summary_json_is_strict_and_reads_back_with_nan(rng, tmp_path):
+    # Pretrain@300 has one sample (its distances are NaN); the options hold None (max_pairs)
+    settle = [1, 4, 1, 4, 2, None, 2, None, 3, None, 5, None, None, None, None, None]
+    stats, splits = build_stats(rng, settle)
+    test = analyze_lib.test_results_from_split(stats, "test", splits["test"])
+    options = analyze_lib.AnalysisOptions(eps=0.5, max_pairs=None, delta_sweep=(0.05,), eps_sweep=(1.0,))
+    report = analyze_lib.analyze(stats, splits, "train", test, "test", options=options)
+    assert math.isnan(report["domains"]["a"]["pretrain_groups"]["Pretrain@300"]["curves"]["distance"][0])
+    write_report(report, str(tmp_path), with_plots=False)
+    text = (tmp_path / "summary.json").read_text()
+    parsed = json.loads(text, parse_constant=_reject_constant)  # NaN / Infinity tokens would raise
+    assert parsed["domains"]["a"]["pretrain_groups"]["Pretrain@300"]["curves"]["distance"][0] is None
+    back = read_summary(str(tmp_path / "summary.json"))
+    assert math.isnan(back["domains"]["a"]["pretrain_groups"]["Pretrain@300"]["curves"]["distance"][0])
+    assert back["options"]["max_pairs"] is None and back["domains"]["a"]["memorization"]["in_target_range"] is None
+    assert strict_json.dumps(back) == strict_json.dumps(report)
+    with pytest.raises(ValueError, match="NaN"):
+        strict_json.loads('{"x": NaN}')

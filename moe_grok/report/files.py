@@ -1,6 +1,6 @@
 """Report files of an analysis (analysis.analyze's dict).
 
-  summary.json        the whole report
+  summary.json        the whole report (strict JSON: NaN written as null; `read_summary` reads it back)
   per_checkpoint.csv  step, domain, group, set, metric, value (every curve, long format)
   table1.csv          domain, metric, window, n, pearson_r, pearson_p, spearman_r, spearman_p (and every
                       set's partial correlations: metric "<set>/<metric>|entropy,length", window "window_partial")
@@ -14,11 +14,11 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from typing import Any
 
+from moe_grok import strict_json
 from moe_grok.report import plots
 
 TABLE1_ROWS = (  # (key in a domain's table1, label); the paper's Table 1 rows, then controls
@@ -36,6 +36,15 @@ TABLE1_ROWS = (  # (key in a domain's table1, label); the paper's Table 1 rows, 
     ("memorized/pathway_length", "control: pathway length (experts / layer)"),
     ("memorized/routing_entropy", "control: routing entropy (nats)"),
 )
+
+
+# Report entries where null means "not set" (not a missing number): `read_summary` keeps them None.
+NULLABLE_ENTRIES = ("options", "in_target_range")
+
+
+def read_summary(path: str) -> dict[str, Any]:
+    """A summary.json written by `write_report`, with every null number back as NaN."""
+    return strict_json.nan_for_null(strict_json.load(path), keep=NULLABLE_ENTRIES)
 
 
 def _number(value) -> str:
@@ -105,8 +114,7 @@ def write_report(report: dict[str, Any], out_dir: str, with_plots: bool = True) 
     names = ("summary.json", "per_checkpoint.csv", "table1.csv", "groups.csv", "pairs.csv", "sweeps.csv",
              "param_dynamics.csv", "table.txt")
     paths = {name: os.path.join(out_dir, name) for name in names}
-    with open(paths["summary.json"], "w") as f:
-        json.dump(report, f, indent=1, default=float)
+    strict_json.dump(report, paths["summary.json"], indent=1)
     steps = report["steps"]
     with open(paths["per_checkpoint.csv"], "w", newline="") as f:
         writer = csv.writer(f)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import shutil
@@ -13,6 +12,8 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
+from moe_grok import strict_json
+from moe_grok.report.files import read_summary
 from moe_grok.studies import protocol_stats, toy_run
 from moe_grok.training import multiseed
 
@@ -56,8 +57,7 @@ def _read_reports(seed_dir: str, positions: tuple[str, ...]) -> dict[str, dict]:
     reports = {}
     for index, name in enumerate(positions):
         subdir = "report" if index == 0 else os.path.join("report", f"positions_{name}")
-        with open(os.path.join(seed_dir, "analysis", subdir, "summary.json")) as f:
-            reports[name] = json.load(f)
+        reports[name] = read_summary(os.path.join(seed_dir, "analysis", subdir, "summary.json"))
     return reports
 
 
@@ -360,8 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
         raise
     analyses.close(wait=True)
     results["minutes"] = (time.time() - started) / 60
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    strict_json.dump(results, os.path.join(workdir, "results.json"), indent=1)
     name = config.name
     page = markdown(results)
     with open(os.path.join(workdir, f"{name}_results.md"), "w") as f:

@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 from typing import NamedTuple
@@ -42,6 +41,7 @@ from jax.sharding import Mesh
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from moe_grok import strict_json
 from moe_grok.analysis.metrics import group_pathway_distance
 from moe_grok.analysis.pathways import pathway_strings
 from moe_grok.analysis.statistics import fisher_interval
@@ -417,8 +417,8 @@ def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> st
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(os.path.join(config.out, "results.json"), "w") as f:
-        json.dump({"base_config": dataclasses.asdict(base), "runs": rows, "correlations": corr}, f, indent=1)
+    strict_json.dump({"base_config": dataclasses.asdict(base), "runs": rows, "correlations": corr},
+                     os.path.join(config.out, "results.json"), indent=1)
     save_plots(rows, corr, os.path.join(config.out, "theory.png"))
     return (f"Correlations over runs:\n{format_correlations(corr)}\n"
             f"wrote {config.out}/results.csv, results.json, theory.png")
