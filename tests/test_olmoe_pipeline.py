@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from moe_grok import pipeline
+from moe_grok import pipeline, strict_json
 from moe_grok.analysis import analyze
 from moe_grok.checkpoints import cache as cache_lib
 from moe_grok.checkpoints import sources as sources_lib
@@ -192,6 +192,10 @@ def test_experiment_script(workspace, tmp_path):
     assert "Pretrain@" in result.stdout and "-> Test@" in result.stdout
     for name in ("analysis.png", "groups.png", "pairs.png", "table1.csv"):
         assert os.path.exists(tmp_path / "run" / "report" / name)
+    recorded = strict_json.load(tmp_path / "run" / pipeline.RUN_CONFIG_FILE)  # the resolved config, strict JSON
+    assert recorded["checkpoints"] == checkpoints and recorded["dtype"] == "float32"
+    assert recorded["analysis"]["max_pairs"] == 50 and recorded["analysis"]["delta"] == 0.3
+    assert recorded["analysis"]["eps"] is None and recorded["data"]["seq_len"] == 16
     bad_options = [f"--config.out_dir={tmp_path / 'bad'}", "--config.analysis.tau=1.5"]
     bad = subprocess.run(cmd + bad_options, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "tau and tau_sweep must lie in (0, 1]" in bad.stderr

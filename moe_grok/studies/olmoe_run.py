@@ -39,7 +39,8 @@ def load_test_results(config: ml_collections.ConfigDict, steps: list[int]) -> Te
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Validate the options and inputs, load the data, then run every checkpoint through the pipeline.
 
-    Returns the report (also written to config.out_dir/report)."""
+    Returns the report (also written to config.out_dir/report); the resolved config is recorded as
+    config.out_dir/config.json."""
     options = AnalysisOptions.from_config(config.analysis)
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
@@ -64,4 +65,5 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     validation = "validation" if "validation" in splits else None
     return pipeline.run_pipeline(sources, splits, config.out_dir, test=test, held_out_split=validation,
                                  validation_split=validation, train_embeddings=train_embeddings, options=options,
-                                 batch_size=config.batch_size, mesh=mesh, progress=jax.process_index() == 0)
+                                 batch_size=config.batch_size, mesh=mesh, progress=jax.process_index() == 0,
+                                 run_config=config.copy_and_resolve_references().to_dict())
