@@ -11,7 +11,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from moe_grok import strict_json
-from moe_grok.analysis.analyze import AnalysisOptions, TestResults, analyze, test_results_from_split
+from moe_grok.analysis.analyze import analyze
+from moe_grok.analysis.options import AnalysisOptions
+from moe_grok.analysis.test_results import TestResults, test_results_from_split
 from moe_grok.checkpoints.cache import collect_checkpoint_stats
 from moe_grok.checkpoints.sources import CheckpointSource
 from moe_grok.data.splits import EvalSplit

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from moe_grok import strict_json
-from moe_grok.analysis.analyze import DISTANCE_VARIANTS
+from moe_grok.analysis import registry
 
-PARTIAL_METRICS = {"distance", *DISTANCE_VARIANTS, "consistency"}
+DISTANCE_VARIANTS = registry.names(role="variant")
+PARTIAL_METRICS = {m.name for m in registry.partial_metrics()}
 PARTIAL_CONTROLS = 2  # routing entropy and pathway length: a partial correlation needs n > 2 + this
 
 
@@ -43,7 +44,7 @@ def _check_set_curves(name, s, n_checkpoints, num_experts):
     assert all(c.shape == (n_checkpoints,) for c in curves.values()), name
     np.testing.assert_array_equal(curves["distance"], curves["distance_char"])  # the primary distance: characters
     if s["n"] >= 2:
-        char, normalized, token = (curves[v] for v in DISTANCE_VARIANTS)
+        char, normalized, token = (curves[v] for v in ("distance_char", "distance_char_normalized", "distance_token"))
         assert np.isfinite(char).all() and np.isfinite(normalized).all() and np.isfinite(token).all(), name
         assert np.all((normalized >= 0) & (normalized <= 1)) and np.all(normalized <= char), name
         assert num_experts <= 10  # single-digit ids: the token string is the character one without its commas

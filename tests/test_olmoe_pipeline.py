@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from moe_grok import pipeline, strict_json
-from moe_grok.analysis import analyze
+from moe_grok.analysis import options as options_lib
+from moe_grok.analysis import test_results as test_results_lib
 from moe_grok.checkpoints import cache as cache_lib
 from moe_grok.checkpoints import sources as sources_lib
 from moe_grok.checkpoints import test_correctness
@@ -80,7 +81,7 @@ def _sources(root, mesh=None, moe_impl="dense"):
                                           moe_impl=moe_impl)
 
 
-OPTIONS = analyze.AnalysisOptions(max_pairs=50, delta=0.3, tau_sweep=(0.6, 0.7), delta_sweep=(0.3,),
+OPTIONS = options_lib.AnalysisOptions(max_pairs=50, delta=0.3, tau_sweep=(0.6, 0.7), delta_sweep=(0.3,),
                                   eps_sweep=(1.0,))
 
 
@@ -88,7 +89,7 @@ def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
     split = _split(workspace)
     _, correct, rows = test_correctness.load_test_correctness_csv(workspace / "test_correctness.csv", steps=STEPS)
     test_embeddings = np.load(workspace / "test_embeddings.npy")
-    test = analyze.TestResults({d: c.mean(1) for d, c in correct.items()}, correct,
+    test = test_results_lib.TestResults({d: c.mean(1) for d, c in correct.items()}, correct,
                                {d: test_embeddings[r] for d, r in rows.items()})
     out = str(tmp_path / "out")
     run = lambda: pipeline.run_pipeline(
@@ -206,7 +207,7 @@ def test_cross_domain_control_curve(workspace, tmp_path):
     from moe_grok.analysis import grokking, metrics, pathways
 
     split = _split(workspace)
-    options = analyze.AnalysisOptions(max_pairs=None, delta=0.3)
+    options = options_lib.AnalysisOptions(max_pairs=None, delta=0.3)
     report = pipeline.run_pipeline(_sources(workspace), {"train": split}, str(tmp_path / "out"), batch_size=8,
                                    options=options, progress=False, with_plots=False)
     curve = report["cross_domain_distance"]["math|code"]

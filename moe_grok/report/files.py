@@ -19,23 +19,29 @@ import os
 from typing import Any
 
 from moe_grok import strict_json
+from moe_grok.analysis import registry
 from moe_grok.report import plots
 
-TABLE1_ROWS = (  # (key in a domain's table1, label); the paper's Table 1 rows, then controls
-    ("memorized/distance", "pathway distance (memorized)"),
-    ("memorized/consistency", "pathway consistency (memorized)"),
+DOMAIN_ROWS = (  # (key in a domain's table1, label) of the domain's own curves
     ("train_loss", "training loss"),
     ("train_loss_moving_average", "training loss, moving average"),
     ("validation_loss", "validation loss"),
-    ("memorized/distance_char_normalized", "distance, length-normalized"),
-    ("memorized/distance_token", "distance, token level"),
-    ("held_out/distance", "control: distance (held-out test samples)"),
-    ("held_out/consistency", "control: consistency (held-out test samples)"),
-    ("random_train/distance", "control: distance (random non-memorized train)"),
-    ("random_train/consistency", "control: consistency (random non-memorized train)"),
-    ("memorized/pathway_length", "control: pathway length (experts / layer)"),
-    ("memorized/routing_entropy", "control: routing entropy (nats)"),
 )
+CONTROL_SET_LABELS = {"held_out": "held-out test samples", "random_train": "random non-memorized train"}
+
+
+def table1_rows() -> list[tuple[str, str]]:
+    """(key in a domain's table1, label) of every Table 1 row, from the metric registry: the
+    paper's metrics on the memorized samples, the domain's losses, the metrics' variants, the
+    paper's metrics on every control set, then the confounds (pathway length, routing entropy)."""
+    primary = registry.metrics(role="primary")
+    rows = [(f"memorized/{m.name}", m.table_label) for m in primary]
+    rows += DOMAIN_ROWS
+    rows += [(f"memorized/{m.name}", m.table_label) for m in registry.metrics(role="variant") if m.table_label]
+    rows += [(f"{name}/{m.name}", f"control: {m.label} ({label})") for name, label in CONTROL_SET_LABELS.items()
+             for m in primary]
+    rows += [(f"memorized/{m.name}", m.table_label) for m in registry.metrics(role="control") if m.table_label]
+    return rows
 
 
 # Report entries where null means "not set" (not a missing number): `read_summary` keeps them None.
@@ -77,7 +83,7 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"   {pair['pretrain']:>16} -> {pair['test']:<14} delay {pair['delay']:>+7}")
         if "table1" in d:
             lines.append(f"   {'metric':<50}{'window P':>9}{'S':>7}{'p':>9}{'full P':>9}{'S':>7}")
-            for key, label in TABLE1_ROWS:
+            for key, label in table1_rows():
                 if key not in d["table1"]:
                     continue
                 w, f = d["table1"][key]["window"], d["table1"][key]["full"]

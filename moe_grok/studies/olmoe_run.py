@@ -8,8 +8,9 @@ import ml_collections
 from absl import logging
 
 from moe_grok import pipeline, sharding
-from moe_grok.analysis.analyze import AnalysisOptions, TestResults
 from moe_grok.analysis.groups import load_embeddings
+from moe_grok.analysis.options import AnalysisOptions
+from moe_grok.analysis.test_results import TestResults
 from moe_grok.checkpoints.sources import checkpoint_sources
 from moe_grok.checkpoints.test_correctness import load_test_accuracy_csv, load_test_correctness_csv
 from moe_grok.config import MOE_IMPLS
