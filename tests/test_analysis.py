@@ -1,4 +1,6 @@
 """The paper's analysis on hand-built checkpoint statistics: every rule, control and degenerate case."""
+import csv
+import dataclasses
 import json
 import math
 
@@ -7,12 +9,13 @@ import pytest
 
 from moe_grok import strict_json
 from moe_grok.analysis import analyze as analyze_lib
-from moe_grok.analysis import metrics, run_warnings
+from moe_grok.analysis import metrics, registry, run_warnings
 from moe_grok.analysis import test_results as test_results_lib
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.options import AnalysisOptions, analysis_config
 from moe_grok.analysis.pathways import pathway_expert_lists, pathway_string
 from moe_grok.data.splits import EvalSplit
+from moe_grok.report import plots
 from moe_grok.report.files import format_table, read_summary, write_report
 
 STEPS = np.array([0, 100, 200, 300, 400, 500])
@@ -266,3 +269,62 @@ def test_summary_json_is_strict_and_reads_back_with_nan(rng, tmp_path):
     assert strict_json.dumps(back) == strict_json.dumps(report)
     with pytest.raises(ValueError, match="NaN"):
         strict_json.loads('{"x": NaN}')
+
+
+def _doubled_char_distance(engine, split, rows, checkpoint):
+    return 2.0 * engine.distance(split, rows, checkpoint, "char", False)
+
+
+DOUBLED = registry.Metric(
+    "distance_test_doubled", _doubled_char_distance, "variant", "doubled distance", "doubled character distance (test)",
+    "2 x edit distance (characters)", family="distance", table_label="distance, doubled (test)", plot="distances",
+    computed_on=registry.VARIANT_SCOPES, partial=True)
+
+
+@pytest.fixture
+def doubled_variant():
+    with registry.registered(DOUBLED) as metric:
+        yield metric
+    assert DOUBLED.name not in registry.names()
+
+
+def test_one_registry_entry_adds_a_distance_variant_everywhere(rng, tmp_path, doubled_variant):
+    settle = [1, 4, 1, 4, 2, None, 2, None, 3, None, 5, None, None, None, None, None]
+    stats, splits = build_stats(rng, settle)
+    test = test_results_lib.test_results_from_split(stats, "test", splits["test"])
+    options = AnalysisOptions(eps=0.5, max_pairs=None, delta_sweep=(0.05,), eps_sweep=(1.0,))
+    report = analyze_lib.analyze(stats, splits, "train", test, "test", options=options)
+    a = report["domains"]["a"]
+    name = doubled_variant.name
+    for set_name in ("memorized", "held_out", "random_train"):
+        curves = a["sets"][set_name]["curves"]
+        np.testing.assert_allclose(curves[name], 2 * np.asarray(curves["distance_char"]))
+        assert name in a["partial_correlations"][set_name]
+    group = a["pretrain_groups"]["Pretrain@100"]
+    assert name in group["curves"] and name in group["trend_after_t_star"]
+    assert name not in group["controls"]["held_out"] and name not in report["global"]["curves"]  # not in its scopes
+    assert set(a["table1"][f"memorized/{name}"]) == {"window", "full"}
+
+    write_report(report, str(tmp_path), with_plots=False)
+    with open(tmp_path / "per_checkpoint.csv") as f:
+        rows = list(csv.reader(f))
+    assert any(r[1:5] == ["a", "", "memorized", name] for r in rows)
+    with open(tmp_path / "table1.csv") as f:
+        metrics_in_table = {r[1] for r in csv.reader(f)}
+    assert {f"memorized/{name}", f"memorized/{name}|entropy,length"} <= metrics_in_table
+    assert "distance, doubled (test)" in (tmp_path / "table.txt").read_text()
+
+    figure = plots.distances_figure(report)
+    titles = {ax.get_title(): ax.get_ylabel() for ax in figure.axes}
+    assert titles["a: doubled character distance (test)"] == "2 x edit distance (characters)"
+    assert titles["b: doubled character distance (test)"] == "2 x edit distance (characters)"
+
+
+def test_registry_refuses_duplicates_and_bad_entries():
+    assert "distance_test_doubled" not in registry.names()  # the fixture above unregistered it
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("distance"))
+    with pytest.raises(ValueError, match="role must be one of"):
+        dataclasses.replace(DOUBLED, role="favourite")
+    with pytest.raises(ValueError, match="computed_on"):
+        dataclasses.replace(DOUBLED, computed_on=("everywhere",))
