@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -51,35 +52,38 @@ def _plain_log(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _style(ax, title: str, ylabel: str, xlabel: str = STEP_LABEL, legend: bool = True, twin=None) -> None:
-    """Title, axis labels (with units) and ticks at readable sizes; the legend (of ax and its twin)
-    beside the axes, outside the data."""
+def _style(ax, title: str, ylabel: str, xlabel: str = STEP_LABEL, legend: bool = True, twin=None,
+           window: dict | None = None, extra: tuple[list, list] = ([], [])) -> None:
+    """Title, axis labels (with units) and ticks at readable sizes; the legend (of ax, its twin,
+    `extra` (handles, labels) and the shaded correlation window of the domain `window`) beside the
+    axes, outside the data."""
     ax.set_title(title, fontsize=TITLE_FONT)
     ax.set_ylabel(ylabel, fontsize=FONT)
     ax.set_xlabel(xlabel, fontsize=FONT)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=FONT)
     handles, labels = ax.get_legend_handles_labels()
+    handles, labels = handles + list(extra[0]), labels + list(extra[1])
     if twin is not None:
         twin.tick_params(labelsize=FONT)
         more = twin.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    if legend and handles:
-        ax.legend(handles, labels, fontsize=FONT, loc="upper left", bbox_to_anchor=(1.13 if twin else 1.02, 1.0),
-                  borderaxespad=0.0, frameon=True)
+    if window is not None and _has_window(window):
+        handles, labels = handles + [Patch(color="gray", alpha=0.15)], labels + ["correlation window"]
+    unique = dict(zip(labels, handles, strict=True))  # one entry per label (panels of a row share their sets)
+    if legend and unique:
+        ax.legend(list(unique.values()), list(unique), fontsize=FONT, loc="upper left",
+                  bbox_to_anchor=(1.13 if twin else 1.02, 1.0), borderaxespad=0.0, frameon=True)
+
+
+def _has_window(domain: dict) -> bool:
+    window = domain.get("window")
+    return bool(window) and window["start_step"] >= 0
 
 
 def _mark_window(ax, domain: dict) -> None:
-    window = domain.get("window")
-    if window and window["start_step"] >= 0:
-        ax.axvspan(window["start_step"], window["end_step"], color="gray", alpha=0.15)
-
-
-def _window_legend_entry(ax, domain: dict) -> None:
-    window = domain.get("window")
-    if window and window["start_step"] >= 0:
-        ax.add_artist(ax.legend([Patch(color="gray", alpha=0.15)], ["correlation window"], fontsize=FONT,
-                                loc="lower left", bbox_to_anchor=(1.02, 0.0), borderaxespad=0.0, frameon=True))
+    if _has_window(domain):
+        ax.axvspan(domain["window"]["start_step"], domain["window"]["end_step"], color="gray", alpha=0.15)
 
 
 def _distance_axis_label(report: dict[str, Any]) -> str:
@@ -118,7 +122,8 @@ def analysis_figure(report: dict[str, Any]) -> Figure:
         _plain_log(twin.yaxis)
         twin.set_ylabel("loss (nats, log scale)", fontsize=FONT)
         _mark_window(row[0], d)
-        _style(row[0], f"{name}: accuracy and loss", "accuracy (fraction correct)", twin=twin)
+        _style(row[0], f"{name}: accuracy and loss", "accuracy (fraction correct)", twin=twin, window=d)
+        shared: tuple[list, list] = ([], [])  # the row's metric panels share one legend, beside the last
         for ax, metric in zip(row[1:], panels, strict=False):
             _set_lines(ax, steps, d, metric.name)
             if metric.name == "distance":
@@ -126,8 +131,12 @@ def analysis_figure(report: dict[str, Any]) -> Figure:
                     if name in pair.split("|"):
                         ax.plot(steps, values, color="gray", linestyle="-.", label=f"cross-domain {pair}")
             _mark_window(ax, d)
-            _style(ax, f"{name}: {metric.title}", _axis_label(report, metric))
-            _window_legend_entry(ax, d)
+            handles, labels = ax.get_legend_handles_labels()
+            shared[0].extend(handles)
+            shared[1].extend(labels)
+            last = metric is panels[-1]
+            _style(ax, f"{name}: {metric.title}", _axis_label(report, metric), legend=last,
+                   window=d if last else None, extra=shared if last else ([], []))
     return fig
 
 
@@ -139,8 +148,8 @@ def distances_figure(report: dict[str, Any]) -> Figure:
         for ax, metric in zip(row, panels, strict=False):
             _set_lines(ax, steps, d, metric.name)
             _mark_window(ax, d)
-            _style(ax, f"{name}: {metric.title}", metric.axis_label)
-            _window_legend_entry(ax, d)
+            last = metric is panels[-1]  # the panels of a row show the same sets: one legend, beside the last
+            _style(ax, f"{name}: {metric.title}", metric.axis_label, legend=last, window=d if last else None)
     return fig
 
 
@@ -185,25 +194,29 @@ def groups_figure(report: dict[str, Any]) -> Figure:
 def pairs_figure(report: dict[str, Any]) -> Figure:
     steps = report["steps"]
     domains = report["domains"]
-    fig, axes = _grid(len(domains), 1, width=10.0, height=3.6)
+    most_pairs = max([len(d["pairs"]) for d in domains.values()] + [1])
+    fig, axes = _grid(len(domains), 1, width=10.0, height=max(3.6, 0.24 * (most_pairs + 3)))
     for ax, (name, d) in zip(axes[:, 0], domains.items(), strict=False):
         twin = ax.twinx()
+        handles, labels = [], []
         for i, pair in enumerate(d["pairs"]):
             color = f"C{i % 10}"
-            ax.plot(steps, d["pretrain_groups"][pair["pretrain"]]["curves"]["train_loss"], color=color,
-                    label=f"{pair['pretrain']} train loss")
-            twin.plot(steps, d["test_groups"][pair["test"]]["accuracy"], color=color, linestyle="--",
-                      label=f"{pair['test']} accuracy (delay {pair['delay']:+d})")
+            line, = ax.plot(steps, d["pretrain_groups"][pair["pretrain"]]["curves"]["train_loss"], color=color)
+            twin.plot(steps, d["test_groups"][pair["test"]]["accuracy"], color=color, linestyle="--")
             ax.axvline(pair["pretrain_step"], color=color, alpha=0.3)
             twin.axvline(pair["test_step"], color=color, alpha=0.3, linestyle="--")
+            handles.append(line)
+            labels.append(f"{pair['pretrain']} -> {pair['test']} (delay {pair['delay']:+d})")
         if d["pairs"]:
             ax.set_yscale("log")
             _plain_log(ax.yaxis)
+            handles += [Line2D([], [], color="gray"), Line2D([], [], color="gray", linestyle="--")]
+            labels += ["solid: Pretrain@ training loss", "dashed: Test@ accuracy"]
         twin.set_ylim(-0.05, 1.05)
         twin.set_ylabel("Test@ group accuracy (fraction, dashed)", fontsize=FONT)
-        title = f"{name}: paired groups (solid: Pretrain@ training loss; dashed: Test@ accuracy)"
+        title = f"{name}: paired groups (thin vertical lines: t* and the test onset)"
         _style(ax, title if d["pairs"] else f"{name}: no Pretrain@ / Test@ pairs",
-               "Pretrain@ group training loss (nats, log)", twin=twin)
+               "Pretrain@ group training loss (nats, log)", twin=twin, extra=(handles, labels))
     return fig
 
 
@@ -220,6 +233,7 @@ def per_layer_figure(report: dict[str, Any]) -> Figure:
             colorbar.ax.tick_params(labelsize=FONT)
             ax.set_yticks(range(values.shape[1]))
             _style(ax, f"{name}: per-layer pathway distance ({set_name})", "MoE layer (index)", legend=False)
+            ax.grid(False)
         for ax in row[len(d["per_layer_distance"]):]:
             ax.set_visible(False)
     return fig
@@ -228,7 +242,7 @@ def per_layer_figure(report: dict[str, Any]) -> Figure:
 def sweeps_figure(report: dict[str, Any]) -> Figure:
     steps = report["steps"]
     domains = report["domains"]
-    fig, axes = _grid(len(domains), 2, width=6.0, height=3.4)
+    fig, axes = _grid(len(domains), 2, width=7.5, height=3.4)
     for row, (name, d) in zip(axes, domains.items(), strict=False):
         for tau, t in d.get("tau_sweep", {}).items():
             r = t["correlation"]["pearson_r"]
@@ -236,7 +250,7 @@ def sweeps_figure(report: dict[str, Any]) -> Figure:
             row[0].plot(steps, np.asarray(t["distance"], float), label=f"tau={tau} (r={r_text})")
         _style(row[0], f"{name}: memorized distance per tau (E.1)", _distance_axis_label(report))
         sweep = d["eps_delta_sweep"]
-        labels = [f"delta={r['delta']}\neps x{r['eps_multiple']}" for r in sweep]
+        labels = [f"{r['delta']:g}\nx{r['eps_multiple']:g}" for r in sweep]
         x = np.arange(len(sweep))
         row[1].bar(x - 0.2, [r["share_before_end"] for r in sweep], 0.4, label="share memorized before T")
         if sweep and "distance_correlation" in sweep[0]:
@@ -245,7 +259,7 @@ def sweeps_figure(report: dict[str, Any]) -> Figure:
         row[1].axhline(0.0, color="k", linewidth=0.8)
         row[1].set_xticks(x, labels)
         _style(row[1], f"{name}: (eps, delta) sweep (E.3)", "share (fraction) / Pearson r",
-               xlabel="memorization threshold (delta in nats, eps multiple)")
+               xlabel="delta (nats, top line) and eps multiple (bottom line)")
     return fig
 
 
