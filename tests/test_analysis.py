@@ -328,3 +328,15 @@ def test_registry_refuses_duplicates_and_bad_entries():
         dataclasses.replace(DOUBLED, role="favourite")
     with pytest.raises(ValueError, match="computed_on"):
         dataclasses.replace(DOUBLED, computed_on=("everywhere",))
+
+
+def test_protocol_quantities_come_from_the_registry():
+    from moe_grok.studies import protocol_stats
+
+    with registry.registered(dataclasses.replace(DOUBLED, paper_sign=-1.0)):
+        sides = {key: side for key, _, side in protocol_stats.quantities()}
+    name = DOUBLED.name
+    assert sides[f"h1_{name}_slope"] == "<0" and sides[f"h2_{name}_margin_over_loss"] == ">0"
+    assert sides[f"r_{name}"] == "" and sides[f"h3_{name}_alignment"] == ">0"
+    assert f"h1_{name}_slope" not in {key for key, _, _ in protocol_stats.quantities()}
+    assert {"h1_distance_slope", "h1_consistency_slope"} <= {key for key, _, _ in protocol_stats.quantities()}
