@@ -29,7 +29,6 @@ from moe_grok.analysis.set_metrics import SetMetrics, control_rows
 from moe_grok.analysis.test_results import TestResults
 from moe_grok.data.splits import EvalSplit
 
-CONTROL_SETS = ("held_out", "random_train")
 PER_LAYER_SETS = ("memorized", "held_out")  # sets whose per-layer distance is reported (Fig. 5)
 DEFAULT_OPTIONS = AnalysisOptions()
 
