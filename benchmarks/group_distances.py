@@ -44,7 +44,7 @@ def _reference_distance(pathways: list[str], max_pairs: int, seed: int) -> float
         matrix = process.cdist(pathways, pathways, scorer=Levenshtein.distance, dtype=np.int32, workers=-1)
         return float(matrix.sum(dtype=np.float64) / (count * (count - 1)))
     condensed = np.random.default_rng(seed).choice(total_pairs, size=max_pairs, replace=False)
-    pairs = metrics._unordered_pairs(count, condensed)
+    pairs = metrics.unordered_pairs(count, condensed)
     distances = process.cpdist([pathways[i] for i in pairs[:, 0]], [pathways[j] for j in pairs[:, 1]],
                                scorer=Levenshtein.distance, dtype=np.int32, workers=-1)
     return float(distances.mean(dtype=np.float64))
@@ -52,7 +52,7 @@ def _reference_distance(pathways: list[str], max_pairs: int, seed: int) -> float
 
 def _workload(seed: int) -> tuple[list[list[str]], list[np.ndarray]]:
     """(pathway strings per checkpoint, sample sets) of one analysis."""
-    from moe_grok.extraction import pathways
+    from moe_grok.analysis import pathways
 
     rng = np.random.default_rng(seed)
     strings = []

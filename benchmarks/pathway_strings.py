@@ -27,7 +27,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 
 def main(argv):
     del argv
-    from moe_grok.extraction import pathways
+    from moe_grok.analysis import pathways
 
     rng = np.random.default_rng(0)
     weights = rng.dirichlet(np.full(_EXPERTS.value, _CONCENTRATION.value), size=(_SAMPLES.value, _LAYERS.value))

@@ -8,7 +8,7 @@ huggingface_hub.list_repo_refs("allenai/OLMoE-1B-7B-0924").
 """
 import ml_collections
 
-from moe_grok.analysis.analyze import analysis_config
+from moe_grok.analysis.options import analysis_config
 
 
 def get_config():
@@ -52,6 +52,6 @@ def get_config():
     # pairing); takes precedence over test_accuracy_csv
     config.train_embeddings = ""  # .npy [train samples, dim] sentence embeddings for pairing ("" = by domain)
     config.test_embeddings = ""  # .npy [test samples, dim], rows in test_correctness_csv's first-appearance order
-    config.analysis = analysis_config(max_pairs=5000)  # AnalysisOptions fields (moe_grok.analysis.analyze)
+    config.analysis = analysis_config(max_pairs=5000)  # AnalysisOptions fields (moe_grok.analysis.options)
     config.batch_size = 16  # samples per extraction batch (global; rounded up to a multiple of the mesh's devices)
     return config

@@ -1,7 +1,7 @@
 """Default toy grokking run: modular addition mod 97 with a small 4-layer MoE (CPU, minutes)."""
 import ml_collections
 
-from moe_grok.analysis.analyze import analysis_config
+from moe_grok.analysis.options import analysis_config
 
 
 def get_config():

@@ -1,8 +1,9 @@
 """moe_grok: find grokking inside Mixture-of-Experts LMs by watching their routing pathways.
 
 Layers (imports point down only; docs/architecture.md):
-  sharding, config -> data -> model -> extraction -> analysis / training / theory -> report
-  -> pipeline -> studies (experiment code; launchers in experiments/).
+  sharding, config, locking, strict_json -> data -> analysis (pure array math) -> model -> extraction
+  -> checkpoints / training / theory -> report -> pipeline -> studies (experiment code; launchers in
+  experiments/).
 
 The names below are the public API, imported lazily so that `import moe_grok.data` does
 not pull in JAX or Flax.

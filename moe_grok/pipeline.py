@@ -10,15 +10,19 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moe_grok.analysis.analyze import AnalysisOptions, TestResults, analyze, test_results_from_split
-from moe_grok.analysis.sources import CheckpointSource
-from moe_grok.analysis.stats import collect_checkpoint_stats
+from moe_grok import strict_json
+from moe_grok.analysis.analyze import analyze
+from moe_grok.analysis.options import AnalysisOptions
+from moe_grok.analysis.test_results import TestResults, test_results_from_split
+from moe_grok.checkpoints.cache import collect_checkpoint_stats
+from moe_grok.checkpoints.sources import CheckpointSource
 from moe_grok.data.splits import EvalSplit
 from moe_grok.locking import DirectoryLock
 from moe_grok.report.files import write_report
 
 # Not train.lock, so an out_dir that is also a training workdir neither blocks nor is blocked by training.
 LOCK_FILE = "analysis.lock"
+RUN_CONFIG_FILE = "config.json"  # the resolved configuration of the run that analysed out_dir
 
 
 @contextlib.contextmanager
@@ -50,7 +54,8 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
                  held_out_split: str | None = None, validation_split: str | None = None,
                  train_embeddings: np.ndarray | None = None,
                  test_embeddings: np.ndarray | None = None, options: AnalysisOptions | None = None,
-                 batch_size: int = 32, mesh=None, progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
+                 batch_size: int = 32, mesh=None, progress: bool = True, with_plots: bool = True,
+                 run_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stats per checkpoint (cached in out_dir/cache), the analysis, and its files.
 
     out_dir is locked (out_dir/analysis.lock) for the whole run: a second analysis of it raises
@@ -60,6 +65,8 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
     held_out_split (default: test_split) holds the held-out control samples. One report per
     entry of options.positions: the first in out_dir/report, the others in
     out_dir/report/positions_<name>. Returns the first. options: default AnalysisOptions().
+    run_config: the run's resolved configuration (JSON-able), recorded as out_dir/config.json
+    (strict JSON) under the lock, before any checkpoint is read.
     """
     options = options or AnalysisOptions()
     held_out_split = held_out_split or test_split
@@ -69,6 +76,8 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
     if test is not None:
         test.check(splits[train_split].group_names, len(sources))
     with _out_dir_lock(out_dir):
+        if run_config is not None and jax.process_index() == 0:
+            strict_json.dump(run_config, os.path.join(out_dir, RUN_CONFIG_FILE), indent=2, sort_keys=True)
         stats = collect_checkpoint_stats(sources, splits, os.path.join(out_dir, "cache"), batch_size, mesh, progress)
         if test is None and test_split is not None:
             test = test_results_from_split(stats, test_split, splits[test_split], test_embeddings)

@@ -1,16 +1,17 @@
 """Checks of a finished report (analysis.analyze's dict) and of the files report.files wrote from
 it, shared by the toy and OLMoE end-to-end tests: every entry present, shaped and within its bounds."""
 import csv
-import json
 import math
 import os
 
 import numpy as np
 import pytest
 
-from moe_grok.analysis.analyze import DISTANCE_VARIANTS
+from moe_grok import strict_json
+from moe_grok.analysis import registry
 
-PARTIAL_METRICS = {"distance", *DISTANCE_VARIANTS, "consistency"}
+DISTANCE_VARIANTS = registry.names(role="variant")
+PARTIAL_METRICS = {m.name for m in registry.partial_metrics()}
 PARTIAL_CONTROLS = 2  # routing entropy and pathway length: a partial correlation needs n > 2 + this
 
 
@@ -43,7 +44,7 @@ def _check_set_curves(name, s, n_checkpoints, num_experts):
     assert all(c.shape == (n_checkpoints,) for c in curves.values()), name
     np.testing.assert_array_equal(curves["distance"], curves["distance_char"])  # the primary distance: characters
     if s["n"] >= 2:
-        char, normalized, token = (curves[v] for v in DISTANCE_VARIANTS)
+        char, normalized, token = (curves[v] for v in ("distance_char", "distance_char_normalized", "distance_token"))
         assert np.isfinite(char).all() and np.isfinite(normalized).all() and np.isfinite(token).all(), name
         assert np.all((normalized >= 0) & (normalized <= 1)) and np.all(normalized <= char), name
         assert num_experts <= 10  # single-digit ids: the token string is the character one without its commas
@@ -125,7 +126,7 @@ def check_report(report, out_dir, num_layers, num_experts):
 def _check_files(report, out_dir):
     """summary.json is the report; the CSVs hold its curves, partial correlations, sweeps and dynamics."""
     with open(os.path.join(out_dir, "summary.json")) as f:
-        assert json.dumps(json.load(f)) == json.dumps(report, default=float)
+        assert strict_json.dumps(strict_json.loads(f.read())) == strict_json.dumps(report)  # strict: NaN as null
     steps = [str(s) for s in report["steps"]]
     per_checkpoint = _csv_rows(os.path.join(out_dir, "per_checkpoint.csv"))
     table1 = _csv_rows(os.path.join(out_dir, "table1.csv"))

@@ -1,15 +1,22 @@
 """The paper's analysis on hand-built checkpoint statistics: every rule, control and degenerate case."""
+import csv
+import dataclasses
+import json
 import math
 
 import numpy as np
 import pytest
 
+from moe_grok import strict_json
 from moe_grok.analysis import analyze as analyze_lib
-from moe_grok.analysis import metrics
-from moe_grok.analysis.stats import CheckpointStats
+from moe_grok.analysis import metrics, registry, run_warnings
+from moe_grok.analysis import test_results as test_results_lib
+from moe_grok.analysis.checkpoint_stats import CheckpointStats
+from moe_grok.analysis.options import AnalysisOptions, analysis_config
+from moe_grok.analysis.pathways import pathway_expert_lists, pathway_string
 from moe_grok.data.splits import EvalSplit
-from moe_grok.extraction.pathways import pathway_expert_lists, pathway_string
-from moe_grok.report.files import format_table, write_report
+from moe_grok.report import plots
+from moe_grok.report.files import format_table, read_summary, write_report
 
 STEPS = np.array([0, 100, 200, 300, 400, 500])
 LAYERS, EXPERTS, HIDDEN = 3, 4, 5
@@ -65,8 +72,8 @@ def test_pretrain_groups_controls_pairs_and_table(rng, tmp_path):
     # domain "a" = even samples: settle at checkpoints 1, 1, 2, 2, 3, 5 (= T: trivial, not memorized), never...
     settle = [1, 4, 1, 4, 2, None, 2, None, 3, None, 5, None, None, None, None, None]
     stats, splits = build_stats(rng, settle)
-    test = analyze_lib.test_results_from_split(stats, "test", splits["test"])
-    options = analyze_lib.AnalysisOptions(eps=0.5, max_pairs=None, tau_sweep=(0.5, 0.8), delta_sweep=(0.05,),
+    test = test_results_lib.test_results_from_split(stats, "test", splits["test"])
+    options = AnalysisOptions(eps=0.5, max_pairs=None, tau_sweep=(0.5, 0.8), delta_sweep=(0.05,),
                                           eps_sweep=(1.0,))
     report = analyze_lib.analyze(stats, splits, "train", test, "test", options=options)
     a = report["domains"]["a"]
@@ -116,7 +123,7 @@ def test_pretrain_groups_controls_pairs_and_table(rng, tmp_path):
 def test_scored_positions_use_the_scored_routing_entropy(rng):
     stats, splits = build_stats(rng, [1] * 8 + [None] * 8)
     memorized = np.arange(0, 8, 2)  # domain a's memorized rows
-    options = analyze_lib.AnalysisOptions(eps=0.5)
+    options = AnalysisOptions(eps=0.5)
     for positions, field in (("all", "routing_entropy"), ("scored", "scored_routing_entropy")):
         report = analyze_lib.analyze(stats, splits, "train", options=options, positions=positions)
         expected = [s.splits["train"][field][memorized].mean() for s in stats]
@@ -125,7 +132,7 @@ def test_scored_positions_use_the_scored_routing_entropy(rng):
 
 def test_per_layer_distance_equals_single_layer_pathways(rng):
     stats, splits = build_stats(rng, [1] * 8 + [None] * 8)
-    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5, max_pairs=None))
+    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(eps=0.5, max_pairs=None))
     memorized = np.arange(0, 8, 2)  # domain a's memorized rows
     per_layer = np.asarray(report["domains"]["a"]["per_layer_distance"]["memorized"])
     for c in (1, 4):
@@ -138,8 +145,8 @@ def test_per_layer_distance_equals_single_layer_pathways(rng):
 def test_degenerate_domains_are_reported_not_crashed(rng):
     settle = [None] * 6 + [None, 1]  # domain a: nothing memorized before T; domain b: one sample
     stats, splits = build_stats(rng, settle)
-    test = analyze_lib.test_results_from_split(stats, "test", splits["test"])
-    report = analyze_lib.analyze(stats, splits, "train", test, "test", options=analyze_lib.AnalysisOptions(eps=0.5))
+    test = test_results_lib.test_results_from_split(stats, "test", splits["test"])
+    report = analyze_lib.analyze(stats, splits, "train", test, "test", options=AnalysisOptions(eps=0.5))
     a, b = report["domains"]["a"], report["domains"]["b"]
     assert a["pretrain_groups"] == {} and a["pairs"] == []
     assert all(math.isnan(v) for v in a["sets"]["memorized"]["curves"]["distance"])
@@ -150,14 +157,14 @@ def test_degenerate_domains_are_reported_not_crashed(rng):
 
 def test_calibration_miss_and_unreachable_target_are_reported(rng):
     stats, splits = build_stats(rng, [1] * 16)  # every sample settles at checkpoint 1: share 100% or 0%
-    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions())
+    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions())
     memorization = report["domains"]["a"]["memorization"]
     assert memorization["in_target_range"] is False and memorization["eps_source"] == "calibrated"
     assert any("no grid eps" in w for w in report["warnings"])
     stats, splits = build_stats(rng, [None] * 16)
     for c, s in enumerate(stats):  # still falling by 0.3 nats per checkpoint at the end: nothing settles
         s.splits["train"]["loss"][:] = 3.0 - 0.3 * c
-    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions())
+    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions())
     assert report["domains"]["a"]["memorization"]["eps_source"] == "unreachable"
     assert "no eps on the grid reaches" in report["domains"]["a"]["memorization"]["error"]
 
@@ -165,22 +172,22 @@ def test_calibration_miss_and_unreachable_target_are_reported(rng):
 def test_bad_inputs_name_the_problem(rng):
     stats, splits = build_stats(rng, [1, 2] * 8)
     with pytest.raises(ValueError, match=r"match no training domain \['a', 'b'\]; 'A' \(did you mean 'a'\?\)"):
-        analyze_lib.analyze(stats, splits, "train", analyze_lib.TestResults({"A": np.zeros(len(STEPS))}))
+        analyze_lib.analyze(stats, splits, "train", test_results_lib.TestResults({"A": np.zeros(len(STEPS))}))
     with pytest.raises(ValueError, match="test accuracy of domain 'a' has 3 values for 6 checkpoints"):
-        analyze_lib.analyze(stats, splits, "train", analyze_lib.TestResults({"a": np.zeros(3)}))
+        analyze_lib.analyze(stats, splits, "train", test_results_lib.TestResults({"a": np.zeros(3)}))
     with pytest.raises(ValueError, match=r"train.*embeddings have shape \(3, 2\), need \[16, dim\]"):
         analyze_lib.analyze(stats, splits, "train", train_embeddings=np.zeros((3, 2)))
     with pytest.raises(ValueError, match="tau and tau_sweep must lie in"):
-        analyze_lib.AnalysisOptions(tau=1.5)
+        AnalysisOptions(tau=1.5)
     with pytest.raises(ValueError, match="distance_level"):
-        analyze_lib.AnalysisOptions(distance_level="word")
+        AnalysisOptions(distance_level="word")
     with pytest.raises(ValueError, match="positions"):
-        analyze_lib.AnalysisOptions(positions=("answer",))
+        AnalysisOptions(positions=("answer",))
 
 
 def test_two_layer_models_warn_that_consistency_is_constant(rng):
     stats, splits = build_stats(rng, [1, 2] * 8, layers=2)
-    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
+    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(eps=0.5))
     assert any("2 MoE layers" in w for w in report["warnings"])
     assert report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency"] == pytest.approx([1.0] * len(STEPS))
 
@@ -201,7 +208,7 @@ def _stats_with_unbounded_consistency(rng):
 
 def test_unbounded_consistency_is_counted_and_warned(rng, tmp_path):
     stats, splits = _stats_with_unbounded_consistency(rng)
-    report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
+    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(eps=0.5))
     share = report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency_unbounded_share"]
     assert share == pytest.approx([0, 0, 1, 0, 1, 0])
     warnings = [w for w in report["warnings"] if "consistency is unbounded" in w]
@@ -219,13 +226,13 @@ def test_unbounded_consistency_warning_stays_short(rng, monkeypatch):
     stats, splits = _stats_with_unbounded_consistency(rng)
 
     def warning_of_domain_a():
-        report = analyze_lib.analyze(stats, splits, "train", options=analyze_lib.AnalysisOptions(eps=0.5))
+        report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(eps=0.5))
         return next(w for w in report["warnings"] if w.startswith("domain 'a'") and "unbounded" in w)
 
     flagged_sets = warning_of_domain_a().count(" at step(s) [200, 400]")
     assert flagged_sets > 1
-    monkeypatch.setattr(analyze_lib, "MAX_LISTED_STEPS", 1)
-    monkeypatch.setattr(analyze_lib, "MAX_LISTED_SETS", 1)
+    monkeypatch.setattr(run_warnings, "MAX_LISTED_STEPS", 1)
+    monkeypatch.setattr(run_warnings, "MAX_LISTED_SETS", 1)
     warning = warning_of_domain_a()
     assert "samples of memorized at 2 of 6 checkpoints (steps 200..400) (up to 100% of samples); " \
            f"{flagged_sets - 1} more set(s); see" in warning
@@ -233,8 +240,103 @@ def test_unbounded_consistency_warning_stays_short(rng, monkeypatch):
 
 
 def test_options_from_config_round_trip():
-    config = analyze_lib.analysis_config(max_pairs=0, tau_sweep=(0.6,), positions=("all", "scored"))
+    config = analysis_config(max_pairs=0, tau_sweep=(0.6,), positions=("all", "scored"))
     config.eps = 0.3
-    options = analyze_lib.AnalysisOptions.from_config(config)
+    options = AnalysisOptions.from_config(config)
     assert options.max_pairs is None and options.eps == 0.3 and options.positions == ("all", "scored")
-    assert set(config) == {f for f in analyze_lib.AnalysisOptions.__dataclass_fields__}
+    assert set(config) == {f for f in AnalysisOptions.__dataclass_fields__}
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def test_summary_json_is_strict_and_reads_back_with_nan(rng, tmp_path):
+    # Pretrain@300 has one sample (its distances are NaN); the options hold None (max_pairs)
+    settle = [1, 4, 1, 4, 2, None, 2, None, 3, None, 5, None, None, None, None, None]
+    stats, splits = build_stats(rng, settle)
+    test = test_results_lib.test_results_from_split(stats, "test", splits["test"])
+    options = AnalysisOptions(eps=0.5, max_pairs=None, delta_sweep=(0.05,), eps_sweep=(1.0,))
+    report = analyze_lib.analyze(stats, splits, "train", test, "test", options=options)
+    assert math.isnan(report["domains"]["a"]["pretrain_groups"]["Pretrain@300"]["curves"]["distance"][0])
+    write_report(report, str(tmp_path), with_plots=False)
+    text = (tmp_path / "summary.json").read_text()
+    parsed = json.loads(text, parse_constant=_reject_constant)  # NaN / Infinity tokens would raise
+    assert parsed["domains"]["a"]["pretrain_groups"]["Pretrain@300"]["curves"]["distance"][0] is None
+    back = read_summary(str(tmp_path / "summary.json"))
+    assert math.isnan(back["domains"]["a"]["pretrain_groups"]["Pretrain@300"]["curves"]["distance"][0])
+    assert back["options"]["max_pairs"] is None and back["domains"]["a"]["memorization"]["in_target_range"] is None
+    assert strict_json.dumps(back) == strict_json.dumps(report)
+    with pytest.raises(ValueError, match="NaN"):
+        strict_json.loads('{"x": NaN}')
+
+
+def _doubled_char_distance(engine, split, rows, checkpoint):
+    return 2.0 * engine.distance(split, rows, checkpoint, "char", False)
+
+
+DOUBLED = registry.Metric(
+    "distance_test_doubled", _doubled_char_distance, "variant", "doubled distance", "doubled character distance (test)",
+    "2 x edit distance (characters)", family="distance", table_label="distance, doubled (test)", plot="distances",
+    computed_on=registry.VARIANT_SCOPES, partial=True)
+
+
+@pytest.fixture
+def doubled_variant():
+    with registry.registered(DOUBLED) as metric:
+        yield metric
+    assert DOUBLED.name not in registry.names()
+
+
+def test_one_registry_entry_adds_a_distance_variant_everywhere(rng, tmp_path, doubled_variant):
+    settle = [1, 4, 1, 4, 2, None, 2, None, 3, None, 5, None, None, None, None, None]
+    stats, splits = build_stats(rng, settle)
+    test = test_results_lib.test_results_from_split(stats, "test", splits["test"])
+    options = AnalysisOptions(eps=0.5, max_pairs=None, delta_sweep=(0.05,), eps_sweep=(1.0,))
+    report = analyze_lib.analyze(stats, splits, "train", test, "test", options=options)
+    a = report["domains"]["a"]
+    name = doubled_variant.name
+    for set_name in ("memorized", "held_out", "random_train"):
+        curves = a["sets"][set_name]["curves"]
+        np.testing.assert_allclose(curves[name], 2 * np.asarray(curves["distance_char"]))
+        assert name in a["partial_correlations"][set_name]
+    group = a["pretrain_groups"]["Pretrain@100"]
+    assert name in group["curves"] and name in group["trend_after_t_star"]
+    assert name not in group["controls"]["held_out"] and name not in report["global"]["curves"]  # not in its scopes
+    assert set(a["table1"][f"memorized/{name}"]) == {"window", "full"}
+
+    write_report(report, str(tmp_path), with_plots=False)
+    with open(tmp_path / "per_checkpoint.csv") as f:
+        rows = list(csv.reader(f))
+    assert any(r[1:5] == ["a", "", "memorized", name] for r in rows)
+    with open(tmp_path / "table1.csv") as f:
+        metrics_in_table = {r[1] for r in csv.reader(f)}
+    assert {f"memorized/{name}", f"memorized/{name}|entropy,length"} <= metrics_in_table
+    assert "distance, doubled (test)" in (tmp_path / "table.txt").read_text()
+
+    figure = plots.distances_figure(report)
+    titles = {ax.get_title(): ax.get_ylabel() for ax in figure.axes}
+    assert titles["a: doubled character distance (test)"] == "2 x edit distance (characters)"
+    assert titles["b: doubled character distance (test)"] == "2 x edit distance (characters)"
+
+
+def test_registry_refuses_duplicates_and_bad_entries():
+    assert "distance_test_doubled" not in registry.names()  # the fixture above unregistered it
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("distance"))
+    with pytest.raises(ValueError, match="role must be one of"):
+        dataclasses.replace(DOUBLED, role="favourite")
+    with pytest.raises(ValueError, match="computed_on"):
+        dataclasses.replace(DOUBLED, computed_on=("everywhere",))
+
+
+def test_protocol_quantities_come_from_the_registry():
+    from moe_grok.studies import protocol_stats
+
+    with registry.registered(dataclasses.replace(DOUBLED, paper_sign=-1.0)):
+        sides = {key: side for key, _, side in protocol_stats.quantities()}
+    name = DOUBLED.name
+    assert sides[f"h1_{name}_slope"] == "<0" and sides[f"h2_{name}_margin_over_loss"] == ">0"
+    assert sides[f"r_{name}"] == "" and sides[f"h3_{name}_alignment"] == ">0"
+    assert f"h1_{name}_slope" not in {key for key, _, _ in protocol_stats.quantities()}
+    assert {"h1_distance_slope", "h1_consistency_slope"} <= {key for key, _, _ in protocol_stats.quantities()}

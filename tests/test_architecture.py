@@ -9,14 +9,15 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PACKAGE = os.path.join(ROOT, "moe_grok")
 LAYERS = {  # module prefix -> layer; a module may import only modules of its own or a lower layer
-    "moe_grok.sharding": 0, "moe_grok.config": 0, "moe_grok.locking": 0,
+    "moe_grok.sharding": 0, "moe_grok.config": 0, "moe_grok.locking": 0, "moe_grok.strict_json": 0,
     "moe_grok.data": 1,
-    "moe_grok.model": 2,
-    "moe_grok.extraction": 3,
-    "moe_grok.analysis": 4, "moe_grok.training": 4, "moe_grok.theory": 4,
-    "moe_grok.report": 5,
-    "moe_grok.pipeline": 6,
-    "moe_grok.studies": 7,
+    "moe_grok.analysis": 2,
+    "moe_grok.model": 3,
+    "moe_grok.extraction": 4,
+    "moe_grok.checkpoints": 5, "moe_grok.training": 5, "moe_grok.theory": 5,
+    "moe_grok.report": 6,
+    "moe_grok.pipeline": 7,
+    "moe_grok.studies": 8,
 }
 
 
@@ -56,6 +57,19 @@ def test_imports_point_down_the_layers(module, path):
             assert _layer(imported) <= own, f"{module} (layer {own}) imports {imported} (layer {_layer(imported)})"
         assert not imported.startswith(("torch", "transformers")), f"{module} imports {imported}: test-only"
         assert imported != "matplotlib.pyplot", f"{module} uses pyplot: use matplotlib.figure.Figure"
+
+
+ANALYSIS_MUST_NOT_IMPORT = ("moe_grok.model", "moe_grok.extraction", "moe_grok.checkpoints", "moe_grok.training",
+                            "moe_grok.theory", "moe_grok.report")
+
+
+def test_analysis_is_pure_array_math():
+    """analysis/ reads per-checkpoint arrays only: no model, extraction, checkpoint loading or training."""
+    modules = [(m, p) for m, p in _modules() if m.startswith("moe_grok.analysis.")]
+    assert len(modules) > 5, modules
+    offenders = [(m, imported) for m, p in modules for imported in _imports(p)
+                 if imported.startswith(ANALYSIS_MUST_NOT_IMPORT)]
+    assert offenders == []
 
 
 def test_the_data_layer_loads_without_jax_or_flax():

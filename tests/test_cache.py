@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from moe_grok.analysis import sources as sources_lib
-from moe_grok.analysis import stats as stats_lib
+from moe_grok.checkpoints import cache as cache_lib
+from moe_grok.checkpoints import sources as sources_lib
 from moe_grok.config import toy
 from moe_grok.data.splits import EvalSplit, next_token_targets
 from moe_grok.model import checkpoint_io, hf
@@ -42,11 +42,11 @@ def workspace(tmp_path_factory):
 def _collect(root, name, cache_dir, split, dtype="float32", moe_impl="dense"):
     """Stats of checkpoint root/name as step 400 ("dense": the expert dispatch that compiles fastest)."""
     sources = sources_lib.checkpoint_sources([f"{root / name}={STEP}"], dtype=dtype, moe_impl=moe_impl)
-    return stats_lib.collect_checkpoint_stats(sources, {"train": split}, cache_dir, batch_size=4, progress=False)[0]
+    return cache_lib.collect_checkpoint_stats(sources, {"train": split}, cache_dir, batch_size=4, progress=False)[0]
 
 
 def _assert_same(a, b):
-    for field in stats_lib.STAT_FIELDS:
+    for field in cache_lib.STAT_FIELDS:
         np.testing.assert_array_equal(a.splits["train"][field], b.splits["train"][field], err_msg=field)
     np.testing.assert_array_equal(a.router, b.router)
 
@@ -90,7 +90,7 @@ def test_rewritten_checkpoint_recomputes(workspace, tmp_path, caplog):
     save_hf_model(tmp_path / "a", seed=1)  # b's weights
     rewritten = _collect(tmp_path, "a", cache, split)
     b = _collect(root, "b", str(tmp_path / "fresh"), split)
-    for field in stats_lib.STAT_FIELDS:
+    for field in cache_lib.STAT_FIELDS:
         np.testing.assert_allclose(rewritten.splits["train"][field], b.splits["train"][field], atol=1e-6)
     assert any("checkpoint.files.model.safetensors" in m for m in _warnings(caplog))
 
@@ -117,7 +117,7 @@ def test_identity_names_every_setting(workspace, tmp_path):
     changed = {"moe_impl": sources_lib.checkpoint_identity(str(root / "a"), None, "float32", "ragged"),
                "dtype": sources_lib.checkpoint_identity(str(root / "a"), None, "bfloat16", "dense")}
     for field, identity in changed.items():
-        (difference,) = stats_lib.key_differences(base, identity)
+        (difference,) = cache_lib.key_differences(base, identity)
         assert difference.startswith(f"model_config.{field}:")
 
     model_config = toy(vocab_size=8, num_layers=1, hidden_size=8, head_dim=4, num_heads=2, num_kv_heads=2,
@@ -129,7 +129,7 @@ def test_identity_names_every_setting(workspace, tmp_path):
     assert saved["kind"] == "moe_grok" and saved["files"] == sources_lib.checkpoint_identity(directory, None)["files"]
     some_file = next(os.path.join(d, f) for d, _, files in os.walk(os.path.join(directory, "params")) for f in files)
     os.utime(some_file, ns=(0, os.stat(some_file).st_mtime_ns + 1))  # rewritten in place
-    assert any(d.startswith("files.") for d in stats_lib.key_differences(
+    assert any(d.startswith("files.") for d in cache_lib.key_differences(
         saved, sources_lib.checkpoint_identity(directory, None, "float32")))
 
     hub = sources_lib.checkpoint_identity("no-such-org/no-such-model", "step5", "float32")
@@ -161,7 +161,7 @@ def test_older_format_entry_is_stale_not_fatal(workspace, tmp_path, caplog):
     _assert_same(_collect(root, "a", str(cache), split), reference)
     assert any("older format" in m and ENTRY in m for m in _warnings(caplog))
     with np.load(cache / ENTRY) as data:
-        assert json.loads(str(data["key"]))["format"] == stats_lib.CACHE_FORMAT
+        assert json.loads(str(data["key"]))["format"] == cache_lib.CACHE_FORMAT
 
 
 def _rewrite(path, drop=(), **changes):
@@ -230,7 +230,7 @@ def test_cached_arrays_match_what_extraction_produces(workspace):
     root, split, reference = workspace
     with np.load(root / "reference" / ENTRY) as data:
         architecture = json.loads(str(data["architecture"]))
-    expected = stats_lib.expected_arrays(architecture, {"train": len(split)})
+    expected = cache_lib.expected_arrays(architecture, {"train": len(split)})
     fresh = {"router": reference.router, **{f"train/{f}": v for f, v in reference.splits["train"].items()}}
     assert {name: (v.shape, v.dtype.name) for name, v in fresh.items()} == expected
 
@@ -246,7 +246,7 @@ def test_source_without_identity_is_matched_by_name(workspace, tmp_path, caplog)
     cache = str(tmp_path / "cache")
     for name in ("mine", "mine", "renamed"):
         source = sources_lib.CheckpointSource(STEP, name, load)
-        stats_lib.collect_checkpoint_stats([source], {"train": split}, cache, batch_size=4, progress=False)
+        cache_lib.collect_checkpoint_stats([source], {"train": split}, cache, batch_size=4, progress=False)
     assert len(loaded) == 2  # the second call reused the first; a new name recomputes
     assert any("state no identity" in m for m in _warnings(caplog))
     assert any("checkpoint.name: 'mine' -> 'renamed'" in m for m in _warnings(caplog))
@@ -270,8 +270,8 @@ def test_bad_checkpoint_specs_are_named(workspace, tmp_path):
              f"{tmp_path / 'no_config'}=1": "no config.json in .*no_config"}
     for spec, message in cases.items():
         with pytest.raises(hf.CheckpointError, match=message):
-            stats_lib.collect_checkpoint_stats(sources_lib.checkpoint_sources([spec]), {"train": split},
+            cache_lib.collect_checkpoint_stats(sources_lib.checkpoint_sources([spec]), {"train": split},
                                               str(tmp_path / "cache"), progress=False)
     with pytest.raises(ValueError, match=r"duplicate checkpoint steps: \[1, 1\]"):
-        stats_lib.collect_checkpoint_stats(sources_lib.checkpoint_sources([f"{root / 'a'}=1", f"{root / 'b'}=1"]),
+        cache_lib.collect_checkpoint_stats(sources_lib.checkpoint_sources([f"{root / 'a'}=1", f"{root / 'b'}=1"]),
                                           {"train": split}, str(tmp_path / "cache"), progress=False)

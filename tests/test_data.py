@@ -13,7 +13,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from moe_grok.analysis import test_accuracy
+from moe_grok.checkpoints import test_correctness as test_accuracy
 from moe_grok.data import corpus as data
 from moe_grok.data.splits import EvalSplit
 

@@ -236,23 +236,6 @@ def test_correlation_window_from_rise_to_saturation():
     assert grokking.window_correlations(metric, acc, -1, -1)["n"] == 0
 
 
-def test_partial_correlation_equals_direct_least_squares():
-    rng = np.random.default_rng(3)
-    controls = rng.normal(size=(30, 2))
-    x = controls @ [1.0, -2.0] + rng.normal(size=30)
-    y = controls @ [0.5, 1.0] + 0.7 * x + rng.normal(size=30)
-    design = np.column_stack([np.ones(30), controls])
-    residual = lambda v: v - design @ np.linalg.solve(design.T @ design, design.T @ v)
-    expected = np.corrcoef(residual(x), residual(y))[0, 1]
-    result = grokking.partial_correlation(x, y, controls)
-    assert result["r"] == pytest.approx(expected) and result["n"] == 30
-    t = expected * np.sqrt(26 / (1 - expected**2))
-    assert result["p"] == pytest.approx(2 * scipy.stats.t.sf(abs(t), 26))
-    # a metric that is a function of the controls alone has no partial correlation left
-    assert math.isnan(grokking.partial_correlation(controls @ [1.0, 1.0], y, controls)["r"])
-    assert math.isnan(grokking.partial_correlation(x[:4], y[:4], controls[:4])["r"])
-
-
 def test_linear_and_quadratic_trends():
     steps = np.arange(6) * 100
     trend = grokking.linear_trend(steps, 2.0 - 0.003 * steps + np.array([0, 0.01, -0.01, 0, 0.01, -0.01]))

@@ -14,7 +14,7 @@ from moe_grok.analysis.metrics import (
     pathway_consistency,
     routing_embeddings,
 )
-from moe_grok.extraction.pathways import pathway_strings, pathway_tokens
+from moe_grok.analysis.pathways import pathway_strings, pathway_tokens
 
 
 def reference_levenshtein(a, b):
@@ -124,7 +124,7 @@ def test_small_group():
 
 def test_unordered_pair_indexing_is_exhaustive():
     for count in (2, 3, 7):
-        all_pairs = metrics._unordered_pairs(count, np.arange(count * (count - 1) // 2))
+        all_pairs = metrics.unordered_pairs(count, np.arange(count * (count - 1) // 2))
         np.testing.assert_array_equal(all_pairs, np.stack(np.triu_indices(count, 1), axis=1))
 
 

@@ -7,10 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from moe_grok import pipeline
-from moe_grok.analysis import analyze, test_accuracy
-from moe_grok.analysis import sources as sources_lib
-from moe_grok.analysis import stats as stats_lib
+from moe_grok import pipeline, strict_json
+from moe_grok.analysis import options as options_lib
+from moe_grok.analysis import test_results as test_results_lib
+from moe_grok.checkpoints import cache as cache_lib
+from moe_grok.checkpoints import sources as sources_lib
+from moe_grok.checkpoints import test_correctness
 from moe_grok.data import corpus as data
 from moe_grok.model.hf import CheckpointError
 from moe_grok.sharding import make_mesh
@@ -79,15 +81,15 @@ def _sources(root, mesh=None, moe_impl="dense"):
                                           moe_impl=moe_impl)
 
 
-OPTIONS = analyze.AnalysisOptions(max_pairs=50, delta=0.3, tau_sweep=(0.6, 0.7), delta_sweep=(0.3,),
+OPTIONS = options_lib.AnalysisOptions(max_pairs=50, delta=0.3, tau_sweep=(0.6, 0.7), delta_sweep=(0.3,),
                                   eps_sweep=(1.0,))
 
 
 def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
     split = _split(workspace)
-    _, correct, rows = test_accuracy.load_test_correctness_csv(workspace / "test_correctness.csv", steps=STEPS)
+    _, correct, rows = test_correctness.load_test_correctness_csv(workspace / "test_correctness.csv", steps=STEPS)
     test_embeddings = np.load(workspace / "test_embeddings.npy")
-    test = analyze.TestResults({d: c.mean(1) for d, c in correct.items()}, correct,
+    test = test_results_lib.TestResults({d: c.mean(1) for d, c in correct.items()}, correct,
                                {d: test_embeddings[r] for d, r in rows.items()})
     out = str(tmp_path / "out")
     run = lambda: pipeline.run_pipeline(
@@ -126,12 +128,12 @@ def _validation(root):
 
 def test_sharded_pipeline_equals_single_device(workspace, tmp_path):
     split = _split(workspace)
-    single = stats_lib.collect_checkpoint_stats(_sources(workspace)[:1], {"train": split},
+    single = cache_lib.collect_checkpoint_stats(_sources(workspace)[:1], {"train": split},
                                                 str(tmp_path / "a"), batch_size=8, progress=False)
     mesh = make_mesh(data=4, expert=2)
-    sharded = stats_lib.collect_checkpoint_stats(_sources(workspace, mesh)[:1], {"train": split},
+    sharded = cache_lib.collect_checkpoint_stats(_sources(workspace, mesh)[:1], {"train": split},
                                                 str(tmp_path / "b"), batch_size=8, mesh=mesh, progress=False)
-    for field in stats_lib.STAT_FIELDS:
+    for field in cache_lib.STAT_FIELDS:
         np.testing.assert_allclose(sharded[0].splits["train"][field], single[0].splits["train"][field], atol=1e-5)
 
 
@@ -166,7 +168,7 @@ def test_checkpoint_specs():
 def test_too_long_sequences_are_refused(workspace, tmp_path):
     long_split = data.load_jsonl_ids([workspace / "math.jsonl"], seq_len=80, groups_from_files=True)  # model: 64
     with pytest.raises(ValueError, match="longer than the model's limit 64"):
-        stats_lib.collect_checkpoint_stats(_sources(workspace)[:1], {"train": long_split}, str(tmp_path),
+        cache_lib.collect_checkpoint_stats(_sources(workspace)[:1], {"train": long_split}, str(tmp_path),
                                           progress=False)
 
 
@@ -191,6 +193,10 @@ def test_experiment_script(workspace, tmp_path):
     assert "Pretrain@" in result.stdout and "-> Test@" in result.stdout
     for name in ("analysis.png", "groups.png", "pairs.png", "table1.csv"):
         assert os.path.exists(tmp_path / "run" / "report" / name)
+    recorded = strict_json.load(tmp_path / "run" / pipeline.RUN_CONFIG_FILE)  # the resolved config, strict JSON
+    assert recorded["checkpoints"] == checkpoints and recorded["dtype"] == "float32"
+    assert recorded["analysis"]["max_pairs"] == 50 and recorded["analysis"]["delta"] == 0.3
+    assert recorded["analysis"]["eps"] is None and recorded["data"]["seq_len"] == 16
     bad_options = [f"--config.out_dir={tmp_path / 'bad'}", "--config.analysis.tau=1.5"]
     bad = subprocess.run(cmd + bad_options, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "tau and tau_sweep must lie in (0, 1]" in bad.stderr
@@ -198,17 +204,16 @@ def test_experiment_script(workspace, tmp_path):
 
 
 def test_cross_domain_control_curve(workspace, tmp_path):
-    from moe_grok.analysis import grokking, metrics
-    from moe_grok.extraction import pathways
+    from moe_grok.analysis import grokking, metrics, pathways
 
     split = _split(workspace)
-    options = analyze.AnalysisOptions(max_pairs=None, delta=0.3)
+    options = options_lib.AnalysisOptions(max_pairs=None, delta=0.3)
     report = pipeline.run_pipeline(_sources(workspace), {"train": split}, str(tmp_path / "out"), batch_size=8,
                                    options=options, progress=False, with_plots=False)
     curve = report["cross_domain_distance"]["math|code"]
     assert len(curve) == len(STEPS)
     # Recompute the last checkpoint's control by hand from the cache and the memorized sets.
-    stats = stats_lib.collect_checkpoint_stats(_sources(workspace), {"train": split}, str(tmp_path / "out" / "cache"),
+    stats = cache_lib.collect_checkpoint_stats(_sources(workspace), {"train": split}, str(tmp_path / "out" / "cache"),
                                                progress=False)
     loss = np.stack([s.splits["train"]["loss"] for s in stats])
     memorized = {}

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_grok.extraction.pathways import (
+from moe_grok.analysis.pathways import (
     LAYER_BOUNDARY,
     check_nonempty,
     layer_pathways,

@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moe_grok.analysis import sources as sources_lib
-from moe_grok.analysis import stats as stats_lib
+from moe_grok.checkpoints import cache as stats_lib
+from moe_grok.checkpoints import sources as sources_lib
 from moe_grok.config import MoEConfig, toy
 from moe_grok.data import tasks
 from moe_grok.data.splits import EvalSplit

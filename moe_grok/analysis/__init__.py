@@ -1,1 +1,2 @@
-"""Analysis layer: checkpoint sources and cached stats, pathway metrics, memorization / grokking rules."""
+"""Analysis layer: pure array math over per-checkpoint statistics (pathways, metrics, grokking rules,
+statistics) and the report dict built from them."""

@@ -12,6 +12,8 @@ import dataclasses
 import numpy as np
 import scipy.stats
 
+from moe_grok.analysis import statistics
+
 NEVER = -1
 """Step (or index) returned when the event never happens."""
 
@@ -237,16 +239,7 @@ def metric_correlations(metric, test_acc, start_index: int) -> dict:
         raise ValueError(f"metric {metric.shape} and test_acc {test_acc.shape} must match")
     if not 0 <= start_index < metric.shape[0]:
         raise ValueError(f"start_index must be in [0, {metric.shape[0]}), got {start_index}")
-    x, y = metric[start_index:], test_acc[start_index:]
-    result = {"pearson_r": np.nan, "pearson_p": np.nan,
-              "spearman_r": np.nan, "spearman_p": np.nan, "n": int(x.shape[0])}
-    if x.shape[0] < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return result
-    pearson = scipy.stats.pearsonr(x, y)
-    spearman = scipy.stats.spearmanr(x, y)
-    result.update(pearson_r=float(pearson.statistic), pearson_p=float(pearson.pvalue),
-                  spearman_r=float(spearman.statistic), spearman_p=float(spearman.pvalue))
-    return result
+    return statistics.pearson_spearman(metric[start_index:], test_acc[start_index:])
 
 
 def correlation_window(acc, rise_fraction: float = 0.1, saturation_fraction: float = 0.95) -> tuple[int, int]:
@@ -273,35 +266,13 @@ def window_correlations(metric, test_acc, start: int, end: int) -> dict:
     """``metric_correlations`` over checkpoints start..end (inclusive); NaN statistics (n = 0)
     when there is no window or the metric is not finite over it."""
     metric, test_acc = np.asarray(metric, np.float64), np.asarray(test_acc, np.float64)
-    nan = {"pearson_r": np.nan, "pearson_p": np.nan, "spearman_r": np.nan, "spearman_p": np.nan, "n": 0}
+    nan = {**statistics.NAN_CORRELATIONS, "n": 0}
     if start < 0 or end < start:
         return nan
     x, y = metric[start:end + 1], test_acc[start:end + 1]
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         return {**nan, "n": int(x.size)}
     return metric_correlations(x, y, 0)
-
-
-def partial_correlation(x, y, controls) -> dict:
-    """Pearson correlation of x and y after removing from each its least-squares fit on the
-    controls (plus an intercept). x, y: [n]; controls: [n, c]. Returns {"r", "p", "n"}; NaN when
-    n <= c + 2 or a residual is constant. p from the t distribution with n - 2 - c dof."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    controls = np.asarray(controls, np.float64).reshape(len(x), -1)
-    n, c = controls.shape
-    result = {"r": np.nan, "p": np.nan, "n": int(n)}
-    if n <= c + 2 or not (np.isfinite(x).all() and np.isfinite(y).all() and np.isfinite(controls).all()):
-        return result
-    design = np.column_stack([np.ones(n), controls])
-    residual_x = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
-    residual_y = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
-    if np.ptp(residual_x) < 1e-12 * max(1.0, np.abs(x).max()) or np.ptp(residual_y) < 1e-12 * max(1.0, np.abs(y).max()):
-        return result
-    r = float(np.clip(np.corrcoef(residual_x, residual_y)[0, 1], -1.0, 1.0))
-    dof = n - 2 - c
-    t = r * np.sqrt(dof / max(1e-300, 1.0 - r * r))
-    result.update(r=r, p=float(2 * scipy.stats.t.sf(abs(t), dof)))
-    return result
 
 
 def linear_trend(steps, values, per: float = 1000.0) -> dict:
@@ -316,7 +287,7 @@ def linear_trend(steps, values, per: float = 1000.0) -> dict:
     if np.ptp(values) == 0:
         return {**result, "slope": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
     fit = scipy.stats.linregress(steps, values)
-    half = scipy.stats.t.ppf(0.975, steps.size - 2) * fit.stderr * per
+    half = statistics.t_half_width(fit.stderr, steps.size - 2) * per
     return {"slope": float(fit.slope * per), "ci95": [float(fit.slope * per - half), float(fit.slope * per + half)],
             "p": float(fit.pvalue), "n": int(steps.size)}
 

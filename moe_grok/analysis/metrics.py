@@ -123,7 +123,7 @@ def _too_small(message: str, on_small: OnSmall) -> float:
     raise ValueError(f"on_small must be 'raise' or 'nan', got {on_small!r}")
 
 
-def _unordered_pairs(num_pathways: int, condensed: np.ndarray) -> np.ndarray:
+def unordered_pairs(num_pathways: int, condensed: np.ndarray) -> np.ndarray:
     """Condensed indices over i<j pairs (order (0,1), (0,2), ..., (1,2), ...) -> ``[m, 2]``."""
     rows = np.arange(num_pathways, dtype=np.int64)
     row_starts = rows * (2 * num_pathways - rows - 1) // 2
@@ -166,7 +166,7 @@ def _sampled_pairs(count: int, max_pairs: int, seed: int) -> tuple[tuple[int, ..
     A pure function of its arguments, kept because the analysis measures the same group (same
     size, same seed) at every checkpoint."""
     condensed = np.random.default_rng(seed).choice(count * (count - 1) // 2, size=max_pairs, replace=False)
-    pairs = _unordered_pairs(count, condensed)
+    pairs = unordered_pairs(count, condensed)
     return tuple(pairs[:, 0].tolist()), tuple(pairs[:, 1].tolist())
 
 

@@ -15,9 +15,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moe_grok import sharding
+from moe_grok.analysis.pathways import check_nonempty, token_mean_weights
 from moe_grok.config import MoEConfig
 from moe_grok.data.splits import next_token_targets
-from moe_grok.extraction.pathways import check_nonempty, token_mean_weights
 from moe_grok.model import params as params_lib
 from moe_grok.model.layers import select_experts
 

@@ -1,6 +1,6 @@
 """Report files of an analysis (analysis.analyze's dict).
 
-  summary.json        the whole report
+  summary.json        the whole report (strict JSON: NaN written as null; `read_summary` reads it back)
   per_checkpoint.csv  step, domain, group, set, metric, value (every curve, long format)
   table1.csv          domain, metric, window, n, pearson_r, pearson_p, spearman_r, spearman_p (and every
                       set's partial correlations: metric "<set>/<metric>|entropy,length", window "window_partial")
@@ -14,28 +14,43 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from typing import Any
 
+from moe_grok import strict_json
+from moe_grok.analysis import registry
 from moe_grok.report import plots
 
-TABLE1_ROWS = (  # (key in a domain's table1, label); the paper's Table 1 rows, then controls
-    ("memorized/distance", "pathway distance (memorized)"),
-    ("memorized/consistency", "pathway consistency (memorized)"),
+DOMAIN_ROWS = (  # (key in a domain's table1, label) of the domain's own curves
     ("train_loss", "training loss"),
     ("train_loss_moving_average", "training loss, moving average"),
     ("validation_loss", "validation loss"),
-    ("memorized/distance_char_normalized", "distance, length-normalized"),
-    ("memorized/distance_token", "distance, token level"),
-    ("held_out/distance", "control: distance (held-out test samples)"),
-    ("held_out/consistency", "control: consistency (held-out test samples)"),
-    ("random_train/distance", "control: distance (random non-memorized train)"),
-    ("random_train/consistency", "control: consistency (random non-memorized train)"),
-    ("memorized/pathway_length", "control: pathway length (experts / layer)"),
-    ("memorized/routing_entropy", "control: routing entropy (nats)"),
 )
+CONTROL_SET_LABELS = {"held_out": "held-out test samples", "random_train": "random non-memorized train"}
+
+
+def table1_rows() -> list[tuple[str, str]]:
+    """(key in a domain's table1, label) of every Table 1 row, from the metric registry: the
+    paper's metrics on the memorized samples, the domain's losses, the metrics' variants, the
+    paper's metrics on every control set, then the confounds (pathway length, routing entropy)."""
+    primary = registry.metrics(role="primary")
+    rows = [(f"memorized/{m.name}", m.table_label) for m in primary]
+    rows += DOMAIN_ROWS
+    rows += [(f"memorized/{m.name}", m.table_label) for m in registry.metrics(role="variant") if m.table_label]
+    rows += [(f"{name}/{m.name}", f"control: {m.label} ({label})") for name, label in CONTROL_SET_LABELS.items()
+             for m in primary]
+    rows += [(f"memorized/{m.name}", m.table_label) for m in registry.metrics(role="control") if m.table_label]
+    return rows
+
+
+# Report entries where null means "not set" (not a missing number): `read_summary` keeps them None.
+NULLABLE_ENTRIES = ("options", "in_target_range")
+
+
+def read_summary(path: str) -> dict[str, Any]:
+    """A summary.json written by `write_report`, with every null number back as NaN."""
+    return strict_json.nan_for_null(strict_json.load(path), keep=NULLABLE_ENTRIES)
 
 
 def _number(value) -> str:
@@ -68,7 +83,7 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"   {pair['pretrain']:>16} -> {pair['test']:<14} delay {pair['delay']:>+7}")
         if "table1" in d:
             lines.append(f"   {'metric':<50}{'window P':>9}{'S':>7}{'p':>9}{'full P':>9}{'S':>7}")
-            for key, label in TABLE1_ROWS:
+            for key, label in table1_rows():
                 if key not in d["table1"]:
                     continue
                 w, f = d["table1"][key]["window"], d["table1"][key]["full"]
@@ -105,8 +120,7 @@ def write_report(report: dict[str, Any], out_dir: str, with_plots: bool = True) 
     names = ("summary.json", "per_checkpoint.csv", "table1.csv", "groups.csv", "pairs.csv", "sweeps.csv",
              "param_dynamics.csv", "table.txt")
     paths = {name: os.path.join(out_dir, name) for name in names}
-    with open(paths["summary.json"], "w") as f:
-        json.dump(report, f, indent=1, default=float)
+    strict_json.dump(report, paths["summary.json"], indent=1)
     steps = report["steps"]
     with open(paths["per_checkpoint.csv"], "w", newline="") as f:
         writer = csv.writer(f)

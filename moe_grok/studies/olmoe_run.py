@@ -8,10 +8,11 @@ import ml_collections
 from absl import logging
 
 from moe_grok import pipeline, sharding
-from moe_grok.analysis.analyze import AnalysisOptions, TestResults
 from moe_grok.analysis.groups import load_embeddings
-from moe_grok.analysis.sources import checkpoint_sources
-from moe_grok.analysis.test_accuracy import load_test_accuracy_csv, load_test_correctness_csv
+from moe_grok.analysis.options import AnalysisOptions
+from moe_grok.analysis.test_results import TestResults
+from moe_grok.checkpoints.sources import checkpoint_sources
+from moe_grok.checkpoints.test_correctness import load_test_accuracy_csv, load_test_correctness_csv
 from moe_grok.config import MOE_IMPLS
 from moe_grok.data.corpus import load_split
 
@@ -39,7 +40,8 @@ def load_test_results(config: ml_collections.ConfigDict, steps: list[int]) -> Te
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Validate the options and inputs, load the data, then run every checkpoint through the pipeline.
 
-    Returns the report (also written to config.out_dir/report)."""
+    Returns the report (also written to config.out_dir/report); the resolved config is recorded as
+    config.out_dir/config.json."""
     options = AnalysisOptions.from_config(config.analysis)
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {config.dtype!r}")
@@ -64,4 +66,5 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     validation = "validation" if "validation" in splits else None
     return pipeline.run_pipeline(sources, splits, config.out_dir, test=test, held_out_split=validation,
                                  validation_split=validation, train_embeddings=train_embeddings, options=options,
-                                 batch_size=config.batch_size, mesh=mesh, progress=jax.process_index() == 0)
+                                 batch_size=config.batch_size, mesh=mesh, progress=jax.process_index() == 0,
+                                 run_config=config.copy_and_resolve_references().to_dict())

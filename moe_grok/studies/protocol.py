@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import shutil
@@ -13,37 +12,13 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
+from moe_grok import strict_json
+from moe_grok.report.files import read_summary
 from moe_grok.studies import protocol_stats, toy_run
 from moe_grok.training import multiseed
 
 ANALYSIS_THREADS = 8  # seeds analysed concurrently (each analysis is one seed's own directory)
-QUANTITIES = (  # (key of seed_measurements, label, criterion side for the verdict or "")
-    ("groks", "share of seeds that grok (test acc > 0.9 to the end)", ""),
-    ("final_test_accuracy", "final test accuracy", ""),
-    ("share_memorized_before_end", "share memorized before the last checkpoint", ""),
-    ("early_groups", "early Pretrain@t* groups (>= 5 samples, t* before the onset)", ""),
-    ("h1_distance_slope", "H1: distance slope after t* (per 1k steps)", "<0"),
-    ("h1_distance_slope_minus_held_out", "H1: distance slope minus held-out control slope", "<0"),
-    ("h1_consistency_slope", "H1: consistency slope after t* (per 1k steps)", ">0"),
-    ("h1_consistency_slope_minus_held_out", "H1: consistency slope minus held-out control slope", ">0"),
-    ("r_distance", "r(distance, test acc), window", ""),
-    ("r_consistency", "r(consistency, test acc), window", ""),
-    ("r_train_loss", "r(training loss, test acc), window", ""),
-    ("h2_distance_margin_over_loss", "H2: |r(distance)| - |r(training loss)|", ">0"),
-    ("h2_consistency_margin_over_loss", "H2: |r(consistency)| - |r(training loss)|", ">0"),
-    ("h2_distance_margin_over_held_out", "|r(distance)| - |r(held-out distance)|", ""),
-    ("h2_consistency_margin_over_held_out", "|r(consistency)| - |r(held-out consistency)|", ""),
-    ("distance_paper_sign", "share of seeds with distance r < 0 (the paper's sign)", ""),
-    ("consistency_paper_sign", "share of seeds with consistency r > 0 (the paper's sign)", ""),
-    ("h3_distance_alignment", "H3: distance alignment with its own domain's accuracy", ">0"),
-    ("h3_consistency_alignment", "H3: consistency alignment with its own domain's accuracy", ">0"),
-    ("onset_spread_checkpoints", "checkpoints between the first and the last domain onset (never = one past the end)",
-     ""),
-    ("entropy_first", "routing entropy of memorized samples, first checkpoint (nats)", ""),
-    ("entropy_last", "routing entropy of memorized samples, last checkpoint (nats)", ""),
-    ("length_first", "pathway length, first checkpoint (experts / layer)", ""),
-    ("length_last", "pathway length, last checkpoint (experts / layer)", ""),
-)
+QUANTITIES = protocol_stats.quantities()  # (key of seed_measurements, label, criterion side or "")
 
 
 def _seed_config(arm: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
@@ -56,8 +31,7 @@ def _read_reports(seed_dir: str, positions: tuple[str, ...]) -> dict[str, dict]:
     reports = {}
     for index, name in enumerate(positions):
         subdir = "report" if index == 0 else os.path.join("report", f"positions_{name}")
-        with open(os.path.join(seed_dir, "analysis", subdir, "summary.json")) as f:
-            reports[name] = json.load(f)
+        reports[name] = read_summary(os.path.join(seed_dir, "analysis", subdir, "summary.json"))
     return reports
 
 
@@ -360,8 +334,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
         raise
     analyses.close(wait=True)
     results["minutes"] = (time.time() - started) / 60
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    strict_json.dump(results, os.path.join(workdir, "results.json"), indent=1)
     name = config.name
     page = markdown(results)
     with open(os.path.join(workdir, f"{name}_results.md"), "w") as f:

@@ -4,35 +4,47 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.stats
 
-from moe_grok.analysis import grokking
-from moe_grok.report.files import TABLE1_ROWS
+from moe_grok.analysis import grokking, registry, statistics
+from moe_grok.analysis.statistics import mean_ci
+from moe_grok.report.files import table1_rows
 
 GROK_ACCURACY = 0.9  # a domain groks when its test accuracy reaches this and stays there
 MIN_EARLY_GROUP = 5  # samples in an "early" Pretrain@t* group
-METRICS = ("distance", "consistency")
-PAPER_SIGN = {"distance": -1.0, "consistency": 1.0}
+METRICS = tuple(m.name for m in registry.protocol_metrics())  # the metrics whose hypotheses the protocol tests
+PAPER_SIGN = {m.name: m.paper_sign for m in registry.protocol_metrics()}
 
 
-def mean_ci(values, confidence: float = 0.95) -> dict[str, Any]:
-    """Mean and t-distribution confidence interval of the finite values: {"mean", "ci95", "n"}."""
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
-    if values.size == 0:
-        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
-    if values.size == 1:
-        return {"mean": float(values[0]), "ci95": [float("nan"), float("nan")], "n": 1}
-    half = scipy.stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
-    return {"mean": float(values.mean()), "ci95": [float(values.mean() - half), float(values.mean() + half)],
-            "n": int(values.size)}
+def quantities() -> tuple[tuple[str, str, str], ...]:
+    """(key of seed_measurements, label, criterion side for the verdict or "") of every protocol
+    quantity; the per-metric ones for each metric of the registry with a paper sign."""
+    tested = registry.protocol_metrics()
 
+    def side(m) -> str:
+        return "<0" if m.paper_sign < 0 else ">0"
 
-def _pearson(x, y) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
-        return float("nan")
-    return float(scipy.stats.pearsonr(x[keep], y[keep]).statistic)
+    rows = [("groks", "share of seeds that grok (test acc > 0.9 to the end)", ""),
+            ("final_test_accuracy", "final test accuracy", ""),
+            ("share_memorized_before_end", "share memorized before the last checkpoint", ""),
+            ("early_groups", "early Pretrain@t* groups (>= 5 samples, t* before the onset)", "")]
+    for m in tested:
+        rows += [(f"h1_{m.name}_slope", f"H1: {m.label} slope after t* (per 1k steps)", side(m)),
+                 (f"h1_{m.name}_slope_minus_held_out", f"H1: {m.label} slope minus held-out control slope", side(m))]
+    rows += [(f"r_{m.name}", f"r({m.label}, test acc), window", "") for m in tested]
+    rows += [("r_train_loss", "r(training loss, test acc), window", "")]
+    rows += [(f"h2_{m.name}_margin_over_loss", f"H2: |r({m.label})| - |r(training loss)|", ">0") for m in tested]
+    rows += [(f"h2_{m.name}_margin_over_held_out", f"|r({m.label})| - |r(held-out {m.label})|", "") for m in tested]
+    rows += [(f"{m.name}_paper_sign", f"share of seeds with {m.label} r {side(m)[0]} 0 (the paper's sign)", "")
+             for m in tested]
+    rows += [(f"h3_{m.name}_alignment", f"H3: {m.label} alignment with its own domain's accuracy", ">0")
+             for m in tested]
+    rows += [("onset_spread_checkpoints",
+              "checkpoints between the first and the last domain onset (never = one past the end)", ""),
+             ("entropy_first", "routing entropy of memorized samples, first checkpoint (nats)", ""),
+             ("entropy_last", "routing entropy of memorized samples, last checkpoint (nats)", ""),
+             ("length_first", "pathway length, first checkpoint (experts / layer)", ""),
+             ("length_last", "pathway length, last checkpoint (experts / layer)", "")]
+    return tuple(rows)
 
 
 def _mean(values) -> float:
@@ -83,8 +95,9 @@ def alignment(report: dict[str, Any], metric: str) -> float:
     values = []
     for d in domains:
         curve = report["domains"][d]["sets"]["memorized"]["curves"][metric]
-        own = abs(_pearson(curve, report["domains"][d]["curves"]["test_accuracy"]))
-        others = [abs(_pearson(curve, report["domains"][e]["curves"]["test_accuracy"])) for e in domains if e != d]
+        accuracy = {e: report["domains"][e]["curves"]["test_accuracy"] for e in domains}
+        own = abs(statistics.pearson_r(curve, accuracy[d]))
+        others = [abs(statistics.pearson_r(curve, accuracy[e])) for e in domains if e != d]
         values.append(own - _mean(others))
     return _mean(values)
 
@@ -139,7 +152,7 @@ def table1_across_seeds(reports: list[dict[str, Any]]) -> dict[str, dict]:
     """Every Table 1 row (with controls): mean and CI across seeds (and domains) of the windowed
     Pearson r, its Spearman r, and the partial r of distance and consistency."""
     rows: dict[str, dict] = {}
-    for key, label in TABLE1_ROWS:
+    for key, label in table1_rows():
         for stat in ("pearson_r", "spearman_r"):
             values = [_mean([d["table1"][key]["window"][stat] for d in r["domains"].values()
                              if key in d.get("table1", {})]) for r in reports]

@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 from typing import NamedTuple
@@ -42,8 +41,10 @@ from jax.sharding import Mesh
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from moe_grok import strict_json
 from moe_grok.analysis.metrics import group_pathway_distance
-from moe_grok.extraction.pathways import pathway_strings
+from moe_grok.analysis.pathways import pathway_strings
+from moe_grok.analysis.statistics import fisher_interval
 from moe_grok.sharding import shard_batch
 from moe_grok.theory import kernels as theory
 
@@ -309,16 +310,6 @@ def _structure_label(key) -> str:
     return f"K={key[0]} spread={key[1]} scale={key[2]}"
 
 
-def fisher_interval(r: float, n: int, confidence: float = 0.95) -> list[float]:
-    """Confidence interval of a Pearson r from n pairs (Fisher z); NaN when n < 4."""
-    from scipy import stats
-
-    if n < 4 or not np.isfinite(r):
-        return [float("nan"), float("nan")]
-    z, half = np.arctanh(np.clip(r, -0.999999, 0.999999)), stats.norm.ppf(0.5 + confidence / 2) / np.sqrt(n - 3)
-    return [float(np.tanh(z - half)), float(np.tanh(z + half))]
-
-
 def within_structure(rows, a: str, b: str) -> dict:
     """The paper's design (Fig. 8): only the router seed varies inside a structure.
 
@@ -426,8 +417,8 @@ def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> st
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(os.path.join(config.out, "results.json"), "w") as f:
-        json.dump({"base_config": dataclasses.asdict(base), "runs": rows, "correlations": corr}, f, indent=1)
+    strict_json.dump({"base_config": dataclasses.asdict(base), "runs": rows, "correlations": corr},
+                     os.path.join(config.out, "results.json"), indent=1)
     save_plots(rows, corr, os.path.join(config.out, "theory.png"))
     return (f"Correlations over runs:\n{format_correlations(corr)}\n"
             f"wrote {config.out}/results.csv, results.json, theory.png")

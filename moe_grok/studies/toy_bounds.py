@@ -8,8 +8,9 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
+from moe_grok import strict_json
 from moe_grok.analysis.grokking import metric_correlations
-from moe_grok.analysis.stats import collect_checkpoint_stats
+from moe_grok.checkpoints.cache import collect_checkpoint_stats
 from moe_grok.data import tasks
 from moe_grok.studies import toy_run
 from moe_grok.theory import kernels as theory
@@ -73,7 +74,6 @@ def run(workdir: str, out_dir: str, samples: int, synthetic) -> str:
     toy_bounds.json and toy_bounds.png to out_dir and returns the table."""
     rows = toy_run_bounds(workdir, samples, synthetic.lam, synthetic.noise_std, synthetic.delta, synthetic.c1)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "toy_bounds.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    strict_json.dump(rows, os.path.join(out_dir, "toy_bounds.json"), indent=1)
     save_toy_bound_plot(rows, os.path.join(out_dir, "toy_bounds.png"))
     return format_toy_bounds(rows) + f"\nwrote {out_dir}/toy_bounds.json, toy_bounds.png"

@@ -10,10 +10,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from moe_grok import pipeline
-from moe_grok.analysis.analyze import AnalysisOptions
 from moe_grok.analysis.groups import load_embeddings
-from moe_grok.analysis.sources import CheckpointSource, directory_identity
-from moe_grok.analysis.stats import store_checkpoint_stats
+from moe_grok.analysis.options import AnalysisOptions
+from moe_grok.checkpoints.cache import store_checkpoint_stats
+from moe_grok.checkpoints.sources import CheckpointSource, directory_identity
 from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
 from moe_grok.model import params as params_lib

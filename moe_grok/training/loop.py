@@ -40,10 +40,10 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from moe_grok import sharding
+from moe_grok.analysis import pathways
 from moe_grok.config import MoEConfig, toy
 from moe_grok.data import tasks
 from moe_grok.data.splits import EvalSplit
-from moe_grok.extraction import pathways
 from moe_grok.extraction.routing import extract_splits, make_extractor
 from moe_grok.model import params as params_lib
 from moe_grok.training import losses, run_dir

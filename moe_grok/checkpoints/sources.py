@@ -8,7 +8,7 @@ its training step comes from "step<N>" in the revision or directory name, or an 
 Every source can also state its identity without loading weights: a JSON-able dict of what
 makes its parameters what they are (resolved path, hub revision and commit, the checkpoint
 files' sizes and mtimes, a hash of the small config file, and the MoEConfig it loads with,
-dtype and moe_impl included). The statistics cache (`analysis.stats`) keys entries by it.
+dtype and moe_impl included). The statistics cache (`checkpoints.cache`) keys entries by it.
 """
 from __future__ import annotations
 

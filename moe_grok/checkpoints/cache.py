@@ -1,4 +1,4 @@
-"""Per-checkpoint statistics: every split's per-sample routing, loss and correctness, cached.
+"""The per-checkpoint statistics cache: every split's per-sample routing, loss and correctness.
 
 `collect_checkpoint_stats` runs every split through every checkpoint once
 (`extraction.routing.extract_splits`) and caches each checkpoint's results as an atomic .npz,
@@ -14,10 +14,8 @@ zip, bad CRC, missing array, wrong dtype or shape) is renamed *.corrupt-<time> a
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
-import json
 import os
 import threading
 import zipfile
@@ -29,8 +27,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from moe_grok import strict_json
+from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.param_dynamics import parameter_sample
-from moe_grok.analysis.sources import CheckpointSource
+from moe_grok.checkpoints.sources import CheckpointSource
 from moe_grok.config import MoEConfig
 from moe_grok.data.splits import EvalSplit
 from moe_grok.extraction.routing import extract_splits, make_extractor
@@ -43,23 +43,6 @@ STAT_FIELDS = tuple(STAT_AXES)
 # Bump when what an entry holds, or how it is computed, changes: older entries then count as stale.
 CACHE_FORMAT = 3
 _DIFFS_SHOWN = 6  # differing key fields named in a stale-entry warning
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointStats:
-    """What one checkpoint gives.
-
-    splits: per split {mean_weights [N, L, E], scored_mean_weights [N, L, E], routing_entropy
-    [N, L], scored_routing_entropy [N, L], loss [N], correct [N]} (extraction.routing.RoutingStats);
-    router: the router matrices [L, E, D] float32 (pathway consistency); param_sample: a fixed
-    sample of every parameter (param_dynamics.parameter_sample).
-    """
-
-    step: int
-    name: str
-    splits: dict[str, dict[str, np.ndarray]]
-    router: np.ndarray
-    param_sample: dict[str, np.ndarray]
 
 
 class CorruptCacheEntry(ValueError):
@@ -80,7 +63,7 @@ def entry_key(source: CheckpointSource, fingerprints: dict[str, str]) -> dict[st
     """Everything a cache entry's content depends on (JSON-able); equal keys = same content."""
     identity = source.identity() if source.identity is not None else {"name": source.name}
     return {"format": CACHE_FORMAT, "fields": list(STAT_FIELDS), "data": fingerprints,
-            "checkpoint": json.loads(json.dumps(identity))}  # JSON round trip: tuples -> lists, as stored
+            "checkpoint": strict_json.loads(strict_json.dumps(identity))}  # JSON round trip: tuples -> lists, as stored
 
 
 def key_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
@@ -126,13 +109,13 @@ def _read_entry(path: str, key: dict[str, Any], source: CheckpointSource, split_
         if "key" not in data.files:
             logging.warning("cache entry %s has an older format (no key); recomputing %s", path, source.name)
             return None
-        differences = key_differences(json.loads(str(data["key"])), key)
+        differences = key_differences(strict_json.loads(str(data["key"])), key)
         if differences:
             more = f" (and {len(differences) - _DIFFS_SHOWN} more)" if len(differences) > _DIFFS_SHOWN else ""
             logging.warning("cache entry %s was made for another checkpoint, data or settings; recomputing %s. "
                             "Differences: %s%s", path, source.name, "; ".join(differences[:_DIFFS_SHOWN]), more)
             return None
-        architecture = json.loads(str(data["architecture"]))
+        architecture = strict_json.loads(str(data["architecture"]))
         arrays = {name: _check_array(path, name, data[name], shape, dtype)
                   for name, (shape, dtype) in expected_arrays(architecture, split_sizes).items()}
         sample = {}
@@ -180,7 +163,7 @@ def _save_cached(path: str, stats: CheckpointStats, key: dict[str, Any], archite
     arrays = {f"{split}/{f}": v[f] for split, v in stats.splits.items() for f in STAT_FIELDS}
     arrays.update({f"params/{k}": v for k, v in stats.param_sample.items()})
     tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp.npz"  # two writers never share a temporary file
-    np.savez(tmp, router=stats.router, key=json.dumps(key), architecture=json.dumps(architecture),
+    np.savez(tmp, router=stats.router, key=strict_json.dumps(key), architecture=strict_json.dumps(architecture),
              name=stats.name, **arrays)
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
 

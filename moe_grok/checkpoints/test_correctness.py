@@ -1,4 +1,4 @@
-"""Test results per checkpoint, supplied by the user (inputs of the analysis).
+"""Test results per checkpoint, supplied by the user as CSVs (inputs of the analysis).
 
 Test samples (MATH, HumanEval, ...) are evaluated elsewhere, by a benchmark harness, at every
 checkpoint. Two CSV forms: step,group,accuracy gives each domain's accuracy curve;
