@@ -28,7 +28,6 @@ import tensorstore as ts
 from moe_grok.config import CONFIG_FILE, MoEConfig
 from moe_grok.model import params as params_lib
 from moe_grok.model.hf import CheckpointError, page_aligned_empty
-from moe_grok.model.layers import EXPERT_WEIGHTS
 
 CHUNK_BYTES = 64 << 20  # bytes per stored chunk
 READ_BYTES = 256 << 20  # bytes restored per TensorStore read
@@ -144,7 +143,7 @@ def restore_params(directory: str, mesh: jax.sharding.Mesh | None = None, dtype=
                                   f"{_first_line(err)})") from None
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = tuple(k.key for k in key_path)
-        lead = (name[0] == "layers") + (name[-1] in EXPERT_WEIGHTS)
+        lead = params_lib.stacked_axes(name)
         bad = params_lib.first_nonfinite_cell(leaf, lead)
         if bad is not None:
             where = ", ".join(f"{axis} {i}" for axis, i in zip(("layer", "expert"), bad, strict=False))
