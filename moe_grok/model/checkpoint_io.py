@@ -27,10 +27,20 @@ import tensorstore as ts
 
 from moe_grok.config import CONFIG_FILE, MoEConfig
 from moe_grok.model import params as params_lib
-from moe_grok.model.hf import CheckpointError, page_aligned_empty
+from moe_grok.model.errors import CheckpointError
+from moe_grok.model.hf import load_hf, page_aligned_empty
 
 CHUNK_BYTES = 64 << 20  # bytes per stored chunk
 READ_BYTES = 256 << 20  # bytes restored per TensorStore read
+
+
+def convert_hf_checkpoint(path_or_repo: str, out_dir: str, dtype="bfloat16", revision: str | None = None
+                          ) -> tuple[MoEConfig, int]:
+    """An HF checkpoint of any supported family (`hf.load_hf`: local directory, repo or "repo@revision")
+    written as a moe_grok checkpoint in out_dir. Returns (its MoEConfig, its parameter count)."""
+    model_config, params = load_hf(path_or_repo, revision=revision, dtype=dtype)
+    save_params(out_dir, model_config, params)
+    return model_config, sum(x.size for x in jax.tree.leaves(params))
 
 
 def is_checkpoint_dir(path: str) -> bool:
