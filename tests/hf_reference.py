@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 
-def _require_reference():
+def require_reference():
     """Skip the calling test when torch or transformers (the test extras) is not installed."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
 
 
 def tiny_hf_config(**overrides):
-    _require_reference()
+    require_reference()
     from transformers import OlmoeConfig
 
     fields = dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
@@ -28,7 +28,7 @@ def tiny_hf_config(**overrides):
 
 def make_hf_model(seed: int = 0, **overrides):
     """A random OlmoeForCausalLM in eval mode with non-trivial norm weights."""
-    _require_reference()
+    require_reference()
     import torch
     from transformers import OlmoeForCausalLM
 
@@ -47,7 +47,7 @@ def save_hf_model(path, seed: int = 0, max_shard_size=None, **overrides):
 
 def hf_outputs(model, tokens: np.ndarray, mask: np.ndarray | None = None):
     """(logits [B, S, V], router_logits [B, S, L_moe, E]) as float64 numpy (one router per MoE layer)."""
-    _require_reference()
+    require_reference()
     import torch
 
     with torch.no_grad():
@@ -64,7 +64,7 @@ def hf_outputs(model, tokens: np.ndarray, mask: np.ndarray | None = None):
 # ----------------------------------------------------------------------------------------
 def tiny_qwen3_moe_config(**overrides):
     """A tiny Qwen3MoeConfig: 3 layers, GQA (4 heads over 2 kv heads), head_dim 16 != hidden / heads."""
-    _require_reference()
+    require_reference()
     from transformers import Qwen3MoeConfig
 
     fields = dict(vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
@@ -78,7 +78,7 @@ def tiny_qwen3_moe_config(**overrides):
 
 def make_qwen3_moe_model(seed: int = 0, **overrides):
     """A random Qwen3MoeForCausalLM in eval mode with non-trivial norm weights (as make_hf_model)."""
-    _require_reference()
+    require_reference()
     import torch
     from transformers import Qwen3MoeForCausalLM
 
