@@ -28,6 +28,7 @@ import math
 import os
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,5 +278,6 @@ def load_hf(path_or_repo: str, revision: str | None = None, dtype=jnp.float32,
         params = jax.tree_util.tree_map_with_path(build, shapes)
     else:
         params = jax.tree_util.tree_map_with_path(build, shapes, shardings)
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, shapes)
     return model_config, params
 

@@ -12,6 +12,7 @@ in ``mixed_mlp/``. `stacked_axes` says how many leading axes of a parameter are 
 """
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,12 @@ def forward(model_config: MoEConfig, params, tokens, mask=None, with_lm_head: bo
 
     mesh: run the expert dispatch expert-parallel over it (batch split over every mesh axis,
     `sharding.model_batch_sharding`; experts as `param_shardings`); None = one device.
+    Router logits are [B, S, L_moe, E]: one per MoE layer (`MoEConfig.moe_layers`).
     """
+    # Shape checks run once at trace time (no cost inside jit).
+    chex.assert_rank(tokens, 2)
+    chex.assert_type(tokens, int)
+    if mask is not None:
+        chex.assert_equal_shape([tokens, mask])
     return MoETransformer(model_config, mesh).apply({"params": _module_layout(params)}, tokens, mask,
                                                     with_lm_head=with_lm_head)
