@@ -67,6 +67,26 @@ def test_logits_and_router_logits_match_transformers(tmp_path, rng, overrides, d
     chex.assert_trees_all_close(ours, reference, atol=TOL, rtol=0)
 
 
+def test_hub_and_fused_expert_layouts_load_identically(tmp_path):
+    """save_pretrained writes the hub layout (per-expert keys); transformers >= 5 holds the experts
+    fused in memory (gate_up_proj [E, 2F, D], down_proj [E, D, F]): a file in that layout loads the same."""
+    import safetensors.torch
+
+    hf_model = save_qwen3_moe_model(tmp_path / "hub", **MLP_ONLY)
+    with open(tmp_path / "hub" / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in header and "model.layers.1.mlp.gate_proj.weight" in header
+    (tmp_path / "fused").mkdir()
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    safetensors.torch.save_file(state, str(tmp_path / "fused" / "model.safetensors"))
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    config_hub, params_hub = hf.load_hf(str(tmp_path / "hub"))
+    config_fused, params_fused = hf.load_hf(str(tmp_path / "fused"))
+    assert config_hub == config_fused
+    chex.assert_trees_all_equal(params_hub, params_fused)
+
+
 def test_renormalized_top_k_changes_the_output(tmp_path, rng):
     """norm_topk_prob is read and used: flipping it in our config moves the logits off transformers'."""
     hf_model = save_qwen3_moe_model(tmp_path, **MLP_ONLY)
