@@ -349,13 +349,13 @@ def child_mesh_memory(mesh_shape: str) -> dict:
     import jax.numpy as jnp
 
     from moe_grok import sharding
-    from moe_grok.config import MoEConfig
     from moe_grok.extraction.routing import make_extractor
+    from moe_grok.model import families
     from moe_grok.model import params as params_lib
 
     data, expert = (int(n) for n in mesh_shape.split("x"))
     mesh = sharding.make_mesh(data, expert)
-    model_config = MoEConfig.from_hf_config(OLMOE_CONFIG, dtype="bfloat16")
+    model_config = families.config_from_hf(OLMOE_CONFIG, dtype="bfloat16")
     shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           params_lib.param_shapes(model_config), params_lib.param_shardings(model_config, mesh))
     tokens = jax.ShapeDtypeStruct((4 * mesh.size, _MESH_SEQ.value), jnp.int32,

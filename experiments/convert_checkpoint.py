@@ -1,4 +1,5 @@
-"""Convert an HF OLMoE checkpoint (local directory or hub revision) into a moe_grok checkpoint.
+"""Convert an HF checkpoint of a supported model family (OLMoE, Qwen3-MoE; local directory or hub
+revision) into a moe_grok checkpoint.
 
   python experiments/convert_checkpoint.py --hf_path=allenai/OLMoE-1B-7B-0924 \\
       --revision=step245000-tokens1027B --out=ckpts/olmoe-step245000 --dtype=bfloat16
@@ -10,7 +11,8 @@ from absl import app, flags
 
 from moe_grok.studies import launch
 
-_HF_PATH = flags.DEFINE_string("hf_path", None, "Local HF checkpoint directory or hub repo id.", required=True)
+_HF_PATH = flags.DEFINE_string("hf_path", None, "Local HF checkpoint directory, hub repo id or repo@revision.",
+                               required=True)
 _REVISION = flags.DEFINE_string("revision", None, "Hub revision, e.g. step245000-tokens1027B.")
 _OUT = flags.DEFINE_string("out", None, "Output directory of the moe_grok checkpoint.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Parameter dtype.")
@@ -19,15 +21,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Parame
 def main(argv):
     del argv
     launch.quiet_logs()
-    import jax
+    from moe_grok.model.checkpoint_io import convert_hf_checkpoint
 
-    from moe_grok.model.checkpoint_io import save_params
-    from moe_grok.model.hf import load_hf
-
-    model_config, params = load_hf(_HF_PATH.value, revision=_REVISION.value, dtype=_DTYPE.value)
-    save_params(_OUT.value, model_config, params)
-    count = sum(x.size for x in jax.tree.leaves(params))
-    print(f"wrote {_OUT.value}: {count / 1e6:.1f}M parameters in {_DTYPE.value}")
+    model_config, count = convert_hf_checkpoint(_HF_PATH.value, _OUT.value, dtype=_DTYPE.value,
+                                                revision=_REVISION.value)
+    print(f"wrote {_OUT.value}: {model_config.family} model, {count / 1e6:.1f}M parameters in {_DTYPE.value}")
 
 
 if __name__ == "__main__":

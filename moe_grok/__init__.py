@@ -13,7 +13,8 @@ import importlib
 _PUBLIC = {
     "MoEConfig": "moe_grok.config", "olmoe_1b_7b": "moe_grok.config", "olmoe_small": "moe_grok.config",
     "toy": "moe_grok.config",
-    "CheckpointError": "moe_grok.model.hf", "load_hf": "moe_grok.model.hf",
+    "CheckpointError": "moe_grok.model.errors", "load_hf": "moe_grok.model.hf",
+    "UnsupportedModelTypeError": "moe_grok.model.errors",
     "save_params": "moe_grok.model.checkpoint_io", "restore_params": "moe_grok.model.checkpoint_io",
     "forward": "moe_grok.model.params", "init_params": "moe_grok.model.params",
     "router_matrices": "moe_grok.model.params",

@@ -1,4 +1,8 @@
-"""MoEConfig: the frozen description of an OLMoE-architecture Mixture-of-Experts transformer."""
+"""MoEConfig: the frozen description of a decoder-only Mixture-of-Experts transformer (OLMoE, Qwen3-MoE).
+
+Translating a Hugging Face config.json into a MoEConfig is the model families' work
+(`moe_grok.model.families`); this module holds only the description itself.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +14,15 @@ import jax.numpy as jnp
 
 MOE_IMPLS = ("auto", "ragged", "chunked", "dense")
 ATTENTION_IMPLS = ("auto", "matmul", "elementwise")
-# Fields newer than some saved configs and run identities: the value those ran with.
-FIELDS_ADDED_LATER = {"attention_impl": "matmul"}
+QK_NORMS = ("full", "per_head")  # q/k RMSNorm over the whole projection (OLMoE) or over each head (Qwen3-MoE)
+# Fields newer than some saved configs and run identities: the value those ran with (configs
+# written before model families existed are OLMoE's).
+FIELDS_ADDED_LATER = {"attention_impl": "matmul", "family": "olmoe", "qk_norm": "full", "dense_layers": [],
+                      "dense_intermediate_size": 0}
+# Architecture fields that only non-OLMoE families set: `architecture()` names them only when
+# they differ from these values, so OLMoE's architecture (stored in stats caches) is unchanged.
+_FAMILY_ARCHITECTURE_DEFAULTS = {"family": "olmoe", "qk_norm": "full", "dense_layers": (),
+                                 "dense_intermediate_size": 0}
 CONFIG_FILE = "moe_config.json"  # the MoEConfig beside a saved checkpoint or training run
 
 
@@ -19,9 +30,16 @@ CONFIG_FILE = "moe_config.json"  # the MoEConfig beside a saved checkpoint or tr
 class MoEConfig:
     """Architecture (and numerics) of an OLMoE-style decoder.
 
-    Block: x + attn(input_norm(x)); then + moe(post_attention_norm(.)).
+    Block: x + attn(input_norm(x)); then + mlp(post_attention_norm(.)), where mlp is the sparse
+    MoE block, or on the layers in `dense_layers` a dense SwiGLU MLP of width
+    `dense_intermediate_size` (Qwen3-MoE's mlp_only_layers / decoder_sparse_step).
+    Attention: q/k RMSNorm before RoPE, over the whole projection (qk_norm "full", OLMoE) or over
+    each head's head_dim values (qk_norm "per_head", Qwen3-MoE).
     Router: linear -> float32 softmax over all experts -> top-k -> optional renormalization.
     Experts: SwiGLU, down(silu(gate(x)) * up(x)).
+
+    Routing layers: only the MoE layers route; router logits, router matrices and every routing
+    array count `moe_layers` (num_moe_layers of them, in layer order), not num_layers.
     """
 
     vocab_size: int
@@ -39,6 +57,10 @@ class MoEConfig:
     norm_topk_prob: bool = False
     clip_qkv: float | None = None
     tie_word_embeddings: bool = False
+    family: str = "olmoe"  # the model family (moe_grok.model.families) whose checkpoint layout this is
+    qk_norm: str = "full"  # "full" | "per_head": see QK_NORMS
+    dense_layers: tuple[int, ...] = ()  # layer indices (0-based) with a dense MLP instead of the MoE block
+    dense_intermediate_size: int = 0  # the dense MLP's width (used only when dense_layers is not empty)
     # Numerics / implementation choices (not part of the checkpoint's architecture).
     dtype: str = "float32"  # parameter and activation dtype; routing softmax and norms stay float32
     moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, per-expert chunked matmuls on CPU
@@ -49,6 +71,8 @@ class MoEConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        # JSON gives a list; a tuple keeps the config hashable (it is a static jit argument).
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
         problems = []
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -65,6 +89,18 @@ class MoEConfig:
                 self.expert_chunk_size % self.expert_chunk_granule:
             problems.append(f"expert_chunk_size={self.expert_chunk_size} must be a positive multiple of "
                             f"expert_chunk_granule={self.expert_chunk_granule}")
+        if self.qk_norm not in QK_NORMS:
+            problems.append(f"qk_norm={self.qk_norm!r} not in {QK_NORMS}")
+        if self.dense_layers:
+            if sorted(set(self.dense_layers)) != list(self.dense_layers) or \
+                    not 0 <= self.dense_layers[0] <= self.dense_layers[-1] < self.num_layers:
+                problems.append(f"dense_layers={self.dense_layers} must be distinct, increasing layer indices in "
+                                f"[0, num_layers={self.num_layers})")
+            elif len(self.dense_layers) == self.num_layers:
+                problems.append("every layer is dense: a MoE model needs at least one MoE layer to route")
+            if self.dense_intermediate_size <= 0:
+                problems.append(f"dense_intermediate_size={self.dense_intermediate_size} must be positive with "
+                                "dense layers")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype={self.dtype!r} not in float32/bfloat16/float16")
         if problems:
@@ -73,6 +109,17 @@ class MoEConfig:
     @property
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the MoE (routing) layers, increasing: every layer not in dense_layers."""
+        dense = set(self.dense_layers)
+        return tuple(i for i in range(self.num_layers) if i not in dense)
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Routing layers: the L of router logits [B, S, L, E] and routing arrays [N, L, E]."""
+        return self.num_layers - len(self.dense_layers)
 
     def replace(self, **changes) -> MoEConfig:
         return dataclasses.replace(self, **changes)
@@ -87,53 +134,35 @@ class MoEConfig:
         attention = 2 * 2 * h * hd * (seq_len + 1) / 2
         router = 2 * d * self.num_experts
         experts = self.num_experts_per_tok * 3 * 2 * d * self.expert_intermediate_size
-        total = self.num_layers * (projections + attention + router + experts)
+        total = self.num_layers * (projections + attention) + self.num_moe_layers * (router + experts)
+        total += len(self.dense_layers) * 3 * 2 * d * self.dense_intermediate_size
         if with_lm_head:
             total += 2 * d * self.vocab_size
         return float(total)
 
-    # --- Hugging Face config.json interop -------------------------------------------------
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> MoEConfig:
-        """Build from an OLMoE config.json dict; raises ValueError for other model types."""
-        model_type = hf.get("model_type")
-        if model_type != "olmoe":
-            raise ValueError(f"unsupported model_type {model_type!r}: moe_grok converts 'olmoe' checkpoints only")
-        rope_theta = hf.get("rope_theta")
-        if rope_theta is None:
-            rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        rope_type = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"unsupported rope_type {rope_type!r}: only default RoPE is implemented")
-        heads = hf["num_attention_heads"]
-        fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            num_experts=hf["num_experts"],
-            num_experts_per_tok=hf["num_experts_per_tok"],
-            expert_intermediate_size=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 4096),
-            rope_theta=float(rope_theta),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            clip_qkv=hf.get("clip_qkv"),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
-        if hf.get("attention_bias"):
-            raise ValueError("unsupported: attention_bias=True (OLMoE has no biases)")
-        fields.update(overrides)
-        return cls(**fields)
-
     def architecture(self) -> dict[str, Any]:
-        """The fields that define the checkpoint's shapes (used to compare checkpoints)."""
+        """The fields that define the checkpoint's shapes and layer structure (used to compare
+        checkpoints). The family fields appear only where they differ from OLMoE's, so an OLMoE
+        architecture reads as it did before model families existed."""
         keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "num_experts", "num_experts_per_tok", "expert_intermediate_size", "norm_topk_prob",
                 "tie_word_embeddings")
-        return {k: getattr(self, k) for k in keys}
+        arch = {k: getattr(self, k) for k in keys}
+        for key, olmoe_value in _FAMILY_ARCHITECTURE_DEFAULTS.items():
+            if getattr(self, key) != olmoe_value:
+                arch[key] = list(self.dense_layers) if key == "dense_layers" else getattr(self, key)
+        if self.dense_layers:
+            arch["num_moe_layers"] = self.num_moe_layers
+        return arch
+
+    def settings(self) -> dict[str, Any]:
+        """Every field (architecture and numerics), less the family fields at OLMoE's values: what
+        identifies the config in caches recorded before model families existed, unchanged."""
+        fields = dataclasses.asdict(self)
+        for key, olmoe_value in _FAMILY_ARCHITECTURE_DEFAULTS.items():
+            if fields[key] == olmoe_value:
+                del fields[key]
+        return fields
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -2,15 +2,17 @@
 import jax
 import numpy as np
 import pytest
-import torch
 
-from moe_grok.data.splits import next_token_targets
-from moe_grok.extraction.routing import extract_dataset, extract_splits, tiling_batch_size
-from moe_grok.model import params as model_lib
-from moe_grok.model.hf import load_hf
-from moe_grok.sharding import make_mesh
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
 
-from hf_reference import save_hf_model
+from moe_grok.data.splits import next_token_targets  # noqa: E402  (after the skips: collects without them)
+from moe_grok.extraction.routing import extract_dataset, extract_splits, tiling_batch_size  # noqa: E402
+from moe_grok.model import params as model_lib  # noqa: E402
+from moe_grok.model.hf import load_hf  # noqa: E402
+from moe_grok.sharding import make_mesh  # noqa: E402
+
+from hf_reference import save_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

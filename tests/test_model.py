@@ -17,7 +17,7 @@ from moe_grok.model.hf import CheckpointError, load_hf
 from moe_grok.sharding import make_mesh
 from moe_grok.training import losses
 
-from hf_reference import hf_outputs, save_hf_model
+from hf_reference import hf_outputs, require_reference, save_hf_model
 
 TOL = 1e-4
 
@@ -102,6 +102,7 @@ def test_attention_forms_agree_in_gradients_and_bfloat16(tmp_path, rng):
 
 
 def test_sharded_index_and_fused_layouts_load_identically(tmp_path, rng):
+    require_reference()
     import safetensors.torch
 
     hf_model = save_hf_model(tmp_path / "sharded", max_shard_size="20KB")
@@ -256,6 +257,7 @@ def test_chunk_plan_by_hand():
 
 
 def test_load_balancing_loss_matches_hf(tmp_path, rng):
+    require_reference()
     import torch
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
@@ -323,6 +325,7 @@ def test_shape_mismatch_with_config(tmp_path):
 
 
 def test_missing_and_unexpected_keys(tmp_path):
+    require_reference()
     import safetensors.torch
 
     save_hf_model(tmp_path)
@@ -376,8 +379,7 @@ def test_convert_cli_writes_a_restorable_checkpoint(tmp_path):
 
 
 def test_hub_repos_go_through_huggingface_hub(tmp_path, monkeypatch):
-    import huggingface_hub
-
+    huggingface_hub = pytest.importorskip("huggingface_hub")
     save_hf_model(tmp_path / "snapshot")
     calls = []
 
@@ -395,17 +397,102 @@ def test_hub_repos_go_through_huggingface_hub(tmp_path, monkeypatch):
         load_hf("allenai/OLMoE-1B-7B-0924", revision="step1-tokens0B")
 
 
-def test_orbax_restore_reads_row_blocks_into_mesh_shards_and_casts(tmp_path, monkeypatch):
-    from moe_grok.model import checkpoint_io
+def test_repo_at_revision_goes_to_the_hub_as_repo_and_revision(tmp_path, monkeypatch):
+    from moe_grok.model import hf
 
+    calls = []
+
+    def fake_download(repo, revision):
+        calls.append((repo, revision))
+        return str(tmp_path)
+
+    monkeypatch.setattr(hf, "_download_snapshot", fake_download)
+    assert hf.resolve_checkpoint_dir("allenai/OLMoE-1B-7B-0924@step245000-tokens1027B") == str(tmp_path)
+    assert hf.resolve_checkpoint_dir("allenai/OLMoE-1B-7B-0924", revision="main") == str(tmp_path)
+    assert hf.resolve_checkpoint_dir("allenai/OLMoE-1B-7B-0924@main", revision="main") == str(tmp_path)
+    assert calls == [("allenai/OLMoE-1B-7B-0924", "step245000-tokens1027B"), ("allenai/OLMoE-1B-7B-0924", "main"),
+                     ("allenai/OLMoE-1B-7B-0924", "main")]
+    with pytest.raises(CheckpointError, match="names revision 'main', but revision='v2' was passed"):
+        hf.resolve_checkpoint_dir("allenai/OLMoE-1B-7B-0924@main", revision="v2")
+    with pytest.raises(CheckpointError, match="owner/name@revision"):
+        hf.resolve_checkpoint_dir("allenai/OLMoE-1B-7B-0924@")
+    local = tmp_path / "ckpt@step5"  # a local directory whose name holds "@" stays local
+    local.mkdir()
+    assert hf.resolve_checkpoint_dir(str(local)) == str(local) and len(calls) == 3
+
+
+@pytest.mark.parametrize("path", ["/no/such/checkpoint", "./missing-ckpt", "runs/a/b", "~/missing-ckpt@step1"])
+def test_a_missing_local_path_is_named_not_sent_to_the_hub(monkeypatch, path):
+    from moe_grok.model import hf
+
+    monkeypatch.setattr(hf, "_download_snapshot", lambda *args: pytest.fail("sent to the hub"))
+    with pytest.raises(CheckpointError, match=f"checkpoint directory '{path}' does not exist"):
+        load_hf(path)
+
+
+def test_a_missing_path_under_an_existing_directory_is_local(tmp_path, monkeypatch):
+    from moe_grok.model import hf
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    monkeypatch.setattr(hf, "_download_snapshot", lambda *args: pytest.fail("sent to the hub"))
+    with pytest.raises(CheckpointError, match="'ckpts/step100' does not exist"):
+        load_hf("ckpts/step100")
+
+
+def test_configs_saved_before_model_families_read_as_olmoe():
+    config = toy(vocab_size=8)
+    saved_before = json.loads(config.to_json())
+    for field in ("family", "qk_norm", "dense_layers", "dense_intermediate_size"):
+        del saved_before[field]
+    assert MoEConfig.from_json(json.dumps(saved_before)) == config
+    assert (config.family, config.qk_norm, config.dense_layers) == ("olmoe", "full", ())
+    assert config.moe_layers == (0, 1, 2, 3)
+    # OLMoE's architecture (stored in stats caches) names no family field, as before families existed.
+    assert set(config.architecture()) == {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                          "head_dim", "num_experts", "num_experts_per_tok",
+                                          "expert_intermediate_size", "norm_topk_prob", "tie_word_embeddings"}
+    mixed = config.replace(family="qwen3_moe", qk_norm="per_head", dense_layers=[1], dense_intermediate_size=16)
+    assert mixed.dense_layers == (1,) and mixed.moe_layers == (0, 2, 3) and mixed.num_moe_layers == 3
+    assert MoEConfig.from_json(mixed.to_json()) == mixed and hash(mixed)
+    assert mixed.architecture()["dense_layers"] == [1] and mixed.architecture()["num_moe_layers"] == 3
+    with pytest.raises(ValueError, match="dense_layers=.*must be distinct, increasing"):
+        config.replace(dense_layers=(2, 1), dense_intermediate_size=16)
+    with pytest.raises(ValueError, match="every layer is dense"):
+        config.replace(dense_layers=(0, 1, 2, 3), dense_intermediate_size=16)
+    with pytest.raises(ValueError, match="qk_norm='none'"):
+        config.replace(qk_norm="none")
+
+
+def test_mixed_layer_model_inits_trains_and_restores(tmp_path):
+    """A model with dense layers from init_params (no checkpoint): the public tree, gradients
+    through both branches of the per-layer switch, and the orbax round trip."""
+    config = toy(vocab_size=20, num_layers=3, dense_layers=(1,), dense_intermediate_size=24, qk_norm="per_head",
+                 family="qwen3_moe")
+    params = model_lib.init_params(config, jax.random.key(0))
+    assert params["layers"]["mlp"]["gate_proj"].shape == (1, 128, 24)
+    assert params["layers"]["moe"]["router"].shape == (2, 128, 8)
+    assert params["layers"]["moe"]["gate_proj"].shape == (2, 8, 128, 128)
+    assert params["layers"]["attn"]["q_norm"]["scale"].shape == (3, 32)
+    tokens = np.random.default_rng(0).integers(0, 20, (2, 6))
+    grads = jax.grad(lambda p: jnp.sum(model_lib.forward(config, p, tokens).logits ** 2))(params)
+    for path in (("mlp", "down_proj"), ("moe", "router"), ("moe", "up_proj")):
+        assert float(jnp.abs(grads["layers"][path[0]][path[1]]).max()) > 0, path
+    save_params(str(tmp_path / "ckpt"), config, params)
+    restored_config, restored = restore_params(str(tmp_path / "ckpt"))
+    assert restored_config == config
+    jax.tree.map(np.testing.assert_array_equal, params, restored)
+
+
+def test_orbax_restore_reads_into_mesh_shards_and_casts(tmp_path):
     config = toy(vocab_size=20, num_layers=2)
     params = model_lib.init_params(config, jax.random.key(0))
     save_params(str(tmp_path / "ckpt"), config, params)
-    monkeypatch.setattr(checkpoint_io, "READ_BYTES", 1000)  # many small reads per shard
     mesh = make_mesh(data=4, expert=2)
     config16, restored = restore_params(str(tmp_path / "ckpt"), mesh=mesh, dtype=jnp.bfloat16)
     assert config16 == config.replace(dtype="bfloat16")
     gate = restored["layers"]["moe"]["gate_proj"]
     assert gate.dtype == jnp.bfloat16 and gate.addressable_shards[0].data.shape[1] == config.num_experts // 2
+    assert gate.sharding == model_lib.param_shardings(config16, mesh)["layers"]["moe"]["gate_proj"]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b)),
                  params, restored)

@@ -35,7 +35,7 @@ def workspace(tmp_path_factory):
     """Five revisions of one tiny model converging to its final weights (weights(t) = final +
     noise shrinking to 0), grouped training and validation data, per-sample test results and
     sentence-embedding stand-ins."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     root = tmp_path_factory.mktemp("olmoe")
     model = make_hf_model(seed=0)

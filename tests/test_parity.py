@@ -6,13 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers.masking_utils import create_causal_mask
-from transformers.models.olmoe.modeling_olmoe import apply_rotary_pos_emb
 
-from moe_grok.model import hf, layers
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
 
-from hf_reference import save_hf_model
+from transformers.masking_utils import create_causal_mask  # noqa: E402  (after the skips: collects without them)
+from transformers.models.olmoe.modeling_olmoe import apply_rotary_pos_emb  # noqa: E402
+
+from moe_grok.model import hf, layers  # noqa: E402
+
+from hf_reference import save_hf_model  # noqa: E402
 
 ATOL = 1e-5
 BATCH, SEQ = 2, 7

@@ -83,7 +83,9 @@ def key_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
 def expected_arrays(architecture: dict, split_sizes: dict[str, int]) -> dict[str, tuple[tuple[int, ...], str]]:
     """{array name: (shape, dtype)} of the arrays an entry holds (param samples apart), for a model
     of this `MoEConfig.architecture()` and splits of these sizes."""
-    layers, experts, hidden = (architecture[k] for k in ("num_layers", "num_experts", "hidden_size"))
+    # Routing arrays count the MoE layers only (MoEConfig.num_moe_layers, named where dense layers exist).
+    layers = architecture.get("num_moe_layers", architecture["num_layers"])
+    experts, hidden = architecture["num_experts"], architecture["hidden_size"]
     expected = {"router": ((layers, experts, hidden), "float32")}
     for split, n in split_sizes.items():
         sizes = {"N": n, "L": layers, "E": experts}

@@ -90,7 +90,7 @@ def file_stats(directory: str, names: Sequence[str] | None = None) -> dict[str, 
 
 def model_settings(model_config: MoEConfig) -> dict[str, Any]:
     """Every MoEConfig field (architecture and numerics: dtype, moe_impl, chunk sizes, eps...)."""
-    return dataclasses.asdict(model_config)
+    return model_config.settings()
 
 
 def directory_identity(directory: str, model_config: MoEConfig) -> dict[str, Any]:
@@ -104,8 +104,8 @@ def _hf_dir_identity(ckpt_dir: str, dtype, moe_impl: str | None) -> dict[str, An
     """A local HF checkpoint: config.json (hash) and every top-level *.safetensors / *.json (stats)."""
     names = sorted(n for n in os.listdir(ckpt_dir)
                    if n.endswith((".safetensors", ".json")) and os.path.isfile(os.path.join(ckpt_dir, n)))
-    model_config = MoEConfig.from_hf_config(hf.read_hf_config(ckpt_dir), dtype=_dtype_name(dtype),
-                                            **({} if moe_impl is None else {"moe_impl": moe_impl}))
+    model_config = hf.hf_model_config(ckpt_dir, dtype=_dtype_name(dtype),
+                                      **({} if moe_impl is None else {"moe_impl": moe_impl}))
     return {"kind": "hf", "path": os.path.realpath(ckpt_dir), "files": file_stats(ckpt_dir, names),
             "config_sha256": file_sha256(os.path.join(ckpt_dir, "config.json")),
             "model_config": model_settings(model_config)}

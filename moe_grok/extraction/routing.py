@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,7 @@ from moe_grok.model.layers import select_experts
 class RoutingStats(NamedTuple):
     """Per-sample outputs of one pass. Shapes for a batch of B samples, S tokens."""
 
+    # L: the MoE (routing) layers, MoEConfig.num_moe_layers; dense-MLP layers (Qwen3-MoE's mlp_only_layers) have none.
     mean_weights: jax.Array  # [B, L, E] float32 token-mean router softmax (over ALL experts), real tokens
     scored_mean_weights: jax.Array  # [B, L, E] float32 the same over scored positions (target_mask) only
     routing_entropy: jax.Array  # [B, L] float32 token-mean entropy (nats) of the router softmax, real tokens
@@ -103,7 +105,8 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
 
     The last batch is padded (with copies of the first row, then dropped) so every batch has
     one compiled shape; batch_size is rounded up to a multiple of the mesh's device count.
-    Returns {"mean_weights": [N, L, E], "loss": [N], "correct": [N], (per_token: ...)}.
+    Returns {"mean_weights": [N, L, E], "loss": [N], "correct": [N], (per_token: ...)}; L counts
+    the routing (MoE) layers only, `MoEConfig.num_moe_layers`: a dense-MLP layer routes nothing.
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
@@ -114,6 +117,8 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
     if tokens.max() >= model_config.vocab_size or tokens.min() < 0:
         raise ValueError(f"token ids must lie in [0, {model_config.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
     tokens, mask, targets, target_mask = _split_arrays(tokens, mask, targets, target_mask)
+    chex.assert_type([tokens, mask, targets, target_mask], int)
+    chex.assert_equal_shape([tokens, mask, targets, target_mask])  # each [samples, seq]
     check_nonempty(mask)
     n = tokens.shape[0]
     shards = 1 if mesh is None else mesh.size  # the batch is split over every device

@@ -1,1 +1,1 @@
-"""Model layer: the OLMoE-architecture Flax model, expert-dispatch kernels, HF conversion, checkpoints."""
+"""Model layer: the Flax MoE decoder (OLMoE, Qwen3-MoE), expert dispatch, HF conversion by family, checkpoints."""

@@ -7,31 +7,36 @@ Layout of a checkpoint directory:
                     64 MiB, stacks over layers chunked within each layer)
 
 Memory: orbax's default layout (one OCDBT store) holds every parameter's encoded chunks until
-the save commits, and its restore reads each array into a buffer it then copies: both about
-twice the weights. Written per chunk and read straight into page-aligned buffers that JAX's
-CPU client adopts (tensorstore, one parameter at a time), saving and restoring stay within a
-few chunks of the weights. Checkpoints in orbax's default layout are still restored (with
-orbax's own reader).
+the save commits: written per chunk instead, saving stays within a few chunks of the weights.
+Restoring goes through orbax's public API (PyTreeCheckpointHandler, a partial restore per
+parameter straight into its mesh shards and dtype), one parameter at a time, so its transient
+buffers are at most about one parameter's size. Checkpoints in orbax's default layout restore
+the same way.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 
 from moe_grok.config import CONFIG_FILE, MoEConfig
 from moe_grok.model import params as params_lib
-from moe_grok.model.hf import CheckpointError, page_aligned_empty
-from moe_grok.model.layers import EXPERT_WEIGHTS
+from moe_grok.model.errors import CheckpointError
+from moe_grok.model.hf import load_hf
 
 CHUNK_BYTES = 64 << 20  # bytes per stored chunk
-READ_BYTES = 256 << 20  # bytes restored per TensorStore read
+
+
+def convert_hf_checkpoint(path_or_repo: str, out_dir: str, dtype="bfloat16", revision: str | None = None
+                          ) -> tuple[MoEConfig, int]:
+    """An HF checkpoint of any supported family (`hf.load_hf`: local directory, repo or "repo@revision")
+    written as a moe_grok checkpoint in out_dir. Returns (its MoEConfig, its parameter count)."""
+    model_config, params = load_hf(path_or_repo, revision=revision, dtype=dtype)
+    save_params(out_dir, model_config, params)
+    return model_config, sum(x.size for x in jax.tree.leaves(params))
 
 
 def is_checkpoint_dir(path: str) -> bool:
@@ -76,38 +81,27 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [""])[0][:300]
 
 
-def _leaf_dir(params_dir: str, name: tuple[str, ...]) -> str:
-    return os.path.join(params_dir, ".".join(name))
+def _one_leaf_tree(name: tuple[str, ...], leaf):
+    """The nested dict holding only `leaf` at the path `name` (an orbax partial-restore item)."""
+    tree = leaf
+    for key in reversed(name):
+        tree = {key: tree}
+    return tree
 
 
-def _read_zarr_param(leaf_dir: str, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
-    """One parameter from its zarr array, each device shard read into a page-aligned buffer
-    (cast one leading-axis slice at a time when `dtype` differs from the stored dtype)."""
-    try:
-        store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": leaf_dir}}, read=True).result()
-    except Exception as err:  # TensorStore errors carry its whole spec: keep the first line
-        raise CheckpointError(f"{leaf_dir}: cannot restore the parameter ({_first_line(err)})") from None
-    if tuple(store.shape) != shape:
-        raise CheckpointError(f"{leaf_dir}: stored shape {tuple(store.shape)}, its moe_config.json says {shape}")
-
-    def read(index: tuple) -> np.ndarray:
-        region = store[index].translate_to[0]  # this shard, indexed from 0
-        out = page_aligned_empty(tuple(region.shape), dtype)
-        # READ_BYTES of leading-axis rows at a time: TensorStore decodes every chunk of a read at once.
-        step = max(1, READ_BYTES // max(1, math.prod(out.shape[1:]) * region.dtype.numpy_dtype.itemsize))
-        try:
-            for start in range(0, out.shape[0], step):
-                stop = min(start + step, out.shape[0])
-                rows = region[start:stop]
-                if rows.dtype.numpy_dtype == out.dtype:
-                    ts.array(out[start:stop]).write(rows).result()
-                else:
-                    np.copyto(out[start:stop], rows.read().result(), casting="unsafe")
-        except Exception as err:
-            raise CheckpointError(f"{leaf_dir}: cannot restore the parameter ({_first_line(err)})") from None
-        return out
-
-    return jax.make_array_from_callback(shape, sharding, read)
+def _restore_one(checkpointer: ocp.Checkpointer, path: str, name: tuple[str, ...], leaf) -> jax.Array:
+    """One parameter, read by orbax straight into its shards (`leaf.sharding`) in `leaf.dtype`
+    (orbax casts while reading). One parameter per call keeps a restore's transient buffers to
+    one parameter's size, whatever the model's."""
+    args = ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype, global_shape=leaf.shape)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=_one_leaf_tree(name, leaf), restore_args=_one_leaf_tree(name, args), partial_restore=True))
+    for key in name:
+        restored = restored[key]
+    if tuple(restored.shape) != tuple(leaf.shape):
+        raise CheckpointError(f"{path}: {'/'.join(name)} restored with shape {tuple(restored.shape)}, its "
+                              f"moe_config.json says {tuple(leaf.shape)}")
+    return restored
 
 
 def restore_params(directory: str, mesh: jax.sharding.Mesh | None = None, dtype=None) -> tuple[MoEConfig, dict]:
@@ -128,23 +122,22 @@ def restore_params(directory: str, mesh: jax.sharding.Mesh | None = None, dtype=
     if shardings is not None:
         shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     path = os.path.join(directory, "params")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat, tree = jax.tree_util.tree_flatten_with_path(shapes)
-    names = [tuple(k.key for k in key_path) for key_path, _ in flat]
-    if all(os.path.exists(os.path.join(_leaf_dir(path, name), ".zarray")) for name in names):
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        params = jax.tree_util.tree_unflatten(tree, [
-            _read_zarr_param(_leaf_dir(path, name), leaf.shape, leaf.dtype, leaf.sharding or default)
-            for name, (_, leaf) in zip(names, flat, strict=True)])
-    else:  # orbax's default layout (moe_grok before 64 MiB zarr chunks): orbax's reader
-        try:
-            with ocp.StandardCheckpointer() as checkpointer:
-                params = checkpointer.restore(path, shapes)
-        except Exception as err:  # orbax / TensorStore raise many types, with pages of detail
-            raise CheckpointError(f"{path}: cannot restore the moe_grok checkpoint ({type(err).__name__}: "
-                                  f"{_first_line(err)})") from None
+    try:  # either layout: one zarr array per parameter (save_params) or orbax's default OCDBT store
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            leaves = [_restore_one(checkpointer, path, tuple(k.key for k in key_path),
+                                   jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding or default))
+                      for key_path, leaf in flat]
+    except CheckpointError:
+        raise
+    except Exception as err:  # orbax / TensorStore raise many types, with pages of detail
+        raise CheckpointError(f"{path}: cannot restore the moe_grok checkpoint ({type(err).__name__}: "
+                              f"{_first_line(err)})") from None
+    params = jax.tree_util.tree_unflatten(tree, leaves)
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = tuple(k.key for k in key_path)
-        lead = (name[0] == "layers") + (name[-1] in EXPERT_WEIGHTS)
+        lead = params_lib.stacked_axes(name)
         bad = params_lib.first_nonfinite_cell(leaf, lead)
         if bad is not None:
             where = ", ".join(f"{axis} {i}" for axis, i in zip(("layer", "expert"), bad, strict=False))

@@ -1,14 +1,18 @@
-"""OLMoE-architecture Mixture-of-Experts decoder in Flax, numerically matching HF's OlmoeForCausalLM.
+"""Mixture-of-Experts decoder in Flax, numerically matching HF's OlmoeForCausalLM and Qwen3MoeForCausalLM.
 
 The modules read like the math; expert dispatch kernels live in `dispatch`, the public
-parameter tree and `forward` in `params`.
+parameter tree and `forward` in `params`. The families differ only in switches read from
+MoEConfig: qk_norm ("full": OLMoE's RMSNorm over the whole q/k projection; "per_head":
+Qwen3-MoE's over each head), clip_qkv, norm_topk_prob, and dense_layers (layers with a dense
+SwiGLU MLP instead of the MoE block, see MixedMLPStacks).
 
 Shapes: B = batch, S = sequence, D = hidden, H = heads, K = kv heads, Dh = head dim,
 E = experts, k = experts per token, F = expert intermediate, L = layers, V = vocab, T = B*S tokens.
 
 Parameters are a plain pytree; layers are stacked on a leading [L] axis (nn.scan; the expert
 weights [L, E, ...] are declared outside the scan, see ExpertStacks), every parameter carries
-logical axis names (see LOGICAL_RULES) for mesh sharding.
+logical axis names (see LOGICAL_RULES) for mesh sharding. With dense layers the MoE weights are
+stacked over the MoE layers only ([L_moe, ...]) and the dense MLPs over the dense ones.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_grok.config import MoEConfig
 from moe_grok.model import dispatch
@@ -39,7 +44,7 @@ LOGICAL_RULES = (
 
 class ModelOutput(NamedTuple):
     logits: jax.Array | None  # [B, S, V] (None when the LM head is skipped)
-    router_logits: jax.Array  # [B, S, L, E] float32
+    router_logits: jax.Array  # [B, S, L_moe, E] float32: the MoE (routing) layers only, in layer order
     hidden: jax.Array  # [B, S, D] after the final norm
 
 
@@ -144,7 +149,10 @@ def _elementwise_attention(q, k, v, bias, dtype):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with full-width q/k RMSNorm before RoPE, optional GQA and clip_qkv."""
+    """Causal self-attention with q/k RMSNorm before RoPE, optional GQA and clip_qkv.
+
+    q/k norm per model_config.qk_norm: "full" normalizes the whole [H*Dh] / [K*Dh] projection
+    (OLMoE; scale [H*Dh]), "per_head" each head's [Dh] values (Qwen3-MoE; scale [Dh])."""
 
     model_config: MoEConfig
 
@@ -158,6 +166,8 @@ class Attention(nn.Module):
         q = dense(h * hd, kernel_init=_init(model_config.init_std, "embed", "q_width"), name="q_proj")(x)
         k = dense(kv * hd, kernel_init=_init(model_config.init_std, "embed", "kv_width"), name="k_proj")(x)
         v = dense(kv * hd, kernel_init=_init(model_config.init_std, "embed", "kv_width"), name="v_proj")(x)
+        if model_config.qk_norm == "per_head":
+            q, k = q.reshape(b, s, h, hd), k.reshape(b, s, kv, hd)
         q = RMSNorm(model_config.rms_norm_eps, dtype, name="q_norm")(q)
         k = RMSNorm(model_config.rms_norm_eps, dtype, name="k_norm")(k)
         if model_config.clip_qkv is not None:
@@ -186,10 +196,11 @@ def select_experts(probs, model_config: MoEConfig):
 
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # ExpertStacks' params, public path layers/moe/<name>
+DENSE_MLP_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # dense layers' SwiGLU, public path layers/mlp/<name>
 
 
 class ExpertStacks(nn.Module):
-    """The SwiGLU expert weights of all layers: gate/up [L, E, D, F], down [L, E, F, D].
+    """The SwiGLU expert weights of all MoE layers: gate/up [L_moe, E, D, F], down [L_moe, E, F, D].
 
     Declared once outside the layer scan, so each layer's dispatch slices its experts from the
     stacks itself (the CPU path one expert at a time) instead of the scan copying all of a
@@ -201,7 +212,7 @@ class ExpertStacks(nn.Module):
     @nn.compact
     def __call__(self):
         model_config, dtype = self.model_config, self.model_config.jnp_dtype
-        lead = (model_config.num_layers, model_config.num_experts)
+        lead = (model_config.num_moe_layers, model_config.num_experts)
         d, f = model_config.hidden_size, model_config.expert_intermediate_size
         axes_and_shapes = ((("embed", "mlp"), (d, f)), (("embed", "mlp"), (d, f)), (("mlp", "embed"), (f, d)))
         return tuple(self.param(name, _init(model_config.init_std, "layers", "expert", *axes), (*lead, *shape), dtype)
@@ -221,20 +232,53 @@ class SparseMoE(nn.Module):
     @nn.compact
     def __call__(self, x, experts, layer):
         model_config, dtype = self.model_config, self.model_config.jnp_dtype
-        b, s, d = x.shape
-        e = model_config.num_experts
+        d, e = x.shape[-1], model_config.num_experts
         router = self.param("router", _init(model_config.init_std, "embed", "router_logit"), (d, e), dtype)
+        return sparse_moe(model_config, self.mesh, x, router, experts, layer)
 
-        tokens = x.reshape(b * s, d)
-        router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
-        impl = dispatch.resolve_moe_impl(model_config.moe_impl)
-        kwargs = {}
-        if impl == "chunked":
-            kwargs = {"max_chunk": model_config.expert_chunk_size, "granule": model_config.expert_chunk_granule}
-        select = functools.partial(select_experts, model_config=model_config)
-        out = dispatch.dispatch_experts(tokens, jax.nn.softmax(router_logits, axis=-1), select, experts, layer, impl,
-                                        self.mesh, **kwargs)
-        return out.reshape(b, s, d), router_logits.reshape(b, s, e)
+
+def sparse_moe(model_config: MoEConfig, mesh, x, router, experts, layer):
+    """The MoE block as a function: x [B, S, D], router [D, E], experts: ExpertStacks' stacks,
+    layer: the MoE layer's index into them. Returns (output [B, S, D], router_logits [B, S, E] float32)."""
+    b, s, d = x.shape
+    tokens = x.reshape(b * s, d)
+    router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
+    impl = dispatch.resolve_moe_impl(model_config.moe_impl)
+    kwargs = {}
+    if impl == "chunked":
+        kwargs = {"max_chunk": model_config.expert_chunk_size, "granule": model_config.expert_chunk_granule}
+    select = functools.partial(select_experts, model_config=model_config)
+    out = dispatch.dispatch_experts(tokens, jax.nn.softmax(router_logits, axis=-1), select, experts, layer, impl,
+                                    mesh, **kwargs)
+    return out.reshape(b, s, d), router_logits.reshape(b, s, router.shape[-1])
+
+
+class MixedMLPStacks(nn.Module):
+    """For models with dense layers: the routers of the MoE layers [L_moe, D, E] and the dense
+    layers' SwiGLU MLPs gate/up [L_dense, D, Fd], down [L_dense, Fd, D], declared outside the
+    layer scan like ExpertStacks (each layer picks its own by index). `params` shows them at
+    layers/moe/router and layers/mlp/{gate,up,down}_proj."""
+
+    model_config: MoEConfig
+
+    @nn.compact
+    def __call__(self):
+        model_config, dtype = self.model_config, self.model_config.jnp_dtype
+        d, e, f = model_config.hidden_size, model_config.num_experts, model_config.dense_intermediate_size
+        dense = len(model_config.dense_layers)
+        router = self.param("router", _init(model_config.init_std, "layers", "embed", "router_logit"),
+                            (model_config.num_moe_layers, d, e), dtype)
+        axes_and_shapes = ((("embed", "mlp"), (d, f)), (("embed", "mlp"), (d, f)), (("mlp", "embed"), (f, d)))
+        mlp = tuple(self.param(name, _init(model_config.init_std, "layers", *axes), (dense, *shape), dtype)
+                    for name, (axes, shape) in zip(DENSE_MLP_WEIGHTS, axes_and_shapes, strict=True))
+        return router, mlp
+
+
+def _dense_mlp(x, gate, up, down):
+    """SwiGLU down(silu(gate(x)) * up(x)) of x [B, S, D], as the expert matmuls (float32 accumulation)."""
+    matmul = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+    hidden = jax.nn.silu(matmul(x, gate).astype(x.dtype)) * matmul(x, up).astype(x.dtype)
+    return matmul(hidden, down).astype(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -251,6 +295,36 @@ class DecoderLayer(nn.Module):
         moe_out, router_logits = SparseMoE(model_config, self.mesh, name="moe")(
             RMSNorm(eps, dtype, name="post_attention_norm")(x), experts, layer)
         return x + moe_out, router_logits
+
+
+class MixedDecoderLayer(nn.Module):
+    """DecoderLayer of a model with dense layers: x + attn(input_norm(x)); then + mlp(post_attention_norm(.)),
+    mlp the MoE block or the dense MLP as this layer's flag says (jax.lax.cond: only one runs).
+
+    mlp_weights: MixedMLPStacks' (router, dense MLP stacks); layer_switch: (is_moe, moe index,
+    dense index) of this layer. Returns (x, router_logits [B, S, E], zeros on a dense layer)."""
+
+    model_config: MoEConfig
+    mesh: jax.sharding.Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, mask, experts, mlp_weights, layer_switch):
+        model_config = self.model_config
+        eps, dtype = model_config.rms_norm_eps, model_config.jnp_dtype
+        is_moe, moe_index, dense_index = layer_switch
+        routers, dense_mlps = mlp_weights
+        x = x + Attention(model_config, name="attn")(RMSNorm(eps, dtype, name="input_norm")(x), positions, mask)
+        h = RMSNorm(eps, dtype, name="post_attention_norm")(x)
+
+        def moe_branch(h):
+            return sparse_moe(model_config, self.mesh, h, routers[moe_index], experts, moe_index)
+
+        def dense_branch(h):
+            out = _dense_mlp(h, *(w[dense_index] for w in dense_mlps))
+            return out, jnp.zeros((*h.shape[:2], model_config.num_experts), jnp.float32)
+
+        out, router_logits = jax.lax.cond(is_moe, moe_branch, dense_branch, h)
+        return x + out, router_logits
 
 
 class MoETransformer(nn.Module):
@@ -275,15 +349,18 @@ class MoETransformer(nn.Module):
                          embedding_init=_init(model_config.init_std, "vocab", "embed"), name="embed")
         x = embed(tokens)
         experts = ExpertStacks(model_config, name="experts")()
-        # remat_layers: the backward pass keeps only each layer's input and recomputes the rest. On
-        # XLA's CPU backend this also makes a toy training step cheaper: the scan no longer fills
-        # [L, ...] buffers with every intermediate (docs/benchmarks.md).
-        layer = nn.remat(DecoderLayer, prevent_cse=False) if model_config.remat_layers else DecoderLayer
-        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=model_config.num_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, router_logits = layers(model_config, self.mesh, name="layers")(x, positions, mask, experts,
-                                                      jnp.arange(model_config.num_layers))  # router_logits [L, B, S, E]
+        if model_config.dense_layers:
+            x, router_logits = self._mixed_layers(x, positions, mask, experts)
+        else:
+            # remat_layers: the backward pass keeps only each layer's input and recomputes the rest. On
+            # XLA's CPU backend this also makes a toy training step cheaper: the scan no longer fills
+            # [L, ...] buffers with every intermediate (docs/benchmarks.md).
+            layer = nn.remat(DecoderLayer, prevent_cse=False) if model_config.remat_layers else DecoderLayer
+            layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=model_config.num_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, router_logits = layers(model_config, self.mesh, name="layers")(
+                x, positions, mask, experts, jnp.arange(model_config.num_layers))  # router_logits [L, B, S, E]
         x = RMSNorm(model_config.rms_norm_eps, dtype, name="final_norm")(x)
         router_logits = jnp.transpose(router_logits, (1, 2, 0, 3))
         if not with_lm_head:
@@ -295,5 +372,24 @@ class MoETransformer(nn.Module):
                                      dot_general=_dot_general_float32_accumulate,
                                      kernel_init=_init(model_config.init_std, "embed", "vocab"), name="lm_head")(x)
         return ModelOutput(logits, router_logits, x)
+
+    def _mixed_layers(self, x, positions, mask, experts):
+        """The layer scan of a model with dense layers -> (x, router_logits [L_moe, B, S, E])."""
+        model_config = self.model_config
+        moe_layers = np.array(model_config.moe_layers)
+        is_moe = np.zeros(model_config.num_layers, bool)
+        is_moe[moe_layers] = True
+        # Each layer's index into its own stack (the other stack's index is unused there).
+        moe_index = np.maximum(np.cumsum(is_moe) - 1, 0).astype(np.int32)
+        dense_index = np.maximum(np.cumsum(~is_moe) - 1, 0).astype(np.int32)
+        mlp_weights = MixedMLPStacks(model_config, name="mixed_mlp")()
+        layer = nn.remat(MixedDecoderLayer, prevent_cse=False) if model_config.remat_layers else MixedDecoderLayer
+        layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                         length=model_config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, router_logits = layers(model_config, self.mesh, name="layers")(
+            x, positions, mask, experts, mlp_weights, (jnp.asarray(is_moe), jnp.asarray(moe_index),
+                                                       jnp.asarray(dense_index)))
+        return x, router_logits[moe_layers]  # [L_moe, B, S, E]: dense layers do not route
 
 

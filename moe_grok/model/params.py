@@ -4,32 +4,58 @@ Public layout (what conversion, checkpoints and theory see): layers stacked on a
 axis under ``layers/``, the expert stacks at ``layers/moe/{gate,up,down}_proj`` [L, E, ...]
 as HF nests them. The Flax module declares the expert stacks outside its layer scan
 (``experts/``); ``_module_layout`` / ``_public_layout`` translate between the two.
+
+With dense layers (MoEConfig.dense_layers, Qwen3-MoE) everything under ``layers/moe/`` is
+stacked over the MoE layers only (router [L_moe, D, E], experts [L_moe, E, ...]) and the dense
+MLPs sit at ``layers/mlp/{gate,up,down}_proj`` [L_dense, ...]; the module keeps those stacks
+in ``mixed_mlp/``. `stacked_axes` says how many leading axes of a parameter are stacks.
 """
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moe_grok.config import MoEConfig
-from moe_grok.model.layers import EXPERT_WEIGHTS, LOGICAL_RULES, ModelOutput, MoETransformer
+from moe_grok.model.layers import DENSE_MLP_WEIGHTS, EXPERT_WEIGHTS, LOGICAL_RULES, ModelOutput, MoETransformer
+
+
+def stacked_axes(path: tuple[str, ...]) -> int:
+    """How many leading axes of the public parameter at `path` are stacks: 2 for the experts
+    (layers/moe/{gate,up,down}_proj: [layer, expert]), 1 for the rest under layers/, else 0."""
+    if path[0] != "layers":
+        return 0
+    return 2 if path[1] == "moe" and path[-1] in EXPERT_WEIGHTS else 1
 
 
 def _public_layout(module_params):
-    """The module's tree -> the public one: ExpertStacks' weights go to layers/moe/ (HF's nesting)."""
+    """The module's tree -> the public one: ExpertStacks' weights go to layers/moe/ (HF's nesting),
+    MixedMLPStacks' router to layers/moe/router and its dense MLPs to layers/mlp/."""
     params = dict(module_params)
-    experts = params.pop("experts")
-    params["layers"] = {**params["layers"], "moe": {**params["layers"]["moe"], **experts}}
+    layers = dict(params["layers"])
+    layers["moe"] = {**layers.get("moe", {}), **params.pop("experts")}
+    if "mixed_mlp" in params:
+        mixed = dict(params.pop("mixed_mlp"))
+        layers["moe"]["router"] = mixed.pop("router")
+        layers["mlp"] = {name: mixed.pop(name) for name in DENSE_MLP_WEIGHTS}
+    params["layers"] = layers
     return params
 
 
 def _module_layout(params):
-    """The public tree -> the module's: layers/moe/{gate,up,down}_proj back to experts/."""
+    """The public tree -> the module's: layers/moe/{gate,up,down}_proj back to experts/ (and with
+    dense layers layers/moe/router and layers/mlp/ back to mixed_mlp/)."""
     params = dict(params)
-    moe = dict(params["layers"]["moe"])
+    layers = dict(params["layers"])
+    moe = dict(layers.pop("moe"))
     params["experts"] = {name: moe.pop(name) for name in EXPERT_WEIGHTS}
-    params["layers"] = {**params["layers"], "moe": moe}
+    if "mlp" in layers:
+        params["mixed_mlp"] = {"router": moe.pop("router"), **layers.pop("mlp")}
+    if moe:
+        layers["moe"] = moe
+    params["layers"] = layers
     return params
 
 
@@ -84,7 +110,8 @@ def first_nonfinite_cell(array: jax.Array, lead_axes: int = 0) -> tuple[int, ...
 
 
 def router_matrices(params) -> jax.Array:
-    """Router weight matrices W_l with experts as rows: [L, E, D] (row k = expert embedding v_lk)."""
+    """Router weight matrices W_l with experts as rows: [L_moe, E, D] (row k = expert embedding v_lk),
+    one per MoE (routing) layer."""
     return jnp.swapaxes(params["layers"]["moe"]["router"], -1, -2)
 
 
@@ -94,6 +121,12 @@ def forward(model_config: MoEConfig, params, tokens, mask=None, with_lm_head: bo
 
     mesh: run the expert dispatch expert-parallel over it (batch split over every mesh axis,
     `sharding.model_batch_sharding`; experts as `param_shardings`); None = one device.
+    Router logits are [B, S, L_moe, E]: one per MoE layer (`MoEConfig.moe_layers`).
     """
+    # Shape checks run once at trace time (no cost inside jit).
+    chex.assert_rank(tokens, 2)
+    chex.assert_type(tokens, int)
+    if mask is not None:
+        chex.assert_equal_shape([tokens, mask])
     return MoETransformer(model_config, mesh).apply({"params": _module_layout(params)}, tokens, mask,
                                                     with_lm_head=with_lm_head)
