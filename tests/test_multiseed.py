@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from moe_grok.studies import toy_run
-from moe_grok.training import loop as training
-from moe_grok.training import multiseed
+from moe_grok.training import loop, multiseed
+from moe_grok.training.checkpointing import RunCheckpoints
 
-from test_training import metrics_without_time, tiny_config
+from training_helpers import metrics_without_time, tiny_config
 
 
 def _final_params(workdir):
@@ -29,7 +29,7 @@ def test_seed_of_a_multiseed_run_equals_its_single_seed_run(two_seeds, tmp_path)
     assert [os.path.basename(d) for d in seed_dirs] == ["seed_3", "seed_1"]
     single = config.copy_and_resolve_references()
     single.train.seed = 1
-    training.train(single, str(tmp_path / "single"), progress=False)
+    loop.train(single, str(tmp_path / "single"), progress=False)
     assert metrics_without_time(seed_dirs[1]) == metrics_without_time(str(tmp_path / "single"))
     step, params = _final_params(seed_dirs[1])
     reference_step, reference = _final_params(str(tmp_path / "single"))
@@ -44,7 +44,7 @@ def test_multiseed_resume_after_kill_is_exact(two_seeds, tmp_path):
     config, reference, _ = two_seeds
     workdir = str(tmp_path / "killed")
     multiseed.train(config, workdir, [3, 1], stop_at=10, progress=False)
-    assert training.RunCheckpoints(multiseed.seed_workdir(workdir, 1)).steps() == [0, 10]
+    assert RunCheckpoints(multiseed.seed_workdir(workdir, 1)).steps() == [0, 10]
     multiseed.train(config, workdir, [3, 1], progress=False)
     for seed in (3, 1):
         resumed, uninterrupted = multiseed.seed_workdir(workdir, seed), multiseed.seed_workdir(reference, seed)
@@ -88,4 +88,4 @@ def test_seed_directories_are_single_seed_runs(two_seeds):
     assert [s.step for s in toy_run.run_checkpoint_sources(seed_dirs[0])] == [0, 10, 20]
     single = config.copy_and_resolve_references()
     single.train.seed = 3
-    assert training.train(single, seed_dirs[0], progress=False)["step"] == 20  # finished: nothing to do
+    assert loop.train(single, seed_dirs[0], progress=False)["step"] == 20  # finished: nothing to do

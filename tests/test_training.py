@@ -18,55 +18,108 @@ from moe_grok.data import tasks
 from moe_grok.data.splits import EvalSplit
 from moe_grok.model import params as model_lib
 from moe_grok.studies import toy_bounds, toy_run
-from moe_grok.training import loop as training
+from moe_grok.training import loop
+from moe_grok.training import step as step_lib
+from moe_grok.training.checkpointing import RunCheckpoints
+from moe_grok.training.metrics_log import read_metrics
+from moe_grok.training.optimizer import make_optimizer
+from moe_grok.training.run_config import model_config_of, task_spec
 
 from config_files import CONFIG_DIR, load_config
 from report_checks import check_report
-
-
-def tiny_config(steps=30):
-    config = load_config("toy_grokking")
-    config.task.p = 11
-    config.task.ops = ("add", "mul")
-    config.model.update(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
-                        num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16,
-                        expert_chunk_size=64, expert_chunk_granule=64)  # one chunk size class: compiles fast
-    config.train.update(steps=steps, batch_size=32, eval_every=10, checkpoint_every=10, learning_rate=1e-2)
-    config.analysis.update(batch_size=64, max_pairs=200)
-    return config
-
-
-def metrics_without_time(workdir):
-    return [{k: v for k, v in m.items() if k != "elapsed_s"} for m in training.read_metrics(workdir)]
+from training_helpers import metrics_without_time, tiny_config
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config()
-    training.train(config, workdir, progress=False)
+    loop.train(config, workdir, progress=False)
     return config, workdir
 
 
 def test_training_learns_and_writes_checkpoints(finished_run):
     config, workdir = finished_run
-    metrics = training.read_metrics(workdir)
+    metrics = read_metrics(workdir)
     assert [m["step"] for m in metrics] == [0, 10, 20, 30]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] - 0.3
     assert set(metrics[-1]) >= {"train_accuracy/add", "test_accuracy/mul", "balance_loss", "ce"}
-    assert training.RunCheckpoints(workdir).steps() == [0, 10, 20, 30]
+    assert RunCheckpoints(workdir).steps() == [0, 10, 20, 30]
 
 
 def test_resume_after_kill_is_identical(finished_run, tmp_path):
     config, reference = finished_run
     workdir = str(tmp_path / "resumed")
-    training.train(config, workdir, stop_at=20, progress=False)  # "killed" after step 20
-    assert training.RunCheckpoints(workdir).steps() == [0, 10, 20]
-    training.train(config, workdir, progress=False)
+    loop.train(config, workdir, stop_at=20, progress=False)  # "killed" after step 20
+    assert RunCheckpoints(workdir).steps() == [0, 10, 20]
+    loop.train(config, workdir, progress=False)
     assert metrics_without_time(workdir) == metrics_without_time(reference)
     sources = {s.step: s for s in toy_run.run_checkpoint_sources(workdir)}
     ref_sources = {s.step: s for s in toy_run.run_checkpoint_sources(reference)}
     jax.tree.map(np.testing.assert_array_equal, sources[30].load()[1], ref_sources[30].load()[1])
+
+
+@dataclasses.dataclass
+class StepRecorder:
+    """A user callback: records (seed, step, params checksum, metric names, checkpoint written) when called."""
+
+    every_steps: int | None
+    at_end: bool = True
+    name: str = "step_recorder"
+    calls: list = dataclasses.field(default_factory=list)
+
+    def on_step(self, state):
+        checksum = float(np.sum(np.asarray(state.params["embed"]["embedding"], np.float64)))
+        self.calls.append((state.seed, state.step, checksum, sorted(state.metrics), state.checkpoint_written))
+
+
+def test_user_callback_runs_at_its_cadence_and_again_after_a_resume(finished_run, tmp_path):
+    """A callback every 3 steps and at the end sees each due step once, after the built-in callbacks of
+    that step, with that step's params; a resume continues its cadence; the run's numbers do not change."""
+    config, reference = finished_run
+    workdir = str(tmp_path / "recorded")
+    first, second = StepRecorder(every_steps=3), StepRecorder(every_steps=3)
+    loop.train(config, workdir, stop_at=20, progress=False, callbacks=[first])
+    loop.train(config, workdir, progress=False, callbacks=[second])  # resumes from the train state at 20
+    assert [c[1] for c in first.calls] == [0, 3, 6, 9, 12, 15, 18]
+    assert [c[1] for c in second.calls] == [21, 24, 27, 30]
+    assert {c[0] for c in first.calls + second.calls} == {config.train.seed}
+    assert metrics_without_time(workdir) == metrics_without_time(reference)
+    for _, step, _, metrics, written in first.calls + second.calls:  # what the built-in callbacks made
+        assert (step % 10 == 0) == bool(metrics) == written, step
+        assert not metrics or {"test_accuracy", "train_pathway_length"} <= set(metrics)
+        assert ("grad_norm" in metrics) == (step > 0 and bool(metrics))  # no optimizer step before step 0
+    params = {s.step: s.load()[1] for s in toy_run.run_checkpoint_sources(workdir)}
+    assert set(params) == {0, 10, 20, 30}
+    for _, step, checksum, *_ in first.calls + second.calls:
+        if step in params:
+            assert checksum == float(np.sum(np.asarray(params[step]["embed"]["embedding"], np.float64)))
+
+
+def test_failing_user_callback_is_reported_by_name(tmp_path):
+    class Exploding:
+        name, every_steps, at_end = "exploding", 5, False
+
+        def on_step(self, state):
+            if state.step == 10:
+                raise ValueError("boom")
+
+    workdir = str(tmp_path / "failing")
+    with pytest.raises(ValueError, match="boom") as failure:
+        loop.train(tiny_config(), workdir, progress=False, callbacks=[Exploding()])
+    assert f"in training callback 'exploding' at step 10 of seed 0 ({workdir})" in failure.value.__notes__
+    assert RunCheckpoints(workdir).steps() == [0, 10]  # the built-in callbacks of step 10 ran first
+    assert [m["step"] for m in read_metrics(workdir)] == [0, 10]
+
+
+def test_callback_cadence():
+    from moe_grok.training.callbacks import SaveCheckpoint, is_due, next_due_step
+
+    every_4, at_end = SaveCheckpoint(every_steps=4, at_end=False), SaveCheckpoint(every_steps=None)
+    assert [s for s in range(11) if is_due(every_4, s, 10)] == [0, 4, 8]
+    assert [s for s in range(11) if is_due(at_end, s, 10)] == [10]
+    assert [next_due_step([every_4, at_end], s, 10) for s in (0, 3, 4, 8, 9, 10)] == [4, 4, 8, 10, 10, 12]
+    assert next_due_step([every_4], 8, 10) == 12 and next_due_step([at_end], 10, 10) is None
 
 
 def test_workdir_with_other_model_is_refused(finished_run):
@@ -74,7 +127,7 @@ def test_workdir_with_other_model_is_refused(finished_run):
     other = tiny_config()
     other.model.hidden_size = 32
     with pytest.raises(ValueError, match="different run.*model.hidden_size: 16 -> 32"):
-        training.train(other, workdir, progress=False)
+        loop.train(other, workdir, progress=False)
 
 
 def test_run_recorded_before_attention_impl_resumes_with_the_matmul_form(tmp_path):
@@ -83,7 +136,7 @@ def test_run_recorded_before_attention_impl_resumes_with_the_matmul_form(tmp_pat
     config = tiny_config()
     config.model.attention_impl = "matmul"
     workdir = str(tmp_path / "old")
-    training.train(config, workdir, stop_at=10, progress=False)
+    loop.train(config, workdir, stop_at=10, progress=False)
     identity_path = os.path.join(workdir, "run.json")
     with open(identity_path) as f:
         identity = json.load(f)
@@ -92,9 +145,9 @@ def test_run_recorded_before_attention_impl_resumes_with_the_matmul_form(tmp_pat
         json.dump(identity, f)
     before = metrics_without_time(workdir)
     with pytest.raises(ValueError, match="model.attention_impl: 'matmul' -> 'auto'"):
-        training.train(tiny_config(), workdir, progress=False)
-    training.train(config, workdir, progress=False)
-    assert training.RunCheckpoints(workdir).steps() == [0, 10, 20, 30]
+        loop.train(tiny_config(), workdir, progress=False)
+    loop.train(config, workdir, progress=False)
+    assert RunCheckpoints(workdir).steps() == [0, 10, 20, 30]
     assert metrics_without_time(workdir)[:len(before)] == before
 
 
@@ -118,21 +171,21 @@ def test_rerun_with_another_identity_is_refused_and_changes_nothing(finished_run
         other[section][name] = value
     before = _files(workdir)
     with pytest.raises(ValueError, match=message):
-        training.train(other, workdir, progress=False)
+        loop.train(other, workdir, progress=False)
     assert _files(workdir) == before
 
 
 def test_rerun_of_a_finished_run_returns_its_last_evaluation(finished_run):
     config, workdir = finished_run
-    last = training.train(config, workdir, progress=False)
-    assert last == training.read_metrics(workdir)[-1] and last["step"] == 30
+    last = loop.train(config, workdir, progress=False)
+    assert last == read_metrics(workdir)[-1] and last["step"] == 30
 
 
 def test_steps_may_grow(finished_run, tmp_path):
     config, reference = finished_run
     workdir = str(tmp_path / "grown")
-    training.train(tiny_config(steps=20), workdir, progress=False)
-    training.train(config, workdir, progress=False)  # steps 20 -> 30: same identity, resumes
+    loop.train(tiny_config(steps=20), workdir, progress=False)
+    loop.train(config, workdir, progress=False)  # steps 20 -> 30: same identity, resumes
     assert metrics_without_time(workdir) == metrics_without_time(reference)
 
 
@@ -141,18 +194,18 @@ def test_workdir_without_identity_is_refused(finished_run, tmp_path):
     config, _ = finished_run
     os.makedirs(tmp_path / "old" / "checkpoints" / "100")
     with pytest.raises(ValueError, match="holds training output but no run.json"):
-        training.train(config, str(tmp_path / "old"), progress=False)
+        loop.train(config, str(tmp_path / "old"), progress=False)
 
 
 def test_metrics_line_cut_by_a_kill_is_dropped(tmp_path):
     rows = [{"step": 0, "loss": 1.0}, {"step": 10, "loss": 0.5}]
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + '\n{"step": 20, "lo')
-    assert training.read_metrics(str(tmp_path)) == rows
+    assert read_metrics(str(tmp_path)) == rows
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.write('{"step": 0\n' + json.dumps(rows[1]) + "\n")
     with pytest.raises(ValueError, match="metrics.jsonl:1 is not valid JSON"):
-        training.read_metrics(str(tmp_path))
+        read_metrics(str(tmp_path))
 
 
 def test_second_writer_is_refused(finished_run):
@@ -160,8 +213,8 @@ def test_second_writer_is_refused(finished_run):
 
     config, workdir = finished_run
     with run_dir.workdir_lock(workdir), pytest.raises(RuntimeError, match=f"another process \\(pid {os.getpid()}"):
-        training.train(config, workdir, progress=False)
-    assert training.train(config, workdir, progress=False)["step"] == 30  # released with the holder
+        loop.train(config, workdir, progress=False)
+    assert loop.train(config, workdir, progress=False)["step"] == 30  # released with the holder
 
 
 MODEL_FLAGS = {"moe_impl": "dense", "expert_chunk_size": "64", "expert_chunk_granule": "16"}  # not the defaults
@@ -206,15 +259,15 @@ def test_bad_train_config_is_refused_before_any_work(tmp_path, key, value):
     config = tiny_config()
     config.train[key] = value
     with pytest.raises(ValueError, match=f"config.train: .*{key} must be"):
-        training.train(config, str(tmp_path / "run"), progress=False)
+        loop.train(config, str(tmp_path / "run"), progress=False)
     assert not os.path.exists(tmp_path / "run")
 
 
 def test_label_smoothing_is_the_cross_entropy_against_smoothed_labels():
     """ce = -sum_c q_c log p_c with q = (1 - a) one_hot + a / V; nll stays the plain NLL; a = 0 is plain CE."""
     config = tiny_config()
-    spec = training.task_spec(config)
-    model_config = training.model_config_of(config, spec)
+    spec = task_spec(config)
+    model_config = model_config_of(config, spec)
     data = tasks.make_dataset(spec)
     params = model_lib.init_params(model_config, jax.random.key(0))
     inputs, answers = data.train_inputs[:16], data.train_targets[:16]
@@ -223,8 +276,8 @@ def test_label_smoothing_is_the_cross_entropy_against_smoothed_labels():
     nll = -np.mean(log_p[np.arange(16), answers])
     smoothing = 0.2
     q = (1 - smoothing) * np.eye(log_p.shape[-1])[answers] + smoothing / log_p.shape[-1]
-    _, plain = training.loss_fn(params, model_config, inputs, answers, 0.0, 0.0)
-    _, smoothed = training.loss_fn(params, model_config, inputs, answers, 0.0, 0.0, smoothing)
+    _, plain = step_lib.loss_fn(params, model_config, inputs, answers, 0.0, 0.0)
+    _, smoothed = step_lib.loss_fn(params, model_config, inputs, answers, 0.0, 0.0, smoothing)
     np.testing.assert_allclose([plain["ce"], plain["nll"], smoothed["nll"]], nll, rtol=1e-5)
     np.testing.assert_allclose(smoothed["ce"], -np.mean(np.sum(q * log_p, -1)), rtol=1e-5)
     assert abs(float(smoothed["ce"]) - nll) > 1e-3  # smoothing really changes the optimized loss
@@ -234,9 +287,9 @@ def test_resume_from_step_zero_logs_it_once(finished_run, tmp_path):
     """Issue 12.9: a run killed right after its step-0 checkpoint logged step 0 twice on resume."""
     config, reference = finished_run
     workdir = str(tmp_path / "zero")
-    training.train(config, workdir, stop_at=0, progress=False)
-    assert [m["step"] for m in training.read_metrics(workdir)] == [0]
-    training.train(config, workdir, progress=False)
+    loop.train(config, workdir, stop_at=0, progress=False)
+    assert [m["step"] for m in read_metrics(workdir)] == [0]
+    loop.train(config, workdir, progress=False)
     assert metrics_without_time(workdir) == metrics_without_time(reference)
 
 
@@ -254,21 +307,21 @@ def test_corrupt_train_state_falls_back_to_the_previous_one(finished_run, tmp_pa
     config, reference = finished_run
     workdir = str(tmp_path / "corrupt")
     shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("analysis"))
-    assert training.RunCheckpoints(workdir).state_steps() == [20, 30]
+    assert RunCheckpoints(workdir).state_steps() == [20, 30]
     _corrupt(os.path.join(workdir, "train_state", "30"))
     with caplog.at_level("WARNING"):
-        assert training.train(config, workdir, progress=False)["step"] == 30
+        assert loop.train(config, workdir, progress=False)["step"] == 30
     assert f"train state {os.path.join(workdir, 'train_state', '30')} cannot be restored" in caplog.text
     assert [name.split(".")[0] for name in os.listdir(os.path.join(workdir, "corrupt"))] == ["train_state_30"]
     assert metrics_without_time(workdir) == metrics_without_time(reference)  # 20 -> 30 redone, same numbers
     jax.tree.map(np.testing.assert_array_equal, toy_run.run_checkpoint_sources(workdir)[-1].load()[1],
                  toy_run.run_checkpoint_sources(reference)[-1].load()[1])
-    assert training.RunCheckpoints(workdir).state_steps() == [20, 30]  # a fresh state 30 replaced the bad one
+    assert RunCheckpoints(workdir).state_steps() == [20, 30]  # a fresh state 30 replaced the bad one
 
     for step in (20, 30):
         _corrupt(os.path.join(workdir, "train_state", str(step)))
     with pytest.raises(RuntimeError, match=r"no usable train state.*train_state/30.*train_state/20"):
-        training.train(config, workdir, progress=False)
+        loop.train(config, workdir, progress=False)
 
 
 def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
@@ -296,7 +349,7 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a cached checkpoint was recomputed")
 
-    monkeypatch.setattr(training.RunCheckpoints, "restore_params", refuse)
+    monkeypatch.setattr(RunCheckpoints, "restore_params", refuse)
     again = toy_run.analyze_run(config, workdir, progress=False)
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
 
@@ -310,15 +363,15 @@ def test_training_hands_its_evaluation_to_the_analysis_cache(tmp_path, monkeypat
     config = tiny_config(steps=20)
     config.train.update(checkpoint_every=5, eval_batch_size=64)  # steps 5 and 15: checkpoints not evaluated
     handed = str(tmp_path / "handed")
-    training.train(config, handed, progress=False, on_evaluated_checkpoint=toy_run.analysis_cache_writer(config))
+    loop.train(config, handed, progress=False, callbacks=toy_run.analysis_cache_callbacks(config))
     cache = os.path.join(handed, "analysis", "cache")
     assert sorted(os.listdir(cache)) == [f"step_{s:010d}.npz" for s in (0, 10, 20)]
     fresh = str(tmp_path / "fresh")
     shutil.copytree(handed, fresh, ignore=shutil.ignore_patterns("analysis"))
 
     restored = []
-    restore = training.RunCheckpoints.restore_params
-    monkeypatch.setattr(training.RunCheckpoints, "restore_params",
+    restore = RunCheckpoints.restore_params
+    monkeypatch.setattr(RunCheckpoints, "restore_params",
                         lambda self, step, abstract: restored.append(step) or restore(self, step, abstract))
     report = toy_run.analyze_run(config, handed, progress=False, with_plots=False)
     assert restored == [5, 15]
@@ -334,22 +387,22 @@ def test_training_hands_its_evaluation_to_the_analysis_cache(tmp_path, monkeypat
                 if array != "key":  # the key names each run's own checkpoint files
                     np.testing.assert_array_equal(a[array], b[array], err_msg=f"{name}: {array}")
             # the logged "test" metrics are over both held-out halves
-            logged = next(m for m in training.read_metrics(handed) if m["step"] == step)
+            logged = next(m for m in read_metrics(handed) if m["step"] == step)
             held_out = np.concatenate([a["test/correct"], a["validation/correct"]])
             assert logged["test_accuracy"] == pytest.approx(float(held_out.mean()))
 
     # A resume below the newest checkpoint redoes steps whose checkpoints are already on disk (or, with
     # another checkpoint_every, were never written): nothing is handed over for them.
-    shutil.rmtree(training.RunCheckpoints(handed)._state_dir(20))
+    shutil.rmtree(RunCheckpoints(handed).state_dir(20))
     os.remove(os.path.join(cache, "step_0000000020.npz"))
     resumed = config.copy_and_resolve_references()
     resumed.train.update(eval_every=4, checkpoint_every=4)  # steps 16 and 20 evaluated again from step 15
-    training.train(resumed, handed, progress=False, on_evaluated_checkpoint=toy_run.analysis_cache_writer(resumed))
+    loop.train(resumed, handed, progress=False, callbacks=toy_run.analysis_cache_callbacks(resumed))
     assert sorted(os.listdir(cache)) == [f"step_{s:010d}.npz" for s in (0, 5, 10, 15)]  # 5, 15: the analyses'
-    assert [m["step"] for m in training.read_metrics(handed)] == [0, 10, 16, 20]
+    assert [m["step"] for m in read_metrics(handed)] == [0, 10, 16, 20]
 
     config.train.eval_batch_size = 128  # another batch size rounds differently: the analysis extracts itself
-    assert toy_run.analysis_cache_writer(config) is None
+    assert toy_run.analysis_cache_callbacks(config) == []
 
 
 def test_analysis_pairs_groups_by_embedding_files(finished_run, tmp_path):
@@ -358,7 +411,7 @@ def test_analysis_pairs_groups_by_embedding_files(finished_run, tmp_path):
     import shutil
 
     config, reference = finished_run
-    splits = tasks.evaluation_splits(tasks.make_dataset(training.task_spec(config)))
+    splits = tasks.evaluation_splits(tasks.make_dataset(task_spec(config)))
     sizes = {split: len(splits[split]) for split in ("train", "test")}
     rng = np.random.default_rng(0)
     config = config.copy_and_resolve_references()
@@ -390,7 +443,7 @@ def test_analysis_metrics_match_direct_computation(finished_run):
     from moe_grok.extraction.routing import extract_dataset
 
     config, workdir = finished_run
-    data = tasks.make_dataset(training.task_spec(config))
+    data = tasks.make_dataset(task_spec(config))
     splits = tasks.evaluation_splits(data)
     source = toy_run.run_checkpoint_sources(workdir)[-1]
     mconfig, params = source.load()
@@ -438,7 +491,7 @@ def test_theory_bounds_along_toy_checkpoints(finished_run):
     text = toy_bounds.format_toy_bounds(rows)
     assert "d_eff ~ test error over 4 checkpoints" in text
     # The last row equals the theory module applied directly to that checkpoint's routing.
-    data = tasks.make_dataset(training.task_spec(config))
+    data = tasks.make_dataset(task_spec(config))
     chosen = np.sort(np.random.default_rng(0).choice(len(data.train_targets), 30, replace=False))
     stats = stats_lib.collect_checkpoint_stats(toy_run.run_checkpoint_sources(workdir), tasks.evaluation_splits(data),
                                               os.path.join(workdir, "analysis", "cache"), progress=False)
@@ -452,8 +505,8 @@ def test_mesh_training_equals_single_device(tmp_path):
     from moe_grok.sharding import make_mesh
 
     config = tiny_config(steps=5)
-    single = training.train(config, str(tmp_path / "single"), progress=False)
-    multi = training.train(config, str(tmp_path / "mesh"), mesh=make_mesh(data=4, expert=2), progress=False)
+    single = loop.train(config, str(tmp_path / "single"), progress=False)
+    multi = loop.train(config, str(tmp_path / "mesh"), mesh=make_mesh(data=4, expert=2), progress=False)
     assert single["step"] == multi["step"] == 5
     for key in ("loss", "train_loss", "test_loss", "train_accuracy", "test_accuracy"):
         np.testing.assert_allclose(multi[key], single[key], rtol=2e-4, atol=1e-5)
@@ -462,8 +515,8 @@ def test_mesh_training_equals_single_device(tmp_path):
 def _tiny_model(remat_layers: bool | None = None):
     """(dataset, MoEConfig, initial params) of tiny_config(), remat_layers overridden when given."""
     config = tiny_config()
-    spec = training.task_spec(config)
-    model_config = training.model_config_of(config, spec)
+    spec = task_spec(config)
+    model_config = model_config_of(config, spec)
     if remat_layers is not None:
         model_config = dataclasses.replace(model_config, remat_layers=remat_layers)
     return tasks.make_dataset(spec), model_config, model_lib.init_params(model_config, jax.random.key(0))
@@ -474,7 +527,7 @@ def _loss_and_grads(remat_layers: bool):
     data, model_config, params = _tiny_model(remat_layers)
 
     def loss(p):
-        return training.loss_fn(p, model_config, data.train_inputs[:32], data.train_targets[:32], 0.01, 0.001)[0]
+        return step_lib.loss_fn(p, model_config, data.train_inputs[:32], data.train_targets[:32], 0.01, 0.001)[0]
 
     return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -496,22 +549,22 @@ def test_cpu_train_step_compiler_options_take_effect_and_are_dropped_when_unknow
     """On CPU the train step hands XLA only matmuls for YNNPACK (fewer library fusions in the compiled
     step than without the option); an XLA that does not know the option gets a warning, not an error."""
     data, model_config, params = _tiny_model()
-    tx = training.make_optimizer(tiny_config().train)
+    tx = make_optimizer(tiny_config().train)
     args = (params, tx.init(params), data.train_inputs[:32], data.train_targets[:32])
-    step = training.step_function(model_config, tx, 0.01, 0.0)
-    options = training.train_step_compiler_options("cpu")
-    assert options == training.CPU_TRAIN_STEP_OPTIONS
-    assert training.train_step_compiler_options("gpu") is None
+    step = step_lib.step_function(model_config, tx, 0.01, 0.0)
+    options = step_lib.train_step_compiler_options("cpu")
+    assert options == step_lib.CPU_TRAIN_STEP_OPTIONS
+    assert step_lib.train_step_compiler_options("gpu") is None
 
     def library_fusions(compiler_options):
         return jax.jit(step, compiler_options=compiler_options).lower(*args).compile().as_text().count("ynn_fusion")
 
     assert library_fusions(options) < library_fusions(None)
-    training.train_step_compiler_options.cache_clear()
-    monkeypatch.setattr(training, "CPU_TRAIN_STEP_OPTIONS",
+    step_lib.train_step_compiler_options.cache_clear()
+    monkeypatch.setattr(step_lib, "CPU_TRAIN_STEP_OPTIONS",
                         {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NOT_A_TYPE"})
     try:
-        assert training.train_step_compiler_options("cpu") is None
+        assert step_lib.train_step_compiler_options("cpu") is None
         assert "not accepted" in caplog.text
     finally:
-        training.train_step_compiler_options.cache_clear()
+        step_lib.train_step_compiler_options.cache_clear()
