@@ -21,6 +21,7 @@ from moe_grok.studies import toy_bounds, toy_run
 from moe_grok.training import loop
 from moe_grok.training import step as step_lib
 from moe_grok.training.checkpointing import RunCheckpoints
+from moe_grok.training.evaluation import mean_pathway_length
 from moe_grok.training.metrics_log import read_metrics
 from moe_grok.training.optimizer import make_optimizer
 from moe_grok.training.run_config import model_config_of, task_spec
@@ -96,7 +97,16 @@ def test_user_callback_runs_at_its_cadence_and_again_after_a_resume(finished_run
             assert checksum == float(np.sum(np.asarray(params[step]["embed"]["embedding"], np.float64)))
 
 
-def test_failing_user_callback_is_reported_by_name(tmp_path):
+def test_measuring_callback_is_logged_and_a_failing_callback_is_reported_by_name(tmp_path):
+    """A callback with before_checkpoint adds to the logged row; an exception in a callback stops training,
+    with a note naming it, after the built-in callbacks of that step (its checkpoint is saved)."""
+
+    class Measuring:
+        name, every_steps, at_end, before_checkpoint = "measuring", 5, False, True
+
+        def on_step(self, state):
+            state.metrics["measured_step"] = float(state.step)
+
     class Exploding:
         name, every_steps, at_end = "exploding", 5, False
 
@@ -106,10 +116,12 @@ def test_failing_user_callback_is_reported_by_name(tmp_path):
 
     workdir = str(tmp_path / "failing")
     with pytest.raises(ValueError, match="boom") as failure:
-        loop.train(tiny_config(), workdir, progress=False, callbacks=[Exploding()])
+        loop.train(tiny_config(), workdir, progress=False, callbacks=[Exploding(), Measuring()])
     assert f"in training callback 'exploding' at step 10 of seed 0 ({workdir})" in failure.value.__notes__
-    assert RunCheckpoints(workdir).steps() == [0, 10]  # the built-in callbacks of step 10 ran first
-    assert [m["step"] for m in read_metrics(workdir)] == [0, 10]
+    assert RunCheckpoints(workdir).steps() == [0, 10]
+    rows = read_metrics(workdir)
+    assert [(m["step"], m["measured_step"]) for m in rows] == [(0, 0.0), (10, 10.0)]  # step 5: nothing logged
+    assert list(rows[1])[-2:] == ["measured_step", "elapsed_s"] and "test_accuracy" in rows[1]
 
 
 def test_callback_cadence():
@@ -390,6 +402,8 @@ def test_training_hands_its_evaluation_to_the_analysis_cache(tmp_path, monkeypat
             logged = next(m for m in read_metrics(handed) if m["step"] == step)
             held_out = np.concatenate([a["test/correct"], a["validation/correct"]])
             assert logged["test_accuracy"] == pytest.approx(float(held_out.mean()))
+            held_out_weights = np.concatenate([a["test/mean_weights"], a["validation/mean_weights"]])
+            assert logged["test_pathway_length"] == pytest.approx(mean_pathway_length(held_out_weights, 0.7))
 
     # A resume below the newest checkpoint redoes steps whose checkpoints are already on disk (or, with
     # another checkpoint_every, were never written): nothing is handed over for them.

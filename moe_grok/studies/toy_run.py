@@ -55,6 +55,7 @@ class AnalysisCacheWriter:
 
     every_steps: int | None  # the evaluation's cadence (config.train.eval_every)
     at_end: bool = True
+    before_checkpoint: bool = False  # runs after the checkpoint is saved: it stores only checkpoints written now
     name: str = "analysis_cache_writer"
     _mesh_warned: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 

@@ -6,12 +6,14 @@ A callback is any object with
   every_steps: int | None   called at every multiple of this step count (0 included: a fresh run's
                             initial params), or never by cadence when None
   at_end: bool              called after the last step of the schedule (`config.train.steps`)
+  before_checkpoint: bool   optional (False when absent): see the order below
   on_step(state) -> None    the work, given the seed's RunState
 
-The loop calls, at each step where one is due, every due callback in list order: first the
-built-in ones of `default_callbacks` (train-step metrics, evaluation, logging, checkpointing), then
-the caller's, so a caller's callback sees what the built-in ones produced at that step
-(`state.metrics`, `state.extracted`, `state.checkpoint_written`). Callbacks run in the seed's
+At each step where callbacks are due, the loop calls the due ones in the order `step_callbacks`
+gives: the built-in measuring callbacks (TrainStepMetrics, Evaluation), the caller's callbacks with
+`before_checkpoint` (what they add to `state.metrics` is logged: e.g. a live monitor), the built-in
+writers (LogMetrics, then SaveCheckpoint), then the caller's other callbacks (they see
+`state.checkpoint_written`: e.g. studies.toy_run.AnalysisCacheWriter). Callbacks run in the seed's
 thread: with several seeds, one callback object is called concurrently for different seeds (each
 with its own state). A resumed run restarts after its restored train state: steps up to it are not
 called again, steps after it are (they are trained again, with the same numbers). An exception in
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
@@ -86,6 +89,7 @@ class Callback(Protocol):
     name: str
     every_steps: int | None
     at_end: bool
+    before_checkpoint: bool
 
     def on_step(self, state: RunState) -> None: ...
 
@@ -123,6 +127,7 @@ class TrainStepMetrics:
 
     every_steps: int | None
     at_end: bool = True
+    before_checkpoint: bool = True
     name: str = "train_step_metrics"
 
     def on_step(self, state: RunState) -> None:
@@ -145,6 +150,7 @@ class Evaluation:
     batch_size: int  # rows per evaluation batch (sets the float rounding of the outputs)
     at_end: bool = True
     pathway_tau: float = DEFAULT_PATHWAY_TAU
+    before_checkpoint: bool = True
     name: str = "evaluation"
 
     def on_step(self, state: RunState) -> None:
@@ -161,6 +167,7 @@ class LogMetrics:
 
     every_steps: int | None
     at_end: bool = True
+    before_checkpoint: bool = True
     name: str = "log_metrics"
 
     def on_step(self, state: RunState) -> None:
@@ -180,16 +187,21 @@ class SaveCheckpoint:
 
     every_steps: int | None
     at_end: bool = True
+    before_checkpoint: bool = False
     name: str = "save_checkpoint"
 
     def on_step(self, state: RunState) -> None:
         state.checkpoint_written = state.checkpoints.save(state.step, state.params, state.opt_state)
 
 
-def default_callbacks(config: ml_collections.ConfigDict) -> list[Callback]:
-    """The built-in callbacks of `config.train`: train-step metrics, evaluation and logging every
-    `eval_every` steps, checkpoints every `checkpoint_every` steps, each also after the last step."""
+def step_callbacks(config: ml_collections.ConfigDict, callbacks: Sequence[Callback] = ()) -> list[Callback]:
+    """The built-in callbacks of `config.train` with the caller's `callbacks`, in the order the loop
+    calls them: train-step metrics and evaluation every `eval_every` steps, the caller's
+    `before_checkpoint` callbacks, logging every `eval_every` steps, checkpoints every
+    `checkpoint_every` steps (each built-in one also after the last step), the caller's others."""
     train = config.train
-    return [TrainStepMetrics(train.eval_every), Evaluation(train.eval_every, train.eval_batch_size),
-            LogMetrics(train.eval_every), SaveCheckpoint(train.checkpoint_every)]
+    before = [c for c in callbacks if getattr(c, "before_checkpoint", False)]
+    after = [c for c in callbacks if not getattr(c, "before_checkpoint", False)]
+    return [TrainStepMetrics(train.eval_every), Evaluation(train.eval_every, train.eval_batch_size), *before,
+            LogMetrics(train.eval_every), SaveCheckpoint(train.checkpoint_every), *after]
 

@@ -40,7 +40,7 @@ from moe_grok import sharding
 from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
 from moe_grok.training import run_dir
-from moe_grok.training.callbacks import Callback, RunState, default_callbacks, next_due_step, run_due
+from moe_grok.training.callbacks import Callback, RunState, next_due_step, run_due, step_callbacks
 from moe_grok.training.checkpointing import RunCheckpoints, has_training_output
 from moe_grok.training.evaluation import evaluation_extractor
 from moe_grok.training.metrics_log import MetricsLog
@@ -86,8 +86,8 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
 
     Every run trains the same steps; on resume all restart from the newest train state they
     all have. stop_at: stop after this many total steps without changing the schedule (tests
-    use it to simulate a kill). callbacks: called at their cadence after the built-in ones
-    (`callbacks.default_callbacks(config)`), in each seed's thread (training.callbacks).
+    use it to simulate a kill). callbacks: the caller's, called at their cadence in each seed's
+    thread, around the built-in ones (training.callbacks.step_callbacks).
     """
     train_config = config.train
     run_dir.validate_train_config(train_config)
@@ -113,7 +113,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
             run.checkpoints = RunCheckpoints(run.workdir)
             run.metrics_log = MetricsLog(run.workdir)
         return _train_locked(config, seed_runs, data, mesh, stop_at, progress,
-                             [*default_callbacks(config), *callbacks])
+                             step_callbacks(config, callbacks))
 
 
 def _mean_logged(runs: list[RunState], key: str) -> float:
