@@ -1,5 +1,6 @@
 """Toy pipeline end to end: training, exact resume, checkpoint analysis with caching, reports."""
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -23,7 +24,6 @@ from moe_grok.training import step as step_lib
 from moe_grok.training.checkpointing import RunCheckpoints
 from moe_grok.training.evaluation import mean_pathway_length
 from moe_grok.training.metrics_log import read_metrics
-from moe_grok.training.optimizer import make_optimizer
 from moe_grok.training.run_config import model_config_of, task_spec
 
 from config_files import CONFIG_DIR, load_config
@@ -142,25 +142,29 @@ def test_workdir_with_other_model_is_refused(finished_run):
         loop.train(other, workdir, progress=False)
 
 
-def test_run_recorded_before_attention_impl_resumes_with_the_matmul_form(tmp_path):
+def test_run_recorded_before_attention_impl_resumes_with_the_matmul_form(finished_run, tmp_path):
     """A run.json written before `attention_impl` existed: those runs trained with the matmul form,
     so resuming with it continues the run, and the default ("auto") is refused, naming the field."""
-    config = tiny_config()
-    config.model.attention_impl = "matmul"
+    import shutil
+
+    config, reference = finished_run
     workdir = str(tmp_path / "old")
-    loop.train(config, workdir, stop_at=10, progress=False)
+    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("analysis"))
     identity_path = os.path.join(workdir, "run.json")
     with open(identity_path) as f:
         identity = json.load(f)
     del identity["model"]["attention_impl"]
     with open(identity_path, "w") as f:
         json.dump(identity, f)
-    before = metrics_without_time(workdir)
+    before = _files(workdir)
     with pytest.raises(ValueError, match="model.attention_impl: 'matmul' -> 'auto'"):
-        loop.train(tiny_config(), workdir, progress=False)
-    loop.train(config, workdir, progress=False)
-    assert RunCheckpoints(workdir).steps() == [0, 10, 20, 30]
-    assert metrics_without_time(workdir)[:len(before)] == before
+        loop.train(config, workdir, progress=False)
+    assert _files(workdir) == before
+    matmul = config.copy_and_resolve_references()
+    matmul.model.attention_impl = "matmul"
+    # Finished: resumed from its last train state with nothing left to train (no matmul step compiled).
+    assert loop.train(matmul, workdir, progress=False) == read_metrics(reference)[-1]
+    assert metrics_without_time(workdir) == metrics_without_time(reference)
 
 
 def _files(workdir):
@@ -239,8 +243,34 @@ def _toy_models(config) -> dict[str, dict]:
     return {"model": config.model.to_dict()}
 
 
-@pytest.mark.parametrize("name", ["toy_grokking", "toy_mixture", "toy_protocol"])
-def test_toy_model_sections_declare_the_dispatch_settings_and_take_them_as_flags(name, tmp_path):
+TOY_CONFIGS = ("toy_grokking", "toy_mixture", "toy_protocol")
+
+
+@pytest.fixture(scope="module")
+def configs_from_command_line(tmp_path_factory):
+    """{config name: the config an absl launcher parses from MODEL_FLAGS given on its command line}, from one
+    subprocess that defines one config flag per toy config."""
+    script = tmp_path_factory.mktemp("flags") / "show_configs.py"
+    definitions = "\n".join(f"_CONFIGS[{name!r}] = config_flags.DEFINE_config_file({name!r}, "
+                            f"{os.path.join(CONFIG_DIR, f'{name}.py')!r})" for name in TOY_CONFIGS)
+    script.write_text(textwrap.dedent("""
+        import json
+        from absl import app
+        from ml_collections import config_flags
+        _CONFIGS = {}
+        """) + definitions + textwrap.dedent("""
+        app.run(lambda argv: print(json.dumps({name: json.loads(c.value.to_json()) for name, c in _CONFIGS.items()})))
+        """))
+    flags = [f"--{name}.{prefix}.{key}={value}" for name in TOY_CONFIGS
+             for prefix in _toy_models(load_config(name)) for key, value in MODEL_FLAGS.items()]
+    result = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {name: ml_collections.ConfigDict(config)
+            for name, config in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize("name", TOY_CONFIGS)
+def test_toy_model_sections_declare_the_dispatch_settings_and_take_them_as_flags(name, configs_from_command_line):
     """The model section is passed whole to toy(): its keys are MoEConfig fields, the dispatch settings
     are declared with MoEConfig's defaults, and each is settable from the command line."""
     fields = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
@@ -248,17 +278,8 @@ def test_toy_model_sections_declare_the_dispatch_settings_and_take_them_as_flags
     for model in models.values():
         assert set(model) <= set(fields), set(model) - set(fields)
         assert {key: model[key] for key in MODEL_FLAGS} == {key: fields[key] for key in MODEL_FLAGS}
-    script = tmp_path / "show_config.py"
-    script.write_text(textwrap.dedent(f"""
-        from absl import app
-        from ml_collections import config_flags
-        _CONFIG = config_flags.DEFINE_config_file("config", {os.path.join(CONFIG_DIR, f"{name}.py")!r})
-        app.run(lambda argv: print(_CONFIG.value.to_json()))
-        """))
-    flags = [f"--config.{prefix}.{key}={value}" for prefix in models for key, value in MODEL_FLAGS.items()]
-    result = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    parsed = _toy_models(ml_collections.ConfigDict(json.loads(result.stdout.strip().splitlines()[-1])))
+    parsed = _toy_models(configs_from_command_line[name])
+    assert set(parsed) == set(models)
     for model in parsed.values():
         assert {key: str(model[key]) for key in MODEL_FLAGS} == MODEL_FLAGS
 
@@ -279,17 +300,22 @@ def test_label_smoothing_is_the_cross_entropy_against_smoothed_labels():
     """ce = -sum_c q_c log p_c with q = (1 - a) one_hot + a / V; nll stays the plain NLL; a = 0 is plain CE."""
     config = tiny_config()
     spec = task_spec(config)
-    model_config = model_config_of(config, spec)
+    params = step_lib.initial_params(model_config_of(config, spec), seed=0)
+    model_config = dataclasses.replace(model_config_of(config, spec), moe_impl="dense")  # compiles fastest
     data = tasks.make_dataset(spec)
-    params = model_lib.init_params(model_config, jax.random.key(0))
     inputs, answers = data.train_inputs[:16], data.train_targets[:16]
-    out = model_lib.forward(model_config, params, inputs, np.ones(inputs.shape, np.int32))
-    log_p = np.asarray(jax.nn.log_softmax(out.logits[:, tasks.ANSWER_POSITION].astype(np.float32)), np.float64)
-    nll = -np.mean(log_p[np.arange(16), answers])
     smoothing = 0.2
+
+    @jax.jit
+    def logits_and_losses(params):
+        out = model_lib.forward(model_config, params, inputs, np.ones(inputs.shape, np.int32))
+        losses = [step_lib.loss_fn(params, model_config, inputs, answers, 0.0, 0.0, a)[1] for a in (0.0, smoothing)]
+        return out.logits[:, tasks.ANSWER_POSITION], *losses
+
+    logits, plain, smoothed = logits_and_losses(params)
+    log_p = np.asarray(jax.nn.log_softmax(logits.astype(np.float32)), np.float64)
+    nll = -np.mean(log_p[np.arange(16), answers])
     q = (1 - smoothing) * np.eye(log_p.shape[-1])[answers] + smoothing / log_p.shape[-1]
-    _, plain = step_lib.loss_fn(params, model_config, inputs, answers, 0.0, 0.0)
-    _, smoothed = step_lib.loss_fn(params, model_config, inputs, answers, 0.0, 0.0, smoothing)
     np.testing.assert_allclose([plain["ce"], plain["nll"], smoothed["nll"]], nll, rtol=1e-5)
     np.testing.assert_allclose(smoothed["ce"], -np.mean(np.sum(q * log_p, -1)), rtol=1e-5)
     assert abs(float(smoothed["ce"]) - nll) > 1e-3  # smoothing really changes the optimized loss
@@ -475,7 +501,8 @@ def test_architecture_mismatch_keeps_finished_checkpoints(tmp_path):
     splits = {"train": EvalSplit(np.ones((4, 3), np.int32), np.ones((4, 3), np.int32),
                                           np.ones((4, 3), np.int32), np.ones((4, 3), np.int32),
                                           np.array([0, 0, 1, 1]), ("a", "b"))}
-    small = toy(vocab_size=8, num_layers=2, hidden_size=16, head_dim=8, num_heads=2, num_kv_heads=2)
+    small = toy(vocab_size=8, num_layers=2, hidden_size=16, head_dim=8, num_heads=2, num_kv_heads=2,
+                moe_impl="dense")  # the dispatch plays no part here: the one that compiles fastest
     big = small.replace(hidden_size=32)
     sources = [sources_lib.CheckpointSource(s, f"ckpt{s}", lambda c=c: (c, model_lib.init_params(c, jax.random.key(0))))
                for s, c in ((1, small), (2, small), (3, big))]
@@ -526,31 +553,31 @@ def test_mesh_training_equals_single_device(tmp_path):
         np.testing.assert_allclose(multi[key], single[key], rtol=2e-4, atol=1e-5)
 
 
-def _tiny_model(remat_layers: bool | None = None):
-    """(dataset, MoEConfig, initial params) of tiny_config(), remat_layers overridden when given."""
+@pytest.fixture(scope="module")
+def compiled_gradients():
+    """(params, batch, {remat_layers: (lowered, compiled)}) of the toy loss's value_and_grad on 32 training
+    samples of tiny_config()'s model, without and with remat_layers (compiled without compiler options)."""
     config = tiny_config()
     spec = task_spec(config)
-    model_config = model_config_of(config, spec)
-    if remat_layers is not None:
-        model_config = dataclasses.replace(model_config, remat_layers=remat_layers)
-    return tasks.make_dataset(spec), model_config, model_lib.init_params(model_config, jax.random.key(0))
+    data = tasks.make_dataset(spec)
+    base = model_config_of(config, spec)
+    params = step_lib.initial_params(base, seed=0)
+    batch = (data.train_inputs[:32], data.train_targets[:32])
+    programs = {}
+    for remat_layers in (False, True):
+        model_config = dataclasses.replace(base, remat_layers=remat_layers)
+        loss = functools.partial(lambda p, mc: step_lib.loss_fn(p, mc, *batch, 0.01, 0.001)[0], mc=model_config)
+        lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
+        programs[remat_layers] = lowered, lowered.compile()
+    return params, batch, programs
 
 
-def _loss_and_grads(remat_layers: bool):
-    """(loss, gradients) of the toy loss on 32 training samples, with or without remat_layers."""
-    data, model_config, params = _tiny_model(remat_layers)
-
-    def loss(p):
-        return step_lib.loss_fn(p, model_config, data.train_inputs[:32], data.train_targets[:32], 0.01, 0.001)[0]
-
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-
-def test_remat_layers_changes_only_how_gradients_are_computed():
+def test_remat_layers_changes_only_how_gradients_are_computed(compiled_gradients):
     """Recomputing each layer's forward in the backward pass gives the same loss and gradients
     (to float32 summation order); the toy configs train with it."""
     assert load_config("toy_grokking").model.remat_layers
-    (loss, grads), (loss_remat, grads_remat) = (_loss_and_grads(remat) for remat in (False, True))
+    params, _, programs = compiled_gradients
+    (loss, grads), (loss_remat, grads_remat) = (programs[remat][1](params) for remat in (False, True))
     np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-6)
     flat, flat_remat = jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_remat)
     for (path, g), g_remat in zip(flat, flat_remat, strict=True):
@@ -559,21 +586,17 @@ def test_remat_layers_changes_only_how_gradients_are_computed():
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def test_cpu_train_step_compiler_options_take_effect_and_are_dropped_when_unknown(monkeypatch, caplog):
-    """On CPU the train step hands XLA only matmuls for YNNPACK (fewer library fusions in the compiled
-    step than without the option); an XLA that does not know the option gets a warning, not an error."""
-    data, model_config, params = _tiny_model()
-    tx = make_optimizer(tiny_config().train)
-    args = (params, tx.init(params), data.train_inputs[:32], data.train_targets[:32])
-    step = step_lib.step_function(model_config, tx, 0.01, 0.0)
+def test_cpu_train_step_compiler_options_take_effect_and_are_dropped_when_unknown(compiled_gradients, monkeypatch,
+                                                                                  caplog):
+    """On CPU the train step's gradients hand XLA only matmuls for YNNPACK (fewer library fusions in the
+    compiled program than without the option); an XLA that does not know the option gets a warning, not an error."""
+    _, _, programs = compiled_gradients
+    lowered, plain = programs[True]
     options = step_lib.train_step_compiler_options("cpu")
     assert options == step_lib.CPU_TRAIN_STEP_OPTIONS
     assert step_lib.train_step_compiler_options("gpu") is None
-
-    def library_fusions(compiler_options):
-        return jax.jit(step, compiler_options=compiler_options).lower(*args).compile().as_text().count("ynn_fusion")
-
-    assert library_fusions(options) < library_fusions(None)
+    with_options = lowered.compile(compiler_options=options)
+    assert with_options.as_text().count("ynn_fusion") < plain.as_text().count("ynn_fusion")
     step_lib.train_step_compiler_options.cache_clear()
     monkeypatch.setattr(step_lib, "CPU_TRAIN_STEP_OPTIONS",
                         {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NOT_A_TYPE"})
