@@ -9,7 +9,7 @@ from moe_grok.studies import toy_run
 from moe_grok.training import loop, multiseed
 from moe_grok.training.checkpointing import RunCheckpoints
 
-from training_helpers import metrics_without_time, tiny_config
+from training_helpers import StepRecorder, metrics_without_time, tiny_config
 
 
 def _final_params(workdir):
@@ -18,10 +18,28 @@ def _final_params(workdir):
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory):
+def recorded_two_seeds(tmp_path_factory):
+    """Seeds 3 and 1 trained together for 20 steps, with a user callback every 5 steps (between the evaluations:
+    the seeds' threads stop there too)."""
     config = tiny_config(steps=20)
     workdir = str(tmp_path_factory.mktemp("multi"))
-    return config, workdir, multiseed.train(config, workdir, [3, 1], progress=False)
+    recorder = StepRecorder(every_steps=5)
+    return config, workdir, multiseed.train(config, workdir, [3, 1], progress=False, callbacks=[recorder]), recorder
+
+
+@pytest.fixture(scope="module")
+def two_seeds(recorded_two_seeds):
+    return recorded_two_seeds[:3]
+
+
+def test_user_callback_sees_every_seed_at_its_cadence(recorded_two_seeds):
+    _, _, seed_dirs, recorder = recorded_two_seeds
+    for seed, seed_dir in zip((3, 1), seed_dirs, strict=True):
+        calls = [call for call in recorder.calls if call[0] == seed]
+        assert [call[1] for call in calls] == [0, 5, 10, 15, 20]
+        final = toy_run.run_checkpoint_sources(seed_dir)[-1].load()[1]["embed"]["embedding"]
+        assert calls[-1][2] == float(np.sum(np.asarray(final, np.float64)))  # the seed's own params
+    assert len(recorder.calls) == 10
 
 
 def test_seed_of_a_multiseed_run_equals_its_single_seed_run(two_seeds, tmp_path):

@@ -28,7 +28,7 @@ from moe_grok.training.run_config import model_config_of, task_spec
 
 from config_files import CONFIG_DIR, load_config
 from report_checks import check_report
-from training_helpers import metrics_without_time, tiny_config
+from training_helpers import StepRecorder, metrics_without_time, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +58,6 @@ def test_resume_after_kill_is_identical(finished_run, tmp_path):
     sources = {s.step: s for s in toy_run.run_checkpoint_sources(workdir)}
     ref_sources = {s.step: s for s in toy_run.run_checkpoint_sources(reference)}
     jax.tree.map(np.testing.assert_array_equal, sources[30].load()[1], ref_sources[30].load()[1])
-
-
-@dataclasses.dataclass
-class StepRecorder:
-    """A user callback: records (seed, step, params checksum, metric names, checkpoint written) when called."""
-
-    every_steps: int | None
-    at_end: bool = True
-    name: str = "step_recorder"
-    calls: list = dataclasses.field(default_factory=list)
-
-    def on_step(self, state):
-        checksum = float(np.sum(np.asarray(state.params["embed"]["embedding"], np.float64)))
-        self.calls.append((state.seed, state.step, checksum, sorted(state.metrics), state.checkpoint_written))
 
 
 def test_user_callback_runs_at_its_cadence_and_again_after_a_resume(finished_run, tmp_path):
@@ -125,13 +111,15 @@ def test_measuring_callback_is_logged_and_a_failing_callback_is_reported_by_name
 
 
 def test_callback_cadence():
-    from moe_grok.training.callbacks import SaveCheckpoint, is_due, next_due_step
+    from moe_grok.training.callbacks import SaveCheckpoint, is_due, next_due_step, step_callbacks
 
     every_4, at_end = SaveCheckpoint(every_steps=4, at_end=False), SaveCheckpoint(every_steps=None)
     assert [s for s in range(11) if is_due(every_4, s, 10)] == [0, 4, 8]
     assert [s for s in range(11) if is_due(at_end, s, 10)] == [10]
     assert [next_due_step([every_4, at_end], s, 10) for s in (0, 3, 4, 8, 9, 10)] == [4, 4, 8, 10, 10, 12]
     assert next_due_step([every_4], 8, 10) == 12 and next_due_step([at_end], 10, 10) is None
+    with pytest.raises(ValueError, match="'save_checkpoint': every_steps must be a positive integer or None, got 0"):
+        step_callbacks(tiny_config(), [SaveCheckpoint(every_steps=0)])
 
 
 def test_workdir_with_other_model_is_refused(finished_run):
@@ -388,7 +376,7 @@ def test_analysis_end_to_end_and_cache(finished_run, monkeypatch):
         raise AssertionError("a cached checkpoint was recomputed")
 
     monkeypatch.setattr(RunCheckpoints, "restore_params", refuse)
-    again = toy_run.analyze_run(config, workdir, progress=False)
+    again = toy_run.analyze_run(config, workdir, progress=False, with_plots=False)
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
 
 
@@ -522,7 +510,7 @@ def test_theory_bounds_along_toy_checkpoints(finished_run):
     from moe_grok.theory import kernels as theory
 
     config, workdir = finished_run
-    toy_run.analyze_run(config, workdir, progress=False)  # fills the cache the bounds read
+    toy_run.analyze_run(config, workdir, progress=False, with_plots=False)  # fills the cache the bounds read
     rows = toy_bounds.toy_run_bounds(workdir, n_samples=30, lam=0.1)
     assert [r["step"] for r in rows] == [0, 10, 20, 30]
     for r in rows:

@@ -1,4 +1,8 @@
 """Shared toy-training settings of the training tests: a tiny config that compiles fast, metrics without timings."""
+import dataclasses
+
+import numpy as np
+
 from moe_grok.training.metrics_log import read_metrics
 
 from config_files import load_config
@@ -21,3 +25,18 @@ def tiny_config(steps=30):
 def metrics_without_time(workdir):
     """metrics.jsonl's rows without elapsed_s (the only entry that differs between equal runs)."""
     return [{k: v for k, v in m.items() if k != "elapsed_s"} for m in read_metrics(workdir)]
+
+
+@dataclasses.dataclass
+class StepRecorder:
+    """A user training callback: records (seed, step, params checksum, metric names, checkpoint written)
+    at each call (list.append: safe from the seeds' threads)."""
+
+    every_steps: int | None
+    at_end: bool = True
+    name: str = "step_recorder"
+    calls: list = dataclasses.field(default_factory=list)
+
+    def on_step(self, state):
+        checksum = float(np.sum(np.asarray(state.params["embed"]["embedding"], np.float64)))
+        self.calls.append((state.seed, state.step, checksum, sorted(state.metrics), state.checkpoint_written))

@@ -199,6 +199,11 @@ def step_callbacks(config: ml_collections.ConfigDict, callbacks: Sequence[Callba
     calls them: train-step metrics and evaluation every `eval_every` steps, the caller's
     `before_checkpoint` callbacks, logging every `eval_every` steps, checkpoints every
     `checkpoint_every` steps (each built-in one also after the last step), the caller's others."""
+    for callback in callbacks:
+        every = callback.every_steps
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"training callback {callback.name!r}: every_steps must be a positive integer or None, "
+                             f"got {every!r}")
     train = config.train
     before = [c for c in callbacks if getattr(c, "before_checkpoint", False)]
     after = [c for c in callbacks if not getattr(c, "before_checkpoint", False)]

@@ -91,6 +91,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
     """
     train_config = config.train
     run_dir.validate_train_config(train_config)
+    ordered_callbacks = step_callbacks(config, callbacks)
     spec = task_spec(config)
     data = tasks.make_dataset(spec)
     model_config = model_config_of(config, spec)
@@ -112,8 +113,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
             _prepare_workdir(run.workdir, run.config, model_config)
             run.checkpoints = RunCheckpoints(run.workdir)
             run.metrics_log = MetricsLog(run.workdir)
-        return _train_locked(config, seed_runs, data, mesh, stop_at, progress,
-                             step_callbacks(config, callbacks))
+        return _train_locked(config, seed_runs, data, mesh, stop_at, progress, ordered_callbacks)
 
 
 def _mean_logged(runs: list[RunState], key: str) -> float:
