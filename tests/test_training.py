@@ -492,7 +492,8 @@ def test_architecture_mismatch_keeps_finished_checkpoints(tmp_path):
     small = toy(vocab_size=8, num_layers=2, hidden_size=16, head_dim=8, num_heads=2, num_kv_heads=2,
                 moe_impl="dense")  # the dispatch plays no part here: the one that compiles fastest
     big = small.replace(hidden_size=32)
-    sources = [sources_lib.CheckpointSource(s, f"ckpt{s}", lambda c=c: (c, model_lib.init_params(c, jax.random.key(0))))
+    init = jax.jit(model_lib.init_params, static_argnums=0)  # compiled: the op-by-op init takes seconds
+    sources = [sources_lib.CheckpointSource(s, f"ckpt{s}", lambda c=c: (c, init(c, jax.random.key(0))))
                for s, c in ((1, small), (2, small), (3, big))]
     cache = str(tmp_path / "cache")
     with pytest.raises(ValueError, match=r"ckpt3 \(step 3\) differs in architecture.*hidden_size.*16, 32"):
