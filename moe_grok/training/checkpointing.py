@@ -54,10 +54,6 @@ class RunCheckpoints:
     def restore_params(self, step: int, abstract_params):
         return self.params.restore(step, args=ocp.args.StandardRestore(abstract_params))
 
-    def params_dir(self, step: int) -> str:
-        """The orbax directory of the params checkpoint at `step`."""
-        return str(ocp.step.find_step_path(self.params.directory, ocp.step.standard_name_format(), step=step))
-
     def state_dir(self, step: int) -> str:
         """The orbax directory of the train state at `step`."""
         return str(ocp.step.find_step_path(self.state.directory, ocp.step.standard_name_format(), step=step))
