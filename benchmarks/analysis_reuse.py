@@ -1,5 +1,5 @@
 """Training + analysis of one protocol arm: the analysis extracting every checkpoint itself vs
-training handing its evaluations to the analysis cache (`toy_run.analysis_cache_writer`).
+training handing its evaluations to the analysis cache (`toy_run.analysis_cache_callbacks`).
 
   python benchmarks/analysis_reuse.py                       # default toy config, 4 seeds, 300 steps
   python benchmarks/analysis_reuse.py --config=configs/toy_mixture.py --seeds=8
@@ -23,7 +23,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from moe_grok.studies import launch, protocol, toy_run
-from moe_grok.training import loop, multiseed
+from moe_grok.training import multiseed
+from moe_grok.training.checkpointing import RunCheckpoints
 
 SIDES = ("extracts", "handed")
 
@@ -53,8 +54,8 @@ def main(argv):
                          f"{config.analysis.batch_size}: nothing would be handed over")
     seeds = list(range(_SEEDS.value))
     restored = []  # checkpoint steps the analyses load from disk (none on the handed side)
-    restore = loop.RunCheckpoints.restore_params
-    loop.RunCheckpoints.restore_params = lambda self, step, abstract: restored.append(step) or restore(
+    restore = RunCheckpoints.restore_params
+    RunCheckpoints.restore_params = lambda self, step, abstract: restored.append(step) or restore(
         self, step, abstract)
     with tempfile.TemporaryDirectory() as root:
         warmup = config.copy_and_resolve_references()
@@ -63,10 +64,10 @@ def main(argv):
         config.train.steps = _STEPS.value
         trained, seed_dirs = {}, {}
         for name in SIDES:
-            writer = toy_run.analysis_cache_writer(config) if name == "handed" else None
+            callbacks = toy_run.analysis_cache_callbacks(config) if name == "handed" else []
             started = time.perf_counter()
             seed_dirs[name] = multiseed.train(config, os.path.join(root, name), seeds, progress=False,
-                                              on_evaluated_checkpoint=writer)
+                                              callbacks=callbacks)
             trained[name] = time.perf_counter() - started
         analysed, results = {name: [] for name in SIDES}, {}
         for _ in range(_ROUNDS.value):

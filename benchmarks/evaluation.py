@@ -14,7 +14,6 @@ cost does not depend on the values); prints the medians, the rows each computes 
 """
 from __future__ import annotations
 
-import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,13 +29,14 @@ def main(argv):
     del argv
     from moe_grok.data import tasks
     from moe_grok.extraction.routing import extract_dataset, extract_splits, make_extractor, tiling_batch_size
-    from moe_grok.training import loop
+    from moe_grok.training.run_config import model_config_of, task_spec
+    from moe_grok.training.step import initial_params
 
     config = _CONFIG.value
-    spec = loop.task_spec(config)
+    spec = task_spec(config)
     data = tasks.make_dataset(spec)
-    model_config = loop.model_config_of(config, spec)
-    params = loop._cached_init(model_config)(jax.random.key(0))
+    model_config = model_config_of(config, spec)
+    params = initial_params(model_config, seed=0)
     extractor = make_extractor(model_config)
     batch = _BATCH.value
     splits = {name: split.arrays() for name, split in tasks.evaluation_splits(data).items()}

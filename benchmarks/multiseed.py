@@ -27,6 +27,9 @@ from moe_grok.data import tasks
 from moe_grok.model import params as params_lib
 from moe_grok.studies import launch
 from moe_grok.training import loop, multiseed
+from moe_grok.training import step as step_lib
+from moe_grok.training.optimizer import make_optimizer
+from moe_grok.training.run_config import model_config_of, task_spec
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
@@ -60,19 +63,19 @@ def _step_times(config, seeds: int) -> tuple[dict[str, float], dict[str, bool]]:
     single-seed step, one thread per seed); the same from one thread; and one jax.vmap program
     over stacked seeds, with the config's expert dispatch and with the dense one. Also whether
     each vmapped program's first step equals the single-seed steps bit for bit (per dispatch)."""
-    spec = loop.task_spec(config)
+    spec = task_spec(config)
     data = tasks.make_dataset(spec)
     n_train = len(data.train_targets)
-    batches = [loop.batch_indices(s, 0, n_train, config.train.batch_size) for s in range(seeds)]
+    batches = [step_lib.batch_indices(s, 0, n_train, config.train.batch_size) for s in range(seeds)]
     batches = [(jnp.asarray(data.train_inputs[i]), jnp.asarray(data.train_targets[i])) for i in batches]
     stacked_batch = tuple(jnp.stack([b[k] for b in batches]) for k in range(2))
-    tx = loop.make_optimizer(config.train)
+    tx = make_optimizer(config.train)
     times, bitwise = {}, {}
     pool = concurrent.futures.ThreadPoolExecutor(seeds)
-    options = loop.train_step_compiler_options(jax.devices()[0].platform)
+    options = step_lib.train_step_compiler_options(jax.devices()[0].platform)
     for impl in (config.model.moe_impl, "dense"):
-        model_config = loop.model_config_of(config, spec).replace(moe_impl=impl)
-        step = loop.step_function(model_config, tx, config.train.aux_loss_coef, config.train.z_loss_coef,
+        model_config = model_config_of(config, spec).replace(moe_impl=impl)
+        step = step_lib.step_function(model_config, tx, config.train.aux_loss_coef, config.train.z_loss_coef,
                                   config.train.label_smoothing)
         params = [params_lib.init_params(model_config, jax.random.key(s)) for s in range(seeds)]
         state = {"seeds": [(p, tx.init(p)) for p in params]}

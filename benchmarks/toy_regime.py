@@ -36,7 +36,10 @@ from moe_grok.data import tasks
 from moe_grok.extraction.routing import extract_dataset, make_extractor
 from moe_grok.model import params as params_lib
 from moe_grok.studies import launch
-from moe_grok.training import loop, multiseed
+from moe_grok.training import multiseed
+from moe_grok.training.checkpointing import RunCheckpoints
+from moe_grok.training.metrics_log import read_metrics
+from moe_grok.training.run_config import task_spec
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
@@ -48,9 +51,9 @@ _EPS = 0.1  # nats: loss of a memorized sample
 
 def per_sample_train_loss(config, workdir: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps [C], loss [C, N_train]) at every params checkpoint of one seed's run."""
-    data = tasks.make_dataset(loop.task_spec(config))
+    data = tasks.make_dataset(task_spec(config))
     model_config = MoEConfig.load(workdir)
-    checkpoints = loop.RunCheckpoints(workdir)
+    checkpoints = RunCheckpoints(workdir)
     targets, target_mask = tasks.answer_targets(data.train_inputs, data.train_targets)
     abstract = params_lib.param_shapes(model_config)
     steps = checkpoints.steps()
@@ -61,7 +64,7 @@ def per_sample_train_loss(config, workdir: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def seed_row(config, workdir: str) -> dict:
-    metrics = loop.read_metrics(workdir)
+    metrics = read_metrics(workdir)
     steps = np.array([m["step"] for m in metrics])
     test_acc = np.array([m["test_accuracy"] for m in metrics])
     train_acc = np.array([m["train_accuracy"] for m in metrics])

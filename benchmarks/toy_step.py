@@ -6,7 +6,7 @@ the step's XLA operations by model part.
   python benchmarks/toy_step.py --profile_vmap     # also profile a jax.vmap step over 8 stacked seeds
 
 The optimizer step is compiled as `training` compiles it (remat_layers as configured, the CPU
-compiler options of `loop.train_step_compiler_options`, the attention form `attention_impl` picks);
+compiler options of `training.step.train_step_compiler_options`, the attention form `attention_impl` picks);
 the same step is also timed with each of those settings left out, and without the first two, so one
 run shows what each is worth. Every step setting is timed twice: one seed alone, and
 --seed_threads seeds' steps each in its own thread, as multi-seed training runs them (there the
@@ -44,7 +44,9 @@ from moe_grok.data import tasks
 from moe_grok.model import dispatch, layers
 from moe_grok.model import params as params_lib
 from moe_grok.studies import launch
-from moe_grok.training import loop
+from moe_grok.training import step as step_lib
+from moe_grok.training.optimizer import make_optimizer
+from moe_grok.training.run_config import model_config_of, task_spec
 
 import timing  # benchmarks/timing.py
 
@@ -120,27 +122,27 @@ def main(argv):
     del argv
     launch.quiet_logs()
     config = _CONFIG.value
-    spec = loop.task_spec(config)
+    spec = task_spec(config)
     data = tasks.make_dataset(spec)
-    batch = loop.batch_indices(config.train.seed, 0, len(data.train_targets), config.train.batch_size)
+    batch = step_lib.batch_indices(config.train.seed, 0, len(data.train_targets), config.train.batch_size)
     inputs, answers = jnp.asarray(data.train_inputs[batch]), jnp.asarray(data.train_targets[batch])
-    model_config = loop.model_config_of(config, spec)
+    model_config = model_config_of(config, spec)
     params = params_lib.init_params(model_config, jax.random.key(config.train.seed))
-    tx = loop.make_optimizer(config.train)
+    tx = make_optimizer(config.train)
     opt_state = tx.init(params)
     train = config.train
 
     def loss(p):
-        return loop.loss_fn(p, model_config, inputs, answers, train.aux_loss_coef, train.z_loss_coef,
+        return step_lib.loss_fn(p, model_config, inputs, answers, train.aux_loss_coef, train.z_loss_coef,
                             train.label_smoothing)[0]
 
     def optimizer_step(remat_layers: bool, compiler_options, attention_impl: str):
         step_config = dataclasses.replace(model_config, remat_layers=remat_layers, attention_impl=attention_impl)
-        return jax.jit(loop.step_function(step_config, tx, train.aux_loss_coef, train.z_loss_coef,
+        return jax.jit(step_lib.step_function(step_config, tx, train.aux_loss_coef, train.z_loss_coef,
                                           train.label_smoothing), compiler_options=compiler_options)
 
     forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
-    options = loop.train_step_compiler_options(jax.devices()[0].platform)
+    options = step_lib.train_step_compiler_options(jax.devices()[0].platform)
     # The step as `training` compiles it (without donation), then with each of its three CPU speed
     # settings left out, then without the first two ("either": remat_layers, compiler options).
     remat, attention = model_config.remat_layers, model_config.attention_impl
@@ -161,7 +163,7 @@ def main(argv):
         pool = concurrent.futures.ThreadPoolExecutor(_SEED_THREADS.value)
         seed_args = []
         for seed in range(_SEED_THREADS.value):
-            rows = loop.batch_indices(seed, 0, len(data.train_targets), config.train.batch_size)
+            rows = step_lib.batch_indices(seed, 0, len(data.train_targets), config.train.batch_size)
             seed_params = params_lib.init_params(model_config, jax.random.key(seed))
             seed_args.append((seed_params, tx.init(seed_params), jnp.asarray(data.train_inputs[rows]),
                               jnp.asarray(data.train_targets[rows])))
@@ -197,7 +199,7 @@ def main(argv):
             print(f"  {part}: {ms:.1f} ms ({ms / total:.0%})")
         if _PROFILE_VMAP.value and _SEED_THREADS.value:
             stacked = jax.tree.map(lambda *a: jnp.stack(a), *seed_args)
-            vmapped = jax.jit(jax.vmap(loop.step_function(model_config, tx, train.aux_loss_coef,
+            vmapped = jax.jit(jax.vmap(step_lib.step_function(model_config, tx, train.aux_loss_coef,
                                                           train.z_loss_coef, train.label_smoothing)),
                               compiler_options=options)
             v_parts, v_ops = _profile(vmapped, stacked, _PROFILED.value,

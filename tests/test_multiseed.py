@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from moe_grok.studies import toy_run
-from moe_grok.training import loop as training
-from moe_grok.training import multiseed
+from moe_grok.training import loop, multiseed
+from moe_grok.training.checkpointing import RunCheckpoints
 
-from test_training import metrics_without_time, tiny_config
+from training_helpers import StepRecorder, metrics_without_time, tiny_config
 
 
 def _final_params(workdir):
@@ -18,10 +18,28 @@ def _final_params(workdir):
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory):
+def recorded_two_seeds(tmp_path_factory):
+    """Seeds 3 and 1 trained together for 20 steps, with a user callback every 5 steps (between the evaluations:
+    the seeds' threads stop there too)."""
     config = tiny_config(steps=20)
     workdir = str(tmp_path_factory.mktemp("multi"))
-    return config, workdir, multiseed.train(config, workdir, [3, 1], progress=False)
+    recorder = StepRecorder(every_steps=5)
+    return config, workdir, multiseed.train(config, workdir, [3, 1], progress=False, callbacks=[recorder]), recorder
+
+
+@pytest.fixture(scope="module")
+def two_seeds(recorded_two_seeds):
+    return recorded_two_seeds[:3]
+
+
+def test_user_callback_sees_every_seed_at_its_cadence(recorded_two_seeds):
+    _, _, seed_dirs, recorder = recorded_two_seeds
+    for seed, seed_dir in zip((3, 1), seed_dirs, strict=True):
+        calls = [call for call in recorder.calls if call[0] == seed]
+        assert [call[1] for call in calls] == [0, 5, 10, 15, 20]
+        final = toy_run.run_checkpoint_sources(seed_dir)[-1].load()[1]["embed"]["embedding"]
+        assert calls[-1][2] == float(np.sum(np.asarray(final, np.float64)))  # the seed's own params
+    assert len(recorder.calls) == 10
 
 
 def test_seed_of_a_multiseed_run_equals_its_single_seed_run(two_seeds, tmp_path):
@@ -29,7 +47,7 @@ def test_seed_of_a_multiseed_run_equals_its_single_seed_run(two_seeds, tmp_path)
     assert [os.path.basename(d) for d in seed_dirs] == ["seed_3", "seed_1"]
     single = config.copy_and_resolve_references()
     single.train.seed = 1
-    training.train(single, str(tmp_path / "single"), progress=False)
+    loop.train(single, str(tmp_path / "single"), progress=False)
     assert metrics_without_time(seed_dirs[1]) == metrics_without_time(str(tmp_path / "single"))
     step, params = _final_params(seed_dirs[1])
     reference_step, reference = _final_params(str(tmp_path / "single"))
@@ -44,7 +62,7 @@ def test_multiseed_resume_after_kill_is_exact(two_seeds, tmp_path):
     config, reference, _ = two_seeds
     workdir = str(tmp_path / "killed")
     multiseed.train(config, workdir, [3, 1], stop_at=10, progress=False)
-    assert training.RunCheckpoints(multiseed.seed_workdir(workdir, 1)).steps() == [0, 10]
+    assert RunCheckpoints(multiseed.seed_workdir(workdir, 1)).steps() == [0, 10]
     multiseed.train(config, workdir, [3, 1], progress=False)
     for seed in (3, 1):
         resumed, uninterrupted = multiseed.seed_workdir(workdir, seed), multiseed.seed_workdir(reference, seed)
@@ -88,4 +106,4 @@ def test_seed_directories_are_single_seed_runs(two_seeds):
     assert [s.step for s in toy_run.run_checkpoint_sources(seed_dirs[0])] == [0, 10, 20]
     single = config.copy_and_resolve_references()
     single.train.seed = 3
-    assert training.train(single, seed_dirs[0], progress=False)["step"] == 20  # finished: nothing to do
+    assert loop.train(single, seed_dirs[0], progress=False)["step"] == 20  # finished: nothing to do

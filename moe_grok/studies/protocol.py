@@ -324,7 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
             seeds = arm_seeds(config, name)
             arm_started = time.time()
             seed_dirs = multiseed.train(arm, os.path.join(workdir, name), seeds, progress=progress,
-                                        on_evaluated_checkpoint=toy_run.analysis_cache_writer(arm))
+                                        callbacks=toy_run.analysis_cache_callbacks(arm))
             results["arms"][name] = {"seeds": seeds, "seed_dirs": seed_dirs, "train_seconds": time.time() - arm_started}
             analyses.submit(name, arm, seeds, seed_dirs)
         for name, analysis in analyses.results().items():

@@ -14,7 +14,7 @@ from moe_grok.checkpoints.cache import collect_checkpoint_stats
 from moe_grok.data import tasks
 from moe_grok.studies import toy_run
 from moe_grok.theory import kernels as theory
-from moe_grok.training import loop
+from moe_grok.training.run_config import task_spec
 
 
 def toy_run_bounds(workdir: str, n_samples: int = 1000, lam: float = 0.1, noise_std: float = 0.1,
@@ -28,7 +28,7 @@ def toy_run_bounds(workdir: str, n_samples: int = 1000, lam: float = 0.1, noise_
     """
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    data = tasks.make_dataset(loop.task_spec(config))
+    data = tasks.make_dataset(task_spec(config))
     stats = collect_checkpoint_stats(toy_run.run_checkpoint_sources(workdir), tasks.evaluation_splits(data),
                                      os.path.join(workdir, "analysis", "cache"),
                                      batch_size=config.analysis.batch_size, progress=False)

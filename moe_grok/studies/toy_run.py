@@ -1,7 +1,10 @@
-"""A toy grokking run end to end: training (training.loop), then the same analysis pipeline as OLMoE."""
+"""A toy grokking run end to end: training (training.loop), handing its evaluations to the analysis cache, then
+the same analysis pipeline as OLMoE."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 from typing import Any
 
 import jax
@@ -17,7 +20,9 @@ from moe_grok.checkpoints.sources import CheckpointSource, directory_identity
 from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
 from moe_grok.model import params as params_lib
-from moe_grok.training import loop
+from moe_grok.training.callbacks import Callback, RunState
+from moe_grok.training.checkpointing import RunCheckpoints
+from moe_grok.training.run_config import task_spec
 
 ANALYSIS_DIR = "analysis"  # below a run's workdir: analyze_run's cache/ and report/
 
@@ -31,7 +36,7 @@ def _checkpoint_identity(checkpoints_dir: str, step: int, model_config: MoEConfi
 def run_checkpoint_sources(workdir: str) -> list[CheckpointSource]:
     """One CheckpointSource per saved params checkpoint of a run."""
     model_config = MoEConfig.load(workdir)
-    checkpoints = loop.RunCheckpoints(workdir)
+    checkpoints = RunCheckpoints(workdir)
     abstract = params_lib.param_shapes(model_config)
     return [CheckpointSource(step, f"step {step}",
                              lambda step=step: (model_config, checkpoints.restore_params(step, abstract)),
@@ -40,30 +45,53 @@ def run_checkpoint_sources(workdir: str) -> list[CheckpointSource]:
             for step in checkpoints.steps()]
 
 
-def analysis_cache_writer(config: ml_collections.ConfigDict) -> loop.EvaluationCallback | None:
-    """A training callback (loop.train_runs' on_evaluated_checkpoint) that stores each evaluated
-    checkpoint's extraction as the entry analyze_run's cache would hold for it: the analysis then
-    loads it instead of extracting that checkpoint again, and its report is the same. None when
-    the evaluation and the analysis extract with different batch sizes (the batch size sets the
-    float rounding, so the analysis must extract itself)."""
+@dataclasses.dataclass
+class AnalysisCacheWriter:
+    """A training callback that stores each evaluated checkpoint's extraction (`state.extracted`) as
+    the entry analyze_run's cache would hold for it: the analysis then loads it instead of
+    extracting that checkpoint again, and its report is the same. Only checkpoints written at this
+    step are stored (a resume's redone steps keep their entries). Build it with
+    `analysis_cache_callbacks`, which checks that the evaluation and the analysis batch alike."""
+
+    every_steps: int | None  # the evaluation's cadence (config.train.eval_every)
+    at_end: bool = True
+    before_checkpoint: bool = False  # runs after the checkpoint is saved: it stores only checkpoints written now
+    name: str = "analysis_cache_writer"
+    _mesh_warned: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+    def on_step(self, state: RunState) -> None:
+        if state.extracted is None or not state.checkpoint_written:
+            return
+        if state.mesh is not None:
+            # A mesh changes the evaluation's float rounding: its outputs are not what the analysis computes.
+            if not self._mesh_warned.is_set():
+                self._mesh_warned.set()
+                logging.warning("training on a mesh: evaluations are not stored in the analysis cache "
+                                "(the analysis extracts itself)")
+            return
+        cache_dir = os.path.join(state.workdir, ANALYSIS_DIR, "cache")
+        try:
+            model_config = MoEConfig.load(state.workdir)
+            checkpoints_dir = str(state.checkpoints.params.directory)
+            params, step = state.params, state.step
+            source = CheckpointSource(step, f"step {step}", lambda: (model_config, params),
+                                      lambda: _checkpoint_identity(checkpoints_dir, step, model_config))
+            store_checkpoint_stats(cache_dir, source, state.splits, state.extracted, model_config, params)
+        except (OSError, ValueError) as e:  # the cache is optional: training goes on, the analysis extracts
+            logging.warning("step %d of %s: the evaluation was not stored in %s (%s: %s); the analysis will "
+                            "extract this checkpoint itself", state.step, state.workdir, cache_dir,
+                            type(e).__name__, e)
+
+
+def analysis_cache_callbacks(config: ml_collections.ConfigDict) -> list[Callback]:
+    """[AnalysisCacheWriter] for loop.train / multiseed.train's `callbacks`, or [] when the evaluation
+    and the analysis extract with different batch sizes (the batch size sets the float rounding, so
+    the analysis must extract itself)."""
     if config.train.eval_batch_size != config.analysis.batch_size:
         logging.info("train.eval_batch_size %d != analysis.batch_size %d: the analysis extracts every checkpoint",
                      config.train.eval_batch_size, config.analysis.batch_size)
-        return None
-
-    def write(workdir: str, step: int, params, splits, extracted) -> None:
-        cache_dir = os.path.join(workdir, ANALYSIS_DIR, "cache")
-        try:
-            model_config = MoEConfig.load(workdir)
-            checkpoints_dir = os.path.join(os.path.abspath(workdir), loop.CHECKPOINTS_DIR)
-            source = CheckpointSource(step, f"step {step}", lambda: (model_config, params),
-                                      lambda: _checkpoint_identity(checkpoints_dir, step, model_config))
-            store_checkpoint_stats(cache_dir, source, splits, extracted, model_config, params)
-        except (OSError, ValueError) as e:  # the cache is optional: training goes on, the analysis extracts
-            logging.warning("step %d of %s: the evaluation was not stored in %s (%s: %s); the analysis will "
-                            "extract this checkpoint itself", step, workdir, cache_dir, type(e).__name__, e)
-
-    return write
+        return []
+    return [AnalysisCacheWriter(config.train.eval_every)]
 
 
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
@@ -72,7 +100,7 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     report files in workdir/analysis/report), pairing groups by config.analysis.train_embeddings /
     test_embeddings when set. Returns the report."""
     options = AnalysisOptions.from_config(config.analysis)
-    splits = tasks.evaluation_splits(tasks.make_dataset(loop.task_spec(config)))
+    splits = tasks.evaluation_splits(tasks.make_dataset(task_spec(config)))
     # Loaded and checked before any checkpoint is: a wrong file fails in seconds, not after the extraction.
     paths = {split: config.analysis.get(f"{split}_embeddings", "") for split in ("train", "test")}  # "" = by domain
     embeddings = {split: load_embeddings(path, split, len(splits[split])) if path else None

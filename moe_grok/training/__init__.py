@@ -1,1 +1,2 @@
-"""Toy-model training: losses, the resumable training loop."""
+"""Toy-model training: the resumable loop (`loop`, `multiseed`) and its periodic callbacks (`callbacks`:
+evaluation, metrics log, checkpoints, and the caller's own)."""

@@ -8,11 +8,14 @@ here equals `loop.train` of seed s bitwise: both run the same compiled step (tra
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 
 from moe_grok.training import loop, run_dir
+from moe_grok.training.callbacks import Callback
+from moe_grok.training.run_config import model_config_of, task_spec
 
 
 def seed_workdir(workdir: str, seed: int) -> str:
@@ -22,18 +25,18 @@ def seed_workdir(workdir: str, seed: int) -> str:
 
 def train(config: ml_collections.ConfigDict, workdir: str, seeds, mesh: jax.sharding.Mesh | None = None,
           stop_at: int | None = None, progress: bool = True,
-          on_evaluated_checkpoint: loop.EvaluationCallback | None = None) -> list[str]:
+          callbacks: Sequence[Callback] = ()) -> list[str]:
     """Train (or resume) `config` for every seed in `seeds` together; returns the seed workdirs.
 
     `config.train.seed` is ignored (each run gets its seed). A re-run must name the same seeds and
     identity (run.json); steps may grow. stop_at: stop after this many steps (tests: a kill).
-    on_evaluated_checkpoint: see loop.train_runs.
+    callbacks: see loop.train_runs.
     """
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds must be distinct integers >= 0 (at least one), got {seeds}")
     run_dir.validate_train_config(config.train)
-    model_config = loop.model_config_of(config, loop.task_spec(config))
+    model_config = model_config_of(config, task_spec(config))
     identity = run_dir.run_identity(config, model_config)
     identity["train"]["seed"] = seeds
     os.makedirs(workdir, exist_ok=True)
@@ -41,6 +44,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, seeds, mesh: jax.shar
         started = any(os.path.isdir(seed_workdir(workdir, s)) for s in seeds)
         run_dir.check_or_record_identity(workdir, identity, started)
         runs = [(seed, seed_workdir(workdir, seed)) for seed in seeds]
-        loop.train_runs(config, runs, mesh, stop_at, progress, on_evaluated_checkpoint)
+        loop.train_runs(config, runs, mesh, stop_at, progress, callbacks)
     return [path for _, path in runs]
 
