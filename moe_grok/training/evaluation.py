@@ -5,9 +5,9 @@ import functools
 
 import numpy as np
 
+from moe_grok.analysis import pathways
 from moe_grok.config import MoEConfig
 from moe_grok.data.splits import EvalSplit
-from moe_grok.analysis import pathways
 from moe_grok.extraction.routing import extract_splits, make_extractor
 
 DEFAULT_PATHWAY_TAU = 0.7  # pathway threshold of the logged pathway length (the analysis' default tau)
