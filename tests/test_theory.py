@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_grok.studies.synthetic_theory import OneLayerMoE, ReluExperts, init_moe, make_cluster_data, train_experts
 from moe_grok.theory import kernels as theory
+from moe_grok.theory.synthetic_data import make_cluster_data
+from moe_grok.theory.synthetic_model import OneLayerMoE, ReluExperts, init_moe
+from moe_grok.theory.synthetic_training import train_experts
 
 
 # ----------------------------------------------------------------------------- numpy references
