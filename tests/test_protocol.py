@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from moe_grok.studies import protocol, protocol_stats
+from moe_grok.studies import protocol, protocol_pages, protocol_stats
 from moe_grok.training import run_dir
 
 from config_files import load_config
@@ -172,5 +172,5 @@ def test_h3_needs_wide_onsets_in_half_of_all_seeds(spreads, expected):
                               for k, suffix in (("h1", "_slope"), ("h1", "_slope_minus_held_out"),
                                                 ("h2", "_margin_over_loss"), ("h3", "_alignment"))},
                  "per_seed": [{"onset_spread_checkpoints": s} for s in spreads]}
-    verdicts = protocol.hypothesis_verdicts({"arms": {"mixture": {"positions": {"all": confirmed}}}}, "all")
+    verdicts = protocol_pages.hypothesis_verdicts({"arms": {"mixture": {"positions": {"all": confirmed}}}}, "all")
     assert {verdicts[f"mixture: H3 ({m})"] for m in protocol_stats.METRICS} == {expected}

@@ -123,44 +123,58 @@ def format_correlations(corr: dict) -> str:
     return "\n".join(lines)
 
 
+FIGURE_DPI = 150
+
+
 def save_plots(rows, corr: dict, path: str) -> None:
-    """PNG. Primary (top): normalized edit distance vs normalized d_eff within each structure
-    (structure means removed), and each structure's r with its 95% CI. Secondary (bottom): all
-    runs pooled, and the bound vs the measured test MSE."""
-    fig = Figure(figsize=(11, 9))
+    """PNG at FIGURE_DPI. Primary (top): normalized edit distance vs normalized d_eff within each
+    structure (structure means removed), and each structure's r with its 95% CI. Secondary (bottom):
+    all runs pooled, and the bound vs the measured test MSE. One legend (structure -> colour) below."""
+    fig = Figure(figsize=(12, 10.5))
     (within, per_structure), (pooled, bound) = fig.subplots(2, 2)
     keys = sorted({_group_key(r) for r in rows})
     main = corr["edit_distance_normalized~d_eff_normalized"]["within_structure"]
-    for key in keys:
+    for k, key in enumerate(keys):
         sub = [r for r in rows if _group_key(r) == key]
         x = np.array([r["edit_distance_normalized"] for r in sub])
         y = np.array([r["d_eff_normalized"] for r in sub])
         label = _structure_label(key)
-        within.scatter(x - x.mean(), y - y.mean(), s=14, label=f"{label} (r={main['per_structure'][label]['r']:+.2f})")
-        pooled.scatter(x, y, s=14, label=label)
-        bound.scatter([r["test_mse"] for r in sub], [r["bound"] for r in sub], s=14, label=label)
+        style = dict(s=16, color=f"C{k}")
+        within.scatter(x - x.mean(), y - y.mean(), label=f"{label}: {len(sub)} router seeds", **style)
+        pooled.scatter(x, y, **style)
+        bound.scatter([r["test_mse"] for r in sub], [r["bound"] for r in sub], **style)
     w = main["pooled"]
-    within.set(title=f"within structures: r={w['r']:+.2f} [{w['ci95'][0]:+.2f}, {w['ci95'][1]:+.2f}] (n={w['n']})",
-               xlabel="normalized edit distance - structure mean", ylabel="normalized d_eff - structure mean")
+    within.set_title(f"within structures: r = {w['r']:+.2f}, 95% CI [{w['ci95'][0]:+.2f}, {w['ci95'][1]:+.2f}] "
+                     f"(n = {w['n']})", fontsize=10)
+    within.set_xlabel("normalized edit distance - structure mean", fontsize=10)
+    within.set_ylabel("normalized d_eff - structure mean", fontsize=10)
     labels = list(main["per_structure"])
     values = [main["per_structure"][k] for k in labels]
-    per_structure.errorbar([v["r"] for v in values], np.arange(len(values)), fmt="o",
-                           xerr=np.abs(np.array([v["ci95"] for v in values]).T - [v["r"] for v in values]))
+    for k, v in enumerate(values):  # labels follow the sorted structure keys, as the colours do
+        per_structure.errorbar([v["r"]], [k], xerr=np.abs(np.array(v["ci95"])[:, None] - v["r"]), fmt="o",
+                               color=f"C{k}")
     per_structure.axvline(0, color="k", lw=0.8)
-    per_structure.set_yticks(np.arange(len(values)), labels, fontsize=7)
-    per_structure.set(title="r per structure (router seeds only), 95% CI", xlabel="Pearson r")
-    pooled.set(title="all runs pooled (structures differ too)", xlabel="normalized edit distance",
-               ylabel="normalized d_eff = d_eff / n")
+    per_structure.set_yticks(np.arange(len(values)), labels, fontsize=9)
+    per_structure.set_title("Pearson r per structure (router seeds only), 95% CI", fontsize=10)
+    per_structure.set_xlabel("Pearson r (normalized edit distance, normalized d_eff)", fontsize=10)
+    pooled.set_title("all runs pooled (structures differ too)", fontsize=10)
+    pooled.set_xlabel("normalized edit distance", fontsize=10)
+    pooled.set_ylabel("normalized d_eff = d_eff / n_train", fontsize=10)
     lo = min(min(r["test_mse"], r["bound"]) for r in rows)
     hi = max(max(r["test_mse"], r["bound"]) for r in rows)
     bound.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="bound = test MSE")
-    bound.set(title="bound vs measured test MSE", xlabel="test MSE (trained MoE)", ylabel="bound (C1 = 1)",
-              xscale="log", yscale="log")
-    for ax in (within, pooled, bound):
-        ax.legend(fontsize=6)
+    bound.set(xscale="log", yscale="log")
+    bound.set_title("bound vs measured test MSE", fontsize=10)
+    bound.set_xlabel("test MSE of the trained MoE (clean labels)", fontsize=10)
+    bound.set_ylabel("bound (C1 = 1)", fontsize=10)
+    bound.legend(fontsize=9, loc="upper left")
+    for ax in (within, per_structure, pooled, bound):
+        ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    handles, legend_labels = within.get_legend_handles_labels()
+    fig.legend(handles, legend_labels, loc="lower center", ncol=min(3, len(handles)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * -(-len(handles) // 3), 1, 1))
+    fig.savefig(path, dpi=FIGURE_DPI)
 
 
 def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> str:
