@@ -66,6 +66,28 @@ def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
         assert (root / "docs" / "figures" / figure).stat().st_size > 1000
 
 
+def test_the_page_gives_back_the_effects_and_the_accuracy_curves_keep_their_domains(protocol_run):
+    """summaries_from_page (redrawing the effects figure from a page) reads every all-token cell back to
+    the page's 3 digits; accuracy_by_domain splits the flat per-(seed, domain) curves by domain."""
+    config, root, results = protocol_run
+    page = (root / "docs" / "protocol_results.md").read_text()
+    parsed = protocol_pages.summaries_from_page(page, protocol.QUANTITIES)["arms"]
+    assert parsed.keys() == results["arms"].keys()
+    for arm, r in results["arms"].items():
+        for key, _, _ in protocol.QUANTITIES:
+            want, got = r["positions"]["all"]["summary"][key], parsed[arm]["positions"]["all"]["summary"][key]
+            assert got["n"] == want["n"]
+            if want["n"]:
+                assert got["mean"] == pytest.approx(want["mean"], rel=5e-3, abs=1e-12)
+    mixture = results["arms"]["mixture"]
+    by_domain = protocol_pages.accuracy_by_domain(mixture)
+    assert list(by_domain) == list(config.arms.mixture.task.ops)
+    flat = mixture["positions"]["all"]["test_accuracy"]
+    for k, curves in enumerate(by_domain.values()):
+        assert curves.shape == (2, len(mixture["positions"]["all"]["steps"]))
+        np.testing.assert_array_equal(curves, [flat[k], flat[len(by_domain) + k]])
+
+
 def test_protocol_rerun_reuses_training(protocol_run):
     config, root, results = protocol_run
     seed_dir = results["arms"]["grokking"]["seed_dirs"][0]
@@ -94,17 +116,24 @@ def test_protocol_rerun_reuses_training(protocol_run):
 
 
 @pytest.mark.parametrize("analysis_process", [True, False])
-def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, analysis_process):
-    config = tiny_protocol_config("")
-    config.seeds = 1
+def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(protocol_run, tmp_path, analysis_process):
+    """The failure comes from the analysis only: it starts from the module run's training (reused, as a
+    re-run does), without its analysis cache."""
+    config, root, _ = protocol_run
+    config = config.copy_and_resolve_references()
+    config.docs_dir = ""
     config.analysis_process = analysis_process
+    config.analysis_processes = 1  # one spawned process is enough to carry the error back
     for name in ("no_weight_decay", "mixture"):
         del config.arms[name]
+    for name in config.arms:
+        shutil.copytree(root / "work" / name, tmp_path / "work" / name, ignore=shutil.ignore_patterns("analysis"))
+    checkpoint = tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20"
+    trained = os.path.getmtime(checkpoint)
     config.arms.grokking.analysis.train_embeddings = str(tmp_path / "missing.npy")  # the analysis fails on it
     with pytest.raises(RuntimeError, match="analysis of arm 'grokking' failed.*missing.npy"):
         protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
-    checkpoint = tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20"
-    trained = os.path.getmtime(checkpoint)
+    assert os.path.getmtime(checkpoint) == trained
     config.arms.grokking.analysis.train_embeddings = ""
     results = protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
     assert os.path.getmtime(checkpoint) == trained

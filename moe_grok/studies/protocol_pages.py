@@ -4,6 +4,7 @@ docs/protocol.md, Table 1 across seeds, seed by seed) and its figures, from the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import textwrap
 from typing import Any
@@ -39,6 +40,41 @@ def _cell(summary: dict) -> str:
     low, high = summary["ci95"]
     interval = f" [{low:+.3g}, {high:+.3g}]" if np.isfinite(low) else ""
     return f"{summary['mean']:+.3g}{interval} (n={summary['n']})"
+
+
+_CELL = re.compile(r"^(?P<mean>\S+)(?: \[(?P<low>\S+), (?P<high>\S+)\])? \(n=(?P<n>\d+)\)$")
+
+
+def _parse_cell(cell: str) -> dict[str, Any]:
+    """_cell's text back to {"mean", "ci95", "n"} (to its 3 significant digits)."""
+    if cell == "n/a":
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+    match = _CELL.match(cell)
+    if match is None:
+        raise ValueError(f"not a results-page cell: {cell!r}")
+    low, high = (float(match[k]) if match[k] is not None else float("nan") for k in ("low", "high"))
+    return {"mean": float(match["mean"]), "ci95": [low, high], "n": int(match["n"])}
+
+
+def summaries_from_page(page: str, quantities: Quantities) -> dict[str, Any]:
+    """The all-token summaries a results page (`markdown`) shows -> a results dict that plot_effects can
+    draw: {"arms": {arm: {"positions": {"all": {"summary": {key: {"mean", "ci95", "n"}}}}}}}. For redrawing
+    the effects figure of a protocol run whose workdir is gone; values keep the page's 3 digits."""
+    lines = page.splitlines()
+    start = lines.index("## Routing averaged over all tokens (the paper)")
+    header = lines[start + 2]
+    arms = [a.strip() for a in header.strip("|").split("|")[1:]]
+    table = lines[start + 4:lines.index("", start + 4)]
+    summaries: dict[str, dict[str, Any]] = {arm: {} for arm in arms}
+    for key, label, _ in quantities:
+        prefix = f"| {label} | "
+        row = next((line for line in table if line.startswith(prefix)), None)
+        if row is None:
+            raise ValueError(f"the page has no row {label!r}")
+        cells = row[len(prefix):].removesuffix(" |").split(" | ")
+        for arm, cell in zip(arms, cells, strict=True):
+            summaries[arm][key] = _parse_cell(cell)
+    return {"arms": {arm: {"positions": {"all": {"summary": summary}}} for arm, summary in summaries.items()}}
 
 
 def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, str]:
@@ -201,7 +237,8 @@ def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> 
         ci = np.array([summary[key]["ci95"] for summary in arms.values()], float).reshape(-1, 2)
         counts = [summary[key]["n"] for summary in arms.values()]
         x = np.arange(len(arms))
-        ax.bar(x, np.nan_to_num(means), color=colors)
+        ax.bar(x, np.nan_to_num(means), width=0.6, color=colors)
+        ax.set_xlim(-0.7, len(arms) - 0.3)
         ax.errorbar(x, means, yerr=np.abs(ci.T - means), fmt="none", ecolor="k", capsize=3)
         ax.axhline(0, color="k", lw=0.8)
         for i in np.flatnonzero(~np.isfinite(means)):
