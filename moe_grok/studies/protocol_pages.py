@@ -190,14 +190,14 @@ def plot_accuracy(results: dict[str, Any], path: str) -> str:
     """Test accuracy per arm over training: per domain the mean over seeds (line) and the min-max
     range over seeds (band), against the 0.9 accuracy that counts as grokked. PNG at FIGURE_DPI."""
     arms = results["arms"]
-    fig = Figure(figsize=(4.6 * len(arms), 4.4))
+    fig = Figure(figsize=(4.6 * len(arms), 5.4))
     axes = np.atleast_1d(fig.subplots(1, len(arms), sharey=True))
     for ax, (name, arm) in zip(axes, arms.items(), strict=True):
         steps = np.asarray(_accuracy_view(arm)["steps"])
         for k, (domain, curves) in enumerate(accuracy_by_domain(arm).items()):
             color = f"C{k}"
             ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.2, lw=0)
-            ax.plot(steps, curves.mean(0), color=color, lw=1.8, label=f"{domain}: mean, min-max of {len(curves)} seeds")
+            ax.plot(steps, curves.mean(0), color=color, lw=1.8, label=f"{domain}: mean of {len(curves)} seeds, band min-max")
         ax.axhline(protocol_stats.GROK_ACCURACY, color="0.4", ls="--", lw=1,
                    label=f"{protocol_stats.GROK_ACCURACY:g} (grokked above)")
         ax.set_title(name, fontsize=11)
@@ -205,7 +205,7 @@ def plot_accuracy(results: dict[str, Any], path: str) -> str:
         ax.set_ylim(-0.02, 1.02)
         ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
     axes[0].set_ylabel("test accuracy", fontsize=10)
     fig.suptitle("Test accuracy during training, per arm (every seed)", fontsize=11)
     fig.tight_layout()
