@@ -197,7 +197,8 @@ def plot_accuracy(results: dict[str, Any], path: str) -> str:
         for k, (domain, curves) in enumerate(accuracy_by_domain(arm).items()):
             color = f"C{k}"
             ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.2, lw=0)
-            ax.plot(steps, curves.mean(0), color=color, lw=1.8, label=f"{domain}: mean of {len(curves)} seeds, band min-max")
+            ax.plot(steps, curves.mean(0), color=color, lw=1.8,
+                    label=f"{domain}: mean of {len(curves)} seeds, band min-max")
         ax.axhline(protocol_stats.GROK_ACCURACY, color="0.4", ls="--", lw=1,
                    label=f"{protocol_stats.GROK_ACCURACY:g} (grokked above)")
         ax.set_title(name, fontsize=11)
