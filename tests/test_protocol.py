@@ -116,24 +116,17 @@ def test_protocol_rerun_reuses_training(protocol_run):
 
 
 @pytest.mark.parametrize("analysis_process", [True, False])
-def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(protocol_run, tmp_path, analysis_process):
-    """The failure comes from the analysis only: it starts from the module run's training (reused, as a
-    re-run does), without its analysis cache."""
-    config, root, _ = protocol_run
-    config = config.copy_and_resolve_references()
-    config.docs_dir = ""
+def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, analysis_process):
+    config = tiny_protocol_config("")
+    config.seeds = 1
     config.analysis_process = analysis_process
-    config.analysis_processes = 1  # one spawned process is enough to carry the error back
     for name in ("no_weight_decay", "mixture"):
         del config.arms[name]
-    for name in config.arms:
-        shutil.copytree(root / "work" / name, tmp_path / "work" / name, ignore=shutil.ignore_patterns("analysis"))
-    checkpoint = tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20"
-    trained = os.path.getmtime(checkpoint)
     config.arms.grokking.analysis.train_embeddings = str(tmp_path / "missing.npy")  # the analysis fails on it
     with pytest.raises(RuntimeError, match="analysis of arm 'grokking' failed.*missing.npy"):
         protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
-    assert os.path.getmtime(checkpoint) == trained
+    checkpoint = tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20"
+    trained = os.path.getmtime(checkpoint)
     config.arms.grokking.analysis.train_embeddings = ""
     results = protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
     assert os.path.getmtime(checkpoint) == trained
