@@ -10,13 +10,15 @@ Every loader returns an EvalSplit of N samples padded to S = seq_len tokens:
   groups      [N]    int32  index into group_names (one group = one data domain)
 
 Sources (one module of this package per file format):
-  load_jsonl_text   JSONL of raw text, tokenized with a `tokenizers` tokenizer.json
-  load_jsonl_ids    JSONL of pre-tokenized id lists
-  load_npy_ids      one 2-D int .npy per group (+ optional lengths .npy or in-file pad id)
-  load_olmo_memmap  OLMo-style flat token files (np.memmap, uint16/uint32), instances as
-                    fixed chunks of the stream or from an explicit instance index
-  make_lm_split     in-memory id lists per group (what the loaders share)
-  load_split        any of the above from a config (configs/olmoe_grokking.py's `data`)
+  jsonl.load_jsonl_text         JSONL of raw text, tokenized with a `tokenizers` tokenizer.json
+  jsonl.load_jsonl_ids          JSONL of pre-tokenized id lists
+  npy.load_npy_ids              one 2-D int .npy per group (+ optional lengths .npy or in-file pad id)
+  olmo_memmap.load_olmo_memmap  OLMo-style flat token files (np.memmap, uint16/uint32), instances as
+                                fixed chunks of the stream or from an explicit instance index
+  assemble.make_lm_split        in-memory id lists per group (assemble: what the loaders share)
+  from_config.load_split        any of the above from a config (configs/olmoe_grokking.py's `data`)
+domains: a file's group (domain) name and which samples of a group are kept. Every public name is
+importable from this package.
 
 Common rules (all loaders):
   * Groups keep their order of first appearance (files in the order given, records in file
