@@ -34,7 +34,7 @@ def get_config():
     config.name = "protocol"  # generated files: <name>_results.md, figures/<name>_accuracy.png, <name>_effects.png
     config.analysis_process = True  # analyse each arm in a spawned process while the next arm trains (False: inline)
     config.analysis_processes = 2  # spawned processes an arm's seeds are dealt over (each runs its seeds in threads)
-    config.docs_dir = ""  # also write the generated tables and figures here (e.g. "docs"; "" = workdir only)
+    config.docs_dir = "docs/results"  # also write the generated page here, its figures to figures/ ("" = workdir only)
     config.arms = ml_collections.ConfigDict()
 
     grokking = _load("toy_grokking")  # A: the default regime

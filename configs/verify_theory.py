@@ -1,7 +1,7 @@
 """The paper's synthetic check of the routing-kernel theory, and the bound along a toy run."""
 import ml_collections
 
-from moe_grok.studies.synthetic_theory import synthetic_config
+from moe_grok.theory.synthetic_run import synthetic_config
 
 
 def get_config():

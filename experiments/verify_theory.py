@@ -16,6 +16,7 @@ from absl import app
 from ml_collections import config_flags
 
 from moe_grok.studies import launch, synthetic_theory, toy_bounds
+from moe_grok.theory.synthetic_run import SyntheticConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "verify_theory.py"), "Run config.")
@@ -26,8 +27,8 @@ def main(argv):
     launch.quiet_logs()
     config = _CONFIG.value
     if config.toy.workdir:
-        print(toy_bounds.run(config.toy.workdir, config.out, config.toy.samples, synthetic_theory.SyntheticConfig
-                             .from_config(config.synthetic)))
+        print(toy_bounds.run(config.toy.workdir, config.out, config.toy.samples,
+                             SyntheticConfig.from_config(config.synthetic)))
         return
     print(synthetic_theory.run_sweep(config))
 

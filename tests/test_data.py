@@ -5,13 +5,12 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
-import textwrap
 import tracemalloc
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from moe_grok.checkpoints import test_correctness as test_accuracy
 from moe_grok.data import corpus as data
@@ -558,6 +557,7 @@ class _Recorder(dict):
         return super().__getitem__(key)
 
 
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections loading the config file
 def test_every_key_the_loader_reads_is_declared_and_settable_from_the_command_line(tmp_path, tokenizer_path):
     declared = load_config("olmoe_grokking").data
     assert set(declared) == set(data.DATA_CONFIG_KEYS)
@@ -573,19 +573,12 @@ def test_every_key_the_loader_reads_is_declared_and_settable_from_the_command_li
                  "groups_from_files": "False", "max_samples_per_group": "7", "seed": "3", "seq_len": "64",
                  "memmap_dtype": "uint16", "format": "npy", "paths": "a.npy,b.npy", "tokenizer": "tok.json"}
     assert set(overrides) == set(declared)
-    script = tmp_path / "show_config.py"
-    script.write_text(textwrap.dedent(f"""
-        import json
-        from absl import app
-        from ml_collections import config_flags
-        _CONFIG = config_flags.DEFINE_config_file("config", {os.path.join(CONFIG_DIR, "olmoe_grokking.py")!r})
-        def main(argv):
-            print(json.dumps(_CONFIG.value.data.to_dict()))
-        app.run(main)
-        """))
-    result = subprocess.run([sys.executable, str(script), *(f"--config.data.{k}={v}" for k, v in overrides.items())],
-                            capture_output=True, text=True, check=True)
-    parsed = json.loads(result.stdout.strip().splitlines()[-1])
+    flag_values = flags.FlagValues()  # the command line parsed as experiments/olmoe_grokking.py's absl flags are
+    argv = ["show_config", *(f"--config.data.{k}={v}" for k, v in overrides.items())]
+    config = config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "olmoe_grokking.py"),
+                                             flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    parsed = config.value.data.to_dict()
     for key, text in overrides.items():
         expected = {"True": True, "False": False}.get(text, text)
         assert str(parsed[key]) == str(expected), (key, parsed[key])

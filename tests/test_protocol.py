@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from moe_grok.studies import protocol, protocol_stats
+from moe_grok.studies import protocol, protocol_pages, protocol_stats
 from moe_grok.training import run_dir
 
 from config_files import load_config
@@ -64,6 +64,28 @@ def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
     assert str(root / "work") not in page  # docs copy names paths relative to the workdir
     for figure in ("protocol_accuracy.png", "protocol_effects.png"):
         assert (root / "docs" / "figures" / figure).stat().st_size > 1000
+
+
+def test_the_page_gives_back_the_effects_and_the_accuracy_curves_keep_their_domains(protocol_run):
+    """summaries_from_page (redrawing the effects figure from a page) reads every all-token cell back to
+    the page's 3 digits; accuracy_by_domain splits the flat per-(seed, domain) curves by domain."""
+    config, root, results = protocol_run
+    page = (root / "docs" / "protocol_results.md").read_text()
+    parsed = protocol_pages.summaries_from_page(page, protocol.QUANTITIES)["arms"]
+    assert parsed.keys() == results["arms"].keys()
+    for arm, r in results["arms"].items():
+        for key, _, _ in protocol.QUANTITIES:
+            want, got = r["positions"]["all"]["summary"][key], parsed[arm]["positions"]["all"]["summary"][key]
+            assert got["n"] == want["n"]
+            if want["n"]:
+                assert got["mean"] == pytest.approx(want["mean"], rel=5e-3, abs=1e-12)
+    mixture = results["arms"]["mixture"]
+    by_domain = protocol_pages.accuracy_by_domain(mixture)
+    assert list(by_domain) == list(config.arms.mixture.task.ops)
+    flat = mixture["positions"]["all"]["test_accuracy"]
+    for k, curves in enumerate(by_domain.values()):
+        assert curves.shape == (2, len(mixture["positions"]["all"]["steps"]))
+        np.testing.assert_array_equal(curves, [flat[k], flat[len(by_domain) + k]])
 
 
 def test_protocol_rerun_reuses_training(protocol_run):
@@ -172,5 +194,5 @@ def test_h3_needs_wide_onsets_in_half_of_all_seeds(spreads, expected):
                               for k, suffix in (("h1", "_slope"), ("h1", "_slope_minus_held_out"),
                                                 ("h2", "_margin_over_loss"), ("h3", "_alignment"))},
                  "per_seed": [{"onset_spread_checkpoints": s} for s in spreads]}
-    verdicts = protocol.hypothesis_verdicts({"arms": {"mixture": {"positions": {"all": confirmed}}}}, "all")
+    verdicts = protocol_pages.hypothesis_verdicts({"arms": {"mixture": {"positions": {"all": confirmed}}}}, "all")
     assert {verdicts[f"mixture: H3 ({m})"] for m in protocol_stats.METRICS} == {expected}

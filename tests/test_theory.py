@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_grok.studies.synthetic_theory import OneLayerMoE, ReluExperts, init_moe, make_cluster_data, train_experts
 from moe_grok.theory import kernels as theory
+from moe_grok.theory.synthetic_data import make_cluster_data
+from moe_grok.theory.synthetic_model import OneLayerMoE, ReluExperts, init_moe
+from moe_grok.theory.synthetic_training import train_experts
 
 
 # ----------------------------------------------------------------------------- numpy references
@@ -259,11 +261,14 @@ def test_shared_routing_has_lower_effective_dimension_than_random_routing(rng):
 
 
 # ----------------------------------------------------------------------------- synthetic model
+SMALL_TRAINING = dict(steps=60, learning_rate=1e-2)
+
+
 def test_training_updates_experts_only_and_fits():
     data = make_cluster_data(0, dim=12, n_clusters=3, spread=0.3, n_train=32, n_test=8, noise_std=0.1)
     model = OneLayerMoE(num_experts=4, width=16)
     params = init_moe(model, 12, router_seed=0, expert_seed=1)
-    trained, mses = train_experts(model, params, data.x_train, data.y_train, steps=60, learning_rate=1e-2)
+    trained, mses = train_experts(model, params, data.x_train, data.y_train, **SMALL_TRAINING)
     np.testing.assert_array_equal(trained["params"]["router"]["kernel"], params["params"]["router"]["kernel"])
     assert not np.allclose(trained["params"]["experts"]["hidden"], params["params"]["experts"]["hidden"])
     assert float(mses[-1]) < 0.2 * float(mses[0])
@@ -304,7 +309,8 @@ def test_verify_theory_sweep_end_to_end(tmp_path):
 
     config = load_config("verify_theory")
     config.out = str(tmp_path)
-    config.synthetic.update(n_train=16, n_test=20, dim=8, num_experts=4, width=8, steps=5)
+    # the shapes of test_training_updates_experts_only_and_fits: the compiled training step is shared
+    config.synthetic.update(n_train=32, n_test=20, dim=12, num_experts=4, width=16, **SMALL_TRAINING)
     config.sweep.update(n_clusters=(2,), spreads=(0.5,), router_seeds=4)
     text = synthetic_theory.run_sweep(config)
     assert "edit_distance_normalized~d_eff_normalized" in text and "within structures r=" in text

@@ -1,0 +1,257 @@
+"""The toy protocol's output: its results page (markdown: every quantity per arm, the verdicts of
+docs/protocol.md, Table 1 across seeds, seed by seed) and its figures, from the results dict of
+`protocol.run` (the same dict results.json holds)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import textwrap
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from moe_grok.studies import protocol_stats
+
+Quantities = tuple[tuple[str, str, str], ...]  # (key of seed_measurements, label, verdict side or "")
+FIGURE_DPI = 150
+
+
+def write_pages(results: dict[str, Any], quantities: Quantities, workdir: str, name: str, docs_dir: str = "") -> None:
+    """<name>_results.md and <name>_{accuracy,effects}.png into `workdir`, and when `docs_dir` is set the page
+    (paths relative to workdir) into docs_dir and the figures into docs_dir/figures/."""
+    page = markdown(results, quantities)
+    with open(os.path.join(workdir, f"{name}_results.md"), "w") as f:
+        f.write(page)
+    figures = [plot_accuracy(results, os.path.join(workdir, f"{name}_accuracy.png")),
+               plot_effects(results, quantities, os.path.join(workdir, f"{name}_effects.png"))]
+    if docs_dir:
+        os.makedirs(os.path.join(docs_dir, "figures"), exist_ok=True)
+        with open(os.path.join(docs_dir, f"{name}_results.md"), "w") as f:
+            f.write(page.replace(workdir + "/", ""))
+        for figure in figures:
+            shutil.copy(figure, os.path.join(docs_dir, "figures", os.path.basename(figure)))
+
+
+def _cell(summary: dict) -> str:
+    if summary["n"] == 0:
+        return "n/a"
+    low, high = summary["ci95"]
+    interval = f" [{low:+.3g}, {high:+.3g}]" if np.isfinite(low) else ""
+    return f"{summary['mean']:+.3g}{interval} (n={summary['n']})"
+
+
+_CELL = re.compile(r"^(?P<mean>\S+)(?: \[(?P<low>\S+), (?P<high>\S+)\])? \(n=(?P<n>\d+)\)$")
+
+
+def _parse_cell(cell: str) -> dict[str, Any]:
+    """_cell's text back to {"mean", "ci95", "n"} (to its 3 significant digits)."""
+    if cell == "n/a":
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+    match = _CELL.match(cell)
+    if match is None:
+        raise ValueError(f"not a results-page cell: {cell!r}")
+    low, high = (float(match[k]) if match[k] is not None else float("nan") for k in ("low", "high"))
+    return {"mean": float(match["mean"]), "ci95": [low, high], "n": int(match["n"])}
+
+
+def summaries_from_page(page: str, quantities: Quantities) -> dict[str, Any]:
+    """The all-token summaries a results page (`markdown`) shows -> a results dict that plot_effects can
+    draw: {"arms": {arm: {"positions": {"all": {"summary": {key: {"mean", "ci95", "n"}}}}}}}. For redrawing
+    the effects figure of a protocol run whose workdir is gone; values keep the page's 3 digits."""
+    lines = page.splitlines()
+    start = lines.index("## Routing averaged over all tokens (the paper)")
+    header = lines[start + 2]
+    arms = [a.strip() for a in header.strip("|").split("|")[1:]]
+    table = lines[start + 4:lines.index("", start + 4)]
+    summaries: dict[str, dict[str, Any]] = {arm: {} for arm in arms}
+    for key, label, _ in quantities:
+        prefix = f"| {label} | "
+        row = next((line for line in table if line.startswith(prefix)), None)
+        if row is None:
+            raise ValueError(f"the page has no row {label!r}")
+        cells = row[len(prefix):].removesuffix(" |").split(" | ")
+        for arm, cell in zip(arms, cells, strict=True):
+            summaries[arm][key] = _parse_cell(cell)
+    return {"arms": {arm: {"positions": {"all": {"summary": summary}}} for arm, summary in summaries.items()}}
+
+
+def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, str]:
+    """docs/protocol.md's criteria applied to the aggregated numbers."""
+    out = {}
+    for arm, r in results["arms"].items():
+        if positions not in r["positions"]:
+            continue
+        v = r["positions"][positions]["verdicts"]
+        for metric in protocol_stats.METRICS:
+            trend, versus_control = v[f"h1_{metric}_slope"], v[f"h1_{metric}_slope_minus_held_out"]
+            h1 = "confirmed" if trend == versus_control == "confirmed" else (
+                "refuted" if trend == "refuted" else "inconclusive")
+            out[f"{arm}: H1 ({metric})"] = h1
+            out[f"{arm}: H2 ({metric})"] = v[f"h2_{metric}_margin_over_loss"]
+        if len(r["positions"][positions]["per_seed"]) and "mixture" in arm:
+            spread = [m["onset_spread_checkpoints"] for m in r["positions"][positions]["per_seed"]]
+            wide = np.mean([np.isfinite(s) and s >= 3 for s in spread])  # share of ALL seeds
+            for metric in protocol_stats.METRICS:
+                alignment = v[f"h3_{metric}_alignment"]
+                out[f"{arm}: H3 ({metric})"] = ("confirmed" if alignment == "confirmed" and wide >= 0.5 else
+                                               "refuted" if alignment == "refuted" else "inconclusive")
+    return out
+
+
+def markdown(results: dict[str, Any], quantities: Quantities) -> str:
+    """The generated results page: per routing view, every quantity (`quantities`: protocol.QUANTITIES) per
+    arm, the verdicts, Table 1."""
+    arms = list(results["arms"])
+    lines = [f"# Toy protocol ({results['name']}): generated results", "",
+             f"Generated by `{results['command']}` on {results['date']} ({results['minutes']:.1f} min). "
+             "Cells: mean [95% CI] (n = seeds with a value). docs/protocol.md defines every quantity.", ""]
+    views = sorted({p for r in results["arms"].values() for p in r["positions"]},
+                   key=lambda p: (p != "all", p))
+    for positions in views:
+        view = "all tokens (the paper)" if positions == "all" else f"{positions} positions"
+        lines += [f"## Routing averaged over {view}",
+                  "", "| quantity | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        for key, label, _ in quantities:
+            cells = [_cell(results["arms"][a]["positions"][positions]["summary"][key])
+                     if positions in results["arms"][a]["positions"] else "" for a in arms]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "Verdicts (criteria of docs/protocol.md):", ""]
+        lines += [f"- {name}: **{verdict}**" for name, verdict in hypothesis_verdicts(results, positions).items()]
+        lines += ["", "Table 1 across seeds (windowed Pearson r with test accuracy; mean [95% CI]):", "",
+                  "| row | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        rows = next(iter(results["arms"].values()))["positions"][positions]["table1"]
+        for row in rows:
+            cells = [_cell(results["arms"][a]["positions"][positions]["table1"][row]["pearson_r"])
+                     if positions in results["arms"][a]["positions"] else "" for a in arms]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += _per_seed_tables(results)
+    overlapped = (", in separate processes beside the next arm's training if any"
+                  if results.get("analysis_process") else "")
+    lines += [f"Time per arm (training of all seeds together; analysis of every seed{overlapped}):", ""]
+    lines += [f"- {a}: training {r['train_seconds'] / 60:.1f} min, analysis {r['analysis_seconds'] / 60:.1f} min"
+              for a, r in results["arms"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _per_seed_tables(results: dict[str, Any]) -> list[str]:
+    """Seed by seed and domain by domain (the all-token view where there is one): test onset,
+    calibrated eps, pairs."""
+    lines = ["## Seed by seed", "",
+             "Per domain: test onset (first checkpoint from which test accuracy stays > 0.9; `none` with the "
+             "final accuracy), calibrated eps (nats) and share memorized before the last checkpoint, Hungarian "
+             "pairs (how many with a negative delay, Pretrain@t* after its Test@t#).", ""]
+    for arm, r in results["arms"].items():
+        positions = "all" if "all" in r["positions"] else next(iter(r["positions"]))
+        facts = r["positions"][positions].get("per_seed_domains", [])
+        if not facts:
+            continue
+        domains = list(facts[0])
+        view = "all tokens" if positions == "all" else f"{positions} positions"
+        lines += [f"### {arm} (routing over {view})", "",
+                  "| seed | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        for seed, seed_facts in zip(r["seeds"], facts, strict=True):
+            cells = []
+            for domain in domains:
+                f = seed_facts[domain]
+                onset = str(f["onset"]) if f["onset"] >= 0 else f"none ({f['final_test_accuracy']:.2f})"
+                cells.append(f"{onset}; eps {f['eps']:.2g}, {f['share_before_end']:.0%}; "
+                             f"{f['pairs']} pairs ({f['negative_delays']} negative)")
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _accuracy_view(arm: dict[str, Any]) -> dict[str, Any]:
+    return arm["positions"]["all"] if "all" in arm["positions"] else next(iter(arm["positions"].values()))
+
+
+def accuracy_by_domain(arm: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Domain -> test accuracy [seeds with a curve, checkpoints] of an arm. The view's `test_accuracy`
+    lists one curve per (seed, domain), seed-major, domains in the order of per_seed_domains."""
+    view = _accuracy_view(arm)
+    curves = view["test_accuracy"]
+    facts = view.get("per_seed_domains") or []
+    domains = list(facts[0]) if facts else []
+    per_seed = len(domains) or 1
+    if not domains:
+        domains = ["test"]
+    out = {}
+    for k, domain in enumerate(domains):
+        rows = [c for c in curves[k::per_seed] if c is not None]
+        if rows:
+            out[domain] = np.asarray(rows, float)
+    return out
+
+
+def plot_accuracy(results: dict[str, Any], path: str) -> str:
+    """Test accuracy per arm over training: per domain the mean over seeds (line) and the min-max
+    range over seeds (band), against the 0.9 accuracy that counts as grokked. PNG at FIGURE_DPI."""
+    arms = results["arms"]
+    fig = Figure(figsize=(4.6 * len(arms), 5.4))
+    axes = np.atleast_1d(fig.subplots(1, len(arms), sharey=True))
+    for ax, (name, arm) in zip(axes, arms.items(), strict=True):
+        steps = np.asarray(_accuracy_view(arm)["steps"])
+        for k, (domain, curves) in enumerate(accuracy_by_domain(arm).items()):
+            color = f"C{k}"
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.2, lw=0)
+            ax.plot(steps, curves.mean(0), color=color, lw=1.8,
+                    label=f"{domain}: mean of {len(curves)} seeds, band min-max")
+        ax.axhline(protocol_stats.GROK_ACCURACY, color="0.4", ls="--", lw=1,
+                   label=f"{protocol_stats.GROK_ACCURACY:g} (grokked above)")
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("training step", fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+    axes[0].set_ylabel("test accuracy", fontsize=10)
+    fig.suptitle("Test accuracy during training, per arm (every seed)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIGURE_DPI)
+    return path
+
+
+def _effect_axis_label(key: str) -> str:
+    if "slope" in key:
+        return "slope per 1k training steps"
+    if key.startswith("h2"):
+        return "difference of |Pearson r|"
+    return "mean across seeds"
+
+
+def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> str:
+    """The H1 and H2 quantities per arm with their 95% CIs (all-token routing), one panel per
+    quantity so that each keeps its own scale; an arm without a value says "n/a". PNG at FIGURE_DPI."""
+    keys = [(k, label) for k, label, side in quantities if side and not k.startswith("h3")]
+    arms = {name: r["positions"]["all"]["summary"] for name, r in results["arms"].items() if "all" in r["positions"]}
+    columns = -(-len(keys) // 2)
+    fig = Figure(figsize=(4.0 * columns, 8.0))
+    axes = np.atleast_1d(fig.subplots(2, columns)).ravel()
+    colors = [f"C{i}" for i in range(len(arms))]
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    for ax, (key, label) in zip(axes, keys, strict=False):
+        means = np.array([summary[key]["mean"] for summary in arms.values()], float)
+        ci = np.array([summary[key]["ci95"] for summary in arms.values()], float).reshape(-1, 2)
+        counts = [summary[key]["n"] for summary in arms.values()]
+        x = np.arange(len(arms))
+        ax.bar(x, np.nan_to_num(means), width=0.6, color=colors)
+        ax.set_xlim(-0.7, len(arms) - 0.3)
+        ax.errorbar(x, means, yerr=np.abs(ci.T - means), fmt="none", ecolor="k", capsize=3)
+        ax.axhline(0, color="k", lw=0.8)
+        for i in np.flatnonzero(~np.isfinite(means)):
+            ax.text(x[i], 0, "n/a", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(x, [f"{arm}\n(n={n})" for arm, n in zip(arms, counts, strict=True)], fontsize=9, rotation=30,
+                      ha="right", rotation_mode="anchor")
+        ax.tick_params(axis="y", labelsize=9)
+        ax.set_title(textwrap.fill(label, 34), fontsize=9)
+        ax.set_ylabel(_effect_axis_label(key), fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("H1 / H2 quantities per arm: mean and 95% CI across seeds (n = seeds with a value), "
+                 "all-token routing", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIGURE_DPI)
+    return path
