@@ -17,6 +17,7 @@ from moe_grok.data import corpus as data
 from moe_grok.model.hf import CheckpointError
 from moe_grok.sharding import make_mesh
 
+from config_files import load_config
 from hf_reference import make_hf_model
 from report_checks import check_report
 
@@ -197,10 +198,18 @@ def test_experiment_script(workspace, tmp_path):
     assert recorded["checkpoints"] == checkpoints and recorded["dtype"] == "float32"
     assert recorded["analysis"]["max_pairs"] == 50 and recorded["analysis"]["delta"] == 0.3
     assert recorded["analysis"]["eps"] is None and recorded["data"]["seq_len"] == 16
-    bad_options = [f"--config.out_dir={tmp_path / 'bad'}", "--config.analysis.tau=1.5"]
-    bad = subprocess.run(cmd + bad_options, capture_output=True, text=True, env=env, timeout=300)
-    assert bad.returncode != 0 and "tau and tau_sweep must lie in (0, 1]" in bad.stderr
-    assert not os.path.exists(tmp_path / "bad")  # refused before any checkpoint was loaded
+
+
+def test_bad_options_are_refused_before_any_checkpoint_loads(workspace, tmp_path):
+    from moe_grok.studies import olmoe_run
+
+    config = load_config("olmoe_grokking")
+    config.checkpoints = ",".join(str(_checkpoint_dir(workspace, s)) for s in STEPS)
+    config.data.format, config.data.paths = "jsonl_ids", f"{workspace / 'math.jsonl'},{workspace / 'code.jsonl'}"
+    config.out_dir, config.analysis.tau = str(tmp_path / "bad"), 1.5
+    with pytest.raises(ValueError, match=r"tau and tau_sweep must lie in \(0, 1\]"):
+        olmoe_run.run(config)
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_cross_domain_control_curve(workspace, tmp_path):
