@@ -90,3 +90,10 @@ def test_the_repository_stands_on_its_own():
                 if "SP" + "EC" in text or "../sha" + "red" in text:  # spelled apart so this file passes
                     offenders.append(os.path.relpath(os.path.join(directory, name), ROOT))
     assert offenders == [], offenders
+
+
+def test_every_dispatch_kernel_is_named_in_the_config():
+    from moe_grok.config import MOE_IMPLS
+    from moe_grok.model.dispatch import EXPERT_IMPLS
+
+    assert MOE_IMPLS == ("auto", *EXPERT_IMPLS)
