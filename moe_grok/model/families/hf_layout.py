@@ -108,3 +108,23 @@ def check_default_rope(hf: dict) -> None:
     rope_type = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_type", "default")
     if rope_type != "default":
         raise ValueError(f"unsupported rope_type {rope_type!r}: only default RoPE is implemented")
+
+
+def decoder_fields(hf: dict, *, max_seq_len: int, rms_norm_eps: float) -> dict:
+    """The MoEConfig fields every decoder family reads alike from config.json (the defaults are the family's)."""
+    check_default_rope(hf)
+    heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        max_seq_len=hf.get("max_position_embeddings", max_seq_len),
+        rope_theta=rope_theta(hf),
+        rms_norm_eps=hf.get("rms_norm_eps", rms_norm_eps),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )

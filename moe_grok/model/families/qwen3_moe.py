@@ -39,34 +39,16 @@ def num_experts(hf: dict[str, Any]) -> int:
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> MoEConfig:
     """MoEConfig of a Qwen3-MoE config.json dict (ValueError for settings moe_grok does not implement)."""
-    hf_layout.check_default_rope(hf)
     if hf.get("attention_bias"):
         raise ValueError("unsupported: attention_bias=True (moe_grok's attention has no biases)")
     if hf.get("use_sliding_window"):
         raise ValueError("unsupported: use_sliding_window=True (moe_grok's attention is full causal)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf.get('hidden_act')!r}: the MLPs are SwiGLU (silu)")
-    heads = hf["num_attention_heads"]
     dense = dense_layers(hf)
-    fields = dict(
-        family=MODEL_TYPE,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        num_experts=num_experts(hf),
-        num_experts_per_tok=hf["num_experts_per_tok"],
-        expert_intermediate_size=hf["moe_intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 32768),
-        rope_theta=hf_layout.rope_theta(hf),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qk_norm="per_head",
-        dense_layers=dense,
-        dense_intermediate_size=hf.get("intermediate_size", 0) if dense else 0,
-    )
+    fields = hf_layout.decoder_fields(hf, max_seq_len=32768, rms_norm_eps=1e-6)
+    fields.update(family=MODEL_TYPE, num_experts=num_experts(hf), expert_intermediate_size=hf["moe_intermediate_size"],
+                  qk_norm="per_head", dense_layers=dense,
+                  dense_intermediate_size=hf.get("intermediate_size", 0) if dense else 0)
     fields.update(overrides)
     return MoEConfig(**fields)
