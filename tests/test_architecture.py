@@ -96,4 +96,4 @@ def test_every_dispatch_kernel_is_named_in_the_config():
     from moe_grok.config import MOE_IMPLS
     from moe_grok.model.dispatch import EXPERT_IMPLS
 
-    assert MOE_IMPLS == ("auto", *EXPERT_IMPLS)
+    assert ("auto", *EXPERT_IMPLS) == MOE_IMPLS
