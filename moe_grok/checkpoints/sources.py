@@ -43,9 +43,17 @@ def parse_checkpoint_spec(spec: str) -> tuple[str, str | None, int]:
     The step comes from an explicit "=STEP" suffix, else from "step{S}" in the revision
     (OLMoE's "step245000-tokens1027B") or the directory name.
     """
-    spec, _, explicit = spec.partition("=")
+    full_spec = spec
+    spec, has_step, explicit = spec.partition("=")
     path_or_repo, _, revision = spec.partition("@")
-    if explicit:
+    if has_step:
+        # int() alone would name neither the spec nor the rule ("invalid literal for int()"), and
+        # would accept "-5", a step no training run has (its cache entry would be step_-000000005).
+        if not re.fullmatch(r"\s*\d+\s*", explicit):
+            raise ValueError(f"checkpoint spec {full_spec!r}: the step after '=' must be a non-negative integer, "
+                             f"got {explicit!r}")
+        if not path_or_repo:
+            raise ValueError(f"checkpoint spec {full_spec!r} names no checkpoint before '='")
         return path_or_repo, revision or None, int(explicit)
     found = re.search(r"step(\d+)", revision or os.path.basename(os.path.normpath(path_or_repo)))
     if found is None:
@@ -160,8 +168,15 @@ def checkpoint_sources(specs: Sequence[str], dtype="bfloat16", mesh=None, moe_im
     Loading (and any hub download) happens lazily, one checkpoint at a time; dtype and moe_impl
     as in `load_checkpoint`."""
     sources = []
+    seen: dict[tuple[str, str | None], str] = {}
     for spec in specs:
         path_or_repo, revision, step = parse_checkpoint_spec(spec)
+        # One checkpoint under two steps would add two identical points to every curve and correlation.
+        where = (os.path.realpath(path_or_repo) if os.path.isdir(path_or_repo) else path_or_repo, revision)
+        if where in seen:
+            raise ValueError(f"checkpoint specs {seen[where]!r} and {spec!r} name the same checkpoint; each "
+                             "checkpoint may appear once (under one step)")
+        seen[where] = spec
         sources.append(CheckpointSource(
             step, spec, lambda p=path_or_repo, r=revision: load_checkpoint(p, r, dtype, mesh, moe_impl),
             lambda p=path_or_repo, r=revision: checkpoint_identity(p, r, dtype, moe_impl)))

@@ -1,6 +1,7 @@
 """The paper's OLMoE experiment from a config (configs/olmoe_grokking.py): data, checkpoints, pipeline."""
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import jax
@@ -37,6 +38,26 @@ def load_test_results(config: ml_collections.ConfigDict, steps: list[int]) -> Te
     return None
 
 
+def check_validation_domains(train_domains, validation_domains, validation_paths: str) -> None:
+    """ValueError naming validation domains (file stems, or group field values) that match no
+    training domain, with a "did you mean" hint; a warning names training domains without
+    validation samples. Without the check `val/maths.jsonl` beside the domain `math` would
+    silently leave `math` without its validation loss and held-out control."""
+    unknown = [d for d in validation_domains if d not in train_domains]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, train_domains, n=1, cutoff=0.6)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"validation_paths ({validation_paths}): domain(s) {', '.join(hints)} match no training "
+                         f"domain {list(train_domains)}; a validation file is matched to its domain by its stem "
+                         "(or group field), so name it as the training file")
+    missing = [d for d in train_domains if d not in validation_domains]
+    if missing:
+        logging.warning("validation_paths (%s) holds no sample of domain(s) %s: they get no validation loss and "
+                        "no held-out control", validation_paths, missing)
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Validate the options and inputs, load the data, then run every checkpoint through the pipeline.
 
@@ -55,6 +76,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         validation_config = config.data.copy_and_resolve_references()
         validation_config.paths = config.validation_paths
         splits["validation"] = load_split(validation_config)
+        check_validation_domains(splits["train"].group_names, splits["validation"].group_names,
+                                 config.validation_paths)
     if test is not None:
         test.check(splits["train"].group_names, len(sources))
     train_embeddings = None
