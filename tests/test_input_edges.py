@@ -183,3 +183,66 @@ def test_verify_theory_samples_must_be_positive(tmp_path, samples):
     with pytest.raises(ValueError, match=rf"toy\.samples must be a positive integer.*got {samples}"):
         toy_bounds.run(str(tmp_path / "no-run"), str(out), samples, SyntheticConfig.from_config(synthetic_config()))
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Case 12: a toy config is validated whole before anything is written
+# ----------------------------------------------------------------------------------------
+def _toy_config(**task_or_model):
+    from config_files import load_config
+
+    config = load_config("toy_grokking")
+    config.train.steps = 2
+    for key, value in task_or_model.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(task__p=3, task__train_fraction=0.9),
+     r"invalid config\.task: .*operation 'add': p=3 gives 9 pairs, train_fraction=0\.9 .*empty validation split"
+     r".*task\.p.*task\.train_fraction"),
+    (dict(model__num_layers=0), r"invalid config\.model: .*num_layers=0 must be a positive integer"),
+    (dict(model__num_experts=0), r"invalid config\.model: .*num_experts=0 must be a positive integer"),
+])
+def test_bad_toy_config_is_refused_before_anything_is_written(tmp_path, changes, match):
+    from moe_grok.training import loop, multiseed
+
+    config = _toy_config(**changes)
+    for name, train in (("single", lambda d: loop.train(config, d, progress=False)),
+                        ("multiseed", lambda d: multiseed.train(config, d, [0, 1], progress=False))):
+        workdir = tmp_path / name
+        with pytest.raises(ValueError, match=match):
+            train(str(workdir))
+        assert not workdir.exists() or not os.listdir(workdir), os.listdir(workdir)  # no run.json: a fix re-runs
+
+
+def test_evaluation_splits_name_the_empty_split():
+    from moe_grok.data import tasks
+
+    data = tasks.make_dataset(tasks.TaskSpec(p=3, ops=("add", "mul"), train_fraction=(0.5, 0.9)))
+    with pytest.raises(ValueError, match=r"operation 'mul'.*empty validation split"):
+        tasks.evaluation_splits(data)
+
+
+# ----------------------------------------------------------------------------------------
+# Case 14: a mesh whose expert axis does not divide the experts
+# ----------------------------------------------------------------------------------------
+def test_expert_axis_that_does_not_divide_the_experts_is_named(tmp_path, toy_model):
+    from moe_grok.model import checkpoint_io
+    from moe_grok.sharding import make_mesh
+
+    model_config, params = toy_model  # 4 experts
+    ckpt = tmp_path / "step100"
+    checkpoint_io.save_params(str(ckpt), model_config, params)
+    mesh = make_mesh(data=1, expert=3)
+    match = r"mesh\.expert=3 does not divide num_experts=4 of .*step100.*use one of \[1, 2, 4\]"
+    with pytest.raises(ValueError, match=match):
+        sources_lib.load_checkpoint(str(ckpt), None, "float32", mesh)
+    source = sources_lib.checkpoint_sources([str(ckpt)], dtype="float32", mesh=mesh)[0]
+    with pytest.raises(ValueError, match=match):
+        olmoe_run.check_mesh_fits(mesh, source)  # run() calls it before the pipeline starts
+    # A dividing axis loads.
+    loaded_config, _ = sources_lib.load_checkpoint(str(ckpt), None, "float32", make_mesh(data=1, expert=2))
+    assert loaded_config.num_experts == 4

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moe_grok import sharding
 from moe_grok.config import CONFIG_FILE, MoEConfig
 from moe_grok.model import checkpoint_io, hf
 
@@ -69,8 +70,13 @@ def load_checkpoint(path_or_repo: str, revision: str | None, dtype="bfloat16", m
     moe_impl: the expert dispatch to run it with (None: the checkpoint's own, "auto" for HF).
     """
     if revision is None and checkpoint_io.is_checkpoint_dir(path_or_repo):
+        sharding.check_expert_axis(mesh, MoEConfig.load(path_or_repo).num_experts, path_or_repo)
         model_config, params = checkpoint_io.restore_params(path_or_repo, mesh=mesh, dtype=dtype)
         return (model_config if moe_impl is None else model_config.replace(moe_impl=moe_impl)), params
+    if mesh is not None:  # the experts must split over the mesh: checked on config.json, before any weight is read
+        ckpt_dir = hf.resolve_checkpoint_dir(path_or_repo, revision)
+        sharding.check_expert_axis(mesh, hf.hf_model_config(ckpt_dir).num_experts,
+                                   path_or_repo + (f"@{revision}" if revision else ""))
     return hf.load_hf(path_or_repo, revision, dtype, mesh, **({} if moe_impl is None else {"moe_impl": moe_impl}))
 
 

@@ -16,6 +16,7 @@ from moe_grok.checkpoints.sources import checkpoint_sources
 from moe_grok.checkpoints.test_correctness import load_test_accuracy_csv, load_test_correctness_csv
 from moe_grok.config import MOE_IMPLS
 from moe_grok.data.corpus import load_split
+from moe_grok.model.errors import CheckpointError
 
 DTYPES = ("bfloat16", "float32")
 
@@ -58,6 +59,20 @@ def check_validation_domains(train_domains, validation_domains, validation_paths
                         "no held-out control", validation_paths, missing)
 
 
+def check_mesh_fits(mesh, source) -> None:
+    """ValueError before any work when `mesh.expert` does not divide the experts of the first
+    checkpoint, if its config can be read without loading it (a local directory, or a hub
+    revision in the local hub cache); every checkpoint is checked again when it loads."""
+    if mesh is None or mesh.shape.get(sharding.EXPERT_AXIS, 1) == 1 or source.identity is None:
+        return
+    try:
+        settings = source.identity().get("model_config")
+    except (CheckpointError, OSError, ValueError):  # named again, in its place, when the checkpoint loads
+        return
+    if settings:
+        sharding.check_expert_axis(mesh, settings["num_experts"], source.name)
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Validate the options and inputs, load the data, then run every checkpoint through the pipeline.
 
@@ -86,6 +101,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     mesh = sharding.make_mesh(data=None if config.mesh.data < 0 else config.mesh.data, expert=config.mesh.expert)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     sources = checkpoint_sources(specs, dtype=config.dtype, mesh=mesh, moe_impl=config.moe_impl)
+    check_mesh_fits(mesh, sources[0])
     validation = "validation" if "validation" in splits else None
     return pipeline.run_pipeline(sources, splits, config.out_dir, test=test, held_out_split=validation,
                                  validation_split=validation, train_embeddings=train_embeddings, options=options,
