@@ -246,3 +246,48 @@ def test_expert_axis_that_does_not_divide_the_experts_is_named(tmp_path, toy_mod
     # A dividing axis loads.
     loaded_config, _ = sources_lib.load_checkpoint(str(ckpt), None, "float32", make_mesh(data=1, expert=2))
     assert loaded_config.num_experts == 4
+
+
+# ----------------------------------------------------------------------------------------
+# Case 16: token ids the checkpoint cannot embed, named with file and sample before it loads
+# ----------------------------------------------------------------------------------------
+@pytest.fixture
+def olmoe_config(tmp_path, toy_model):
+    """An olmoe_grokking config over a moe_grok checkpoint of the toy model (vocab 16) and two
+    pre-tokenized JSONL domains; the second line of code.jsonl holds id 40."""
+    from config_files import load_config
+
+    from moe_grok.model import checkpoint_io
+
+    model_config, params = toy_model
+    ckpt = tmp_path / "ckpt"
+    checkpoint_io.save_params(str(ckpt), model_config, params)
+    math = _write_jsonl(tmp_path / "math.jsonl", [{"input_ids": [2, 3, 4, 5]}, {"input_ids": [5, 6, 7]}])
+    code = _write_jsonl(tmp_path / "code.jsonl", [{"input_ids": [8, 9, 10]}, {"input_ids": [11, 40, 12]}])
+    config = load_config("olmoe_grokking")
+    config.checkpoints = f"{ckpt}=100"
+    config.dtype = "float32"
+    config.out_dir = str(tmp_path / "out")
+    config.data.update(dict(format="jsonl_ids", paths=f"{math},{code}", seq_len=6, max_samples_per_group=0))
+    return config
+
+
+def test_token_ids_outside_the_vocabulary_name_the_file_and_sample(olmoe_config):
+    with pytest.raises(ValueError, match=r"train data: 1 sample\(s\) .*outside \[0, 16\).*code\.jsonl:line 2 "
+                                         r"\(token id 40\)"):
+        olmoe_run.run(olmoe_config)
+    assert not os.path.exists(olmoe_config.out_dir)  # before the first checkpoint: nothing cached
+
+
+def test_pad_id_outside_the_vocabulary_is_named_as_pad_id(olmoe_config, toy_model):
+    olmoe_config.data.paths = olmoe_config.data.paths.split(",")[0]  # math.jsonl: ids in range
+    olmoe_config.data.pad_id = 20
+    with pytest.raises(ValueError, match=r"data\.pad_id=20 is not a token id of checkpoint .*vocab_size 16"):
+        olmoe_run.run(olmoe_config)
+    assert not os.path.exists(olmoe_config.out_dir)
+    # A user-built split padded with an out-of-range id: extract_dataset names the pad id, not "token ids".
+    model_config, params = toy_model
+    tokens = np.array([[3, 4, 5, 20]], np.int32)
+    mask = np.array([[1, 1, 1, 0]], np.int32)
+    with pytest.raises(ValueError, match=r"the pad id \[20\] .*padding positions.*pad_id"):
+        extract_dataset(model_config, params, tokens, mask, progress=False)

@@ -115,7 +115,15 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len "
                          f"{model_config.max_seq_len}")
     if tokens.max() >= model_config.vocab_size or tokens.min() < 0:
-        raise ValueError(f"token ids must lie in [0, {model_config.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
+        real = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask) != 0
+        outside = (tokens >= model_config.vocab_size) | (tokens < 0)
+        if not (outside & real).any():  # only padding positions: the split's pad id is the problem
+            pad = np.unique(tokens[outside])
+            raise ValueError(f"the pad id {pad[:3].tolist()} (at padding positions, mask 0) is not a token id of "
+                             f"the model (vocab_size {model_config.vocab_size}): pad with an id below it (pad_id)")
+        rows = np.flatnonzero((outside & real).any(axis=1))
+        raise ValueError(f"token ids must lie in [0, {model_config.vocab_size}); samples {rows[:10].tolist()} "
+                         f"({rows.size} in all) hold ids in [{tokens[real].min()}, {tokens[real].max()}]")
     tokens, mask, targets, target_mask = _split_arrays(tokens, mask, targets, target_mask)
     chex.assert_type([tokens, mask, targets, target_mask], int)
     chex.assert_equal_shape([tokens, mask, targets, target_mask])  # each [samples, seq]
