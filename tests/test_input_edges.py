@@ -13,12 +13,17 @@ import pytest
 from moe_grok.analysis.options import AnalysisOptions, analysis_config
 from moe_grok.checkpoints import sources as sources_lib
 from moe_grok.config import toy
-from moe_grok.data import corpus
+from moe_grok.data import corpus, tasks
 from moe_grok.data.splits import EvalSplit, next_token_targets
 from moe_grok.extraction.routing import extract_dataset
+from moe_grok.model import checkpoint_io
 from moe_grok.model import params as params_lib
+from moe_grok.sharding import make_mesh
 from moe_grok.studies import olmoe_run, toy_bounds
 from moe_grok.theory.synthetic_run import SyntheticConfig, synthetic_config
+from moe_grok.training import loop, multiseed
+
+from config_files import load_config
 
 
 def _write_jsonl(path, records):
@@ -189,8 +194,6 @@ def test_verify_theory_samples_must_be_positive(tmp_path, samples):
 # Case 12: a toy config is validated whole before anything is written
 # ----------------------------------------------------------------------------------------
 def _toy_config(**task_or_model):
-    from config_files import load_config
-
     config = load_config("toy_grokking")
     config.train.steps = 2
     for key, value in task_or_model.items():
@@ -207,8 +210,6 @@ def _toy_config(**task_or_model):
     (dict(model__num_experts=0), r"invalid config\.model: .*num_experts=0 must be a positive integer"),
 ])
 def test_bad_toy_config_is_refused_before_anything_is_written(tmp_path, changes, match):
-    from moe_grok.training import loop, multiseed
-
     config = _toy_config(**changes)
     for name, train in (("single", lambda d: loop.train(config, d, progress=False)),
                         ("multiseed", lambda d: multiseed.train(config, d, [0, 1], progress=False))):
@@ -219,8 +220,6 @@ def test_bad_toy_config_is_refused_before_anything_is_written(tmp_path, changes,
 
 
 def test_evaluation_splits_name_the_empty_split():
-    from moe_grok.data import tasks
-
     data = tasks.make_dataset(tasks.TaskSpec(p=3, ops=("add", "mul"), train_fraction=(0.5, 0.9)))
     with pytest.raises(ValueError, match=r"operation 'mul'.*empty validation split"):
         tasks.evaluation_splits(data)
@@ -230,9 +229,6 @@ def test_evaluation_splits_name_the_empty_split():
 # Case 14: a mesh whose expert axis does not divide the experts
 # ----------------------------------------------------------------------------------------
 def test_expert_axis_that_does_not_divide_the_experts_is_named(tmp_path, toy_model):
-    from moe_grok.model import checkpoint_io
-    from moe_grok.sharding import make_mesh
-
     model_config, params = toy_model  # 4 experts
     ckpt = tmp_path / "step100"
     checkpoint_io.save_params(str(ckpt), model_config, params)
@@ -255,10 +251,6 @@ def test_expert_axis_that_does_not_divide_the_experts_is_named(tmp_path, toy_mod
 def olmoe_config(tmp_path, toy_model):
     """An olmoe_grokking config over a moe_grok checkpoint of the toy model (vocab 16) and two
     pre-tokenized JSONL domains; the second line of code.jsonl holds id 40."""
-    from config_files import load_config
-
-    from moe_grok.model import checkpoint_io
-
     model_config, params = toy_model
     ckpt = tmp_path / "ckpt"
     checkpoint_io.save_params(str(ckpt), model_config, params)
