@@ -19,7 +19,7 @@ def get_config():
     config.out_dir = "runs/olmoe"  # cache/ (per-checkpoint stats) and report/
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1,  # data-parallel groups (-1: all devices / expert)
-        expert=1,  # devices per group splitting the experts (each also takes its own share of the batch)
+        expert=1,  # devices per group splitting the experts, a divisor of num_experts (each also takes a batch share)
     ))
     config.distributed = False  # multi-host: call jax.distributed.initialize() first
     config.data = ml_collections.ConfigDict(dict(  # moe_grok.data.corpus.load_split reads every key
@@ -37,7 +37,7 @@ def get_config():
         max_samples_per_group=1000,  # seeded subsample per group (0 = all)
         seed=0,  # subsampling seed
         pad_id=1,  # padding token id (OLMoE's)
-        vocab_size=0,  # check token ids < vocab_size (0 = unchecked)
+        vocab_size=0,  # check token ids < vocab_size while loading (0: checked against the first checkpoint's)
         on_short="drop",  # samples with < 2 tokens: "drop" (logged) or "error"
         lengths="",  # npy: comma-separated lengths .npy files aligned with paths ("" = none)
         file_pad_id=-1,  # npy: trailing id marking padding inside the files (-1 = none)

@@ -16,6 +16,6 @@ def get_config():
     ))
     config.toy = ml_collections.ConfigDict(dict(
         workdir="",  # a finished toy run: follow the bound along its checkpoints instead ("" = synthetic)
-        samples=1000,  # training samples (seeded subset) in the toy-run Gram
+        samples=1000,  # training samples (seeded subset, >= 1) in the toy-run Gram
     ))
     return config

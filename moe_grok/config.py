@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any
 
@@ -74,6 +75,14 @@ class MoEConfig:
         # JSON gives a list; a tuple keeps the config hashable (it is a static jit argument).
         object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
         problems = []
+        sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
+                 "expert_intermediate_size", "max_seq_len")
+        for name in sizes:  # 0 layers used to fail as an IndexError inside the dispatch, after training began
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if problems:
+            raise ValueError("invalid MoEConfig: " + "; ".join(problems))
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if not 0 < self.num_experts_per_tok <= self.num_experts:

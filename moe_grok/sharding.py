@@ -26,6 +26,19 @@ def make_mesh(data: int | None = None, expert: int = 1, devices=None) -> Mesh:
     return Mesh(grid, (DATA_AXIS, EXPERT_AXIS))
 
 
+def check_expert_axis(mesh: Mesh | None, num_experts: int, where: str) -> None:
+    """ValueError unless the mesh's "expert" axis (config `mesh.expert`) divides `num_experts`, naming
+    both and `where` (the checkpoint): each device of an expert group holds an equal share of the
+    experts. Called before any parameter is placed (JAX's own error names neither)."""
+    if mesh is None or EXPERT_AXIS not in mesh.shape:
+        return
+    size = mesh.shape[EXPERT_AXIS]
+    if num_experts % size:
+        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ValueError(f"mesh.expert={size} does not divide num_experts={num_experts} of {where}: each device "
+                         f"of an expert group holds num_experts / mesh.expert experts; use one of {divisors}")
+
+
 def data_axis(mesh: Mesh) -> str:
     """The axis batches are split over: "data", or the first axis of a mesh without one."""
     return DATA_AXIS if DATA_AXIS in mesh.axis_names else mesh.axis_names[0]

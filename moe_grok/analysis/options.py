@@ -24,7 +24,7 @@ class AnalysisOptions:
     eps_unit: str = "median_final_loss"  # grid unit: the domain's median final loss, or "nats"
     distance_level: str = "char"  # primary distance: "char" (paper, pathway strings) or "token"
     distance_normalized: bool = False  # primary distance divided by the longer pathway's length
-    max_pairs: int | None = 2000  # sampled pairs per distance (None: all pairs)
+    max_pairs: int | None = 2000  # sampled pairs per distance (None, or 0 in a config: all pairs; < 0 refused)
     seed: int = 0  # pair sampling and control-sample seed
     onset_threshold: float = 0.8  # onsets: accuracy (group) / later mean correctness (sample) above this
     max_later_errors: int = 1  # a test sample's onset allows at most this many later errors
@@ -78,7 +78,9 @@ class AnalysisOptions:
         values = {n: config[n] for n in names}
         for name in ("target_fraction", "tau_sweep", "delta_sweep", "eps_sweep", "positions"):
             values[name] = tuple(values[name]) if not isinstance(values[name], str) else (values[name],)
-        if values["max_pairs"] is not None and values["max_pairs"] <= 0:
+        # A config cannot hold None next to an int default on the command line: 0 spells "all pairs".
+        # A negative value is refused (by __post_init__), not read as "all pairs".
+        if values["max_pairs"] == 0:
             values["max_pairs"] = None
         return cls(**values)
 

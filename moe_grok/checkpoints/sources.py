@@ -21,6 +21,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moe_grok import sharding
 from moe_grok.config import CONFIG_FILE, MoEConfig
 from moe_grok.model import checkpoint_io, hf
 
@@ -43,9 +44,17 @@ def parse_checkpoint_spec(spec: str) -> tuple[str, str | None, int]:
     The step comes from an explicit "=STEP" suffix, else from "step{S}" in the revision
     (OLMoE's "step245000-tokens1027B") or the directory name.
     """
-    spec, _, explicit = spec.partition("=")
+    full_spec = spec
+    spec, has_step, explicit = spec.partition("=")
     path_or_repo, _, revision = spec.partition("@")
-    if explicit:
+    if has_step:
+        # int() alone would name neither the spec nor the rule ("invalid literal for int()"), and
+        # would accept "-5", a step no training run has (its cache entry would be step_-000000005).
+        if not re.fullmatch(r"\s*\d+\s*", explicit):
+            raise ValueError(f"checkpoint spec {full_spec!r}: the step after '=' must be a non-negative integer, "
+                             f"got {explicit!r}")
+        if not path_or_repo:
+            raise ValueError(f"checkpoint spec {full_spec!r} names no checkpoint before '='")
         return path_or_repo, revision or None, int(explicit)
     found = re.search(r"step(\d+)", revision or os.path.basename(os.path.normpath(path_or_repo)))
     if found is None:
@@ -61,8 +70,13 @@ def load_checkpoint(path_or_repo: str, revision: str | None, dtype="bfloat16", m
     moe_impl: the expert dispatch to run it with (None: the checkpoint's own, "auto" for HF).
     """
     if revision is None and checkpoint_io.is_checkpoint_dir(path_or_repo):
+        sharding.check_expert_axis(mesh, MoEConfig.load(path_or_repo).num_experts, path_or_repo)
         model_config, params = checkpoint_io.restore_params(path_or_repo, mesh=mesh, dtype=dtype)
         return (model_config if moe_impl is None else model_config.replace(moe_impl=moe_impl)), params
+    if mesh is not None:  # the experts must split over the mesh: checked on config.json, before any weight is read
+        ckpt_dir = hf.resolve_checkpoint_dir(path_or_repo, revision)
+        sharding.check_expert_axis(mesh, hf.hf_model_config(ckpt_dir).num_experts,
+                                   path_or_repo + (f"@{revision}" if revision else ""))
     return hf.load_hf(path_or_repo, revision, dtype, mesh, **({} if moe_impl is None else {"moe_impl": moe_impl}))
 
 
@@ -160,8 +174,15 @@ def checkpoint_sources(specs: Sequence[str], dtype="bfloat16", mesh=None, moe_im
     Loading (and any hub download) happens lazily, one checkpoint at a time; dtype and moe_impl
     as in `load_checkpoint`."""
     sources = []
+    seen: dict[tuple[str, str | None], str] = {}
     for spec in specs:
         path_or_repo, revision, step = parse_checkpoint_spec(spec)
+        # One checkpoint under two steps would add two identical points to every curve and correlation.
+        where = (os.path.realpath(path_or_repo) if os.path.isdir(path_or_repo) else path_or_repo, revision)
+        if where in seen:
+            raise ValueError(f"checkpoint specs {seen[where]!r} and {spec!r} name the same checkpoint; each "
+                             "checkpoint may appear once (under one step)")
+        seen[where] = spec
         sources.append(CheckpointSource(
             step, spec, lambda p=path_or_repo, r=revision: load_checkpoint(p, r, dtype, mesh, moe_impl),
             lambda p=path_or_repo, r=revision: checkpoint_identity(p, r, dtype, moe_impl)))

@@ -4,7 +4,7 @@ Arrays, for N samples of S tokens:
   tokens      [N, S] int32  token ids, right-padded
   mask        [N, S] int32  1 = real token, 0 = padding
   targets     [N, S] int32  the token scored at each position (next token for language modelling)
-  target_mask [N, S] int32  1 where position t is scored (loss / exact match)
+  target_mask [N, S] int32  1 where position t is scored (loss / exact match); every sample needs one
   groups      [N]    int32  index into group_names (one group = one data domain)
 """
 from __future__ import annotations
@@ -59,6 +59,15 @@ class EvalSplit:
         empty = [self.group_names[g] for g in np.flatnonzero(counts == 0)]
         if empty:
             raise ValueError(f"empty group(s) {empty}: every group needs at least one sample")
+        # A sample with no scored position (e.g. one real token under next-token targets) has no loss:
+        # it would read as loss 0 at every checkpoint, be "memorized" at the first and form a
+        # spurious Pretrain@ group.
+        unscored = np.flatnonzero(np.asarray(self.target_mask).sum(axis=1) == 0)
+        if unscored.size:
+            groups = sorted({self.group_names[g] for g in self.groups[unscored]})
+            raise ValueError(f"sample(s) {unscored[:10].tolist()} ({unscored.size} in all, group(s) {groups}) have "
+                             "no scored position (target_mask all 0; a next-token sample needs >= 2 real tokens): "
+                             "drop them, as the corpus loaders do")
 
     def __len__(self) -> int:
         return len(self.tokens)

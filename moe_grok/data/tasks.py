@@ -79,6 +79,30 @@ class TaskSpec:
         if not isinstance(self.random_labels, (bool, np.bool_)):
             raise ValueError(f"random_labels must be a bool, got {self.random_labels!r}")
 
+    def split_sizes(self, op: str, validation_share: float = 0.5) -> dict[str, int]:
+        """Pairs of operation ``op`` in each evaluation split ({"train", "validation", "test"}), as
+        ``make_dataset`` and ``evaluation_splits`` cut them (without building them)."""
+        n_pairs = self.p * (self.p - 1) if op == "div" else self.p * self.p
+        n_train = min(max(round(self.fraction_of(op) * n_pairs), 1), n_pairs - 1)
+        held_out = n_pairs - n_train
+        validation = int(round(validation_share * held_out))
+        return {"train": n_train, "validation": validation, "test": held_out - validation}
+
+    def check_evaluation_splits(self, validation_share: float = 0.5) -> None:
+        """ValueError naming every operation whose train, validation or test split (evaluation_splits)
+        would be empty, and the options that size them (task.p, task.train_fraction)."""
+        problems = []
+        for op in self.ops:
+            sizes = self.split_sizes(op, validation_share)
+            empty = [name for name, size in sizes.items() if size < 1]
+            if empty:
+                problems.append(f"operation {op!r}: p={self.p} gives {sum(sizes.values())} pairs, train_fraction="
+                                f"{self.fraction_of(op)} leaves {sizes} -> empty {' and '.join(empty)} split")
+        if problems:
+            raise ValueError("every evaluation split needs a pair of every operation: " + "; ".join(problems)
+                             + ". Raise task.p or move task.train_fraction away from 0 / 1 (the held-out pairs "
+                             "are halved into validation and test)")
+
     def fraction_of(self, op: str) -> float:
         """Train share of operation ``op``'s pairs."""
         if isinstance(self.train_fraction, tuple):
@@ -206,6 +230,8 @@ def evaluation_splits(data: AlgorithmicDataset, validation_share: float = 0.5) -
     scored at the answer position, groups = operations: "train", and the held-out pairs cut in two
     by a seeded draw per operation: "validation" (Table 1's validation loss) and "test" (accuracy,
     Test@ groups, the held-out control). Training logs "test" metrics over both halves."""
+    data.spec.check_evaluation_splits(validation_share)
+
     def split_of(inputs, answers, groups):
         return EvalSplit(inputs, np.ones_like(inputs), *answer_targets(inputs, answers), groups, data.group_names)
 

@@ -115,11 +115,24 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len "
                          f"{model_config.max_seq_len}")
     if tokens.max() >= model_config.vocab_size or tokens.min() < 0:
-        raise ValueError(f"token ids must lie in [0, {model_config.vocab_size}); got [{tokens.min()}, {tokens.max()}]")
+        real = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask) != 0
+        outside = (tokens >= model_config.vocab_size) | (tokens < 0)
+        if not (outside & real).any():  # only padding positions: the split's pad id is the problem
+            pad = np.unique(tokens[outside])
+            raise ValueError(f"the pad id {pad[:3].tolist()} (at padding positions, mask 0) is not a token id of "
+                             f"the model (vocab_size {model_config.vocab_size}): pad with an id below it (pad_id)")
+        rows = np.flatnonzero((outside & real).any(axis=1))
+        raise ValueError(f"token ids must lie in [0, {model_config.vocab_size}); samples {rows[:10].tolist()} "
+                         f"({rows.size} in all) hold ids in [{tokens[real].min()}, {tokens[real].max()}]")
     tokens, mask, targets, target_mask = _split_arrays(tokens, mask, targets, target_mask)
     chex.assert_type([tokens, mask, targets, target_mask], int)
     chex.assert_equal_shape([tokens, mask, targets, target_mask])  # each [samples, seq]
     check_nonempty(mask)
+    if with_loss:
+        check_targets(targets, target_mask, model_config.vocab_size)
+    # An unscored position may hold anything (HF's -100); the gather would turn an out-of-range id into
+    # NaN, and NaN * 0 stays NaN: give such positions id 0. Scored positions, the loss, are unchanged.
+    targets = np.where(target_mask != 0, targets, 0).astype(np.int32)
     n = tokens.shape[0]
     shards = 1 if mesh is None else mesh.size  # the batch is split over every device
     step = -(-max(batch_size, 1) // shards) * shards
@@ -184,13 +197,36 @@ def extract_splits(model_config: MoEConfig, params, splits: dict[str, tuple], ba
     return {name: result[name] for name in splits}
 
 
+def check_targets(targets: np.ndarray, target_mask: np.ndarray, vocab_size: int) -> None:
+    """ValueError naming the samples whose scored targets (target_mask 1) lie outside [0, vocab_size).
+
+    targets, target_mask: [N, S] int. The loss gathers log-probabilities at the target id, and
+    a gather wraps or clamps an out-of-range id: -1 would be scored as the last token of the
+    vocabulary, and HF's ignore label -100 as another real token once the vocabulary exceeds 100.
+    Unscored positions (target_mask 0) may hold anything."""
+    scored = np.asarray(target_mask) != 0
+    bad = scored & ((targets < 0) | (targets >= vocab_size))
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        values = np.unique(np.asarray(targets)[bad])
+        raise ValueError(f"scored target ids must lie in [0, {vocab_size}) (the vocabulary); samples "
+                         f"{rows[:10].tolist()} ({rows.size} in all) hold {values[:5].tolist()} at positions with "
+                         "target_mask 1. To leave a position unscored (HF's ignore label -100), set its "
+                         "target_mask to 0")
+
+
 def _split_arrays(tokens, mask, targets, target_mask) -> list[np.ndarray]:
     """[tokens, mask, targets, target_mask] as int32 [N, S], with the defaults of None (all tokens
-    real; next-token targets) made explicit: extract_dataset's inputs, and splits ready to join."""
+    real; next-token targets) made explicit: extract_dataset's inputs, and splits ready to join.
+    targets and target_mask come together: both None, or both given."""
     tokens = np.asarray(tokens, np.int32)
     mask = np.ones_like(tokens) if mask is None else np.asarray(mask, np.int32)
     if mask.shape != tokens.shape:
         raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
+    if (targets is None) != (target_mask is None):
+        given, missing = ("targets", "target_mask") if target_mask is None else ("target_mask", "targets")
+        raise ValueError(f"{given} given without {missing}: give both (which token is scored at each position, "
+                         "and where), or neither for next-token targets over the real tokens")
     if targets is None:
         targets, target_mask = next_token_targets(tokens, mask)
     return [tokens, mask, np.asarray(targets, np.int32), np.asarray(target_mask, np.int32)]

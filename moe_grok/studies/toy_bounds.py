@@ -17,6 +17,14 @@ from moe_grok.theory import kernels as theory
 from moe_grok.training.run_config import task_spec
 
 
+def check_samples(n_samples) -> None:
+    """ValueError unless n_samples (configs/verify_theory.py's `toy.samples`) is a positive integer:
+    0 would divide by zero in the Gram's normalization, a negative count fails inside numpy."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"toy.samples must be a positive integer (training samples in the toy-run Gram), "
+                         f"got {n_samples!r}")
+
+
 def toy_run_bounds(workdir: str, n_samples: int = 1000, lam: float = 0.1, noise_std: float = 0.1,
                    delta: float = 0.05, c1: float = 1.0, seed: int = 0) -> list[dict]:
     """d_eff and the bound of the multi-layer routing Gram along a toy run's checkpoints.
@@ -24,8 +32,10 @@ def toy_run_bounds(workdir: str, n_samples: int = 1000, lam: float = 0.1, noise_
     A seeded subset of n_samples training examples is followed across checkpoints (their
     routing from the run's analysis cache, computed if missing); targets are the centered
     one-hot answers [n, p]. Each row: step, test_error (1 - test accuracy), d_eff, bias,
-    variance, bound.
+    variance, bound. n_samples must be a positive integer (ValueError naming `toy.samples`
+    otherwise, before any checkpoint is read).
     """
+    check_samples(n_samples)
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     data = tasks.make_dataset(task_spec(config))
@@ -72,6 +82,7 @@ def save_toy_bound_plot(rows: list[dict], path: str) -> None:
 def run(workdir: str, out_dir: str, samples: int, synthetic) -> str:
     """toy_run_bounds with the bound constants of `synthetic` (a SyntheticConfig); writes
     toy_bounds.json and toy_bounds.png to out_dir and returns the table."""
+    check_samples(samples)
     rows = toy_run_bounds(workdir, samples, synthetic.lam, synthetic.noise_std, synthetic.delta, synthetic.c1)
     os.makedirs(out_dir, exist_ok=True)
     strict_json.dump(rows, os.path.join(out_dir, "toy_bounds.json"), indent=1)

@@ -30,6 +30,7 @@ class LoadInfo:
     n_truncated: int  # rows that were longer than seq_len and cut
     n_dropped_short: int  # samples dropped for having < 2 tokens
     available: dict[str, int]  # group -> candidate samples before max_samples_per_group
+    n_duplicates: int = 0  # rows equal (after truncation) to an earlier row of their group: kept, counted
 
 
 # A materialized sample: (provenance label, ids [<= seq_len or full], original length).
@@ -93,8 +94,10 @@ def assemble_split(groups: Sequence[tuple[str, Sequence[Sample]]], seq_len: int,
     rows, labels, group_ids, lengths = [], [], [], []
     n_truncated = n_short = 0
     short_examples: list[str] = []
+    duplicate_examples: list[str] = []
     for g, (name, samples) in enumerate(groups):
         kept = 0
+        first_of: dict[bytes, str] = {}  # a row's ids -> the label of its first occurrence in this group
         for label, ids, full_length in samples:
             if full_length > seq_len:
                 n_truncated += 1
@@ -108,6 +111,12 @@ def assemble_split(groups: Sequence[tuple[str, Sequence[Sample]]], seq_len: int,
                 if len(short_examples) < 3:
                     short_examples.append(label)
                 continue
+            key = np.asarray(ids, np.int64).tobytes()
+            if key in first_of:
+                # Kept (the data is the user's), but a duplicate pairs with its copy at distance 0: say so.
+                duplicate_examples.append(f"{label} = {first_of[key]}")
+            else:
+                first_of[key] = label
             rows.append(ids)
             labels.append(label)
             group_ids.append(g)
@@ -121,6 +130,9 @@ def assemble_split(groups: Sequence[tuple[str, Sequence[Sample]]], seq_len: int,
     if n_short:
         logging.warning("dropped %d sample(s) with < 2 tokens (no next-token target), e.g. %s",
                        n_short, ", ".join(short_examples))
+    if duplicate_examples:
+        logging.warning("%d sample(s) repeat an earlier sample of their domain (kept; a repeat pairs with its copy "
+                        "at distance 0), e.g. %s", len(duplicate_examples), ", ".join(duplicate_examples[:3]))
     n = len(rows)
     tokens = np.full((n, seq_len), pad_id, np.int32)
     mask = np.zeros((n, seq_len), np.int32)
@@ -132,7 +144,8 @@ def assemble_split(groups: Sequence[tuple[str, Sequence[Sample]]], seq_len: int,
                       tuple(name for name, _ in groups))
     if not return_info:
         return split
-    return split, LoadInfo(tuple(labels), np.asarray(lengths, np.int32), n_truncated, n_short, dict(available))
+    return split, LoadInfo(tuple(labels), np.asarray(lengths, np.int32), n_truncated, n_short, dict(available),
+                         len(duplicate_examples))
 
 
 def make_lm_split(samples_by_group: Mapping[str, Sequence[Sequence[int]]], seq_len: int, *, pad_id: int = OLMOE_PAD_ID,

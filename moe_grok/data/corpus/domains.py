@@ -25,7 +25,20 @@ def as_path_list(paths: PathLike | Sequence[PathLike], what: str = "paths") -> l
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError(f"{what}: no files given")
+    check_distinct_files(paths, what)
     return paths
+
+
+def check_distinct_files(paths: Sequence[str], what: str = "paths") -> None:
+    """ValueError naming a file listed twice (the same file under two spellings too): its samples
+    would be doubled and paired with their own copies (distance 0), the random controls moved."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        key = os.path.realpath(path)
+        if key in seen:
+            same = f" ({seen[key]!r} and {path!r})" if seen[key] != path else ""
+            raise ValueError(f"{what}: file {path!r} is listed twice{same}; list each data file once")
+        seen[key] = path
 
 
 def file_group_name(path: PathLike) -> str:

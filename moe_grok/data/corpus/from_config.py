@@ -80,8 +80,9 @@ def load_split(config: Any, return_info: bool = False):
                                        instance_length=get("instance_length") or None,
                                        instances=get("instances") or None, **common)
     counts = np.bincount(split.groups, minlength=len(split.group_names))
-    logging.info("loaded %d samples of %d tokens: %s (truncated %d, dropped %d short)", len(split.tokens), seq_len,
-                ", ".join(f"{g}={c}/{info.available[g]}" for g, c in zip(split.group_names, counts, strict=False)),
-                info.n_truncated, info.n_dropped_short)
+    logging.info("loaded %d samples of %d tokens: %s (truncated %d, dropped %d short, %d repeated)",
+                 len(split.tokens), seq_len,
+                 ", ".join(f"{g}={c}/{info.available[g]}" for g, c in zip(split.group_names, counts, strict=False)),
+                 info.n_truncated, info.n_dropped_short, info.n_duplicates)
     return (split, info) if return_info else split
 

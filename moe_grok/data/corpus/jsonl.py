@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -13,17 +14,37 @@ from moe_grok.data.corpus.assemble import OLMOE_EOS_TOKEN, OLMOE_PAD_ID, as_toke
 from moe_grok.data.corpus.domains import PathLike, as_path_list, choose_samples, file_group_name
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def _read_jsonl(path: str) -> Iterable[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; ValueError for bad JSON or an empty file."""
+    """(line number, record) for every non-blank line; ValueError naming the file (and line) for
+    bad JSON, a byte that is not UTF-8, a truncated or invalid .gz file, or an empty file.
+
+    Lines are read as bytes and decoded one by one, so a decoding error names its line."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     count = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    lineno = 0
+    with _open_binary(path) as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines, None)
+            except EOFError:  # gzip: the stream ends before its end marker
+                raise ValueError(f"{path}: truncated gzip file (cut after line {lineno})") from None
+            except (gzip.BadGzipFile, zlib.error) as e:
+                raise ValueError(f"{path}: not a valid gzip file ({e}); a plain JSONL file must not end in .gz"
+                                 ) from None
+            if raw is None:
+                break
+            lineno += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:line {lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1}); JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 
 from moe_grok.data.corpus.assemble import OLMOE_PAD_ID, assemble_split, check_loader_args
-from moe_grok.data.corpus.domains import PathLike, as_path_list, choose_samples, file_group_name
+from moe_grok.data.corpus.domains import PathLike, as_path_list, check_distinct_files, choose_samples, file_group_name
 from moe_grok.data.corpus.npy import load_npy_array
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -125,6 +125,7 @@ def _files_and_groups(data_paths, instances) -> tuple[list[tuple[str, str]], lis
         if not data_paths:
             raise ValueError("data_paths is empty: no files given")
         files = [(os.fspath(p), str(g)) for g, ps in data_paths.items() for p in as_path_list(ps, f"group {g!r}")]
+        check_distinct_files([p for p, _ in files], "data_paths")
         return files, [str(g) for g in data_paths]
     files = [(p, file_group_name(p)) for p in as_path_list(data_paths, "data_paths")]
     return files, list(dict.fromkeys(g for _, g in files))
