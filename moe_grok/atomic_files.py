@@ -176,7 +176,7 @@ def replace_directory(staging: str, path: str) -> None:
 def directory_aside(path: str | os.PathLike) -> Iterator[str]:
     """Yield an empty temporary directory beside `path`; when the block ends without error it
     replaces `path` whole (`replace_directory`). On error it is removed and `path` is untouched;
-    an OSError is raised again as WriteError naming `path` (unless it already names a file)."""
+    an OSError is raised again as WriteError naming the file at fault as it would be under `path`."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = temporary_path(path, keep_extension=False)
@@ -186,7 +186,10 @@ def directory_aside(path: str | os.PathLike) -> Iterator[str]:
         replace_directory(staging, path)
     except OSError as error:
         _remove(staging)
-        raise (error if isinstance(error, WriteError) else _named(error, path)) from error
+        # Name the file where it was to be (path/...), not inside the temporary directory.
+        where = os.fspath(error.filename) if isinstance(error.filename, (str, os.PathLike)) else ""
+        where = path + where[len(staging):] if where.startswith(staging) else path
+        raise WriteError(error.errno, error.strerror or str(error), where) from error
     except BaseException:
         _remove(staging)
         raise
