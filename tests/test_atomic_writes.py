@@ -1,7 +1,7 @@
 """Every file a finished run leaves is whole or absent (issue 35: cases 1, 6, 8, 9, 10, 11 and "Done when").
 
 Each writer is tested by filling the disk half-way through its write (`disk_full`: writes to a
-temporary file beside the target raise OSError(ENOSPC) after `budget` bytes) or by killing a
+file under a directory raise OSError(ENOSPC) after `budget` bytes) or by killing a
 process between its write and its rename: the previous complete file (or report, or
 checkpoint) must stay in place, no temporary file may stay behind, and the error must name the
 file at fault.
@@ -60,14 +60,16 @@ class _FullDisk:
         self.real.close()
 
 
-def disk_full(monkeypatch, budget: int):
-    """From now on, the disk holds `budget` more bytes of temporary files (names with ".tmp"):
-    every open() for writing one of them returns a file whose writes fail with ENOSPC past it."""
-    real_open, left = builtins.open, [budget]
+def disk_full(monkeypatch, under, budget: int):
+    """From now on, the disk holds `budget` more bytes under the directory `under`: every open()
+    for writing a file there returns one whose writes fail with ENOSPC past that (old and new
+    code alike: the target itself or a temporary file beside it)."""
+    real_open, left, under = builtins.open, [budget], os.path.abspath(under) + os.sep
 
     def fake_open(file, mode="r", *args, **kwargs):
         handle = real_open(file, mode, *args, **kwargs)
-        if isinstance(file, (str, os.PathLike)) and ".tmp" in os.fspath(file) and any(c in mode for c in "wax"):
+        if (isinstance(file, (str, os.PathLike)) and os.path.abspath(file).startswith(under)
+                and any(c in mode for c in "wax")):
             return _FullDisk(handle, left)
         return handle
 
@@ -97,7 +99,7 @@ def test_json_file_survives_a_full_disk(tmp_path, monkeypatch):
     path = str(tmp_path / "results.json")
     strict_json.dump({"old": list(range(100))}, path, indent=1)
     before = _files(tmp_path)
-    disk_full(monkeypatch, budget=50)
+    disk_full(monkeypatch, tmp_path, budget=50)
     with pytest.raises(OSError) as raised:
         strict_json.dump({"new": list(range(200))}, path, indent=1)
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == path  # names the file
@@ -128,7 +130,7 @@ def test_report_files_are_replaced_as_a_set_or_not_at_all(two_reports, tmp_path,
     old, new = two_reports
     write_report(old, str(tmp_path), with_plots=False)
     before = _files(tmp_path)
-    disk_full(monkeypatch, budget)
+    disk_full(monkeypatch, tmp_path, budget)
     with pytest.raises(OSError) as raised:
         write_report(new, str(tmp_path), with_plots=False)
     monkeypatch.undo()
@@ -141,13 +143,13 @@ def test_report_files_are_replaced_as_a_set_or_not_at_all(two_reports, tmp_path,
 
 def test_plots_are_written_whole(two_reports, tmp_path, monkeypatch):
     old, new = two_reports
-    write_report(new, str(tmp_path / "probe"))
-    tables = sum(len(v) for k, v in _files(tmp_path / "probe").items() if not k.endswith(".png"))
+    write_report(new, str(tmp_path / "probe"), with_plots=False)
+    tables = sum(len(v) for v in _files(tmp_path / "probe").values())
     out = tmp_path / "out"
     write_report(old, str(out))
     before = _files(out)
     assert "groups.png" in before
-    disk_full(monkeypatch, budget=tables + 100)  # the tables fit, the plots do not
+    disk_full(monkeypatch, out, budget=tables + 100)  # the tables fit, the plots do not
     with pytest.raises(OSError, match=r"\.png"):
         write_report(new, str(out))
     monkeypatch.undo()
@@ -183,7 +185,7 @@ def test_pipeline_report_tree_survives_a_full_disk(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _run_pipeline(monkeypatch, out, 0, ("all", "scored"))
     before = _files(out / "report")
-    disk_full(monkeypatch, budget=size + 100)  # the new main report fits, its sub-report does not
+    disk_full(monkeypatch, out, budget=size + 100)  # the new main report fits, its sub-report does not
     with pytest.raises(OSError) as raised:
         _run_pipeline(monkeypatch, out, 1, ("all", "scored"))
     monkeypatch.undo()
@@ -223,7 +225,7 @@ def test_cache_entry_on_a_full_disk_names_the_entry_and_leaves_no_temporary(tmp_
     cache_lib.store_checkpoint_stats(cache, source, splits, extracted, model_config, params)
     before = _files(cache)
     extracted["train"]["loss"] = extracted["train"]["loss"] + 1
-    disk_full(monkeypatch, budget=700)
+    disk_full(monkeypatch, cache, budget=700)
     with pytest.raises(OSError) as raised:
         cache_lib.store_checkpoint_stats(cache, source, splits, extracted, model_config, params)
     monkeypatch.undo()
