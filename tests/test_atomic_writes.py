@@ -102,9 +102,9 @@ def test_json_file_survives_a_full_disk(tmp_path, monkeypatch):
     disk_full(monkeypatch, tmp_path, budget=50)
     with pytest.raises(OSError) as raised:
         strict_json.dump({"new": list(range(200))}, path, indent=1)
-    assert raised.value.errno == errno.ENOSPC and raised.value.filename == path  # names the file
     monkeypatch.undo()
     assert _files(tmp_path) == before and strict_json.load(path) == {"old": list(range(100))}
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == path  # names the file
 
 
 # --- report files (case 9) and the report tree (case 6) ---------------------------------------------------------
@@ -134,9 +134,9 @@ def test_report_files_are_replaced_as_a_set_or_not_at_all(two_reports, tmp_path,
     with pytest.raises(OSError) as raised:
         write_report(new, str(tmp_path), with_plots=False)
     monkeypatch.undo()
-    assert raised.value.errno == errno.ENOSPC
-    assert os.path.dirname(raised.value.filename) == str(tmp_path), raised.value  # names a report file
     assert _files(tmp_path) == before and not _temporaries(tmp_path)
+    assert raised.value.errno == errno.ENOSPC
+    assert os.path.dirname(raised.value.filename or "") == str(tmp_path), raised.value  # names a report file
     write_report(new, str(tmp_path), with_plots=False)  # with room again, the new report replaces it whole
     assert _files(tmp_path) != before and not _temporaries(tmp_path)
 
@@ -189,10 +189,10 @@ def test_pipeline_report_tree_survives_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(OSError) as raised:
         _run_pipeline(monkeypatch, out, 1, ("all", "scored"))
     monkeypatch.undo()
+    assert _files(out / "report") == before and not _temporaries(out)
     # the error names the file at fault where it would have been (not the temporary directory)
     assert raised.value.errno == errno.ENOSPC, raised.value
     assert raised.value.filename == str(out / "report" / "positions_scored" / "summary.json"), raised.value
-    assert _files(out / "report") == before and not _temporaries(out)
 
 
 # --- cache entries (case 11) ------------------------------------------------------------------------------------
@@ -229,8 +229,8 @@ def test_cache_entry_on_a_full_disk_names_the_entry_and_leaves_no_temporary(tmp_
     with pytest.raises(OSError) as raised:
         cache_lib.store_checkpoint_stats(cache, source, splits, extracted, model_config, params)
     monkeypatch.undo()
-    assert raised.value.errno == errno.ENOSPC and raised.value.filename == os.path.join(cache, "step_0000000100.npz")
     assert _files(cache) == before and not _temporaries(cache)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == os.path.join(cache, "step_0000000100.npz")
 
 
 def test_temporary_cache_entries_of_killed_writers_are_removed_on_resume(tmp_path):
