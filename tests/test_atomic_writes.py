@@ -380,3 +380,19 @@ def test_save_params_refuses_a_directory_of_other_files(tmp_path):
     with pytest.raises(checkpoint_io.CheckpointError, match=r"notes\.txt.*replaces the directory whole"):
         checkpoint_io.save_params(str(tmp_path), TINY, params)
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_directory_replaced_whole_with_or_without_an_atomic_exchange(tmp_path, monkeypatch, exchange):
+    """replace_directory swaps with renameat2(RENAME_EXCHANGE) where the kernel has it, else two renames
+    (the old tree aside first); either way the new tree is in place and nothing else stays."""
+    from moe_grok import atomic_files
+
+    if not exchange:
+        monkeypatch.setattr(atomic_files, "_exchange", lambda a, b: False)
+    target = tmp_path / "report"
+    (target / "positions_scored").mkdir(parents=True)
+    (target / "positions_scored" / "summary.json").write_text("old")
+    with atomic_files.directory_aside(str(target)) as staging:
+        atomic_files.write_text(os.path.join(staging, "summary.json"), "new")
+    assert _files(target) == {"summary.json": b"new"} and os.listdir(tmp_path) == ["report"]
