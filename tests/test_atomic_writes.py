@@ -306,10 +306,12 @@ def test_convert_into_an_hf_checkpoint_directory_is_refused(tmp_path, fake_hf):
     other = _hf_dir(tmp_path / "other")
     with pytest.raises(checkpoint_io.CheckpointError, match=r"holds a convert of .*step2000"):
         checkpoint_io.convert_hf_checkpoint(other, out)
+    with pytest.raises(checkpoint_io.CheckpointError, match="is the HF checkpoint being converted"):
+        checkpoint_io.convert_hf_checkpoint(other, other, overwrite=True)
     checkpoint_io.convert_hf_checkpoint(other, target, dtype="float32", overwrite=True)
     assert sorted(os.listdir(target)) == ["convert.json", "moe_config.json", "params"]
-    assert sorted(os.listdir(tmp_path)) == [".converted.convert.lock", ".step1000.convert.lock", "converted",
-                                            "other", "step1000", "step2000"]
+    assert sorted(os.listdir(tmp_path)) == [".converted.convert.lock", ".other.convert.lock", ".step1000.convert.lock",
+                                            "converted", "other", "step1000", "step2000"]
 
 
 def test_convert_that_fails_midway_keeps_the_previous_output(tmp_path, fake_hf, monkeypatch):

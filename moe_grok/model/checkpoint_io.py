@@ -62,7 +62,10 @@ def check_convert_output(out_dir: str, path_or_repo: str, revision: str | None =
                          ) -> None:
     """Raise ConvertOutputError unless a convert of `path_or_repo` may write out_dir: it does not
     exist, is empty, holds a complete earlier convert of the same source (a re-run replaces it),
-    or `overwrite`. A file at out_dir is refused even with `overwrite`."""
+    or `overwrite`. A file at out_dir, or the source directory itself, is refused even with `overwrite`."""
+    if os.path.isdir(path_or_repo) and os.path.realpath(path_or_repo) == os.path.realpath(out_dir):
+        raise ConvertOutputError(f"--out {out_dir} is the HF checkpoint being converted: replacing it would delete "
+                                 f"the source; choose another --out")
     if not os.path.exists(out_dir):
         return
     if not os.path.isdir(out_dir):
