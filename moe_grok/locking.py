@@ -11,13 +11,16 @@ class DirectoryLock:
     The lock file records the holder's pid; a second writer raises RuntimeError naming it. The
     kernel releases the lock when the holder exits, however it exits. Training holds
     ``train.lock`` on its workdir (training.run_dir), an analysis ``analysis.lock`` on its out_dir
-    (pipeline). activity and directory_kind word the refusal ("is being trained ... use another
-    workdir").
+    (pipeline), a convert ``.<out>.convert.lock`` beside its output directory (model.checkpoint_io:
+    the output itself is replaced whole). activity and directory_kind word the refusal ("is being
+    trained ... use another workdir"); subject names what is locked (default: the directory).
     """
 
-    def __init__(self, directory: str, lock_file: str, activity: str, directory_kind: str):
+    def __init__(self, directory: str, lock_file: str, activity: str, directory_kind: str,
+                 subject: str | None = None):
         self.path = os.path.join(directory, lock_file)
         self.activity, self.directory_kind = activity, directory_kind
+        self.subject = subject  # what the refusal names (default: the directory holding the lock file)
         self._fd: int | None = None
 
     def __enter__(self) -> DirectoryLock:
@@ -30,7 +33,8 @@ class DirectoryLock:
                 raise
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RuntimeError(f"{os.path.dirname(self.path)} is being {self.activity} by another process (pid "
+            subject = self.subject or os.path.dirname(self.path)
+            raise RuntimeError(f"{subject} is being {self.activity} by another process (pid "
                                f"{holder}, lock {self.path}); wait for it to finish or use another "
                                f"{self.directory_kind}") from None
         os.ftruncate(fd, 0)

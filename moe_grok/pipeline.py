@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moe_grok import strict_json
+from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.analyze import analyze
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.analysis.test_results import TestResults, test_results_from_split
@@ -23,6 +23,7 @@ from moe_grok.report.files import write_report
 # Not train.lock, so an out_dir that is also a training workdir neither blocks nor is blocked by training.
 LOCK_FILE = "analysis.lock"
 RUN_CONFIG_FILE = "config.json"  # the resolved configuration of the run that analysed out_dir
+REPORT_DIR = "report"  # out_dir/report: the first positions' report; report/positions_<name>: the others
 
 
 @contextlib.contextmanager
@@ -64,7 +65,8 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
     the Test@ groups).
     held_out_split (default: test_split) holds the held-out control samples. One report per
     entry of options.positions: the first in out_dir/report, the others in
-    out_dir/report/positions_<name>. Returns the first. options: default AnalysisOptions().
+    out_dir/report/positions_<name>, written as one directory aside and swapped in whole (nothing
+    of an earlier report stays). Returns the first. options: default AnalysisOptions().
     run_config: the run's resolved configuration (JSON-able), recorded as out_dir/config.json
     (strict JSON) under the lock, before any checkpoint is read.
     """
@@ -82,11 +84,23 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
         if test is None and test_split is not None:
             test = test_results_from_split(stats, test_split, splits[test_split], test_embeddings)
         reports = []
-        for index, positions in enumerate(options.positions):
+        for positions in options.positions:
             report = analyze(stats, splits, train_split, test, held_out_split, validation_split, train_embeddings,
                              options, positions)
             report["checkpoints"] = [s.name for s in stats]
-            subdir = "report" if index == 0 else os.path.join("report", f"positions_{positions}")
-            write_report(report, os.path.join(out_dir, subdir), with_plots)
             reports.append(report)
+        if jax.process_index() == 0:
+            _write_reports(reports, options.positions, out_dir, with_plots)
     return reports[0]
+
+
+def _write_reports(reports: list[dict[str, Any]], positions: Sequence[str], out_dir: str, with_plots: bool) -> None:
+    """out_dir/report (the first report) with its sub-reports report/positions_<name>, as one
+    directory built aside and swapped in whole (atomic_files.directory_aside): a kill or a full
+    disk (WriteError naming the file) leaves the previous complete report tree, and a sub-report
+    of an earlier run with other positions never stays beside the new report."""
+    report_dir = os.path.join(out_dir, REPORT_DIR)
+    atomic_files.remove_stale_temporaries(out_dir, prefix=REPORT_DIR + ".")  # left by a killed run
+    with atomic_files.directory_aside(report_dir) as staging:
+        for index, (report, name) in enumerate(zip(reports, positions, strict=True)):
+            write_report(report, staging if index == 0 else os.path.join(staging, f"positions_{name}"), with_plots)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from moe_grok import atomic_files
+
 
 def to_strict(value: Any) -> Any:
     """`value` as plain JSON types: dicts (str keys), lists, str, int, bool, None and finite
@@ -41,9 +43,11 @@ def dumps(value: Any, **kwargs) -> str:
 
 
 def dump(value: Any, path: str | os.PathLike, **kwargs) -> None:
-    """Write `value` as strict JSON to the file at `path` (kwargs as json.dumps)."""
-    with open(path, "w") as f:
-        f.write(dumps(value, **kwargs))
+    """Write `value` as strict JSON to the file at `path` (kwargs as json.dumps), whole or not at
+    all: written aside and renamed (atomic_files), so a kill or a full disk keeps the previous
+    file; an OSError names `path`."""
+    text = dumps(value, **kwargs)  # a TypeError here leaves the file untouched too
+    atomic_files.write_text(path, text)
 
 
 def _reject_constant(name: str):

@@ -1,8 +1,9 @@
 """The per-checkpoint statistics cache: every split's per-sample routing, loss and correctness.
 
 `collect_checkpoint_stats` runs every split through every checkpoint once
-(`extraction.routing.extract_splits`) and caches each checkpoint's results as an atomic .npz,
-so an interrupted run resumes without recomputing finished checkpoints. `store_checkpoint_stats`
+(`extraction.routing.extract_splits`) and caches each checkpoint's results as an .npz written
+aside and renamed (`atomic_files`; temporary files of killed writers are removed on the next
+collection), so an interrupted run resumes without recomputing finished checkpoints. `store_checkpoint_stats`
 writes an entry from outputs extracted elsewhere (training's evaluation).
 
 A cache entry (cache_dir/step_<step>.npz) is used only when its key equals the current one:
@@ -17,7 +18,6 @@ from __future__ import annotations
 import datetime
 import functools
 import os
-import threading
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from moe_grok import strict_json
+from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.param_dynamics import parameter_sample
 from moe_grok.checkpoints.sources import CheckpointSource
@@ -164,10 +164,23 @@ def _save_cached(path: str, stats: CheckpointStats, key: dict[str, Any], archite
         return
     arrays = {f"{split}/{f}": v[f] for split, v in stats.splits.items() for f in STAT_FIELDS}
     arrays.update({f"params/{k}": v for k, v in stats.param_sample.items()})
-    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp.npz"  # two writers never share a temporary file
-    np.savez(tmp, router=stats.router, key=strict_json.dumps(key), architecture=strict_json.dumps(architecture),
-             name=stats.name, **arrays)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
+    # Written aside (<entry>.<pid>-<thread>.tmp.npz: two writers never share one) and renamed: a killed run
+    # never leaves a half-written entry; a full disk raises WriteError naming the entry and removes the
+    # temporary file.
+    with atomic_files.writing(path) as tmp:
+        np.savez(tmp, router=stats.router, key=strict_json.dumps(key), architecture=strict_json.dumps(architecture),
+                 name=stats.name, **arrays)
+
+
+def _remove_stale_temporaries(cache_dir: str) -> None:
+    """Remove the temporary entries of writers that no longer run (a kill between the write and the
+    rename, or a disk that filled up before the temporary file could be removed); process 0 only."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    for path in atomic_files.remove_stale_temporaries(cache_dir, prefix="step_"):
+        logging.warning("removed %s, a temporary cache entry left by a writer that no longer runs", path)
 
 
 def _checkpoint_stats(source: CheckpointSource, extracted: dict[str, dict[str, np.ndarray]], params
@@ -211,6 +224,7 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
     if len(set(steps)) != len(steps):
         raise ValueError(f"duplicate checkpoint steps: {sorted(steps)}")
     os.makedirs(cache_dir, exist_ok=True)
+    _remove_stale_temporaries(cache_dir)
     fingerprints = {name: split.fingerprint() for name, split in splits.items()}
     split_sizes = {name: len(split) for name, split in splits.items()}
     unidentified = [s.name for s in sources if s.identity is None]

@@ -2,6 +2,7 @@
 
 Layout of a checkpoint directory:
   moe_config.json   the MoEConfig (architecture and numerics)
+  convert.json      (converted checkpoints) the HF source, revision and dtype it was converted from
   params/           the public parameter tree (orbax PyTreeCheckpointHandler, without OCDBT: one
                     zarr array per parameter, params/<path joined by ".">/, in chunks of at most
                     64 MiB, stacks over layers chunked within each layer)
@@ -22,20 +23,102 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from moe_grok import atomic_files, strict_json
 from moe_grok.config import CONFIG_FILE, MoEConfig
+from moe_grok.locking import DirectoryLock
 from moe_grok.model import params as params_lib
 from moe_grok.model.errors import CheckpointError
 from moe_grok.model.hf import load_hf
 
 CHUNK_BYTES = 64 << 20  # bytes per stored chunk
+CONFIG_FILE_HF = "config.json"  # an HF checkpoint's config (a directory holding it is not ours to overwrite)
 
 
-def convert_hf_checkpoint(path_or_repo: str, out_dir: str, dtype="bfloat16", revision: str | None = None
-                          ) -> tuple[MoEConfig, int]:
+CONVERT_RECORD = "convert.json"  # in a converted checkpoint: the source it was converted from
+
+
+class ConvertOutputError(CheckpointError):
+    """A convert's --out directory holds something other than an earlier convert of the same source."""
+
+
+def _convert_source(path_or_repo: str, revision: str | None) -> dict:
+    """What a convert reads, as recorded in CONVERT_RECORD: a local directory by its resolved path,
+    a hub repo by its id and revision."""
+    local = os.path.isdir(path_or_repo)
+    return {"source": os.path.realpath(path_or_repo) if local else path_or_repo, "revision": revision}
+
+
+def _describe(directory: str) -> str:
+    """What a non-empty directory holds, in a few words (for a refusal)."""
+    names = sorted(os.listdir(directory))
+    if is_checkpoint_dir(directory):
+        return "a moe_grok checkpoint that no convert recorded (saved by save_params or an older moe_grok)"
+    if CONFIG_FILE_HF in names:
+        return f"an HF checkpoint ({CONFIG_FILE_HF}: converting into it would shadow its weights)"
+    return f"{len(names)} entries ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+
+
+def check_convert_output(out_dir: str, path_or_repo: str, revision: str | None = None, overwrite: bool = False
+                         ) -> None:
+    """Raise ConvertOutputError unless a convert of `path_or_repo` may write out_dir: it does not
+    exist, is empty, holds a complete earlier convert of the same source (a re-run replaces it),
+    or `overwrite`. A file at out_dir, or the source directory itself, is refused even with `overwrite`."""
+    if os.path.isdir(path_or_repo) and os.path.realpath(path_or_repo) == os.path.realpath(out_dir):
+        raise ConvertOutputError(f"--out {out_dir} is the HF checkpoint being converted: replacing it would delete "
+                                 f"the source; choose another --out")
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ConvertOutputError(f"--out {out_dir} is a file, not a directory")
+    if overwrite or not os.listdir(out_dir):
+        return
+    record_path = os.path.join(out_dir, CONVERT_RECORD)
+    try:
+        record = strict_json.load(record_path)
+    except (OSError, ValueError):
+        record = None
+    if record is not None and is_checkpoint_dir(out_dir):
+        recorded = {k: record.get(k) for k in ("source", "revision")}
+        if recorded == _convert_source(path_or_repo, revision):
+            return
+        held = f"a convert of {recorded['source']}" + (f"@{recorded['revision']}" if recorded["revision"] else "")
+    else:
+        held = _describe(out_dir)
+    raise ConvertOutputError(f"--out {out_dir} is not empty: it holds {held}; choose an empty or new --out, or "
+                             f"pass --overwrite to replace it (convert_hf_checkpoint(..., overwrite=True))")
+
+
+def convert_lock(out_dir: str) -> DirectoryLock:
+    """The one-writer lock of a convert into out_dir: ``.<name>.convert.lock`` in its parent
+    directory (out_dir itself is replaced whole, so it cannot hold the lock). A second convert
+    into the same out_dir raises RuntimeError naming out_dir, the holder's pid and the lock file."""
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    return DirectoryLock(parent, f".{name}.convert.lock", activity="written", directory_kind="--out directory",
+                         subject=f"--out {out_dir}")
+
+
+def convert_hf_checkpoint(path_or_repo: str, out_dir: str, dtype="bfloat16", revision: str | None = None,
+                          overwrite: bool = False) -> tuple[MoEConfig, int]:
     """An HF checkpoint of any supported family (`hf.load_hf`: local directory, repo or "repo@revision")
-    written as a moe_grok checkpoint in out_dir. Returns (its MoEConfig, its parameter count)."""
-    model_config, params = load_hf(path_or_repo, revision=revision, dtype=dtype)
-    save_params(out_dir, model_config, params)
+    written as a moe_grok checkpoint in out_dir. Returns (its MoEConfig, its parameter count).
+
+    Before anything is read: out_dir must be new, empty or a complete earlier convert of the same
+    source (`check_convert_output`; else ConvertOutputError, unless `overwrite`), and no other
+    convert may be writing it (`convert_lock`: RuntimeError naming the holder). The output is
+    built aside and swapped in whole (`save_params`), so a kill or a full disk leaves the previous
+    output or the new one, never a mix; temporary outputs of killed converts are removed.
+    CONVERT_RECORD in out_dir names the source."""
+    out_dir = os.path.abspath(out_dir)
+    with convert_lock(out_dir):
+        check_convert_output(out_dir, path_or_repo, revision, overwrite)
+        parent, name = os.path.split(out_dir)
+        atomic_files.remove_stale_temporaries(parent, prefix=name + ".")
+        model_config, params = load_hf(path_or_repo, revision=revision, dtype=dtype)
+        record = {**_convert_source(path_or_repo, revision), "dtype": jax.numpy.dtype(dtype).name}
+        save_params(out_dir, model_config, params, extra_files={CONVERT_RECORD: strict_json.dumps(record, indent=1)},
+                    replace=True)
     return model_config, sum(x.size for x in jax.tree.leaves(params))
 
 
@@ -44,19 +127,33 @@ def is_checkpoint_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "params"))
 
 
-def save_params(directory: str, model_config: MoEConfig, params) -> None:
+def save_params(directory: str, model_config: MoEConfig, params, extra_files: dict[str, str] | None = None,
+                replace: bool = False) -> None:
     """Write params with orbax (one zarr array per parameter, CHUNK_BYTES chunks) and the
-    MoEConfig as JSON beside them."""
+    MoEConfig as JSON beside them (and `extra_files`: {name: text}).
+
+    The checkpoint is built in a temporary directory beside `directory` and swapped in whole
+    (atomic_files.directory_aside): a kill or a full disk (WriteError naming the directory)
+    leaves the previous checkpoint there, or none, never half of one. An existing `directory` is
+    replaced only when it is a moe_grok checkpoint or empty (or `replace`); else CheckpointError:
+    its other files would be lost."""
     directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    if (not replace and os.path.isdir(directory) and os.listdir(directory) and not is_checkpoint_dir(directory)):
+        raise CheckpointError(f"{directory} holds files that are not a moe_grok checkpoint "
+                              f"({', '.join(sorted(os.listdir(directory))[:5])}); save_params replaces the "
+                              f"directory whole: choose another")
     # Stacks over layers are chunked layer by layer (a restore reads a few layers at a time).
     save_args = jax.tree_util.tree_map_with_path(
         lambda path, _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if path[0].key == "layers" else ()),
         params)
-    with _without_ocdbt_merge_warning(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
-        checkpointer.save(os.path.join(directory, "params"), args=ocp.args.PyTreeSave(params, save_args=save_args),
-                          force=True)
-    model_config.save(directory)
+    with atomic_files.directory_aside(directory) as staging:
+        with (_without_ocdbt_merge_warning(),
+              ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer):
+            checkpointer.save(os.path.join(staging, "params"), args=ocp.args.PyTreeSave(params, save_args=save_args),
+                              force=True)
+        model_config.save(staging)
+        for name, text in (extra_files or {}).items():
+            atomic_files.write_text(os.path.join(staging, name), text)
 
 
 class _OcdbtMergeWarning(logging.Filter):

@@ -16,9 +16,10 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
-from moe_grok import strict_json
+from moe_grok import atomic_files, strict_json
 from moe_grok.analysis import registry
 from moe_grok.report import plots
 
@@ -114,68 +115,104 @@ def _curve_rows(report: dict[str, Any]):
     yield from (("global", "", "memorized", metric, values) for metric, values in report["global"]["curves"].items())
 
 
-def write_report(report: dict[str, Any], out_dir: str, with_plots: bool = True) -> dict[str, str]:
-    """Every file of the module docstring in out_dir (the PNGs only `with_plots`); returns {file name: path}."""
-    os.makedirs(out_dir, exist_ok=True)
-    names = ("summary.json", "per_checkpoint.csv", "table1.csv", "groups.csv", "pairs.csv", "sweeps.csv",
-             "param_dynamics.csv", "table.txt")
-    paths = {name: os.path.join(out_dir, name) for name in names}
-    strict_json.dump(report, paths["summary.json"], indent=1)
+def _csv_writer(rows_of) -> Callable[[str], None]:
+    """A file writer (atomic_files.write_files) of the CSV rows `rows_of()` yields."""
+    def write(path: str) -> None:
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(rows_of())
+    return write
+
+
+def _per_checkpoint_rows(report: dict[str, Any]):
+    yield ["step", "domain", "group", "set", "metric", "value"]
     steps = report["steps"]
-    with open(paths["per_checkpoint.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "domain", "group", "set", "metric", "value"])
-        for domain, group, set_name, metric, values in _curve_rows(report):
-            writer.writerows([step, domain, group, set_name, metric, _number(v)]
-                             for step, v in zip(steps, values, strict=False))
-    with open(paths["table1.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["domain", "metric", "window", "n", "pearson_r", "pearson_p", "spearman_r", "spearman_p"])
-        for domain, d in report["domains"].items():
-            for metric, by_window in d.get("table1", {}).items():
-                for window, c in by_window.items():
-                    writer.writerow([domain, metric, window, c["n"], *(_number(c[k]) for k in
-                                                                      ("pearson_r", "pearson_p", "spearman_r",
-                                                                       "spearman_p"))])
-            for set_name, partial in d.get("partial_correlations", {}).items():
-                for metric, c in partial.items():
-                    writer.writerow([domain, f"{set_name}/{metric}|entropy,length", "window_partial", c["n"],
-                                     _number(c["r"]), _number(c["p"]), "", ""])
-    with open(paths["groups.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["domain", "group", "step", "n", "set", "metric", "slope_per_1k_steps", "ci95_low",
-                         "ci95_high", "p", "n_points"])
-        for domain, d in report["domains"].items():
-            for name, g in d["pretrain_groups"].items():
-                for set_name, trends in (("group", g["trend_after_t_star"]), *g["control_trends"].items()):
-                    for metric, t in trends.items():
-                        writer.writerow([domain, name, g["step"], g["n"], set_name, metric, _number(t["slope"]),
-                                         _number(t["ci95"][0]), _number(t["ci95"][1]), _number(t["p"]), t["n"]])
-    with open(paths["pairs.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["domain", "pretrain", "test", "pretrain_step", "test_step", "delay", "similarity"])
-        for domain, d in report["domains"].items():
-            writer.writerows([domain, p["pretrain"], p["test"], p["pretrain_step"], p["test_step"], p["delay"],
-                              _number(p["similarity"])] for p in d["pairs"])
-    with open(paths["sweeps.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["domain", "sweep", "tau", "delta", "eps_multiple", "eps", "share_before_end", "n_groups",
-                         "distance_window_pearson", "consistency_window_pearson"])
-        for domain, d in report["domains"].items():
-            for tau, t in d.get("tau_sweep", {}).items():
-                writer.writerow([domain, "tau", tau, "", "", "", "", "", _number(t["correlation"]["pearson_r"]), ""])
-            for row in d["eps_delta_sweep"]:
-                writer.writerow([domain, "eps_delta", "", row["delta"], row["eps_multiple"], _number(row["eps"]),
-                                 _number(row["share_before_end"]), row["n_groups"],
-                                 _number(row.get("distance_correlation", {}).get("pearson_r")),
-                                 _number(row.get("consistency_correlation", {}).get("pearson_r"))])
-    with open(paths["param_dynamics.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        columns = ("step_from", "step_to", "family", "relative_change", "speed_per_1k_steps", "stability")
-        writer.writerow(columns)
-        writer.writerows([row[c] for c in columns] for row in report["parameter_dynamics"])
-    with open(paths["table.txt"], "w") as f:
-        f.write(format_table(report) + "\n")
+    for domain, group, set_name, metric, values in _curve_rows(report):
+        yield from ([step, domain, group, set_name, metric, _number(v)] for step, v in zip(steps, values, strict=False))
+
+
+def _table1_rows(report: dict[str, Any]):
+    yield ["domain", "metric", "window", "n", "pearson_r", "pearson_p", "spearman_r", "spearman_p"]
+    for domain, d in report["domains"].items():
+        for metric, by_window in d.get("table1", {}).items():
+            for window, c in by_window.items():
+                yield [domain, metric, window, c["n"], *(_number(c[k]) for k in
+                                                         ("pearson_r", "pearson_p", "spearman_r", "spearman_p"))]
+        for set_name, partial in d.get("partial_correlations", {}).items():
+            for metric, c in partial.items():
+                yield [domain, f"{set_name}/{metric}|entropy,length", "window_partial", c["n"], _number(c["r"]),
+                       _number(c["p"]), "", ""]
+
+
+def _groups_rows(report: dict[str, Any]):
+    yield ["domain", "group", "step", "n", "set", "metric", "slope_per_1k_steps", "ci95_low", "ci95_high", "p",
+           "n_points"]
+    for domain, d in report["domains"].items():
+        for name, g in d["pretrain_groups"].items():
+            for set_name, trends in (("group", g["trend_after_t_star"]), *g["control_trends"].items()):
+                for metric, t in trends.items():
+                    yield [domain, name, g["step"], g["n"], set_name, metric, _number(t["slope"]),
+                           _number(t["ci95"][0]), _number(t["ci95"][1]), _number(t["p"]), t["n"]]
+
+
+def _pairs_rows(report: dict[str, Any]):
+    yield ["domain", "pretrain", "test", "pretrain_step", "test_step", "delay", "similarity"]
+    for domain, d in report["domains"].items():
+        yield from ([domain, p["pretrain"], p["test"], p["pretrain_step"], p["test_step"], p["delay"],
+                     _number(p["similarity"])] for p in d["pairs"])
+
+
+def _sweeps_rows(report: dict[str, Any]):
+    yield ["domain", "sweep", "tau", "delta", "eps_multiple", "eps", "share_before_end", "n_groups",
+           "distance_window_pearson", "consistency_window_pearson"]
+    for domain, d in report["domains"].items():
+        for tau, t in d.get("tau_sweep", {}).items():
+            yield [domain, "tau", tau, "", "", "", "", "", _number(t["correlation"]["pearson_r"]), ""]
+        for row in d["eps_delta_sweep"]:
+            yield [domain, "eps_delta", "", row["delta"], row["eps_multiple"], _number(row["eps"]),
+                   _number(row["share_before_end"]), row["n_groups"],
+                   _number(row.get("distance_correlation", {}).get("pearson_r")),
+                   _number(row.get("consistency_correlation", {}).get("pearson_r"))]
+
+
+def _param_dynamics_rows(report: dict[str, Any]):
+    columns = ("step_from", "step_to", "family", "relative_change", "speed_per_1k_steps", "stability")
+    yield list(columns)
+    yield from ([row[c] for c in columns] for row in report["parameter_dynamics"])
+
+
+def _text_writer(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write
+
+
+def report_writers(report: dict[str, Any], out_dir: str, with_plots: bool = True
+                   ) -> dict[str, Callable[[str], None]]:
+    """{path in out_dir: function writing that file at the path it is given} for every file of
+    the module docstring (the PNGs only `with_plots`), for atomic_files.write_files."""
+    writers = {
+        "summary.json": _text_writer(strict_json.dumps(report, indent=1)),
+        "per_checkpoint.csv": _csv_writer(lambda: _per_checkpoint_rows(report)),
+        "table1.csv": _csv_writer(lambda: _table1_rows(report)),
+        "groups.csv": _csv_writer(lambda: _groups_rows(report)),
+        "pairs.csv": _csv_writer(lambda: _pairs_rows(report)),
+        "sweeps.csv": _csv_writer(lambda: _sweeps_rows(report)),
+        "param_dynamics.csv": _csv_writer(lambda: _param_dynamics_rows(report)),
+        "table.txt": _text_writer(format_table(report) + "\n"),
+    }
     if with_plots:
-        paths.update(plots.plot_report(report, out_dir))
-    return paths
+        writers.update(plots.figure_writers(report))
+    return {os.path.join(out_dir, name): write for name, write in writers.items()}
+
+
+def write_report(report: dict[str, Any], out_dir: str, with_plots: bool = True) -> dict[str, str]:
+    """Every file of the module docstring in out_dir (the PNGs only `with_plots`); returns {file name: path}.
+
+    The files are written as a set (atomic_files.write_files): each aside, then all renamed, so a
+    failure while writing (a full disk: WriteError naming the file) leaves the previous report's
+    files as they were, not a mix of two reports."""
+    os.makedirs(out_dir, exist_ok=True)
+    writers = report_writers(report, out_dir, with_plots)
+    atomic_files.write_files(writers)
+    return {os.path.basename(path): path for path in writers}

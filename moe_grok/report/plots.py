@@ -20,6 +20,7 @@ the axes (never over the data), log axes labelled with plain numbers.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from moe_grok import atomic_files
 from moe_grok.analysis import registry
 
 DPI = 150
@@ -286,10 +288,23 @@ FIGURES = {"analysis.png": analysis_figure, "distances.png": distances_figure, "
 
 
 def save(fig: Figure, path: str) -> str:
-    fig.savefig(path, dpi=DPI)
+    """Write `fig` as a PNG at `path`, whole or not at all (written aside and renamed)."""
+    with atomic_files.writing(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path
 
 
+def figure_writers(report: dict[str, Any]) -> dict[str, Callable[[str], None]]:
+    """{file name: function drawing that figure into the PNG file at the path it is given} for
+    every figure of FIGURES (each drawn only when written, so one figure is in memory at a time)."""
+    def writer(make):
+        return lambda path: make(report).savefig(path, dpi=DPI, format="png")
+    return {name: writer(make) for name, make in FIGURES.items()}
+
+
 def plot_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:
-    """Every plot of the module docstring into out_dir; returns {file name: path}."""
-    return {name: save(make(report), os.path.join(out_dir, name)) for name, make in FIGURES.items()}
+    """Every plot of the module docstring into out_dir, written as a set (atomic_files.write_files);
+    returns {file name: path}."""
+    writers = {os.path.join(out_dir, name): write for name, write in figure_writers(report).items()}
+    atomic_files.write_files(writers)
+    return {os.path.basename(path): path for path in writers}
