@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moe_grok import atomic_files
+
 MOE_IMPLS = ("auto", "ragged", "chunked", "dense")
 ATTENTION_IMPLS = ("auto", "matmul", "elementwise")
 QK_NORMS = ("full", "per_head")  # q/k RMSNorm over the whole projection (OLMoE) or over each head (Qwen3-MoE)
@@ -187,8 +189,7 @@ class MoEConfig:
     def save(self, directory: str) -> str:
         """Write ``directory/moe_config.json``; returns its path."""
         path = os.path.join(directory, CONFIG_FILE)
-        with open(path, "w") as f:
-            f.write(self.to_json())
+        atomic_files.write_text(path, self.to_json())
         return path
 
     @classmethod

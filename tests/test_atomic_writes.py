@@ -398,3 +398,18 @@ def test_directory_replaced_whole_with_or_without_an_atomic_exchange(tmp_path, m
     with atomic_files.directory_aside(str(target)) as staging:
         atomic_files.write_text(os.path.join(staging, "summary.json"), "new")
     assert _files(target) == {"summary.json": b"new"} and os.listdir(tmp_path) == ["report"]
+
+
+def test_metrics_log_is_strict_json_and_reads_nan_back(tmp_path):
+    from moe_grok import strict_json
+    from moe_grok.training.metrics_log import METRICS_FILE, MetricsLog, read_metrics
+
+    log = MetricsLog(str(tmp_path))
+    log.append({"step": 0, "train_loss": float("nan"), "accuracy": 0.5})
+    log.append({"step": 10, "train_loss": 1.5, "accuracy": 0.75})
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [strict_json.loads(line)["train_loss"] for line in lines] == [None, 1.5]  # strict parsers accept it
+    rows = read_metrics(str(tmp_path))
+    assert np.isnan(rows[0]["train_loss"]) and rows[1]["train_loss"] == 1.5
+    log.keep_up_to(0)  # rewritten whole (aside and renamed), still strict
+    assert [strict_json.loads(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()] == [0]

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from moe_grok import sharding
+from moe_grok import atomic_files, sharding
 from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
 from moe_grok.training import run_dir
@@ -57,8 +57,7 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, model_conf
     run_dir.check_or_record_identity(workdir, run_dir.run_identity(config, model_config),
                                      has_training_output(workdir))
     model_config.save(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    atomic_files.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
 
 
 def _restore_common_state(runs: list[RunState], start_states: list) -> int | None:

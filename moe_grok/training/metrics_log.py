@@ -1,9 +1,12 @@
-"""A run's metrics log, ``workdir/metrics.jsonl``: one JSON object per logged step, appended."""
+"""A run's metrics log, ``workdir/metrics.jsonl``: one strict JSON object per logged step (a NaN written as
+null, read back as NaN), appended."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Any
+
+from moe_grok import atomic_files, strict_json
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -16,7 +19,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            rows.append(strict_json.nan_for_null(json.loads(line)))
         except json.JSONDecodeError as e:
             if number < len(lines):
                 raise ValueError(f"{path}:{number} is not valid JSON ({e}); remove or repair that line") from e
@@ -38,11 +41,10 @@ class MetricsLog:
         """Drop the rows newer than `step` (on resume from the train state at `step`: they will be
         redone; -1 drops every row)."""
         kept = [row for row in self.rows() if row["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
+        atomic_files.write_text(self.path, "".join(strict_json.dumps(row) + "\n" for row in kept))
         self.last = kept[-1] if kept else {}
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json.dumps(row) + "\n")
         self.last = row

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from moe_grok import strict_json
 from moe_grok.config import FIELDS_ADDED_LATER, MoEConfig
 from moe_grok.locking import DirectoryLock
 
@@ -95,8 +96,7 @@ def check_or_record_identity(workdir: str, identity: dict[str, Any], started: bo
         if started:
             raise ValueError(f"{workdir} holds training output but no {IDENTITY_FILE} (written by an older "
                              "moe_grok?): its run cannot be identified; use a new workdir")
-        with open(path, "w") as f:
-            json.dump(identity, f, indent=2, sort_keys=True)
+        strict_json.dump(identity, path, indent=2, sort_keys=True)
         return
     try:
         with open(path) as f:
