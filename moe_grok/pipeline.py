@@ -56,7 +56,7 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
                  train_embeddings: np.ndarray | None = None,
                  test_embeddings: np.ndarray | None = None, options: AnalysisOptions | None = None,
                  batch_size: int = 32, mesh=None, progress: bool = True, with_plots: bool = True,
-                 run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                 run_config: dict[str, Any] | None = None, data_notes: Sequence[str] = ()) -> dict[str, Any]:
     """Stats per checkpoint (cached in out_dir/cache), the analysis, and its files.
 
     out_dir is locked (out_dir/analysis.lock) for the whole run: a second analysis of it raises
@@ -69,6 +69,8 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
     of an earlier report stays). Returns the first. options: default AnalysisOptions().
     run_config: the run's resolved configuration (JSON-able), recorded as out_dir/config.json
     (strict JSON) under the lock, before any checkpoint is read.
+    data_notes: facts about the input data that every report lists among its warnings (e.g. repeated
+    samples, whose copies sit at pathway distance 0 from each other).
     """
     options = options or AnalysisOptions()
     held_out_split = held_out_split or test_split
@@ -88,6 +90,7 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
             report = analyze(stats, splits, train_split, test, held_out_split, validation_split, train_embeddings,
                              options, positions)
             report["checkpoints"] = [s.name for s in stats]
+            report["warnings"] = [*data_notes, *report.get("warnings", [])]
             reports.append(report)
         if jax.process_index() == 0:
             _write_reports(reports, options.positions, out_dir, with_plots)

@@ -283,3 +283,23 @@ def test_pad_id_outside_the_vocabulary_is_named_as_pad_id(olmoe_config, toy_mode
     mask = np.array([[1, 1, 1, 0]], np.int32)
     with pytest.raises(ValueError, match=r"the pad id \[20\] .*padding positions.*pad_id"):
         extract_dataset(model_config, params, tokens, mask, progress=False)
+
+
+def test_repeated_samples_are_counted_in_every_report(tmp_path, monkeypatch):
+    """The OLMoE run's data notes (olmoe_run.data_notes) head each report's warnings (summary.json, table.txt)."""
+    from moe_grok import pipeline
+    from moe_grok.studies import olmoe_run
+
+    rng = np.random.default_rng(0)
+    records = _ids_records(rng, 3)
+    path = _write_jsonl(tmp_path / "math.jsonl", records + [records[0]])
+    _, info = corpus.load_jsonl_ids(path, 8, groups_from_files=True, return_info=True)
+    notes = olmoe_run.data_notes({"train": info})
+    assert notes == ["data: 1 sample(s) of the train split repeat an earlier sample of their domain (kept; a sample "
+                     "and its copy are at pathway distance 0)"]
+    monkeypatch.setattr(pipeline, "collect_checkpoint_stats", lambda *args: [])
+    monkeypatch.setattr(pipeline, "analyze", lambda *args: {"warnings": ["from the analysis"]})
+    monkeypatch.setattr(pipeline, "_write_reports", lambda reports, *args: None)
+    split = corpus.load_jsonl_ids(path, 8, groups_from_files=True)
+    report = pipeline.run_pipeline([], {"train": split}, str(tmp_path / "out"), data_notes=notes)
+    assert report["warnings"] == [*notes, "from the analysis"]

@@ -60,6 +60,13 @@ def check_validation_domains(train_domains, validation_domains, validation_paths
                         "no held-out control", validation_paths, missing)
 
 
+def data_notes(infos: dict[str, Any]) -> list[str]:
+    """The report's lines about the loaded data (infos: split name -> its LoadInfo): repeated samples."""
+    return [f"data: {info.n_duplicates} sample(s) of the {name} split repeat an earlier sample of their domain "
+            "(kept; a sample and its copy are at pathway distance 0)"
+            for name, info in infos.items() if info.n_duplicates]
+
+
 def readable_model_settings(source) -> dict[str, Any] | None:
     """The MoEConfig fields of a checkpoint, when they can be read without loading it (a local
     directory, or a hub revision in the local hub cache); else None (the checkpoint's own load
@@ -140,4 +147,5 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return pipeline.run_pipeline(sources, splits, config.out_dir, test=test, held_out_split=validation,
                                  validation_split=validation, train_embeddings=train_embeddings, options=options,
                                  batch_size=config.batch_size, mesh=mesh, progress=jax.process_index() == 0,
-                                 run_config=config.copy_and_resolve_references().to_dict())
+                                 run_config=config.copy_and_resolve_references().to_dict(),
+                                 data_notes=data_notes(infos))
