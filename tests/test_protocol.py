@@ -20,8 +20,11 @@ def tiny_protocol_config(docs_dir: str):
         arm.task.p = 7
         arm.model.update(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8, num_experts=4,
                          num_experts_per_tok=2, expert_intermediate_size=16, moe_impl="dense")
-        arm.train.update(steps=20, batch_size=32, eval_every=10, checkpoint_every=5, learning_rate=1e-2)
-        arm.train.eval_batch_size = 64  # = analysis.batch_size: the analysis reuses training's evaluations
+        # an evaluation at every checkpoint, with eval_batch_size = analysis.batch_size: the analysis reuses every
+        # one of training's evaluations (the spawned analysis processes compile no extraction); the rerun test's
+        # analysis from scratch extracts them all and must equal it
+        arm.train.update(steps=20, batch_size=32, eval_every=5, checkpoint_every=5, learning_rate=1e-2)
+        arm.train.eval_batch_size = 64
         arm.analysis.update(batch_size=64, max_pairs=100)
     # two domains of the four: enough for the mixture's cross-domain measures (onset spread, H3 alignment), half
     # the per-domain analysis and figure panels
