@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from moe_grok.studies import protocol, protocol_pages, protocol_stats
+from moe_grok.studies import protocol, protocol_pages, protocol_stats, toy_run
 from moe_grok.training import run_dir
 
 from config_files import load_config
@@ -20,10 +20,25 @@ def tiny_protocol_config(docs_dir: str):
         arm.task.p = 7
         arm.model.update(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8, num_experts=4,
                          num_experts_per_tok=2, expert_intermediate_size=16, moe_impl="dense")
-        arm.train.update(steps=20, batch_size=32, eval_every=10, checkpoint_every=5, learning_rate=1e-2)
-        arm.train.eval_batch_size = 64  # = analysis.batch_size: the analysis reuses training's evaluations
+        # an evaluation at every checkpoint, with eval_batch_size = analysis.batch_size: the analysis reuses every
+        # one of training's evaluations (the spawned analysis processes compile no extraction); the rerun test's
+        # analysis from scratch extracts them all and must equal it
+        arm.train.update(steps=20, batch_size=32, eval_every=5, checkpoint_every=5, learning_rate=1e-2)
+        arm.train.eval_batch_size = 64
         arm.analysis.update(batch_size=64, max_pairs=100)
+    # two domains of the four: enough for the mixture's cross-domain measures (onset spread, H3 alignment), half
+    # the per-domain analysis and figure panels
+    config.arms.mixture.task.update(ops=("add", "mul"), train_fraction=(0.7, 0.5))
     return config
+
+
+@pytest.fixture
+def no_seed_plots(monkeypatch):
+    """Analyses in this process draw no per-seed figures (report/plots.py: most of an inline analysis's time in
+    these tiny runs; test_training and test_analysis check them). The protocol's own figures are still drawn."""
+    analyze_run = toy_run.analyze_run
+    monkeypatch.setattr(toy_run, "analyze_run", lambda *args, **kwargs: analyze_run(*args, **{**kwargs,
+                                                                                        "with_plots": False}))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +103,7 @@ def test_the_page_gives_back_the_effects_and_the_accuracy_curves_keep_their_doma
         np.testing.assert_array_equal(curves, [flat[k], flat[len(by_domain) + k]])
 
 
-def test_protocol_rerun_reuses_training(protocol_run):
+def test_protocol_rerun_reuses_training(protocol_run, no_seed_plots):
     config, root, results = protocol_run
     seed_dir = results["arms"]["grokking"]["seed_dirs"][0]
     checkpoint = os.path.join(seed_dir, "checkpoints", "20")
@@ -116,7 +131,7 @@ def test_protocol_rerun_reuses_training(protocol_run):
 
 
 @pytest.mark.parametrize("analysis_process", [True, False])
-def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, analysis_process):
+def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, analysis_process, no_seed_plots):
     config = tiny_protocol_config("")
     config.seeds = 1
     config.analysis_process = analysis_process
@@ -128,6 +143,7 @@ def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path
     checkpoint = tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20"
     trained = os.path.getmtime(checkpoint)
     config.arms.grokking.analysis.train_embeddings = ""
+    config.analysis_process = False  # the rerun analyses inline either way: what it checks is the training kept
     results = protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
     assert os.path.getmtime(checkpoint) == trained
     assert set(results["arms"]) == {"grokking", "random_labels"}
