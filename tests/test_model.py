@@ -275,9 +275,15 @@ def test_load_balancing_loss_matches_hf(tmp_path, rng):
     np.testing.assert_allclose(float(z), lse[mask.astype(bool)].mean(), rtol=1e-5)
 
 
-def test_orbax_round_trip(tmp_path):
+@pytest.fixture(scope="module")
+def toy_model():
+    """A toy config and its init_params (a compiled init): both orbax tests save it."""
     config = toy(vocab_size=20, num_layers=2)
-    params = model_lib.init_params(config, jax.random.key(0))
+    return config, model_lib.init_params(config, jax.random.key(0))
+
+
+def test_orbax_round_trip(tmp_path, toy_model):
+    config, params = toy_model
     save_params(str(tmp_path / "ckpt"), config, params)
     config2, params2 = restore_params(str(tmp_path / "ckpt"))
     assert config2 == config
@@ -471,7 +477,7 @@ def test_mixed_layer_model_inits_trains_and_restores(tmp_path):
     """A model with dense layers from init_params (no checkpoint): the public tree, gradients
     through both branches of the per-layer switch, and the orbax round trip."""
     config = toy(vocab_size=20, num_layers=3, dense_layers=(1,), dense_intermediate_size=24, qk_norm="per_head",
-                 family="qwen3_moe")
+                 family="qwen3_moe", expert_chunk_size=32, expert_chunk_granule=32)  # one chunk size: compiles faster
     params = model_lib.init_params(config, jax.random.key(0))
     assert params["layers"]["mlp"]["gate_proj"].shape == (1, 128, 24)
     assert params["layers"]["moe"]["router"].shape == (2, 128, 8)
@@ -487,9 +493,8 @@ def test_mixed_layer_model_inits_trains_and_restores(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, restored)
 
 
-def test_orbax_restore_reads_into_mesh_shards_and_casts(tmp_path):
-    config = toy(vocab_size=20, num_layers=2)
-    params = model_lib.init_params(config, jax.random.key(0))
+def test_orbax_restore_reads_into_mesh_shards_and_casts(tmp_path, toy_model):
+    config, params = toy_model
     save_params(str(tmp_path / "ckpt"), config, params)
     mesh = make_mesh(data=4, expert=2)
     config16, restored = restore_params(str(tmp_path / "ckpt"), mesh=mesh, dtype=jnp.bfloat16)

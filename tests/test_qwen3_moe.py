@@ -178,6 +178,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
     layer; a second run reads every checkpoint's stats back from the cache (none is loaded again)."""
     import torch
 
+    from moe_grok.report import plots
     from moe_grok.studies import olmoe_run
 
     from config_files import load_config
@@ -206,7 +207,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
     config.analysis.max_pairs, config.analysis.delta = 50, 0.3
     report = olmoe_run.run(config)
     assert report["steps"] == list(steps) and set(report["domains"]) == {"math", "code"}
-    assert os.path.exists(tmp_path / "run" / "report" / "table1.csv")
+    assert all(os.path.exists(tmp_path / "run" / "report" / name) for name in ("table1.csv", "per_layer.png"))
     cached = np.load(tmp_path / "run" / "cache" / f"step_{steps[-1]:010d}.npz")
     assert cached["router"].shape == (2, 8, 32)  # [L_moe, E, D]: the dense layer 1 does not route
     assert cached["train/mean_weights"].shape == (32, 2, 8)
@@ -215,6 +216,8 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
         raise AssertionError("a cached checkpoint was loaded again")
 
     monkeypatch.setattr(hf, "load_hf", refuse)
+    # The first run drew the figures (most of a run's time here); the rerun checks the cache, not them again.
+    monkeypatch.setattr(plots, "plot_report", lambda report, out_dir: {})
     again = olmoe_run.run(config)
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
 
