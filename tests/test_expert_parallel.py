@@ -37,22 +37,35 @@ def _place_dispatch_inputs(mesh, x, probs, stacks):
     return jax.device_put(x, tokens), jax.device_put(probs, tokens), [jax.device_put(w, experts) for w in stacks]
 
 
+# k = 3 > 2 experts per device on the 1 x 8 mesh: each device's rows are sized for 2 of a token's 3.
+_T, _D, _F, _E, _K, _LAYERS = 64, 16, 12, 16, 3, 3
+
+
+@functools.cache
+def _single_device_dispatch(impl, skew):
+    """(inputs, the one-device output checked against the dense oracle): both meshes compare to it."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(_T, _D)), jnp.float32)
+    probs = _router_probs(rng, _T, _E, _K, skew)
+    select = functools.partial(jax.lax.top_k, k=_K)
+    stacks = _stacks(rng, _LAYERS, _E, _D, _F)
+    kwargs = {"max_chunk": 16, "granule": 8} if impl == "chunked" else {}
+    single = jax.jit(lambda x, p, s, layer: dispatch.dispatch_experts(x, p, select, s, layer, impl, **kwargs))(
+        x, probs, stacks, jnp.int32(1))
+    expected = dispatch.experts_dense(x, *select(probs)[::-1], *(w[1] for w in stacks))
+    np.testing.assert_allclose(np.asarray(single), np.asarray(expected), atol=1e-4, rtol=1e-5)
+    return x, probs, stacks, single
+
+
 @pytest.mark.parametrize("impl", ["chunked", "ragged", "dense"])
 @pytest.mark.parametrize("skew", [0.0, 30.0])  # 30: every token picks experts 0..k-1
 @pytest.mark.parametrize("mesh_shape", [(4, 2), (1, 8)])
 def test_dispatch_equals_single_device(impl, skew, mesh_shape):
-    rng = np.random.default_rng(0)
-    # k = 3 > 2 experts per device on the 1 x 8 mesh: each device's rows are sized for 2 of a token's 3.
-    t, d, f, e, k, layers = 64, 16, 12, 16, 3, 3
-    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
-    probs = _router_probs(rng, t, e, k, skew)
+    k = _K
+    x, probs, stacks, single = _single_device_dispatch(impl, skew)
     select = functools.partial(jax.lax.top_k, k=k)
-    stacks = _stacks(rng, layers, e, d, f)
     kwargs = {"max_chunk": 16, "granule": 8} if impl == "chunked" else {}
     layer = jnp.int32(1)
-    single = dispatch.dispatch_experts(x, probs, select, stacks, layer, impl, **kwargs)
-    expected = dispatch.experts_dense(x, *select(probs)[::-1], *(w[1] for w in stacks))
-    np.testing.assert_allclose(np.asarray(single), np.asarray(expected), atol=1e-4, rtol=1e-5)
     mesh = sharding.make_mesh(*mesh_shape)
     run = jax.jit(lambda x, p, s, layer: dispatch.dispatch_experts(x, p, select, s, layer, impl, mesh, **kwargs))
     multi = run(*_place_dispatch_inputs(mesh, x, probs, stacks), layer)
@@ -78,7 +91,7 @@ def test_dispatch_gradients_equal_single_device():
 
         return fn
 
-    single = jax.grad(loss(None), argnums=(0, 1, 2, 3, 4))(x, probs, *stacks)
+    single = jax.jit(jax.grad(loss(None), argnums=(0, 1, 2, 3, 4)))(x, probs, *stacks)
     mesh = sharding.make_mesh(2, 4)
     x_p, probs_p, s_p = _place_dispatch_inputs(mesh, x, probs, stacks)
     multi = jax.jit(jax.grad(loss(mesh), argnums=(0, 1, 2, 3, 4)))(x_p, probs_p, *s_p)

@@ -20,6 +20,9 @@ from moe_grok.training import losses
 from hf_reference import hf_outputs, require_reference, save_hf_model
 
 TOL = 1e-4
+# One compiled forward per (config, shapes), shared by the tests that run the same tiny checkpoint
+# (the configs are static: equal configs hit the same cache entry).
+_forward = jax.jit(model_lib.forward, static_argnums=0)
 
 
 def _batch(rng, vocab=96, batch=3, seq=10):
@@ -32,7 +35,7 @@ def _batch(rng, vocab=96, batch=3, seq=10):
 
 def _assert_parity(hf_model, config, params, tokens, mask):
     ref_logits, ref_router = hf_outputs(hf_model, tokens, mask)
-    out = model_lib.forward(config, params, jnp.asarray(tokens), jnp.asarray(mask))
+    out = _forward(config, params, jnp.asarray(tokens), jnp.asarray(mask))
     real = mask.astype(bool)
     assert out.logits.shape == ref_logits.shape and out.router_logits.shape == ref_router.shape
     np.testing.assert_array_less(np.abs(np.asarray(out.logits) - ref_logits)[real].max(), TOL)
@@ -80,9 +83,9 @@ def test_attention_forms_agree_in_gradients_and_bfloat16(tmp_path, rng):
     config, params = load_hf(str(tmp_path))
     probe = jnp.asarray(rng.normal(size=(*tokens.shape, config.vocab_size)), jnp.float32) * mask[..., None]
 
-    def gradients(attention_impl):
-        loss = lambda p: jnp.sum(model_lib.forward(config.replace(attention_impl=attention_impl), p, tokens,
-                                                   mask).logits * probe)
+    def gradients(attention_impl):  # the dense expert kernel (the same in both arms) compiles fastest
+        loss = lambda p: jnp.sum(model_lib.forward(config.replace(attention_impl=attention_impl, moe_impl="dense"),
+                                                   p, tokens, mask).logits * probe)
         return jax.jit(jax.grad(loss))(params)
 
     for ours, theirs in zip(jax.tree.leaves(gradients("elementwise")), jax.tree.leaves(gradients("matmul")),
@@ -127,8 +130,8 @@ def test_bfloat16_weights_run_and_stay_close(tmp_path, rng):
     config16, params16 = load_hf(str(tmp_path), dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
     tokens, mask = _batch(rng)
-    out16 = model_lib.forward(config16, params16, jnp.asarray(tokens), jnp.asarray(mask))
-    out32 = model_lib.forward(config32, params32, jnp.asarray(tokens), jnp.asarray(mask))
+    out16 = _forward(config16, params16, jnp.asarray(tokens), jnp.asarray(mask))
+    out32 = _forward(config32, params32, jnp.asarray(tokens), jnp.asarray(mask))
     assert out16.logits.dtype == jnp.bfloat16 and out16.router_logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(out16.logits, np.float32)).all()
     err = np.abs(np.asarray(out16.logits, np.float32) - np.asarray(out32.logits))[mask.astype(bool)]
@@ -272,9 +275,15 @@ def test_load_balancing_loss_matches_hf(tmp_path, rng):
     np.testing.assert_allclose(float(z), lse[mask.astype(bool)].mean(), rtol=1e-5)
 
 
-def test_orbax_round_trip(tmp_path):
+@pytest.fixture(scope="module")
+def toy_model():
+    """A toy config and its init_params (a compiled init): both orbax tests save it."""
     config = toy(vocab_size=20, num_layers=2)
-    params = model_lib.init_params(config, jax.random.key(0))
+    return config, model_lib.init_params(config, jax.random.key(0))
+
+
+def test_orbax_round_trip(tmp_path, toy_model):
+    config, params = toy_model
     save_params(str(tmp_path / "ckpt"), config, params)
     config2, params2 = restore_params(str(tmp_path / "ckpt"))
     assert config2 == config
@@ -468,14 +477,14 @@ def test_mixed_layer_model_inits_trains_and_restores(tmp_path):
     """A model with dense layers from init_params (no checkpoint): the public tree, gradients
     through both branches of the per-layer switch, and the orbax round trip."""
     config = toy(vocab_size=20, num_layers=3, dense_layers=(1,), dense_intermediate_size=24, qk_norm="per_head",
-                 family="qwen3_moe")
+                 family="qwen3_moe", expert_chunk_size=32, expert_chunk_granule=32)  # one chunk size: compiles faster
     params = model_lib.init_params(config, jax.random.key(0))
     assert params["layers"]["mlp"]["gate_proj"].shape == (1, 128, 24)
     assert params["layers"]["moe"]["router"].shape == (2, 128, 8)
     assert params["layers"]["moe"]["gate_proj"].shape == (2, 8, 128, 128)
     assert params["layers"]["attn"]["q_norm"]["scale"].shape == (3, 32)
     tokens = np.random.default_rng(0).integers(0, 20, (2, 6))
-    grads = jax.grad(lambda p: jnp.sum(model_lib.forward(config, p, tokens).logits ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model_lib.forward(config, p, tokens).logits ** 2)))(params)
     for path in (("mlp", "down_proj"), ("moe", "router"), ("moe", "up_proj")):
         assert float(jnp.abs(grads["layers"][path[0]][path[1]]).max()) > 0, path
     save_params(str(tmp_path / "ckpt"), config, params)
@@ -484,9 +493,8 @@ def test_mixed_layer_model_inits_trains_and_restores(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, restored)
 
 
-def test_orbax_restore_reads_into_mesh_shards_and_casts(tmp_path):
-    config = toy(vocab_size=20, num_layers=2)
-    params = model_lib.init_params(config, jax.random.key(0))
+def test_orbax_restore_reads_into_mesh_shards_and_casts(tmp_path, toy_model):
+    config, params = toy_model
     save_params(str(tmp_path / "ckpt"), config, params)
     mesh = make_mesh(data=4, expert=2)
     config16, restored = restore_params(str(tmp_path / "ckpt"), mesh=mesh, dtype=jnp.bfloat16)

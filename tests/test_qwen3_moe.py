@@ -24,6 +24,8 @@ from moe_grok.model.errors import UnsupportedModelTypeError  # noqa: E402
 from hf_reference import hf_outputs, save_hf_model, save_qwen3_moe_model  # noqa: E402
 
 TOL = 1e-4
+# One compiled forward per (config, shapes): tests running the same checkpoint layout share it.
+_forward = jax.jit(model_lib.forward, static_argnums=0)
 # Layer structures (3 layers): all MoE; layer 1 dense by mlp_only_layers; layers 0 and 2 dense by
 # decoder_sparse_step 2 (transformers: layer i is MoE when (i + 1) % step == 0).
 ALL_MOE = dict(norm_topk_prob=True)
@@ -39,10 +41,10 @@ def _batch(rng, vocab=96, batch=3, seq=10):
     return tokens, mask
 
 
-def _ours_and_reference(hf_model, model_config, params, tokens, mask, **forward_kwargs):
+def _ours_and_reference(hf_model, model_config, params, tokens, mask):
     """({"logits", "router_logits"} of moe_grok and of transformers at the real (unpadded) positions."""
     ref_logits, ref_router = hf_outputs(hf_model, tokens, mask)
-    out = model_lib.forward(model_config, params, jnp.asarray(tokens), jnp.asarray(mask), **forward_kwargs)
+    out = _forward(model_config, params, jnp.asarray(tokens), jnp.asarray(mask))
     real = mask.astype(bool)
     ours = {"logits": np.asarray(out.logits, np.float64)[real], "router_logits": np.asarray(out.router_logits,
                                                                                             np.float64)[real]}
@@ -130,8 +132,8 @@ def test_convert_and_reload(tmp_path, rng):
     assert restored_config == converted_config == model_config
     chex.assert_trees_all_equal(restored, params)
     tokens, mask = _batch(rng)
-    chex.assert_trees_all_equal(model_lib.forward(restored_config, restored, tokens, mask),
-                                model_lib.forward(model_config, params, tokens, mask))
+    chex.assert_trees_all_equal(_forward(restored_config, restored, tokens, mask),
+                                _forward(model_config, params, tokens, mask))
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +178,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
     layer; a second run reads every checkpoint's stats back from the cache (none is loaded again)."""
     import torch
 
+    from moe_grok.report import plots
     from moe_grok.studies import olmoe_run
 
     from config_files import load_config
@@ -204,7 +207,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
     config.analysis.max_pairs, config.analysis.delta = 50, 0.3
     report = olmoe_run.run(config)
     assert report["steps"] == list(steps) and set(report["domains"]) == {"math", "code"}
-    assert os.path.exists(tmp_path / "run" / "report" / "table1.csv")
+    assert all(os.path.exists(tmp_path / "run" / "report" / name) for name in ("table1.csv", "per_layer.png"))
     cached = np.load(tmp_path / "run" / "cache" / f"step_{steps[-1]:010d}.npz")
     assert cached["router"].shape == (2, 8, 32)  # [L_moe, E, D]: the dense layer 1 does not route
     assert cached["train/mean_weights"].shape == (32, 2, 8)
@@ -213,6 +216,8 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
         raise AssertionError("a cached checkpoint was loaded again")
 
     monkeypatch.setattr(hf, "load_hf", refuse)
+    # The first run drew the figures (most of a run's time here); the rerun checks the cache, not them again.
+    monkeypatch.setattr(plots, "plot_report", lambda report, out_dir: {})
     again = olmoe_run.run(config)
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
 
