@@ -18,6 +18,7 @@ from hf_reference import hf_outputs, require_reference, save_hf_model
 
 SHARD = "model-00002-of-00003.safetensors"
 TINY = toy(vocab_size=20, num_layers=2, hidden_size=16, head_dim=4, expert_intermediate_size=16)
+init_params = jax.jit(model_lib.init_params, static_argnums=0)  # the op-by-op init takes seconds, each call
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_tied_checkpoint_that_also_stores_the_head_loads_like_transformers(tmp_p
     save_file(state, str(tmp_path / SINGLE_FILE), metadata={"format": "pt"})
     model_config, params = load_hf(str(tmp_path))
     tokens = np.array([[3, 7, 11, 2]])
-    ours = np.asarray(model_lib.forward(model_config, params, jnp.asarray(tokens)).logits)
+    ours = np.asarray(jax.jit(lambda p: model_lib.forward(model_config, p, jnp.asarray(tokens)).logits)(params))
     theirs, _ = hf_outputs(OlmoeForCausalLM.from_pretrained(str(tmp_path)).eval(), tokens)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     # A stored head that differs from the embedding: transformers unties them; we name the conflict.
@@ -178,7 +179,7 @@ def test_integer_and_bool_weights_are_refused_not_cast(tmp_path, dtype):
 
 def test_orbax_checkpoint_with_nan_or_damage_names_the_directory(tmp_path):
     model_config = TINY
-    params = model_lib.init_params(model_config, jax.random.key(0))
+    params = init_params(model_config, jax.random.key(0))
     params["layers"]["moe"]["down_proj"] = params["layers"]["moe"]["down_proj"].at[1, 2, 0, 0].set(np.nan)
     save_params(str(tmp_path / "nan"), model_config, params)
     with pytest.raises(CheckpointError, match=r"nan: non-finite \(NaN/inf\) weights in layers/moe/down_proj "
@@ -199,7 +200,7 @@ def test_checkpoints_in_orbax_default_layout_still_restore(tmp_path):
     import orbax.checkpoint as ocp
 
     model_config = TINY
-    params = model_lib.init_params(model_config, jax.random.key(0))
+    params = init_params(model_config, jax.random.key(0))
     model_config.save(str(tmp_path))  # what save_params wrote before: one OCDBT store
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(str(tmp_path / "params"), params)

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from moe_grok.data.splits import next_token_targets  # noqa: E402  (after the skips: collects without them)
-from moe_grok.extraction.routing import extract_dataset, extract_splits, tiling_batch_size  # noqa: E402
+from moe_grok.extraction.routing import extract_dataset, extract_splits, make_extractor, tiling_batch_size  # noqa: E402
 from moe_grok.model import params as model_lib  # noqa: E402
 from moe_grok.model.hf import load_hf  # noqa: E402
 from moe_grok.sharding import make_mesh  # noqa: E402
@@ -26,6 +26,13 @@ def tiny(tmp_path_factory):
     mask[2, 5:] = 0
     mask[7, 2:] = 0
     return hf_model, config, params, tokens, mask
+
+
+@pytest.fixture(scope="module")
+def extractor(tiny):
+    """extract_dataset's own default extractor (make_extractor(config)), made once: the tests below run batches
+    of 4 rows of 9 or 2 tokens and share its two compiled programs (each call without it compiles its own)."""
+    return make_extractor(tiny[1])
 
 
 def hf_forward(hf_model, tokens, mask):
@@ -63,7 +70,7 @@ def test_extraction_equals_hf(tiny):
     np.testing.assert_allclose(out["mean_weights"].sum(-1), 1.0, atol=1e-5)
 
 
-def test_scored_routing_entropy_covers_only_the_scored_positions(tiny):
+def test_scored_routing_entropy_covers_only_the_scored_positions(tiny, extractor):
     """The answer-position ("scored") view's entropy is the router softmax's entropy at the scored
     positions alone, not the all-token mean the "all" view uses."""
     hf_model, config, params, tokens, mask = tiny
@@ -71,7 +78,8 @@ def test_scored_routing_entropy_covers_only_the_scored_positions(tiny):
     answer_position = 1  # every sample has at least 2 real tokens
     target_mask = np.zeros_like(mask)
     target_mask[:, answer_position] = 1
-    out = extract_dataset(config, params, tokens, mask, targets, target_mask, batch_size=4, progress=False)
+    out = extract_dataset(config, params, tokens, mask, targets, target_mask, batch_size=4, extractor=extractor,
+                          progress=False)
     _, probs = hf_forward(hf_model, tokens, mask)
     entropy = -np.sum(probs * np.log(probs), axis=-1)  # [B, S, L]
     real = mask[:, :, None].astype(np.float64)
@@ -81,17 +89,19 @@ def test_scored_routing_entropy_covers_only_the_scored_positions(tiny):
     assert np.all(np.abs(out["scored_routing_entropy"] - out["routing_entropy"]) > 1e-3)
 
 
-def test_padding_does_not_change_a_sample(tiny):
+def test_padding_does_not_change_a_sample(tiny, extractor):
     _, config, params, tokens, mask = tiny
-    short = extract_dataset(config, params, tokens[7:8, :2], None, progress=False)
-    padded = extract_dataset(config, params, tokens[7:8], mask[7:8], progress=False)
+    short = extract_dataset(config, params, tokens[7:8, :2], None, batch_size=4, extractor=extractor, progress=False)
+    padded = extract_dataset(config, params, tokens[7:8], mask[7:8], batch_size=4, extractor=extractor,
+                             progress=False)
     np.testing.assert_allclose(short["mean_weights"], padded["mean_weights"], atol=1e-6)
     np.testing.assert_allclose(short["loss"], padded["loss"], atol=1e-6)
 
 
-def test_mesh_extraction_equals_single_device(tiny):
+def test_mesh_extraction_equals_single_device(tiny, extractor):
     _, config, params, tokens, mask = tiny
-    single = extract_dataset(config, params, tokens, mask, batch_size=8, progress=False)
+    # single device: the shared program of 4-row batches (the mesh run's batches of 8 are 1 row per device)
+    single = extract_dataset(config, params, tokens, mask, batch_size=4, extractor=extractor, progress=False)
     mesh = make_mesh(data=4, expert=2)
     placed = jax.tree.map(jax.device_put, params, model_lib.param_shardings(config, mesh))
     multi = extract_dataset(config, placed, tokens, mask, batch_size=8, mesh=mesh, progress=False)
@@ -107,19 +117,19 @@ def test_tiling_batch_size_keeps_the_batch_count_with_the_least_padding(rows, ba
     assert -(-rows // size) == -(-rows // batch)  # as many batches as batch_size would take
 
 
-def test_splits_streamed_together_equal_each_split_alone(tiny):
+def test_splits_streamed_together_equal_each_split_alone(tiny, extractor):
     """Splits of one length share batches, another length gets its own; every split's rows come
     back in order with the values extract_dataset gives it alone (up to float rounding)."""
     _, config, params, tokens, mask = tiny
-    short = tokens[:5, :4]
+    short = tokens[:8, :2]  # the shape of test_padding_does_not_change_a_sample's unpadded sample: compiled once
     targets, target_mask = next_token_targets(tokens[6:], mask[6:])
     splits = {"a": (tokens[:6], mask[:6], None, None), "short": (short, None, None, None),
               "b": (tokens[6:], mask[6:], targets, target_mask)}
-    together = extract_splits(config, params, splits, batch_size=4, progress=False)
+    together = extract_splits(config, params, splits, batch_size=4, extractor=extractor, progress=False)
     assert list(together) == ["a", "short", "b"]
     for name, (split_tokens, split_mask, split_targets, split_target_mask) in splits.items():
         alone = extract_dataset(config, params, split_tokens, split_mask, split_targets, split_target_mask,
-                                batch_size=4, progress=False)
+                                batch_size=4, extractor=extractor, progress=False)
         assert together[name].keys() == alone.keys()
         for key in alone:
             assert together[name][key].shape == alone[key].shape

@@ -493,7 +493,9 @@ def test_architecture_mismatch_keeps_finished_checkpoints(tmp_path):
                 moe_impl="dense")  # the dispatch plays no part here: the one that compiles fastest
     big = small.replace(hidden_size=32)
     init = jax.jit(model_lib.init_params, static_argnums=0)  # compiled: the op-by-op init takes seconds
-    sources = [sources_lib.CheckpointSource(s, f"ckpt{s}", lambda c=c: (c, init(c, jax.random.key(0))))
+    params = {small: lambda: init(small, jax.random.key(0)),  # big: refused before its params are used, so
+              big: lambda: jax.eval_shape(functools.partial(model_lib.init_params, big), jax.random.key(0))}  # shapes
+    sources = [sources_lib.CheckpointSource(s, f"ckpt{s}", lambda c=c: (c, params[c]()))
                for s, c in ((1, small), (2, small), (3, big))]
     cache = str(tmp_path / "cache")
     with pytest.raises(ValueError, match=r"ckpt3 \(step 3\) differs in architecture.*hidden_size.*16, 32"):
@@ -531,13 +533,13 @@ def test_theory_bounds_along_toy_checkpoints(finished_run):
     assert np.isclose(float(direct.total), rows[-1]["bound"], rtol=1e-5)
 
 
-def test_mesh_training_equals_single_device(tmp_path):
+def test_mesh_training_equals_single_device(finished_run, tmp_path):
     from moe_grok.sharding import make_mesh
 
-    config = tiny_config(steps=5)
-    single = loop.train(config, str(tmp_path / "single"), progress=False)
-    multi = loop.train(config, str(tmp_path / "mesh"), mesh=make_mesh(data=4, expert=2), progress=False)
-    assert single["step"] == multi["step"] == 5
+    config, reference = finished_run  # the single-device run
+    single = read_metrics(reference)[1]
+    multi = loop.train(config, str(tmp_path / "mesh"), mesh=make_mesh(data=4, expert=2), stop_at=10, progress=False)
+    assert single["step"] == multi["step"] == 10
     for key in ("loss", "train_loss", "test_loss", "train_accuracy", "test_accuracy"):
         np.testing.assert_allclose(multi[key], single[key], rtol=2e-4, atol=1e-5)
 
@@ -545,11 +547,12 @@ def test_mesh_training_equals_single_device(tmp_path):
 @pytest.fixture(scope="module")
 def compiled_gradients():
     """(params, batch, {remat_layers: (lowered, compiled)}) of the toy loss's value_and_grad on 32 training
-    samples of tiny_config()'s model, without and with remat_layers (compiled without compiler options)."""
+    samples of tiny_config()'s model, without and with remat_layers (compiled without compiler options), with
+    the dense expert dispatch: the one that compiles fastest (remat and the compiler options act on any)."""
     config = tiny_config()
     spec = task_spec(config)
     data = tasks.make_dataset(spec)
-    base = model_config_of(config, spec)
+    base = dataclasses.replace(model_config_of(config, spec), moe_impl="dense")
     params = step_lib.initial_params(base, seed=0)
     batch = (data.train_inputs[:32], data.train_targets[:32])
     programs = {}
