@@ -34,6 +34,7 @@ def get_config():
     config.name = "protocol"  # generated files: <name>_results.md, figures/<name>_accuracy.png, <name>_effects.png
     config.analysis_process = True  # analyse each arm in a spawned process while the next arm trains (False: inline)
     config.analysis_processes = 2  # spawned processes an arm's seeds are dealt over (each runs its seeds in threads)
+    config.seed_plots = True  # draw the per-run report figures of each arm's first seed (False: none)
     config.docs_dir = "docs/results"  # also write the generated page here, its figures to figures/ ("" = workdir only)
     config.arms = ml_collections.ConfigDict()
 

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from moe_grok.studies import protocol, protocol_pages, protocol_stats, toy_run
+from moe_grok.studies import protocol, protocol_pages, protocol_stats
 from moe_grok.training import run_dir
 
 from config_files import load_config
@@ -29,16 +29,10 @@ def tiny_protocol_config(docs_dir: str):
     # two domains of the four: enough for the mixture's cross-domain measures (onset spread, H3 alignment), half
     # the per-domain analysis and figure panels
     config.arms.mixture.task.update(ops=("add", "mul"), train_fraction=(0.7, 0.5))
+    # no per-seed report figures (most of these tiny analyses' time; test_training and test_analysis check them,
+    # and the rerun test below checks that seed_plots draws the first seed's); the protocol's figures are drawn
+    config.seed_plots = False
     return config
-
-
-@pytest.fixture
-def no_seed_plots(monkeypatch):
-    """Analyses in this process draw no per-seed figures (report/plots.py: most of an inline analysis's time in
-    these tiny runs; test_training and test_analysis check them). The protocol's own figures are still drawn."""
-    analyze_run = toy_run.analyze_run
-    monkeypatch.setattr(toy_run, "analyze_run", lambda *args, **kwargs: analyze_run(*args, **{**kwargs,
-                                                                                        "with_plots": False}))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +97,7 @@ def test_the_page_gives_back_the_effects_and_the_accuracy_curves_keep_their_doma
         np.testing.assert_array_equal(curves, [flat[k], flat[len(by_domain) + k]])
 
 
-def test_protocol_rerun_reuses_training(protocol_run, no_seed_plots):
+def test_protocol_rerun_reuses_training(protocol_run):
     config, root, results = protocol_run
     seed_dir = results["arms"]["grokking"]["seed_dirs"][0]
     checkpoint = os.path.join(seed_dir, "checkpoints", "20")
@@ -113,7 +107,14 @@ def test_protocol_rerun_reuses_training(protocol_run, no_seed_plots):
         del one_arm.arms[name]
     one_arm.name = "one_arm"
     one_arm.analysis_process = False  # the first run analysed in a spawned process; this one inline
+    first_seed_figure = os.path.join(seed_dir, "analysis", "report", "analysis.png")
+    assert not os.path.exists(first_seed_figure)  # seed_plots=False in the first run
+    one_arm.seed_plots = True
     again = protocol.run(one_arm, str(root / "work"), command="test", progress=False)
+    assert os.path.exists(first_seed_figure)  # the arm's first seed only
+    assert not os.path.exists(os.path.join(results["arms"]["grokking"]["seed_dirs"][1], "analysis", "report",
+                                           "analysis.png"))
+    one_arm.seed_plots = False
     assert os.path.getmtime(checkpoint) == before
     # the config's name names the generated files; the first run's page is left as it was
     assert (root / "docs" / "one_arm_results.md").read_text().startswith("# Toy protocol (one_arm)")
@@ -131,7 +132,7 @@ def test_protocol_rerun_reuses_training(protocol_run, no_seed_plots):
 
 
 @pytest.mark.parametrize("analysis_process", [True, False])
-def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, analysis_process, no_seed_plots):
+def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, analysis_process):
     config = tiny_protocol_config("")
     config.seeds = 1
     config.analysis_process = analysis_process

@@ -45,11 +45,12 @@ def analyse_seeds(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: l
     return started, time.time(), os.getpid()
 
 
-def analyse_arm(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> dict[str, Any]:
+def analyse_arm(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str],
+                plot_first_seed: bool = True) -> dict[str, Any]:
     """Analyse each trained seed of an arm (seeds in parallel threads) and aggregate across seeds:
     {"analysis_seconds", "analysis_processes", "analysis_shares", "positions": {view: per-seed measurements,
-    summary, verdicts, Table 1}}."""
-    started, ended, _ = analyse_seeds(arm, seeds, seed_dirs, plot_seed=seeds[0])
+    summary, verdicts, Table 1}}. plot_first_seed: draw the report figures of the first seed."""
+    started, ended, _ = analyse_seeds(arm, seeds, seed_dirs, plot_seed=seeds[0] if plot_first_seed else None)
     return summarize_arm(arm, seed_dirs, ended - started, processes=1, shares=[seeds])
 
 
@@ -93,10 +94,11 @@ class _AnalysisQueue:
     a re-run resumes. The processes start fresh: JAX settings reach them as environment variables
     (JAX_...), not through jax.config.update in this process."""
 
-    def __init__(self, in_process: bool, processes: int = 1):
+    def __init__(self, in_process: bool, processes: int = 1, plot_first_seed: bool = True):
         if processes < 1:
             raise ValueError(f"analysis_processes must be >= 1, got {processes}")
         self._processes = processes
+        self._plot_first_seed = plot_first_seed  # an arm's first seed draws its report figures
         self._pool = None if in_process else concurrent.futures.ProcessPoolExecutor(
             processes, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe once JAX runs threads
             initializer=_start_analysis_process)
@@ -105,10 +107,11 @@ class _AnalysisQueue:
 
     def submit(self, name: str, arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> None:
         self.check()
+        plot_seed = seeds[0] if self._plot_first_seed else None
         if self._pool is None:  # run now; a finished future carries analyse_seeds' result or the error
             future = concurrent.futures.Future()
             try:
-                future.set_result(analyse_seeds(arm, seeds, seed_dirs, plot_seed=seeds[0]))
+                future.set_result(analyse_seeds(arm, seeds, seed_dirs, plot_seed=plot_seed))
             except Exception as error:
                 future.set_exception(error)
             futures, shares = [future], [seeds]
@@ -116,7 +119,7 @@ class _AnalysisQueue:
             tasks = range(min(self._processes, len(seeds)))
             shares = [seeds[k::self._processes] for k in tasks]
             try:
-                futures = [self._pool.submit(analyse_seeds, arm, shares[k], seed_dirs[k::self._processes], seeds[0])
+                futures = [self._pool.submit(analyse_seeds, arm, shares[k], seed_dirs[k::self._processes], plot_seed)
                            for k in tasks]
             except concurrent.futures.process.BrokenProcessPool as error:
                 raise RuntimeError(f"an analysis process died before arm {name!r} (its training is saved; "
@@ -178,7 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, Any] = {"arms": {}, "name": config.name, "command": command,
                                "date": time.strftime("%Y-%m-%d"), "analysis_process": config.analysis_process}
-    analyses = _AnalysisQueue(in_process=not config.analysis_process, processes=config.analysis_processes)
+    analyses = _AnalysisQueue(in_process=not config.analysis_process, processes=config.analysis_processes,
+                              plot_first_seed=config.seed_plots)
     try:
         for name, arm in config.arms.items():
             seeds = arm_seeds(config, name)
