@@ -8,6 +8,7 @@ file at fault.
 """
 import builtins
 import errno
+import functools
 import io
 import os
 import subprocess
@@ -256,6 +257,12 @@ TINY = toy(vocab_size=8, num_layers=1, hidden_size=8, head_dim=4, num_heads=2, n
            num_experts_per_tok=1, expert_intermediate_size=8, dtype="float32")
 
 
+@functools.cache
+def _tiny_params(seed: int):
+    """TINY's initial params for `seed`, compiled once (eager initialization costs seconds per call)."""
+    return jax.jit(model_lib.init_params, static_argnums=0)(TINY, jax.random.key(seed))
+
+
 @pytest.fixture
 def fake_hf(monkeypatch):
     """checkpoint_io.load_hf replaced by a tiny model whose weights follow `weights[path]` (a
@@ -264,7 +271,7 @@ def fake_hf(monkeypatch):
 
     def load_hf(path_or_repo, revision=None, dtype="bfloat16"):
         calls.append(path_or_repo)
-        params = model_lib.init_params(TINY, jax.random.key(weights.get(path_or_repo, 0)))
+        params = _tiny_params(weights.get(path_or_repo, 0))
         return TINY, params
 
     monkeypatch.setattr(checkpoint_io, "load_hf", load_hf)
@@ -301,7 +308,7 @@ def test_convert_into_an_hf_checkpoint_directory_is_refused(tmp_path, fake_hf):
     checkpoint_io.convert_hf_checkpoint(source, out, dtype="float32")
     weights[source] = 1  # the source was rewritten: the same convert again replaces the output
     checkpoint_io.convert_hf_checkpoint(source, out, dtype="float32")
-    np.testing.assert_array_equal(_router(out), model_lib.init_params(TINY, jax.random.key(1))["layers"]["moe"]
+    np.testing.assert_array_equal(_router(out), _tiny_params(1)["layers"]["moe"]
                                   ["router"])
     other = _hf_dir(tmp_path / "other")
     with pytest.raises(checkpoint_io.CheckpointError, match=r"holds a convert of .*step2000"):
@@ -377,7 +384,7 @@ def test_second_convert_into_the_same_output_is_refused(tmp_path, fake_hf):
 
 
 def test_save_params_refuses_a_directory_of_other_files(tmp_path):
-    params = model_lib.init_params(TINY, jax.random.key(0))
+    params = _tiny_params(0)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(checkpoint_io.CheckpointError, match=r"notes\.txt.*replaces the directory whole"):
         checkpoint_io.save_params(str(tmp_path), TINY, params)
