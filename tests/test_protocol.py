@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from moe_grok.studies import protocol, protocol_pages, protocol_stats
+from moe_grok.studies import protocol, protocol_pages, protocol_stats, toy_run
 from moe_grok.training import run_dir
 
 from config_files import load_config
@@ -107,14 +107,8 @@ def test_protocol_rerun_reuses_training(protocol_run):
         del one_arm.arms[name]
     one_arm.name = "one_arm"
     one_arm.analysis_process = False  # the first run analysed in a spawned process; this one inline
-    first_seed_figure = os.path.join(seed_dir, "analysis", "report", "analysis.png")
-    assert not os.path.exists(first_seed_figure)  # seed_plots=False in the first run
-    one_arm.seed_plots = True
+    assert not os.path.exists(os.path.join(seed_dir, "analysis", "report", "analysis.png"))  # seed_plots=False
     again = protocol.run(one_arm, str(root / "work"), command="test", progress=False)
-    assert os.path.exists(first_seed_figure)  # the arm's first seed only
-    assert not os.path.exists(os.path.join(results["arms"]["grokking"]["seed_dirs"][1], "analysis", "report",
-                                           "analysis.png"))
-    one_arm.seed_plots = False
     assert os.path.getmtime(checkpoint) == before
     # the config's name names the generated files; the first run's page is left as it was
     assert (root / "docs" / "one_arm_results.md").read_text().startswith("# Toy protocol (one_arm)")
@@ -129,6 +123,16 @@ def test_protocol_rerun_reuses_training(protocol_run):
     inline = protocol.run(one_arm, str(fresh), command="test", progress=False)
     assert json.dumps(inline["arms"]["grokking"]["positions"], default=float) == json.dumps(
         results["arms"]["grokking"]["positions"], default=float)
+
+
+@pytest.mark.parametrize("seed_plots", [True, False])
+def test_seed_plots_draws_the_first_seeds_figures_only(monkeypatch, seed_plots):
+    drawn = {}
+    monkeypatch.setattr(toy_run, "analyze_run", lambda config, seed_dir, progress, with_plots: drawn.update(
+        {seed_dir: with_plots}))
+    queue = protocol._AnalysisQueue(in_process=True, plot_first_seed=seed_plots)
+    queue.submit("arm", load_config("toy_protocol").arms.grokking, [3, 4, 5], ["s3", "s4", "s5"])
+    assert drawn == {"s3": seed_plots, "s4": False, "s5": False}
 
 
 @pytest.mark.parametrize("analysis_process", [True, False])
