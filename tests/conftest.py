@@ -1,11 +1,18 @@
-"""Test setup: 8 simulated CPU devices so mesh-sharded code paths run in every test session."""
+"""Test setup: 8 simulated CPU devices so mesh-sharded code paths run in every test session, and one
+persistent compilation cache per test session, shared by its processes (xdist workers inherit the
+controller's environment, as do the processes the tests start), so a program compiled in one is read
+by the others."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # an environment variable reaches spawned processes
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller's, inherited by the workers
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_grok_tests_jax_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)
 import numpy as np  # noqa: E402

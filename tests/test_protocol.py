@@ -32,6 +32,7 @@ def tiny_protocol_config(docs_dir: str):
     # no per-seed report figures (most of these tiny analyses' time; test_training and test_analysis check them,
     # and the rerun test below checks that seed_plots draws the first seed's); the protocol's figures are drawn
     config.seed_plots = False
+    config.seeds_per_arm.update(random_labels=1, no_weight_decay=1)  # the controls with one seed each (seeds_per_arm)
     return config
 
 
@@ -46,17 +47,18 @@ def protocol_run(tmp_path_factory):
 def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
     config, root, results = protocol_run
     assert set(results["arms"]) == {"grokking", "random_labels", "no_weight_decay", "mixture"}
-    for arm in results["arms"].values():
-        assert [os.path.basename(d) for d in arm["seed_dirs"]] == ["seed_0", "seed_1"]
+    for name, arm in results["arms"].items():
+        seeds = 1 if name in ("random_labels", "no_weight_decay") else 2
+        assert [os.path.basename(d) for d in arm["seed_dirs"]] == [f"seed_{k}" for k in range(seeds)]
         assert set(arm["positions"]) == {"all", "scored"}
         # the seeds are dealt over config.analysis_processes (2) tasks; the pool starts its processes on
         # demand, so a tiny task may run both shares in one
-        assert arm["analysis_shares"] == [[0], [1]] and arm["analysis_processes"] in (1, 2)
+        assert arm["analysis_shares"] == [[k] for k in range(seeds)] and arm["analysis_processes"] in (1, 2)
         for view in arm["positions"].values():
-            assert len(view["per_seed"]) == 2
+            assert len(view["per_seed"]) == seeds
             # every quantity is aggregated with its seed count; the share of seeds that grok is always defined
             assert set(view["summary"]) == {key for key, _, _ in protocol.QUANTITIES}
-            assert view["summary"]["groks"]["n"] == 2
+            assert view["summary"]["groks"]["n"] == seeds
     mixture = results["arms"]["mixture"]["positions"]["all"]["per_seed"][0]
     assert "h3_distance_alignment" in mixture
     # results.json round-trips; the page names every arm and the verdict of every hypothesis
