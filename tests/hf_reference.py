@@ -103,3 +103,12 @@ def save_qwen3_moe_model(path, seed: int = 0, **overrides):
     model = make_qwen3_moe_model(seed, **overrides)
     model.save_pretrained(str(path))
     return model
+
+
+def padded_batch(rng, vocab=96, batch=3, seq=10):
+    """(tokens [batch, seq], mask [batch, seq]) with right padding on rows 1 (from 7) and 2 (from 4)."""
+    tokens = rng.integers(0, vocab, (batch, seq))
+    mask = np.ones((batch, seq), np.int32)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    return tokens, mask

@@ -17,20 +17,12 @@ from moe_grok.model.hf import CheckpointError, load_hf
 from moe_grok.sharding import make_mesh
 from moe_grok.training import losses
 
-from hf_reference import hf_outputs, require_reference, save_hf_model
+from hf_reference import hf_outputs, padded_batch, require_reference, save_hf_model
 
 TOL = 1e-4
 # One compiled forward per (config, shapes), shared by the tests that run the same tiny checkpoint
 # (the configs are static: equal configs hit the same cache entry).
 _forward = jax.jit(model_lib.forward, static_argnums=0)
-
-
-def _batch(rng, vocab=96, batch=3, seq=10):
-    tokens = rng.integers(0, vocab, (batch, seq))
-    mask = np.ones((batch, seq), np.int32)
-    mask[1, 7:] = 0  # right padding on two rows
-    mask[2, 4:] = 0
-    return tokens, mask
 
 
 def _assert_parity(hf_model, config, params, tokens, mask):
@@ -51,7 +43,7 @@ def _assert_parity(hf_model, config, params, tokens, mask):
 def test_logits_and_router_logits_match_hf(tmp_path, rng, overrides):
     hf_model = save_hf_model(tmp_path, **overrides)
     config, params = load_hf(str(tmp_path))
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     _assert_parity(hf_model, config, params, tokens, mask)
 
 
@@ -60,7 +52,7 @@ def test_both_attention_forms_match_hf(tmp_path, rng, attention_impl):
     """GQA, clipping and padding, each attention form forced whatever the sequence length."""
     hf_model = save_hf_model(tmp_path, num_key_value_heads=2, clip_qkv=0.5)
     config, params = load_hf(str(tmp_path))
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     _assert_parity(hf_model, config.replace(attention_impl=attention_impl), params, tokens, mask)
 
 
@@ -79,7 +71,7 @@ def test_attention_forms_agree_in_gradients_and_bfloat16(tmp_path, rng):
     """The elementwise form is the matmul form up to float32 summation order (gradients), and
     rounds where it rounds in bfloat16 (attention outputs within a quarter bfloat16 step)."""
     save_hf_model(tmp_path, num_key_value_heads=2)
-    tokens, mask = (jnp.asarray(a) for a in _batch(rng, seq=6))
+    tokens, mask = (jnp.asarray(a) for a in padded_batch(rng, seq=6))
     config, params = load_hf(str(tmp_path))
     probe = jnp.asarray(rng.normal(size=(*tokens.shape, config.vocab_size)), jnp.float32) * mask[..., None]
 
@@ -120,7 +112,7 @@ def test_sharded_index_and_fused_layouts_load_identically(tmp_path, rng):
     config_b, params_b = load_hf(str(fused_dir))
     assert config_a == config_b
     jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     _assert_parity(hf_model, config_b, params_b, tokens, mask)
 
 
@@ -129,7 +121,7 @@ def test_bfloat16_weights_run_and_stay_close(tmp_path, rng):
     config32, params32 = load_hf(str(tmp_path))
     config16, params16 = load_hf(str(tmp_path), dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     out16 = _forward(config16, params16, jnp.asarray(tokens), jnp.asarray(mask))
     out32 = _forward(config32, params32, jnp.asarray(tokens), jnp.asarray(mask))
     assert out16.logits.dtype == jnp.bfloat16 and out16.router_logits.dtype == jnp.float32
@@ -265,7 +257,7 @@ def test_load_balancing_loss_matches_hf(tmp_path, rng):
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
     router = rng.normal(size=(3, 10, 2, 8)).astype(np.float32)
-    _, mask = _batch(rng)
+    _, mask = padded_batch(rng)
     ref = load_balancing_loss_func(tuple(torch.as_tensor(router[:, :, layer].reshape(-1, 8)) for layer in range(2)),
                                    8, 2, torch.as_tensor(mask))
     got = losses.load_balancing_loss(jnp.asarray(router), jnp.asarray(mask), 2)
@@ -301,7 +293,7 @@ def test_mesh_loading_and_forward_equal_single_device(tmp_path, rng):
     assert gate.sharding.spec[1] == "expert"
     assert gate.addressable_shards[0].data.shape[1] == config.num_experts // 2  # read directly into shards
     jax.tree.map(np.testing.assert_array_equal, params, sharded)
-    tokens, mask = _batch(rng, batch=8)
+    tokens, mask = padded_batch(rng, batch=8)
     single = jax.jit(lambda p, t, m: model_lib.forward(config, p, t, m))(params, tokens, mask)
     from moe_grok.sharding import shard_batch
     multi = jax.jit(lambda p, t, m: model_lib.forward(config, p, t, m))(

@@ -21,7 +21,7 @@ from moe_grok.model import params as model_lib  # noqa: E402
 from moe_grok.model.checkpoint_io import convert_hf_checkpoint, restore_params  # noqa: E402
 from moe_grok.model.errors import UnsupportedModelTypeError  # noqa: E402
 
-from hf_reference import hf_outputs, save_hf_model, save_qwen3_moe_model  # noqa: E402
+from hf_reference import hf_outputs, padded_batch, save_hf_model, save_qwen3_moe_model  # noqa: E402
 
 TOL = 1e-4
 # One compiled forward per (config, shapes): tests running the same checkpoint layout share it.
@@ -31,14 +31,6 @@ _forward = jax.jit(model_lib.forward, static_argnums=0)
 ALL_MOE = dict(norm_topk_prob=True)
 MLP_ONLY = dict(mlp_only_layers=[1], norm_topk_prob=False)
 SPARSE_STEP = dict(decoder_sparse_step=2, norm_topk_prob=True, tie_word_embeddings=True)
-
-
-def _batch(rng, vocab=96, batch=3, seq=10):
-    tokens = rng.integers(0, vocab, (batch, seq))
-    mask = np.ones((batch, seq), np.int32)
-    mask[1, 7:] = 0  # right padding on two rows
-    mask[2, 4:] = 0
-    return tokens, mask
 
 
 def _ours_and_reference(hf_model, model_config, params, tokens, mask):
@@ -62,7 +54,7 @@ def test_logits_and_router_logits_match_transformers(tmp_path, rng, overrides, d
     assert params["layers"]["attn"]["q_norm"]["scale"].shape == (3, 16)  # per head: [L, head_dim]
     assert params["layers"]["moe"]["router"].shape == (3 - len(dense_layers), 32, 8)
     assert ("mlp" in params["layers"]) == bool(dense_layers)
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     ours, reference = _ours_and_reference(hf_model, model_config, params, tokens, mask)
     # One router per MoE layer, as transformers' output_router_logits gives them.
     assert ours["router_logits"].shape == reference["router_logits"].shape == (mask.sum(), 3 - len(dense_layers), 8)
@@ -93,7 +85,7 @@ def test_renormalized_top_k_changes_the_output(tmp_path, rng):
     """norm_topk_prob is read and used: flipping it in our config moves the logits off transformers'."""
     hf_model = save_qwen3_moe_model(tmp_path, **MLP_ONLY)
     model_config, params = hf.load_hf(str(tmp_path))
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     flipped, reference = _ours_and_reference(hf_model, model_config.replace(norm_topk_prob=True), params, tokens,
                                              mask)
     assert np.abs(flipped["logits"] - reference["logits"]).max() > 100 * TOL
@@ -104,7 +96,7 @@ def test_olmoe_full_width_and_qwen_per_head_norms_differ(tmp_path, rng):
     (its scales are [head_dim], not [heads * head_dim]), so the switch cannot silently fall back."""
     save_qwen3_moe_model(tmp_path, **ALL_MOE)
     model_config, params = hf.load_hf(str(tmp_path))
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     with pytest.raises(Exception, match="shape"):
         model_lib.forward(model_config.replace(qk_norm="full"), params, jnp.asarray(tokens), jnp.asarray(mask))
 
@@ -112,7 +104,7 @@ def test_olmoe_full_width_and_qwen_per_head_norms_differ(tmp_path, rng):
 def test_extraction_counts_only_moe_layers(tmp_path, rng):
     hf_model = save_qwen3_moe_model(tmp_path, **MLP_ONLY)
     model_config, params = hf.load_hf(str(tmp_path))
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     out = extract_dataset(model_config, params, tokens, mask, batch_size=2, progress=False)
     assert out["mean_weights"].shape == (3, model_config.num_moe_layers, 8) == (3, 2, 8)
     _, ref_router = hf_outputs(hf_model, tokens, mask)
@@ -131,7 +123,7 @@ def test_convert_and_reload(tmp_path, rng):
     restored_config, restored = restore_params(str(tmp_path / "ours"))
     assert restored_config == converted_config == model_config
     chex.assert_trees_all_equal(restored, params)
-    tokens, mask = _batch(rng)
+    tokens, mask = padded_batch(rng)
     chex.assert_trees_all_equal(_forward(restored_config, restored, tokens, mask),
                                 _forward(model_config, params, tokens, mask))
 
@@ -149,7 +141,7 @@ def test_mesh_forward_equals_single_device(mixed_model, rng, impl, mesh_shape):
     mesh = sharding.make_mesh(*mesh_shape)
     _, placed = hf.load_hf(str(mixed_model), moe_impl=impl, mesh=mesh)
     assert placed["layers"]["moe"]["gate_proj"].sharding.spec[1] == sharding.EXPERT_AXIS
-    tokens, mask = _batch(rng, batch=8)
+    tokens, mask = padded_batch(rng, batch=8)
     single = jax.jit(lambda p, t, m: model_lib.forward(model_config, p, t, m))(params, tokens, mask)
     batch = sharding.model_batch_sharding(mesh)
     multi = jax.jit(lambda p, t, m: model_lib.forward(model_config, p, t, m, mesh=mesh))(
