@@ -136,7 +136,9 @@ def _elementwise_attention(q, k, v, bias, dtype):
     """The same softmax attention as broadcast products summed over Dh (scores) and over S_k
     (values), in the [B, S, H, Dh] layout, so no transposes either. Products are summed in float32
     and rounded where the matmul form rounds (scores to dtype, as its dtype matmul returns them;
-    softmax weights to dtype before the values). Shapes as `_matmul_attention`."""
+    softmax weights to dtype before the values). Shapes as `_matmul_attention`. In bfloat16 the
+    two forms agree within a quarter rounding step when run op by op; compiled (jit), XLA fuses the
+    two forms differently and they differed by about half a step in a test on CPU (2026-12-07)."""
     k, v = _repeat_kv(k, v, q.shape[2])
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
     scores = jnp.sum(q32[:, :, None] * k32[:, None], axis=-1).astype(dtype)  # [B, S_q, S_k, H]
