@@ -1,4 +1,5 @@
 """The toy protocol end to end on a tiny budget: every arm, two seeds, analysis, tables, verdicts."""
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from moe_grok.studies import protocol, protocol_pages, protocol_stats, toy_run
 from moe_grok.training import run_dir
 
 from config_files import load_config
+from full_disk import disk_full
 
 
 def tiny_protocol_config(docs_dir: str):
@@ -219,3 +221,20 @@ def test_h3_needs_wide_onsets_in_half_of_all_seeds(spreads, expected):
                  "per_seed": [{"onset_spread_checkpoints": s} for s in spreads]}
     verdicts = protocol_pages.hypothesis_verdicts({"arms": {"mixture": {"positions": {"all": confirmed}}}}, "all")
     assert {verdicts[f"mixture: H3 ({m})"] for m in protocol_stats.METRICS} == {expected}
+
+
+def test_pages_survive_a_full_disk(protocol_run, monkeypatch):
+    """The results page and figures are written aside and renamed: a full disk leaves the previous ones whole."""
+    config, root, results = protocol_run
+    docs = root / "docs"
+    pages = (docs / "protocol_results.md", docs / "figures" / "protocol_accuracy.png",
+             docs / "figures" / "protocol_effects.png")
+    before = {path: path.read_bytes() for path in pages}
+    disk_full(monkeypatch, docs, budget=100)
+    with pytest.raises(OSError) as raised:
+        protocol_pages.write_pages(results, protocol.QUANTITIES, str(root / "work"), config.name, str(docs))
+    assert raised.value.errno == errno.ENOSPC
+    assert {path: path.read_bytes() for path in before} == before
+    left = [n for n in os.listdir(docs) + os.listdir(docs / "figures")
+            if not n.endswith((".md", ".png")) and n != "figures"]
+    assert left == []  # no temporary file left beside them

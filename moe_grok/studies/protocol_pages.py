@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from moe_grok import atomic_files
 from moe_grok.studies import protocol_stats
 
 Quantities = tuple[tuple[str, str, str], ...]  # (key of seed_measurements, label, verdict side or "")
@@ -22,16 +23,15 @@ def write_pages(results: dict[str, Any], quantities: Quantities, workdir: str, n
     """<name>_results.md and <name>_{accuracy,effects}.png into `workdir`, and when `docs_dir` is set the page
     (paths relative to workdir) into docs_dir and the figures into docs_dir/figures/."""
     page = markdown(results, quantities)
-    with open(os.path.join(workdir, f"{name}_results.md"), "w") as f:
-        f.write(page)
+    atomic_files.write_text(os.path.join(workdir, f"{name}_results.md"), page)
     figures = [plot_accuracy(results, os.path.join(workdir, f"{name}_accuracy.png")),
                plot_effects(results, quantities, os.path.join(workdir, f"{name}_effects.png"))]
     if docs_dir:
         os.makedirs(os.path.join(docs_dir, "figures"), exist_ok=True)
-        with open(os.path.join(docs_dir, f"{name}_results.md"), "w") as f:
-            f.write(page.replace(workdir + "/", ""))
+        atomic_files.write_text(os.path.join(docs_dir, f"{name}_results.md"), page.replace(workdir + "/", ""))
         for figure in figures:
-            shutil.copy(figure, os.path.join(docs_dir, "figures", os.path.basename(figure)))
+            with atomic_files.writing(os.path.join(docs_dir, "figures", os.path.basename(figure))) as tmp:
+                shutil.copyfile(figure, tmp)
 
 
 def _cell(summary: dict) -> str:
@@ -210,7 +210,8 @@ def plot_accuracy(results: dict[str, Any], path: str) -> str:
     axes[0].set_ylabel("test accuracy", fontsize=10)
     fig.suptitle("Test accuracy during training, per arm (every seed)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=FIGURE_DPI)
+    with atomic_files.writing(path) as tmp:
+        fig.savefig(tmp, dpi=FIGURE_DPI, format="png")
     return path
 
 
@@ -253,5 +254,6 @@ def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> 
     fig.suptitle("H1 / H2 quantities per arm: mean and 95% CI across seeds (n = seeds with a value), "
                  "all-token routing", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=FIGURE_DPI)
+    with atomic_files.writing(path) as tmp:
+        fig.savefig(tmp, dpi=FIGURE_DPI, format="png")
     return path

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from moe_grok import strict_json
+from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.statistics import fisher_interval
 from moe_grok.theory.synthetic_run import SyntheticConfig, run_synthetic
 
@@ -165,7 +165,8 @@ def save_plots(rows, corr: dict, path: str) -> None:
     handles, legend_labels = within.get_legend_handles_labels()
     fig.legend(handles, legend_labels, loc="lower center", ncol=min(3, len(handles)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.03 + 0.025 * -(-len(handles) // 3), 1, 1))
-    fig.savefig(path, dpi=FIGURE_DPI)
+    with atomic_files.writing(path) as tmp:
+        fig.savefig(tmp, dpi=FIGURE_DPI, format="png")
 
 
 def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> str:
@@ -178,7 +179,7 @@ def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> st
                            [float(s) for s in config.sweep.router_scales], mesh=mesh)
     corr = correlations(rows)
     os.makedirs(config.out, exist_ok=True)
-    with open(os.path.join(config.out, "results.csv"), "w", newline="") as f:
+    with atomic_files.open_aside(os.path.join(config.out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

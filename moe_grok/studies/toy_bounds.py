@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from moe_grok import strict_json
+from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.grokking import metric_correlations
 from moe_grok.checkpoints.cache import collect_checkpoint_stats
 from moe_grok.data import tasks
@@ -76,7 +76,8 @@ def save_toy_bound_plot(rows: list[dict], path: str) -> None:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_files.writing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def run(workdir: str, out_dir: str, samples: int, synthetic) -> str:
