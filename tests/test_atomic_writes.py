@@ -16,7 +16,6 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from test_analysis import build_stats
 
 from moe_grok import strict_json
 from moe_grok.analysis import analyze as analyze_lib
@@ -29,6 +28,7 @@ from moe_grok.model import checkpoint_io
 from moe_grok.model import params as model_lib
 from moe_grok.report.files import write_report
 
+from analysis_helpers import build_stats
 from full_disk import disk_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
