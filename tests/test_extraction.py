@@ -30,8 +30,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extractor(tiny):
-    """extract_dataset's own default extractor (make_extractor(config)), made once: the tests below run batches
-    of 4 rows of 9 or 2 tokens and share its two compiled programs (each call without it compiles its own)."""
+    """extract_dataset's own default extractor (make_extractor(config), cached): the tests below run batches
+    of 4 rows of 9 or 2 tokens and share its two compiled programs."""
     return make_extractor(tiny[1])
 
 
@@ -148,3 +148,27 @@ def test_bad_inputs_are_named(tiny):
         extract_dataset(config, params, tokens, empty, progress=False)
     with pytest.raises(ValueError, match="non-empty"):
         extract_dataset(config, params, np.zeros((0, 4), int), progress=False)
+
+
+
+def test_a_second_extraction_compiles_nothing(tiny, caplog):
+    """extract_dataset without an extractor reuses the compiled program of an earlier call with the same
+    architecture (make_extractor is cached), so a second call, or the next checkpoint, compiles nothing."""
+    _, config, params, tokens, mask = tiny
+    assert make_extractor(config) is make_extractor(config)
+    assert make_extractor(config) is not make_extractor(config, with_loss=False)
+
+    def compiled_programs(weights, rows):
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level("WARNING"):
+            out = extract_dataset(config, weights, tokens[:rows], mask[:rows], batch_size=7, progress=False)
+        return out, [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+
+    first, compiled = compiled_programs(params, 5)
+    assert any("fn" in message for message in compiled), compiled  # the test sees a compilation when there is one
+    next_checkpoint = jax.tree.map(lambda a: a * 0.5, params)  # other weights, the same architecture
+    second, compiled = compiled_programs(next_checkpoint, 5)
+    assert compiled == []
+    assert not np.allclose(first["loss"], second["loss"])
+    _, compiled = compiled_programs(params, 3)  # 3 rows in one padded batch of 7: the same shapes again
+    assert compiled == []

@@ -72,24 +72,29 @@ def test_attention_forms_agree_in_gradients_and_bfloat16(tmp_path, rng):
     rounds where it rounds in bfloat16 (attention outputs within a quarter bfloat16 step)."""
     save_hf_model(tmp_path, num_key_value_heads=2)
     tokens, mask = (jnp.asarray(a) for a in padded_batch(rng, seq=6))
-    config, params = load_hf(str(tmp_path))
-    probe = jnp.asarray(rng.normal(size=(*tokens.shape, config.vocab_size)), jnp.float32) * mask[..., None]
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
-    def gradients(attention_impl):  # the dense expert kernel (the same in both arms) compiles fastest
-        loss = lambda p: jnp.sum(model_lib.forward(config.replace(attention_impl=attention_impl, moe_impl="dense"),
-                                                   p, tokens, mask).logits * probe)
-        return jax.jit(jax.grad(loss))(params)
+    def layer0_attention(dtype):
+        config, params = load_hf(str(tmp_path), dtype=dtype)
+        hidden = jnp.asarray(rng.normal(size=(*tokens.shape, config.hidden_size)), dtype)
+        return config, jax.tree.map(lambda a: a[0], params["layers"]["attn"]), hidden
+
+    # Gradients of one attention layer (parameters and input) in float32: the forms differ by summation order.
+    config, attention, hidden = layer0_attention(jnp.float32)
+    probe = jnp.asarray(rng.normal(size=hidden.shape), jnp.float32) * mask[..., None]
+
+    def gradients(attention_impl):
+        module = layers.Attention(config.replace(attention_impl=attention_impl))
+        loss = lambda p, h: jnp.sum(module.apply({"params": p}, h, positions, mask) * probe)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(attention, hidden)
 
     for ours, theirs in zip(jax.tree.leaves(gradients("elementwise")), jax.tree.leaves(gradients("matmul")),
                             strict=True):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4,
                                    atol=1e-5 * float(np.abs(np.asarray(theirs)).max()))
-    config16, params16 = load_hf(str(tmp_path), dtype=jnp.bfloat16)
-    attention = jax.tree.map(lambda a: a[0], params16["layers"]["attn"])  # layer 0
-    hidden = jnp.asarray(rng.normal(size=(*tokens.shape, config16.hidden_size)), jnp.bfloat16)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    config16, attention16, hidden16 = layer0_attention(jnp.bfloat16)
     out = {impl: np.asarray(layers.Attention(config16.replace(attention_impl=impl)).apply(
-        {"params": attention}, hidden, positions, mask), np.float32)[np.asarray(mask, bool)]
+        {"params": attention16}, hidden16, positions, mask), np.float32)[np.asarray(mask, bool)]
         for impl in ("elementwise", "matmul")}
     bf16_step = 2.0 ** -7 * np.abs(out["matmul"]).max()  # one bfloat16 rounding step at the largest output
     # Equal on the CPUs measured; summing the scores in float32 without rounding them moves 0.64 steps.

@@ -16,7 +16,6 @@ zip, bad CRC, missing array, wrong dtype or shape) is renamed *.corrupt-<time> a
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 import zipfile
 import zlib
@@ -47,12 +46,6 @@ _DIFFS_SHOWN = 6  # differing key fields named in a stale-entry warning
 
 class CorruptCacheEntry(ValueError):
     """A cache file that cannot be read back as what `collect_checkpoint_stats` wrote."""
-
-
-@functools.lru_cache(maxsize=4)
-def _extractor(model_config: MoEConfig, mesh) -> Any:
-    """make_extractor, kept across calls: re-collecting with the same model compiles nothing again."""
-    return make_extractor(model_config, mesh)
 
 
 def _cache_path(cache_dir: str, step: int) -> str:
@@ -250,7 +243,7 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
         if cached is not None:
             results.append(stats)
             continue
-        extractor = extractor or _extractor(model_config, mesh)
+        extractor = extractor or make_extractor(model_config, mesh)  # cached: compiled once
         for split_name, split in splits.items():
             if split.tokens.shape[1] > model_config.max_seq_len:
                 raise ValueError(f"split {split_name!r} has sequences of {split.tokens.shape[1]} tokens, longer than "

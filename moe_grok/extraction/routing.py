@@ -7,6 +7,7 @@ through it in fixed-shape batches with a progress bar and returns host numpy arr
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import chex
@@ -78,12 +79,15 @@ def _position_mean(values, positions):
     return jnp.einsum("bsl,bs->bl", values, weight) / jnp.sum(weight, axis=1)[:, None]
 
 
+@functools.lru_cache(maxsize=16)
 def make_extractor(model_config: MoEConfig, mesh: jax.sharding.Mesh | None = None, with_loss: bool = True,
                    per_token: bool = False):
     """Jitted fn(params, tokens, mask, targets, target_mask) -> RoutingStats.
 
-    With a mesh, batch inputs/outputs are split over every mesh axis
-    (`sharding.model_batch_sharding`), params keep the shardings of `model.param_shardings`
+    The same arguments give the same function (kept for the process, 16 at most), so its compiled
+    programs are reused: a second `extract_dataset` call, or the next checkpoint of the same
+    architecture, compiles nothing. With a mesh, batch inputs/outputs are split over every mesh
+    axis (`sharding.model_batch_sharding`), params keep the shardings of `model.param_shardings`
     (experts over "expert") and each device computes only its own experts.
     """
 
@@ -136,7 +140,7 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
     n = tokens.shape[0]
     shards = 1 if mesh is None else mesh.size  # the batch is split over every device
     step = -(-max(batch_size, 1) // shards) * shards
-    extractor = extractor or make_extractor(model_config, mesh, with_loss, per_token)
+    extractor = extractor or make_extractor(model_config, mesh, with_loss, per_token)  # compiled once per architecture
     chunks: dict[str, list[np.ndarray]] = {}
     bar = tqdm(range(0, n, step), desc=progress if isinstance(progress, str) else "extract",
                disable=not progress, unit="batch", leave=False)

@@ -1,8 +1,6 @@
 """A run's periodic evaluation: accuracies, losses and routing of `tasks.evaluation_splits`."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from moe_grok.analysis import pathways
@@ -15,9 +13,8 @@ LOGGED_SPLITS = {"train": ("train",), "test": ("test", "validation")}  # logged 
 """metrics.jsonl's "test" metrics are over all held-out pairs: both halves tasks.evaluation_splits cuts."""
 
 
-@functools.lru_cache(maxsize=16)
 def evaluation_extractor(model_config: MoEConfig):
-    """make_extractor(model_config), compiled once per process and model: runs and seeds share it."""
+    """make_extractor(model_config): the same function, compiled once per process and model, for every run and seed."""
     return make_extractor(model_config)
 
 
