@@ -1,7 +1,7 @@
 """The toy protocol (docs/protocol.md): every arm is a full toy config, each trained over `seeds` seeds.
 
-Arms A and B start from configs/toy_grokking.py (the default run = arm A) and change only what
-makes them the arm; arm C is configs/toy_mixture.py; any key is a flag, e.g. --config.arms.mixture.train.steps=3000.
+Arms A and B start from the toy_grokking config (the default run = arm A) and change only what
+makes them the arm; arm C is the toy_mixture config; any key is a flag, e.g. --config.arms.mixture.train.steps=3000.
 """
 import os
 
