@@ -5,6 +5,7 @@ times in one process); what it does not know goes to absl's global flags (`--ver
 """
 from __future__ import annotations
 
+import ast
 import sys
 import textwrap
 
@@ -80,6 +81,17 @@ def _config_path(value: str) -> str:
         raise UsageError(str(error)) from None
 
 
+def _unquoted(error: Exception) -> str:
+    """ml_collections' missing-key message, without the quoting that KeyError's str() adds (twice, at times)."""
+    text = str(error.args[0]) if error.args else str(error)
+    while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            text = ast.literal_eval(text)
+        except (SyntaxError, ValueError):
+            break
+    return " ".join(text.split())
+
+
 def run_job(name: str, argv: list[str], prog: str) -> None:
     """Runs job `name` with the command line `argv` (flags and arguments after the job's name); `prog` is
     how the command line starts in messages and records (e.g. "moe-grok toy").
@@ -88,11 +100,14 @@ def run_job(name: str, argv: list[str], prog: str) -> None:
     try:
         resolved = _with_config_paths(argv)
         flag_values = flags.FlagValues()
-        job.define_flags(flag_values, [prog, *resolved])
-        if any(arg in HELP_FLAGS for arg in argv):
-            print(job_help(job, prog, flag_values))
-            raise SystemExit(0)
-        unparsed = flag_values([prog, *resolved], known_only=True)
+        try:  # ml_collections reads the --config.<key> overrides while it defines or parses --config
+            job.define_flags(flag_values, [prog, *resolved])
+            if any(arg in HELP_FLAGS for arg in argv):
+                print(job_help(job, prog, flag_values))
+                raise SystemExit(0)
+            unparsed = flag_values([prog, *resolved], known_only=True)
+        except (AttributeError, KeyError) as error:
+            raise UsageError(f"a --config.<key> override names no key of the config: {_unquoted(error)}") from None
         args = flags.FLAGS(unparsed)[1:]  # absl's own flags (--verbosity, ...); unknown flags are refused here
         if len(args) != (1 if job.positional else 0):
             raise UsageError(f"expected {job.positional or 'no arguments'}, got {args}" if args or job.positional
