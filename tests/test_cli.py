@@ -9,6 +9,7 @@ import zipfile
 
 import ml_collections
 import pytest
+from absl import logging as absl_logging
 
 from moe_grok import cli, configs
 from moe_grok.cli import config_keys, jobs
@@ -24,6 +25,14 @@ FLAGS = {
     "report": ["--history_dir", "--out_dir", "--[no]plots"],
     "print-config": [],
 }
+
+
+@pytest.fixture(autouse=True)
+def _absl_verbosity_restored():
+    """A job sets absl's verbosity (WARNING unless --verbosity), as the launchers always did: not for later tests."""
+    verbosity = absl_logging.get_verbosity()
+    yield
+    absl_logging.set_verbosity(verbosity)
 
 
 def _run(argv, capsys):
@@ -82,7 +91,7 @@ def test_usage_errors_exit_2_with_a_message(capsys):
 
 
 def test_a_config_given_by_name_resolves_from_the_package(capsys, monkeypatch):
-    assert os.path.dirname(configs.path("toy_mixture")) == os.path.join(os.path.dirname(configs.__file__))
+    assert os.path.dirname(configs.path("toy_mixture")) == os.path.dirname(configs.__file__)  # in the package
     assert set(configs.names()) >= {"toy_grokking", "toy_mixture", "toy_protocol", "olmoe_grokking", "verify_theory"}
     seen = {}
 

@@ -60,15 +60,15 @@ def job_help(job: Job, prog: str, flag_values: flags.FlagValues) -> str:
 
 def _with_config_paths(argv: list[str]) -> list[str]:
     """argv with `--config=NAME` (or `--config NAME`) of a shipped config replaced by its file's path."""
-    resolved, names_value = [], False
+    resolved, value_follows = [], False
     for arg in argv:
-        if names_value:
-            arg, names_value = _config_path(arg), False
+        if value_follows:
+            arg, value_follows = _config_path(arg), False
         elif arg.startswith(("--config=", "-config=")):
             flag, value = arg.split("=", 1)
             arg = f"{flag}={_config_path(value)}"
         elif arg in ("--config", "-config"):
-            names_value = True
+            value_follows = True
         resolved.append(arg)
     return resolved
 
@@ -107,11 +107,12 @@ def run_job(name: str, argv: list[str], prog: str) -> None:
                 raise SystemExit(0)
             unparsed = flag_values([prog, *resolved], known_only=True)
         except (AttributeError, KeyError) as error:
+            if not any(arg.startswith(("--config.", "-config.")) for arg in argv):
+                raise  # the config file's own error
             raise UsageError(f"a --config.<key> override names no key of the config: {_unquoted(error)}") from None
         args = flags.FLAGS(unparsed)[1:]  # absl's own flags (--verbosity, ...); unknown flags are refused here
         if len(args) != (1 if job.positional else 0):
-            raise UsageError(f"expected {job.positional or 'no arguments'}, got {args}" if args or job.positional
-                             else "")
+            raise UsageError(f"expected {job.positional or 'no arguments'}, got {args}")
     except (UsageError, flags.Error) as error:
         print(f"{prog}: {error}\n(see {prog} --help)", file=sys.stderr)
         raise SystemExit(2) from None
