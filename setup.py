@@ -6,6 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="Routing-pathway grokking analysis for MoE language models (JAX/Flax).",
     packages=setuptools.find_packages(include=["moe_grok", "moe_grok.*"]),
+    # moe_grok/configs/*.py (the shipped run configs) are modules of the package: installed with it.
+    entry_points={"console_scripts": ["moe-grok = moe_grok.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

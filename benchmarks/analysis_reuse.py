@@ -2,7 +2,7 @@
 training handing its evaluations to the analysis cache (`toy_run.analysis_cache_callbacks`).
 
   python benchmarks/analysis_reuse.py                       # default toy config, 4 seeds, 300 steps
-  python benchmarks/analysis_reuse.py --config=configs/toy_mixture.py --seeds=8
+  python benchmarks/analysis_reuse.py --config=moe_grok/configs/toy_mixture.py --seeds=8
 
 Both sides train the same seeds from scratch into fresh workdirs (multiseed.train, evaluations and
 checkpoints every 100 steps), after one warm-up that compiles the step, the evaluation and the
@@ -22,6 +22,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_grok import configs
 from moe_grok.studies import launch, protocol, toy_run
 from moe_grok.training import multiseed
 from moe_grok.training.checkpointing import RunCheckpoints
@@ -29,7 +30,7 @@ from moe_grok.training.checkpointing import RunCheckpoints
 SIDES = ("extracts", "handed")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
+    "config", configs.path("toy_grokking"), "Toy run config.")
 _SEEDS = flags.DEFINE_integer("seeds", 4, "Seeds trained together.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Optimizer steps of each side.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved analysis rounds.")

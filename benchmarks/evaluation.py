@@ -1,7 +1,7 @@
 """Evaluation: each split streamed alone vs all splits streamed together, one run.
 
   python benchmarks/evaluation.py                          # default toy config, batch 1024
-  python benchmarks/evaluation.py --config=configs/toy_mixture.py
+  python benchmarks/evaluation.py --config=moe_grok/configs/toy_mixture.py
   python benchmarks/evaluation.py --batch_size=2048
 
 Training evaluates tasks.evaluation_splits (train, test, validation) at every `eval_every` steps,
@@ -18,9 +18,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_grok import configs
+
 from timing import interleaved_times
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/toy_grokking.py", "Toy training config.")
+_CONFIG = config_flags.DEFINE_config_file("config", configs.path("toy_grokking"), "Toy training config.")
 _BATCH = flags.DEFINE_integer("batch_size", 1024, "Extraction batch size (the toy configs' evaluation and analysis).")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
 

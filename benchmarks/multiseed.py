@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_grok import configs
 from moe_grok.data import tasks
 from moe_grok.model import params as params_lib
 from moe_grok.studies import launch
@@ -32,7 +33,7 @@ from moe_grok.training.optimizer import make_optimizer
 from moe_grok.training.run_config import model_config_of, task_spec
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
+    "config", configs.path("toy_grokking"), "Toy run config.")
 _SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds trained together.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Optimizer steps of every timed run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Alternating (1 seed, S seeds) rounds; medians are compared.")

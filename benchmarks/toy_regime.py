@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_grok import configs
 from moe_grok.analysis import grokking
 from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
@@ -42,7 +43,7 @@ from moe_grok.training.metrics_log import read_metrics
 from moe_grok.training.run_config import task_spec
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
+    "config", configs.path("toy_grokking"), "Toy run config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/regime", "Multi-seed workdir (resumed if it exists).")
 _SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds 0..seeds-1, trained together.")
 _DELTA = 0.05  # nats: the memorization rule's delta

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_grok import configs
 from moe_grok.data import tasks
 from moe_grok.model import dispatch, layers
 from moe_grok.model import params as params_lib
@@ -51,7 +52,7 @@ from moe_grok.training.run_config import model_config_of, task_spec
 import timing  # benchmarks/timing.py
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
+    "config", configs.path("toy_grokking"), "Toy run config.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Calls per timed function per round (their mean is the round's time).")
 _PROFILED = flags.DEFINE_integer("profiled", 5, "Steps in the profile (0 = no profile).")

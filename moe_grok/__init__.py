@@ -2,8 +2,8 @@
 
 Layers (imports point down only; docs/architecture.md):
   sharding, config, locking, strict_json -> data -> analysis (pure array math) -> model -> extraction
-  -> checkpoints / training / theory -> report -> pipeline -> studies (experiment code; launchers in
-  experiments/).
+  -> checkpoints / training / theory -> report -> pipeline -> studies (experiment code) / configs (the
+  shipped run configs) -> cli (the `moe-grok` command; experiments/ launchers run its jobs).
 
 The names below are the public API, imported lazily so that `import moe_grok.data` does
 not pull in JAX or Flax.

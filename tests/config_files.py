@@ -1,11 +1,9 @@
-"""The launchers' config files (configs/*.py), loaded the way ml_collections' config flags load them."""
-import os
+"""The shipped config files (moe_grok/configs/*.py), loaded the way ml_collections' config flags load them."""
+from moe_grok import configs
 
-from moe_grok.studies.launch import config_module
-
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIG_DIR = configs.directory()
 
 
 def load_config(name: str):
-    """configs/<name>.py's get_config()."""
-    return config_module(CONFIG_DIR, name).get_config()
+    """The shipped config `name`'s get_config()."""
+    return configs.load(name)

@@ -17,8 +17,9 @@ LAYERS = {  # module prefix -> layer; a module may import only modules of its ow
     "moe_grok.extraction": 4,
     "moe_grok.checkpoints": 5, "moe_grok.training": 5, "moe_grok.theory": 5,
     "moe_grok.report": 6,
-    "moe_grok.pipeline": 7,
-    "moe_grok.studies": 8,
+    "moe_grok.pipeline": 7, "moe_grok.monitor": 7,
+    "moe_grok.studies": 8, "moe_grok.configs": 8,  # config files build on studies.launch.config_module
+    "moe_grok.cli": 9,
 }
 
 

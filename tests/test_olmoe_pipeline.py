@@ -177,7 +177,7 @@ def test_experiment_script(workspace, tmp_path):
     """The absl launcher wires config -> data -> checkpoints -> report, with every input file."""
     checkpoints = ",".join(str(_checkpoint_dir(workspace, s)) for s in STEPS)
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "olmoe_grokking.py"),
-           f"--config={os.path.join(ROOT, 'configs', 'olmoe_grokking.py')}",
+           "--config=olmoe_grokking",  # a shipped config by name
            f"--config.checkpoints={checkpoints}", "--config.dtype=float32", "--config.batch_size=8",
            "--config.moe_impl=dense",
            "--config.data.format=jsonl_ids",

@@ -9,7 +9,7 @@ from config_files import load_config
 
 
 def tiny_config(steps=30):
-    """configs/toy_grokking.py shrunk: p = 11, add and mul, a 2-layer 4-expert model of width 16,
+    """moe_grok/configs/toy_grokking.py shrunk: p = 11, add and mul, a 2-layer 4-expert model of width 16,
     evaluations and checkpoints every 10 steps."""
     config = load_config("toy_grokking")
     config.task.p = 11

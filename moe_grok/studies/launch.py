@@ -9,7 +9,7 @@ from absl import flags, logging
 
 
 def config_module(directory: str, name: str) -> ModuleType:
-    """configs/<name>.py in `directory`, loaded by path the way ml_collections' config flags load
+    """The config file <directory>/<name>.py, loaded by path the way ml_collections' config flags load
     a config file (config files import their neighbours with it)."""
     spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(directory, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)

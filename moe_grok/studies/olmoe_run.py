@@ -1,4 +1,4 @@
-"""The paper's OLMoE experiment from a config (configs/olmoe_grokking.py): data, checkpoints, pipeline."""
+"""The paper's OLMoE experiment from a config (moe_grok/configs/olmoe_grokking.py): data, checkpoints, pipeline."""
 from __future__ import annotations
 
 import difflib

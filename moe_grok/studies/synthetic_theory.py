@@ -170,7 +170,7 @@ def save_plots(rows, corr: dict, path: str) -> None:
 
 
 def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> str:
-    """The sweep of configs/verify_theory.py: every structure x router scale x router seed.
+    """The sweep of moe_grok/configs/verify_theory.py: every structure x router scale x router seed.
 
     Writes results.csv, results.json and theory.png to config.out; returns the correlation text."""
     base = SyntheticConfig.from_config(config.synthetic)

@@ -18,7 +18,7 @@ from moe_grok.training.run_config import task_spec
 
 
 def check_samples(n_samples) -> None:
-    """ValueError unless n_samples (configs/verify_theory.py's `toy.samples`) is a positive integer:
+    """ValueError unless n_samples (moe_grok/configs/verify_theory.py's `toy.samples`) is a positive integer:
     0 would divide by zero in the Gram's normalization, a negative count fails inside numpy."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"toy.samples must be a positive integer (training samples in the toy-run Gram), "

@@ -43,31 +43,31 @@ class SyntheticConfig:
     """One synthetic run. Cluster structure = (n_clusters, spread); spread is the within-cluster
     standard deviation relative to the unit-variance cluster centers."""
 
-    dim: int = 100
-    n_clusters: int = 4
-    spread: float = 0.5
-    n_train: int = 200
-    n_test: int = 1000
-    noise_std: float = 0.1
-    num_experts: int = 16
-    width: int = 128
-    router_scale: float = 1.0
-    top_k: int = 0  # 0 = soft routing over all experts
-    tau: float = 0.7
-    steps: int = 500
-    learning_rate: float = 3e-3
-    lam: float = 0.1
+    dim: int = 100  # input dimensions
+    n_clusters: int = 4  # Gaussian clusters (with spread: the data structure)
+    spread: float = 0.5  # within-cluster std relative to the unit-variance cluster centers
+    n_train: int = 200  # training samples (the kernel's n)
+    n_test: int = 1000  # test samples
+    noise_std: float = 0.1  # std of the label noise (y = label + noise); the bound's noise level
+    num_experts: int = 16  # experts of the one MoE layer
+    width: int = 128  # hidden ReLU units per expert (m)
+    router_scale: float = 1.0  # router inverse softmax temperature (larger: sharper routing, shorter pathways)
+    top_k: int = 0  # experts kept per sample in the forward pass (0 = soft routing over all experts)
+    tau: float = 0.7  # pathway threshold: experts kept until their cumulative weight exceeds tau
+    steps: int = 500  # expert training steps (the router stays frozen)
+    learning_rate: float = 3e-3  # expert learning rate
+    lam: float = 0.1  # ridge lambda of d_eff, the bound and kernel ridge regression
     ridge_training: bool = True  # train with the (lam/n)|theta - theta_init|^2 penalty that matches the bound's lam
-    delta: float = 0.05
-    c1: float = 1.0
-    data_seed: int = 0
-    router_seed: int = 0
-    expert_seed: int = 0
+    delta: float = 0.05  # the bound holds with probability 1 - delta
+    c1: float = 1.0  # constant of the bound's bias term
+    data_seed: int = 0  # cluster, sample and label seed
+    router_seed: int = 0  # frozen router seed (the only thing that varies within a structure)
+    expert_seed: int = 0  # expert initialization seed
 
 
     @classmethod
     def from_config(cls, config) -> SyntheticConfig:
-        """From a config section holding every field (configs/verify_theory.py's `synthetic`)."""
+        """From a config section holding every field (the verify_theory config's `synthetic`)."""
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in config]
         if missing:

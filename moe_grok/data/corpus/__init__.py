@@ -16,7 +16,7 @@ Sources (one module of this package per file format):
   olmo_memmap.load_olmo_memmap  OLMo-style flat token files (np.memmap, uint16/uint32), instances as
                                 fixed chunks of the stream or from an explicit instance index
   assemble.make_lm_split        in-memory id lists per group (assemble: what the loaders share)
-  from_config.load_split        any of the above from a config (configs/olmoe_grokking.py's `data`)
+  from_config.load_split        any of the above from a config (moe_grok/configs/olmoe_grokking.py's `data`)
 domains: a file's group (domain) name and which samples of a group are kept. Every public name is
 importable from this package.
 

@@ -1,4 +1,4 @@
-"""`load_split`: any loader of this package from a `data` config (configs/olmoe_grokking.py's `data`)."""
+"""`load_split`: any loader of this package from a `data` config (moe_grok/configs/olmoe_grokking.py's `data`)."""
 from __future__ import annotations
 
 import os
@@ -25,19 +25,19 @@ DATA_CONFIG_KEYS = (
     "format", "paths", "seq_len", "tokenizer", "text_field", "add_eos", "eos_token", "add_special_tokens",
     "ids_field", "group_field", "groups_from_files", "max_samples_per_group", "seed", "pad_id", "vocab_size",
     "on_short", "lengths", "file_pad_id", "memmap_dtype", "instance_length", "instances")
-"""Every key `load_split` reads; configs/olmoe_grokking.py's `data` declares each with a comment."""
+"""Every key `load_split` reads; moe_grok/configs/olmoe_grokking.py's `data` declares each with a comment."""
 
 
 def load_split(config: Any, return_info: bool = False):
     """EvalSplit from a `data` config (ml_collections.ConfigDict or mapping) holding every key of
-    DATA_CONFIG_KEYS (configs/olmoe_grokking.py documents each). "Unset" is spelled so the key
+    DATA_CONFIG_KEYS (moe_grok/configs/olmoe_grokking.py documents each). "Unset" is spelled so the key
     keeps its type on the command line: "" for paths and names, 0 for vocab_size /
     max_samples_per_group / instance_length, -1 for file_pad_id.
     Logs samples per group, truncated and dropped counts.
     """
     missing = [key for key in DATA_CONFIG_KEYS if key not in config]
     if missing:
-        raise ValueError(f"data config lacks key(s) {missing}; start from configs/olmoe_grokking.py's `data`")
+        raise ValueError(f"data config lacks key(s) {missing}; start from moe_grok/configs/olmoe_grokking.py's `data`")
 
     def get(key):
         return config[key]

@@ -1,6 +1,6 @@
 """Round 3 of the toy protocol (docs/protocol.md, "Round 3"): arm C with a longer budget, so that its
 later domains (mul, div) can finish grokking; arms A and B are not re-run. Every key is a flag as in
-configs/toy_protocol.py, e.g. --config.seeds=4.
+the toy_protocol config, e.g. --config.seeds=4.
 """
 import os
 

@@ -9,12 +9,16 @@ def get_config():
     config.task = ml_collections.ConfigDict(dict(
         p=97,  # prime modulus
         ops=("add",),  # operations, one data group each: add, sub, mul, div, x2xyy2
-        train_fraction=0.5,  # share of each operation's (a, b) pairs used for training (per op: configs/toy_mixture.py)
+        train_fraction=0.5,  # share of each operation's (a, b) pairs used for training (per op: toy_mixture)
         random_labels=False,  # replace the training answers by seeded random labels (a control)
         seed=0,  # split (and random label) seed
     ))
     config.model = ml_collections.ConfigDict(dict(  # MoEConfig fields over moe_grok.config.toy()
-        hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=16,
+        hidden_size=64,  # model width (the residual stream)
+        num_layers=4,  # decoder layers, each with an MoE block
+        num_heads=4,  # attention heads
+        num_kv_heads=4,  # key/value heads (fewer than num_heads: grouped-query attention)
+        head_dim=16,  # width of each attention head
         num_experts=8,  # experts per layer
         num_experts_per_tok=2,  # top-k
         expert_intermediate_size=64,  # SwiGLU width of each expert

@@ -1,6 +1,6 @@
 """Round 2 of the toy protocol (docs/protocol.md, "Round 2"): arm A's training regime moved further
 toward the paper's, and its two controls; arm C is not re-run. Every key is a flag as in
-configs/toy_protocol.py, e.g. --config.seeds=4.
+the toy_protocol config, e.g. --config.seeds=4.
 """
 import os
 

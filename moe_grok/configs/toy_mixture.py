@@ -1,5 +1,5 @@
 """Asynchronous multi-domain grokking (arm C of docs/protocol.md): add, sub, mul and div mod 59,
-one domain each. Model and optimizer: configs/toy_grokking.py's, except where noted; why the
+one domain each. Model and optimizer: toy_grokking's, except where noted; why the
 settings noted here differ: docs/training.md, "Controls and the mixture"."""
 import os
 

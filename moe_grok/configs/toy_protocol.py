@@ -1,7 +1,7 @@
 """The toy protocol (docs/protocol.md): every arm is a full toy config, each trained over `seeds` seeds.
 
-Arms A and B start from configs/toy_grokking.py (the default run = arm A) and change only what
-makes them the arm; arm C is configs/toy_mixture.py; any key is a flag, e.g. --config.arms.mixture.train.steps=3000.
+Arms A and B start from the toy_grokking config (the default run = arm A) and change only what
+makes them the arm; arm C is the toy_mixture config; any key is a flag, e.g. --config.arms.mixture.train.steps=3000.
 """
 import os
 
@@ -30,7 +30,7 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.seeds = 8  # seeds per arm (0..seeds-1), trained together
     config.seeds_per_arm = ml_collections.ConfigDict(dict(  # per-arm override of `seeds` (0 = use `seeds`)
-        grokking=0, random_labels=0, no_weight_decay=0, mixture=0))
+        grokking=0, random_labels=0, no_weight_decay=0, mixture=0))  # seeds of that arm (0 = use `seeds`)
     config.name = "protocol"  # generated files: <name>_results.md, figures/<name>_accuracy.png, <name>_effects.png
     config.analysis_process = True  # analyse each arm in a spawned process while the next arm trains (False: inline)
     config.analysis_processes = 2  # spawned processes an arm's seeds are dealt over (each runs its seeds in threads)

@@ -1,0 +1,157 @@
+"""The `moe-grok` command: its help, its subcommands' flags, config names, print-config, the wheel it ships in."""
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import ml_collections
+import pytest
+from absl import logging as absl_logging
+
+from moe_grok import cli, configs
+from moe_grok.cli import config_keys, jobs
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+# Each subcommand's flags, as the experiments/ launchers took them before the command existed.
+FLAGS = {
+    "toy": ["--config", "--workdir", "--[no]skip_training"],
+    "protocol": ["--config", "--workdir"],
+    "olmoe": ["--config"],
+    "convert": ["--hf_path", "--revision", "--out", "--dtype", "--[no]overwrite"],
+    "theory": ["--config"],
+    "report": ["--history_dir", "--out_dir", "--[no]plots"],
+    "print-config": [],
+}
+
+
+@pytest.fixture(autouse=True)
+def _absl_verbosity_restored():
+    """A job sets absl's verbosity (WARNING unless --verbosity), as the launchers always did: not for later tests."""
+    verbosity = absl_logging.get_verbosity()
+    yield
+    absl_logging.set_verbosity(verbosity)
+
+
+def _run(argv, capsys):
+    """(exit code, stdout, stderr) of `moe-grok <argv>`, run in this process."""
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _leaf_paths(config, prefix=""):
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaf_paths(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def test_the_command_lists_every_subcommand_with_a_line(capsys):
+    code, out, _ = _run(["--help"], capsys)
+    assert code == 0
+    listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert set(listed) == set(FLAGS) == set(jobs.JOBS)
+    for name, job in jobs.JOBS.items():
+        assert job.summary in listed[name]
+    code, _, err = _run([], capsys)  # no command: the same list, as an error
+    assert code == 2 and "print-config" in err
+    code, _, err = _run(["tyo"], capsys)
+    assert code == 2 and "no command 'tyo'" in err
+
+
+@pytest.mark.parametrize("name", sorted(FLAGS))
+def test_every_subcommand_says_what_it_does_and_names_its_flags(name, capsys):
+    code, out, _ = _run([name, "--help"], capsys)
+    assert code == 0
+    assert out.startswith(f"usage: moe-grok {name} [flags]")
+    assert jobs.JOBS[name].description in out
+    named = re.findall(r"^  (--\S+):$", out, flags=re.MULTILINE)
+    assert named == FLAGS[name]
+
+
+def test_usage_errors_exit_2_with_a_message(capsys):
+    code, _, err = _run(["toy", "--no_such_flag=1"], capsys)
+    assert code == 2 and "no_such_flag" in err
+    code, _, err = _run(["convert", "--out=x"], capsys)  # --hf_path is required
+    assert code == 2 and "--hf_path" in err
+    code, _, err = _run(["toy", "--config=no_such_config"], capsys)
+    assert code == 2 and "toy_grokking" in err  # names the shipped configs
+    code, _, err = _run(["print-config"], capsys)
+    assert code == 2 and "NAME" in err
+    code, _, err = _run(["toy", "--config.train.stepz=1"], capsys)  # a key the config lacks
+    assert code == 2 and 'Did you mean "steps"' in err
+
+
+def test_a_config_given_by_name_resolves_from_the_package(capsys, monkeypatch):
+    assert os.path.dirname(configs.path("toy_mixture")) == os.path.dirname(configs.__file__)  # in the package
+    assert set(configs.names()) >= {"toy_grokking", "toy_mixture", "toy_protocol", "olmoe_grokking", "verify_theory"}
+    seen = {}
+
+    def record(flag_values, args, command):
+        seen.update(config=flag_values["config"].value, workdir=flag_values.workdir, command=command)
+
+    monkeypatch.setitem(jobs.JOBS, "toy", dataclasses.replace(jobs.TOY, run=record))
+    code, _, _ = _run(["toy", "--config", "toy_mixture", "--config.train.steps=7", "--workdir=w"], capsys)
+    assert code == 0
+    assert seen["config"].task.p == 59 and seen["config"].train.steps == 7 and seen["workdir"] == "w"
+    assert seen["command"] == "moe-grok toy --config toy_mixture --config.train.steps=7 --workdir=w"
+    code, _, _ = _run(["toy", f"--config={configs.path('toy_grokking')}"], capsys)  # a path works too
+    assert code == 0 and seen["config"].task.p == 97 and seen["config"].train.steps == 2000
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_key_of_every_shipped_config_has_help_and_print_config_names_it(name, capsys):
+    keys = config_keys.config_keys(name)
+    assert [key.path for key in keys if not key.help] == []
+    code, out, _ = _run(["print-config", name], capsys)
+    assert code == 0
+    printed = [line.split(" = ")[0] for line in out.splitlines() if not line.startswith("#")]
+    assert printed == list(_leaf_paths(configs.load(name)))
+
+
+def test_a_key_takes_the_comment_that_declares_it(tmp_path):
+    """Help comes from the declaring comment (dict keywords, assignments and their continuation lines,
+    a section function's dataclass fields), through configs built on others; an uncommented key has none."""
+    keys = {key.path: key for key in config_keys.config_keys("toy_protocol_round3")}
+    assert keys["arms.mixture.train.steps"].default == 5000
+    assert keys["arms.mixture.train.steps"].help == "optimizer steps"  # declared in toy_grokking, not round 3
+    assert keys["arms.mixture.task.p"].help == "prime modulus"
+    assert keys["arms.mixture.analysis.tau"].help.startswith("pathway: experts kept")  # AnalysisOptions.tau
+    olmoe = {key.path: key.help for key in config_keys.config_keys("olmoe_grokking")}
+    assert olmoe["validation_paths"].endswith("and the held-out control of every metric (\"\" = none)")
+    (tmp_path / "base.py").write_text(
+        "import ml_collections\n\n\ndef get_config():\n    config = ml_collections.ConfigDict()\n"
+        "    config.steps = 3  # how many\n    config.width = 8\n    return config\n")
+    (tmp_path / "derived.py").write_text(
+        "import os\n\nfrom moe_grok.studies.launch import config_module\n\n\ndef get_config():\n"
+        "    config = config_module(os.path.dirname(os.path.abspath(__file__)), 'base').get_config()\n"
+        "    config.steps = 5  # more\n    return config\n")
+    keys = config_keys.config_keys(str(tmp_path / "derived.py"))
+    assert [(key.path, key.default, key.help) for key in keys] == [("steps", 5, "how many"), ("width", 8, "")]
+
+
+def test_the_wheel_ships_the_configs_and_the_command(tmp_path):
+    """A non-editable install's contents: the configs as package files, the console script's entry point."""
+    source = tmp_path / "source"
+    shutil.copytree(os.path.join(ROOT, "moe_grok"), source / "moe_grok",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, name), source)
+    # setuptools' PEP 517 hook, what `pip wheel --no-build-isolation` calls, without pip's start-up
+    build = f"import setuptools.build_meta as backend; backend.build_wheel({str(tmp_path / 'wheel')!r})"
+    subprocess.run([sys.executable, "-c", build], cwd=source, check=True, capture_output=True, timeout=120)
+    (wheel,) = (tmp_path / "wheel").iterdir()
+    with zipfile.ZipFile(wheel) as archive:
+        files = set(archive.namelist())
+        entry_points = next(archive.read(f).decode() for f in files if f.endswith(".dist-info/entry_points.txt"))
+    assert {f"moe_grok/configs/{name}.py" for name in configs.names()} <= files
+    assert "moe_grok/cli/__init__.py" in files
+    assert re.search(r"^\[console_scripts\]\nmoe-grok = moe_grok\.cli:main$", entry_points, flags=re.MULTILINE)
