@@ -69,7 +69,7 @@ def test_training_writes_its_metrics_as_tensorboard_scalars_and_progress_lines(f
     assert {"train/loss", "train/grad_norm", "eval/test_accuracy", "eval/train_accuracy/add", "time/elapsed_s"} <= tags
     with open(os.path.join(workdir, "stderr.txt")) as f:
         log = f.read()
-    assert "\r" not in log and "train 1 seed: 30/30 step (100%)" in log and "step/s" in log
+    assert "\r" not in log and "train 1 seed: 30/30 step (100%)" in log and "ETA" in log and "step/s" in log
 
 
 def test_training_learns_and_writes_checkpoints(finished_run):

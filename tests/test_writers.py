@@ -88,9 +88,21 @@ def test_progress_lines_at_every_tenth_with_rate_and_eta():
     lines.close()
     written = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue()
-    assert len(written) == 5 + 1  # at 120 (60%), 140, ..., 200 (100%), then the new postfix
+    assert len(written) == 4 + 1  # at 120 (60%), 140, 160, 180; the last by close, with the postfix set at the end
     assert written[0].endswith("train 1 seed: 120/200 step (60%), 2 step/s, elapsed 0:00:10, ETA 0:00:40")
     assert written[-1].endswith("200/200 step (100%), 2 step/s, elapsed 0:00:50, test_acc=0.50")
+
+
+def test_the_rate_after_the_first_line_leaves_the_start_up_out():
+    stream, clock = io.StringIO(), _Clock()
+    lines = ProgressLines(10, "train", unit="step", stream=stream, clock=clock)
+    clock.now += 10  # the first step compiles
+    lines.update(1)
+    clock.now += 1
+    lines.update(1)
+    assert [line.split(" ", 2)[2] for line in stream.getvalue().splitlines()] == [
+        "train: 1/10 step (10%), 10 s/step, elapsed 0:00:10, ETA 0:01:30",
+        "train: 2/10 step (20%), 1 step/s, elapsed 0:00:11, ETA 0:00:08"]
 
 
 def test_progress_lines_of_a_slow_inner_loop_come_by_time_only():

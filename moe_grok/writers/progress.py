@@ -44,8 +44,10 @@ class ProgressLines:
 
     Lines at every 1/`marks` of `total` (None: only by time) and every `interval_s` seconds; `close`
     writes the last state unless that line was the last written, and unless `transient` and nothing was
-    written (a short inner loop stays silent). The rate and ETA count this loop's progress past
-    `initial` only (a resumed run's earlier steps took no time here).
+    written (a short inner loop stays silent); the line of the last item is left to `close`, which
+    shows the final postfix. The rate and ETA count this loop's progress past `initial` only (a resumed
+    run's earlier steps took no time here), and after the first line only what came after it (the
+    first items carry the start-up: compilation, the first checkpoint load).
     """
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0, stream: TextIO | None = None,
@@ -57,6 +59,7 @@ class ProgressLines:
         self._started = self._last_time = clock()
         self._postfix: dict[str, Any] = {}
         self._last_line: tuple | None = None  # (n, postfix) of the last line written
+        self._rate_since: tuple[float, int] | None = None  # (time, n) of the first line: the rate's start
         self._closed = False
         self._lock = threading.Lock()
 
@@ -68,7 +71,8 @@ class ProgressLines:
         with self._lock:
             before, self.n = self.n, self.n + n
             now = self._clock()
-            if self._mark(self.n) > self._mark(before) or now - self._last_time >= self._interval_s:
+            due = self._mark(self.n) > self._mark(before) or now - self._last_time >= self._interval_s
+            if due and (self.total is None or self.n < self.total):
                 self._write(now)
 
     def set_postfix(self, values: Mapping[str, Any] | None = None, **kwargs) -> None:
@@ -78,8 +82,12 @@ class ProgressLines:
 
     def line(self, now: float | None = None) -> str:
         """The progress line of the current state (without the time stamp and newline)."""
-        elapsed = (self._clock() if now is None else now) - self._started
-        rate = (self.n - self._initial) / elapsed if elapsed > 0 else 0.0
+        now = self._clock() if now is None else now
+        elapsed = now - self._started
+        since, done = self._rate_since or (self._started, self._initial)
+        if self._rate_since is not None and self.n == done:  # nothing new since the first line
+            since, done = self._started, self._initial
+        rate = (self.n - done) / (now - since) if now > since else 0.0
         parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
@@ -99,6 +107,8 @@ class ProgressLines:
         self._stream.write(f"{stamp} {self.line(now)}\n")
         self._stream.flush()
         self._last_time, self._last_line = now, (self.n, dict(self._postfix))
+        if self._rate_since is None:
+            self._rate_since = (now, self.n)
 
     def close(self) -> None:
         with self._lock:
