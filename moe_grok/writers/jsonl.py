@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping
 
 from moe_grok import atomic_files, strict_json
@@ -28,21 +29,25 @@ class JsonlWriter:
         if history is not None:
             atomic_files.write_text(path, "".join(jsonl_line(*checked_scalars(s, v)) for s, v in history))
         self._file = None
+        self._lock = threading.Lock()  # one writer may serve several threads (a callback of several seeds)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         line = jsonl_line(*checked_scalars(step, scalars))
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (open across writes; close())
-        self._file.write(line)
+        with self._lock:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (open across writes; close())
+            self._file.write(line)
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self):
         return self

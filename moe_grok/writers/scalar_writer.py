@@ -6,9 +6,10 @@ A scalar writer is any object with
   flush() -> None                                               make what was written readable by others
   close() -> None                                               flush and release the file; idempotent
 
-`JsonlWriter` and `TensorBoardWriter` are the built-in ones. Non-finite values are kept: a JSONL file
-holds NaN / Inf as null (strict JSON, read back as NaN by `strict_json.nan_for_null`), a TensorBoard file
-holds the float itself (TensorBoard draws NaN and Inf as such).
+`JsonlWriter` and `TensorBoardWriter` are the built-in ones (safe to share between threads). Non-finite
+values are kept: a JSONL file holds NaN / Inf as null (strict JSON, read back as NaN by
+`strict_json.nan_for_null`), a TensorBoard file holds the float itself (TensorBoard draws NaN and Inf as
+such).
 """
 from __future__ import annotations
 

@@ -69,23 +69,28 @@ class TensorBoardWriter:
                 if path != self.path:
                     os.remove(path)
         self._file = None
+        self._lock = threading.Lock()  # one writer may serve several threads (a callback of several seeds)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         step, scalars = checked_scalars(step, scalars)
         if not scalars:
             return
-        if self._file is None:
-            self._file = open(self.path, "ab")  # noqa: SIM115  (open across writes; close() closes it)
-        self._file.write(tfevents.record(tfevents.scalars_event(time.time(), step, scalars)))
+        record = tfevents.record(tfevents.scalars_event(time.time(), step, scalars))
+        with self._lock:
+            if self._file is None:
+                self._file = open(self.path, "ab")  # noqa: SIM115  (open across writes; close() closes it)
+            self._file.write(record)
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self):
         return self
