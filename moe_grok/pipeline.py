@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 
 from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.analyze import analyze
+from moe_grok.analysis.checkpoint_scalars import checkpoint_scalars
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.analysis.test_results import TestResults, test_results_from_split
 from moe_grok.checkpoints.cache import collect_checkpoint_stats
@@ -19,11 +20,13 @@ from moe_grok.checkpoints.sources import CheckpointSource
 from moe_grok.data.splits import EvalSplit
 from moe_grok.locking import DirectoryLock
 from moe_grok.report.files import write_report
+from moe_grok.writers.tensorboard import TensorBoardWriter
 
 # Not train.lock, so an out_dir that is also a training workdir neither blocks nor is blocked by training.
 LOCK_FILE = "analysis.lock"
 RUN_CONFIG_FILE = "config.json"  # the resolved configuration of the run that analysed out_dir
 REPORT_DIR = "report"  # out_dir/report: the first positions' report; report/positions_<name>: the others
+TENSORBOARD_DIR = "tensorboard"  # out_dir/tensorboard: each checkpoint's scalars (analysis.checkpoint_scalars)
 
 
 @contextlib.contextmanager
@@ -56,7 +59,8 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
                  train_embeddings: np.ndarray | None = None,
                  test_embeddings: np.ndarray | None = None, options: AnalysisOptions | None = None,
                  batch_size: int = 32, mesh=None, progress: bool = True, with_plots: bool = True,
-                 run_config: dict[str, Any] | None = None, data_notes: Sequence[str] = ()) -> dict[str, Any]:
+                 run_config: dict[str, Any] | None = None, data_notes: Sequence[str] = (),
+                 tensorboard: bool = True) -> dict[str, Any]:
     """Stats per checkpoint (cached in out_dir/cache), the analysis, and its files.
 
     out_dir is locked (out_dir/analysis.lock) for the whole run: a second analysis of it raises
@@ -71,6 +75,9 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
     (strict JSON) under the lock, before any checkpoint is read.
     data_notes: facts about the input data that every report lists among its warnings (e.g. repeated
     samples, whose copies sit at pathway distance 0 from each other).
+    tensorboard: write each checkpoint's scalars (analysis.checkpoint_scalars: per split loss, accuracy,
+    routing entropy, pathway length) at its step to out_dir/tensorboard, replacing the event files there,
+    once every checkpoint is read (`tensorboard --logdir out_dir`).
     """
     options = options or AnalysisOptions()
     held_out_split = held_out_split or test_split
@@ -83,6 +90,8 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
         if run_config is not None and jax.process_index() == 0:
             strict_json.dump(run_config, os.path.join(out_dir, RUN_CONFIG_FILE), indent=2, sort_keys=True)
         stats = collect_checkpoint_stats(sources, splits, os.path.join(out_dir, "cache"), batch_size, mesh, progress)
+        if tensorboard and jax.process_index() == 0:
+            _write_scalars(stats, splits, options, os.path.join(out_dir, TENSORBOARD_DIR))
         if test is None and test_split is not None:
             test = test_results_from_split(stats, test_split, splits[test_split], test_embeddings)
         reports = []
@@ -95,6 +104,11 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
         if jax.process_index() == 0:
             _write_reports(reports, options.positions, out_dir, with_plots)
     return reports[0]
+
+
+def _write_scalars(stats, splits: dict[str, EvalSplit], options: AnalysisOptions, logdir: str) -> None:
+    """Every checkpoint's scalars as one event file in `logdir`, written whole; earlier event files removed."""
+    TensorBoardWriter(logdir, history=checkpoint_scalars(stats, splits, options)).close()
 
 
 def _write_reports(reports: list[dict[str, Any]], positions: Sequence[str], out_dir: str, with_plots: bool) -> None:

@@ -122,7 +122,7 @@ def _run_pipeline(monkeypatch, out_dir, seed, positions):
     options = AnalysisOptions(eps=0.5, max_pairs=None, tau_sweep=(0.5,), delta_sweep=(0.05,), eps_sweep=(1.0,),
                               positions=positions)
     return pipeline.run_pipeline([], splits, str(out_dir), test_split="test", options=options, progress=False,
-                                 with_plots=False)
+                                 with_plots=False, tensorboard=False)  # the report tree alone
 
 
 def test_a_stale_sub_report_does_not_survive_a_rerun(tmp_path, monkeypatch):

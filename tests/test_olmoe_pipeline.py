@@ -9,6 +9,7 @@ import pytest
 
 from moe_grok import pipeline, strict_json
 from moe_grok.analysis import options as options_lib
+from moe_grok.analysis import pathways
 from moe_grok.analysis import test_results as test_results_lib
 from moe_grok.checkpoints import cache as cache_lib
 from moe_grok.checkpoints import sources as sources_lib
@@ -20,6 +21,7 @@ from moe_grok.sharding import make_mesh
 from config_files import load_config
 from hf_reference import make_hf_model
 from report_checks import check_report
+from tensorboard_reader import read_scalars
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 STEPS = (1000, 2000, 3000, 4000, 5000)
@@ -112,6 +114,7 @@ def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
         assert domain["window"]["n"] == len(STEPS)  # enough checkpoints for finite partial correlations
     check_report(report, os.path.join(out, "report"), num_layers=2, num_experts=8)  # hf_reference's model
     assert sorted(os.listdir(os.path.join(out, "cache"))) == [f"step_{s:010d}.npz" for s in STEPS]
+    _check_checkpoint_scalars(workspace, out, {"train": split, "validation": _validation(workspace)})
 
     from moe_grok.model import hf
 
@@ -121,6 +124,24 @@ def test_pipeline_end_to_end_and_resume(workspace, tmp_path, monkeypatch):
     monkeypatch.setattr(hf, "load_hf", refuse)
     again = run()
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
+    assert len(os.listdir(os.path.join(out, pipeline.TENSORBOARD_DIR))) == 1  # replaced, not added to
+
+
+def _check_checkpoint_scalars(workspace, out, splits):
+    """out/tensorboard holds, at each checkpoint's step, every split's mean loss, accuracy, routing entropy and
+    pathway length (at the analysis' tau), and its groups' loss and accuracy, as computed here from the cache."""
+    stats = cache_lib.collect_checkpoint_stats(_sources(workspace), splits, os.path.join(out, "cache"), batch_size=8,
+                                               progress=False)  # every checkpoint read from the cache
+    scalars = read_scalars(os.path.join(out, pipeline.TENSORBOARD_DIR))
+    for name, split in splits.items():
+        for field, tag in (("loss", "loss"), ("correct", "accuracy"), ("routing_entropy", "routing_entropy")):
+            expected = [(s.step, np.mean(s.splits[name][field])) for s in stats]
+            assert scalars[f"eval/{name}_{tag}"] == [(step, pytest.approx(v, rel=1e-6)) for step, v in expected]
+        lengths = [np.mean(pathways.pathway_lengths(s.splits[name]["mean_weights"], OPTIONS.tau)) for s in stats]
+        assert [v for _, v in scalars[f"eval/{name}_pathway_length"]] == pytest.approx(lengths, rel=1e-6)
+        for g, group in enumerate(split.group_names):
+            expected = [np.mean(s.splits[name]["correct"][split.groups == g]) for s in stats]
+            assert [v for _, v in scalars[f"eval/{name}_accuracy/{group}"]] == pytest.approx(expected, rel=1e-6)
 
 
 def _validation(root):

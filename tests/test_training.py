@@ -1,6 +1,8 @@
 """Toy pipeline end to end: training, exact resume, checkpoint analysis with caching, reports."""
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import subprocess
@@ -19,7 +21,7 @@ from moe_grok.data import tasks
 from moe_grok.data.splits import EvalSplit
 from moe_grok.model import params as model_lib
 from moe_grok.studies import toy_bounds, toy_run
-from moe_grok.training import loop
+from moe_grok.training import loop, metrics_log
 from moe_grok.training import step as step_lib
 from moe_grok.training.checkpointing import RunCheckpoints
 from moe_grok.training.evaluation import mean_pathway_length
@@ -28,6 +30,7 @@ from moe_grok.training.run_config import model_config_of, task_spec
 
 from config_files import CONFIG_DIR, load_config
 from report_checks import check_report
+from tensorboard_reader import read_scalars
 from training_helpers import StepRecorder, metrics_without_time, tiny_config
 
 
@@ -35,8 +38,38 @@ from training_helpers import StepRecorder, metrics_without_time, tiny_config
 def finished_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config()
-    loop.train(config, workdir, progress=False)
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:  # not a terminal: progress lines, as in a batch job
+        loop.train(config, workdir)
+    with open(os.path.join(workdir, "stderr.txt"), "w") as f:
+        f.write(stderr.getvalue())
     return config, workdir
+
+
+def _tensorboard_rows(workdir):
+    """The run's TensorBoard scalars as metrics.jsonl rows ({"step", key: value}, keys by metrics_log's tags)."""
+    keys = {metrics_log.tensorboard_tag(key): key for row in read_metrics(workdir) for key in row if key != "step"}
+    rows = {}
+    for tag, events in read_scalars(os.path.join(workdir, metrics_log.TENSORBOARD_DIR)).items():
+        for step, value in events:
+            rows.setdefault(step, {"step": step})[keys[tag]] = value
+    return [rows[step] for step in sorted(rows)]
+
+
+def test_training_writes_its_metrics_as_tensorboard_scalars_and_progress_lines(finished_run):
+    """Every metrics.jsonl row is in workdir/tensorboard (float32), under grouped tags; a batch job's log
+    gets progress lines with a rate, not carriage returns."""
+    _, workdir = finished_run
+    rows = read_metrics(workdir)
+    scalars = _tensorboard_rows(workdir)
+    assert [r["step"] for r in scalars] == [r["step"] for r in rows] == [0, 10, 20, 30]
+    for row, logged in zip(rows, scalars, strict=True):
+        assert logged.keys() == row.keys()
+        np.testing.assert_allclose([logged[k] for k in row], [row[k] for k in row], rtol=1e-6)
+    tags = set(read_scalars(os.path.join(workdir, "tensorboard")))
+    assert {"train/loss", "train/grad_norm", "eval/test_accuracy", "eval/train_accuracy/add", "time/elapsed_s"} <= tags
+    with open(os.path.join(workdir, "stderr.txt")) as f:
+        log = f.read()
+    assert "\r" not in log and "train 1 seed: 30/30 step (100%)" in log and "ETA" in log and "step/s" in log
 
 
 def test_training_learns_and_writes_checkpoints(finished_run):
@@ -55,6 +88,10 @@ def test_resume_after_kill_is_identical(finished_run, tmp_path):
     assert RunCheckpoints(workdir).steps() == [0, 10, 20]
     loop.train(config, workdir, progress=False)
     assert metrics_without_time(workdir) == metrics_without_time(reference)
+    # TensorBoard holds each step once, as metrics.jsonl does: the redone steps replaced, not added
+    assert len(os.listdir(os.path.join(workdir, metrics_log.TENSORBOARD_DIR))) == 1
+    without_time = lambda rows: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+    assert without_time(_tensorboard_rows(workdir)) == without_time(_tensorboard_rows(reference))
     sources = {s.step: s for s in toy_run.run_checkpoint_sources(workdir)}
     ref_sources = {s.step: s for s in toy_run.run_checkpoint_sources(reference)}
     jax.tree.map(np.testing.assert_array_equal, sources[30].load()[1], ref_sources[30].load()[1])

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from tqdm.auto import tqdm
 
 from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
@@ -34,6 +33,7 @@ from moe_grok.config import MoEConfig
 from moe_grok.data.splits import EvalSplit
 from moe_grok.extraction.routing import extract_splits, make_extractor
 from moe_grok.model.params import router_matrices
+from moe_grok.writers.progress import track
 
 # What each split stores per field: its axes (N samples, L layers, E experts); all float32, as extracted.
 STAT_AXES = {"mean_weights": "NLE", "scored_mean_weights": "NLE", "routing_entropy": "NL",
@@ -226,7 +226,8 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
                         unidentified[:5])
     reference_arch, reference_name, extractor = None, None, None
     results = []
-    for source in tqdm(sorted(sources, key=lambda s: s.step), desc="checkpoints", disable=not progress):
+    for source in track(sorted(sources, key=lambda s: s.step), desc="checkpoints", unit="checkpoint",
+                        enabled=progress):
         path = _cache_path(cache_dir, source.step)
         cached = _load_cached(path, entry_key(source, fingerprints), source, split_sizes)
         if cached is None:

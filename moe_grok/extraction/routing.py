@@ -14,7 +14,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from moe_grok import sharding
 from moe_grok.analysis.pathways import check_nonempty, token_mean_weights
@@ -22,6 +21,7 @@ from moe_grok.config import MoEConfig
 from moe_grok.data.splits import next_token_targets
 from moe_grok.model import params as params_lib
 from moe_grok.model.layers import select_experts
+from moe_grok.writers.progress import track
 
 
 class RoutingStats(NamedTuple):
@@ -142,9 +142,9 @@ def extract_dataset(model_config: MoEConfig, params, tokens: np.ndarray, mask: n
     step = -(-max(batch_size, 1) // shards) * shards
     extractor = extractor or make_extractor(model_config, mesh, with_loss, per_token)  # compiled once per architecture
     chunks: dict[str, list[np.ndarray]] = {}
-    bar = tqdm(range(0, n, step), desc=progress if isinstance(progress, str) else "extract",
-               disable=not progress, unit="batch", leave=False)
-    for start in bar:
+    batches = track(range(0, n, step), desc=progress if isinstance(progress, str) else "extract",
+                    enabled=bool(progress), unit="batch", transient=True)
+    for start in batches:
         rows = np.arange(start, start + step)
         rows = np.where(rows < n, rows, 0)
         batch = sharding.shard_batch([a[rows] for a in (tokens, mask, targets, target_mask)], mesh,

@@ -19,6 +19,7 @@ def config_module(directory: str, name: str) -> ModuleType:
 
 def quiet_logs() -> None:
     """WARNING-level absl logging unless --verbosity was given: orbax logs every checkpoint read at INFO.
-    Launchers call this from main(); library code never changes logging."""
+    Launchers call this from main(); library code never changes logging. Progress lines
+    (writers.progress) go to stderr without logging, so they stay."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)

@@ -15,6 +15,7 @@ from moe_grok import strict_json
 from moe_grok.report.files import read_summary
 from moe_grok.studies import protocol_pages, protocol_stats, toy_run
 from moe_grok.training import multiseed
+from moe_grok.writers.progress import track
 
 ANALYSIS_THREADS = 8  # seeds analysed concurrently (each analysis is one seed's own directory)
 QUANTITIES = protocol_stats.quantities()  # (key of seed_measurements, label, criterion side or "")
@@ -184,7 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
     analyses = _AnalysisQueue(in_process=not config.analysis_process, processes=config.analysis_processes,
                               plot_first_seed=config.seed_plots)
     try:
-        for name, arm in config.arms.items():
+        for name, arm in track(list(config.arms.items()), desc="protocol arms", unit="arm", enabled=progress):
             seeds = arm_seeds(config, name)
             arm_started = time.time()
             seed_dirs = multiseed.train(arm, os.path.join(workdir, name), seeds, progress=progress,

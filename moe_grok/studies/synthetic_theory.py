@@ -14,11 +14,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.statistics import fisher_interval
 from moe_grok.theory.synthetic_run import SyntheticConfig, run_synthetic
+from moe_grok.writers.progress import track
 
 TABLE_COLUMNS = {  # result key -> table header
     "n_clusters": "clusters", "spread": "spread", "router_scale": "r_scale", "router_seed": "r_seed",
@@ -42,7 +42,7 @@ def sweep_synthetic(base: SyntheticConfig, structures, router_seeds, router_scal
     grid = list(itertools.product(structures, router_scales, router_seeds))
     return [run_synthetic(dataclasses.replace(base, n_clusters=n_clusters, spread=spread, router_scale=scale,
                                               router_seed=seed), mesh=mesh)
-            for (n_clusters, spread), scale, seed in tqdm(grid, desc="synthetic runs", disable=not progress)]
+            for (n_clusters, spread), scale, seed in track(grid, desc="synthetic runs", unit="run", enabled=progress)]
 
 
 def format_table(rows, columns=TABLE_COLUMNS, header=True, width=9) -> str:

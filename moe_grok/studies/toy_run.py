@@ -98,7 +98,8 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                 progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
     """pipeline.run_pipeline over the run's checkpoints (cache in workdir/analysis/cache,
     report files in workdir/analysis/report), pairing groups by config.analysis.train_embeddings /
-    test_embeddings when set. Returns the report."""
+    test_embeddings when set. Returns the report. No TensorBoard files: training's workdir/tensorboard
+    holds the same numbers at every evaluation."""
     options = AnalysisOptions.from_config(config.analysis)
     splits = tasks.evaluation_splits(tasks.make_dataset(task_spec(config)))
     # Loaded and checked before any checkpoint is: a wrong file fails in seconds, not after the extraction.
@@ -109,4 +110,4 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                                  os.path.join(workdir, ANALYSIS_DIR), test_split="test", validation_split="validation",
                                  train_embeddings=embeddings["train"], test_embeddings=embeddings["test"],
                                  options=options, batch_size=config.analysis.batch_size, mesh=mesh, progress=progress,
-                                 with_plots=with_plots)
+                                 with_plots=with_plots, tensorboard=False)

@@ -7,6 +7,7 @@ Layout of a run's workdir:
   checkpoints/<step>/     params at every `checkpoint_every` steps (the "pretraining checkpoints")
   train_state/<step>/     params + optimizer state, the latest two (for resuming; see checkpointing)
   metrics.jsonl           one JSON object per evaluation (step, losses, accuracies per group, routing)
+  tensorboard/            the same rows as TensorBoard scalars (training.metrics_log)
   train.lock              held by the process training the run
 
 What happens at a step besides the optimizer update is done by periodic callbacks (training.callbacks):
@@ -34,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from moe_grok import atomic_files, sharding
 from moe_grok.config import MoEConfig
@@ -47,6 +47,7 @@ from moe_grok.training.metrics_log import MetricsLog
 from moe_grok.training.optimizer import make_optimizer
 from moe_grok.training.run_config import model_config_of, task_spec
 from moe_grok.training.step import batch_indices, compiled_train_step, initial_params
+from moe_grok.writers.progress import progress as progress_display
 
 MAX_SEED_THREADS = 16  # most seeds advanced concurrently, one thread each
 
@@ -112,6 +113,7 @@ def train_runs(config: ml_collections.ConfigDict, runs: list[tuple[int, str]], m
             _prepare_workdir(run.workdir, run.config, model_config)
             run.checkpoints = RunCheckpoints(run.workdir)
             run.metrics_log = MetricsLog(run.workdir)
+            locks.callback(run.metrics_log.close)
         return _train_locked(config, seed_runs, data, mesh, stop_at, progress, ordered_callbacks)
 
 
@@ -147,8 +149,8 @@ def _train_locked(config, seed_runs: list[RunState], data, mesh, stop_at, progre
         for run in seed_runs:
             run.begin_step(0)
             run_due(callbacks, run)
-    bar = tqdm(total=train_config.steps, initial=start, disable=not progress,
-               desc=f"train {len(seed_runs)} seed{'s' if len(seed_runs) > 1 else ''}")
+    bar = progress_display(train_config.steps, initial=start, enabled=progress, unit="step",
+                           desc=f"train {len(seed_runs)} seed{'s' if len(seed_runs) > 1 else ''}")
     progress_lock, seed_steps = threading.Lock(), {run.seed: start for run in seed_runs}
 
     def advance(run: RunState, first: int, last: int) -> None:
