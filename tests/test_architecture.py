@@ -17,7 +17,7 @@ LAYERS = {  # module prefix -> layer; a module may import only modules of its ow
     "moe_grok.extraction": 4,
     "moe_grok.checkpoints": 5, "moe_grok.training": 5, "moe_grok.theory": 5,
     "moe_grok.report": 6,
-    "moe_grok.pipeline": 7,
+    "moe_grok.pipeline": 7, "moe_grok.monitor": 7,
     "moe_grok.studies": 8,
 }
 
