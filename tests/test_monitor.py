@@ -2,6 +2,7 @@
 and its report (docs/monitor.md)."""
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,12 @@ from moe_grok.analysis.grokking import memorization_steps
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.monitor import PathwayMonitor, ProbeSet, report_from_history
 from moe_grok.monitor.pathway_monitor import CONTRAST, SETS
+from moe_grok.monitor.training_callback import HISTORY_DIR, MonitorCallback
+from moe_grok.studies import toy_run
+from moe_grok.training import loop
+from moe_grok.training.metrics_log import read_metrics
+
+from training_helpers import tiny_config
 
 N_TRAIN, N_HELD_OUT, LAYERS, EXPERTS, WIDTH = 24, 12, 3, 4, 6
 TRAIN_LABELS = ["add"] * 12 + ["mul"] * 12
@@ -188,3 +195,33 @@ def test_light_probe_forms_and_refused_outputs():
         monitor.update(1, {"train": outputs["train"]}, rng.normal(size=(LAYERS, EXPERTS, WIDTH)))
     with pytest.raises(ValueError, match="the held_out probe 'held_out' is not among"):
         PathwayMonitor({"train": 8})
+
+
+@pytest.fixture(scope="module")
+def toy_monitored_run(tmp_path_factory):
+    """The tests' tiny toy run (checkpoints at every evaluation) trained with the toy run's callbacks,
+    the monitor among them: (config, workdir)."""
+    workdir = str(tmp_path_factory.mktemp("toy"))
+    config = tiny_config()  # test_training's run: its programs are in the session's compilation cache
+    config.train.eval_batch_size = config.analysis.batch_size  # the same float rounding as the analysis'
+    callbacks = toy_run.training_callbacks(config)
+    assert [type(c) for c in callbacks] == [toy_run.AnalysisCacheWriter, MonitorCallback]
+    # Without the cache writer: the analysis extracts every checkpoint itself, independently of the monitor.
+    loop.train(config, workdir, progress=False, callbacks=callbacks[1:])
+    return config, workdir
+
+
+def test_toy_run_monitor_report_equals_the_analysis_of_its_checkpoints(toy_monitored_run, tmp_path):
+    config, workdir = toy_monitored_run
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == [0, 10, 20, 30]
+    assert [r["monitor/provisional"] for r in rows] == [1.0, 1.0, 1.0, 0.0]
+    for domain in ("add", "mul"):
+        assert {f"monitor/{domain}/{s}/{m}" for s in (*SETS, CONTRAST) for m in registry.names("sets")} <= set(rows[-1])
+    history = os.path.join(workdir, HISTORY_DIR)
+    from_history = report_from_history(history, str(tmp_path / "out"), with_plots=False)
+    reference = toy_run.analyze_run(config, workdir, progress=False, with_plots=False)
+    _same_report(from_history, reference)
+    for name in ("table.txt", "per_checkpoint.csv", "table1.csv", "groups.csv", "param_dynamics.csv"):
+        with open(os.path.join(workdir, "analysis", "report", name), "rb") as f:
+            assert (tmp_path / "out" / "report" / name).read_bytes() == f.read(), name

@@ -89,7 +89,8 @@ class PathwayMonitor:
     (held_out, validation, test: None for none). options: the analysis options (tau, eps
     calibration, pair sampling, control seed...); positions: "all" or "scored" routing for the
     per-step metrics (default options.positions[0]). directory: where the history is stored; a
-    monitor on a directory holding a history resumes it (its probes and options must be the same).
+    monitor on a directory holding a history resumes it (same probe sets and roles; its options
+    and positions are recorded as the history's own, for report_from_history).
     writers: objects with write_scalars(step, scalars), flush(), close(), given every update's metrics.
     Thread safety: one monitor per run; calls on one monitor are serialized by a lock.
     """
@@ -130,12 +131,15 @@ class PathwayMonitor:
         if stored is None:
             self._history.write_meta(meta)
         else:
-            stored = {k: v for k, v in stored.items() if k != "format"}
+            # The history is the probes' statistics: another probe set or role makes it another run's;
+            # other options only change what is computed from it (the newest are recorded).
             current = strict_json_round_trip(meta)
-            differing = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            differing = [k for k in ("probes", "roles") if stored.get(k) != current.get(k)]
             if differing:
-                raise ValueError(f"{self._history.meta_path} records another monitor (differing: {differing}); "
-                                 "use another directory or the same probes and options")
+                raise ValueError(f"{self._history.meta_path} records another monitor (other {' and '.join(differing)}"
+                                 "); use another directory or the same probe sets and roles")
+            if stored != {"format": stored.get("format"), **current}:
+                self._history.write_meta(meta)
         self._stats = self._history.read_all()
 
     @classmethod
