@@ -27,7 +27,7 @@ def main(argv):
     launch.quiet_logs()
     config = _CONFIG.value
     if not _SKIP_TRAINING.value:
-        last = loop.train(config, _WORKDIR.value, callbacks=toy_run.analysis_cache_callbacks(config))
+        last = loop.train(config, _WORKDIR.value, callbacks=toy_run.training_callbacks(config))
         print(f"trained to step {last['step']}: train acc {last['train_accuracy']:.3f}, "
               f"test acc {last['test_accuracy']:.3f}")
     report = toy_run.analyze_run(config, _WORKDIR.value)
