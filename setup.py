@@ -27,5 +27,8 @@ setuptools.setup(
         # transformers: HF's models are the parity tests' numerical reference; tested with 5.23 and 5.25.
         "test": ["pytest", "pytest-xdist", "ruff", "transformers>=5.23,<5.26", "torch==2.13.0"],
         "hub": ["huggingface_hub"],
+        # moe_grok.integrations: the routing of transformers MoE models in a torch loop or a Trainer
+        # (the Trainer itself also needs accelerate, which transformers[torch] brings).
+        "hf": ["transformers>=5.23", "torch"],
     },
 )
