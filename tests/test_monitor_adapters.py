@@ -137,6 +137,18 @@ def test_unsupported_routers_are_refused_by_name():
         hf_routing.per_sample_loss_from_hf(np.zeros((1, 3, 5)), np.array([[0, 7, 2]]))
 
 
+def test_router_matrices_in_numeric_layer_order_from_either_key_layout():
+    """Layer 10 after layer 2 (not as text); Mixtral's pre-transformers-5 key; Qwen2-MoE's shared-expert gate
+    and a dense layer's gate_proj are no routers."""
+    gate = {layer: np.full((4, 3), layer, np.float32) for layer in (2, 10)}
+    state = {"model.layers.10.block_sparse_moe.gate.weight": gate[10], "model.layers.2.mlp.gate.weight": gate[2],
+             "model.layers.2.mlp.shared_expert_gate.weight": np.ones((1, 3)),
+             "model.layers.3.mlp.gate_proj.weight": np.ones((5, 3))}
+    np.testing.assert_array_equal(hf_routing.router_matrices_from_hf(state, "mixtral"), np.stack([gate[2], gate[10]]))
+    with pytest.raises(ValueError, match="model_type is needed"):
+        hf_routing.router_matrices_from_hf(state)
+
+
 # ----------------------------------------------------------------------------------------
 # A Flax MoE of this test's own, following the sow convention of moe_grok.monitor.flax_routing
 # ----------------------------------------------------------------------------------------
