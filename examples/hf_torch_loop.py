@@ -4,7 +4,8 @@ The model is built from a config (nothing is downloaded); the corpus is byte win
 repository's docs (examples/byte_corpus.py), two documents as two data domains. Every `eval_every`
 steps (and before the first) the probe sets, the training windows and held-out windows, run
 through the model (`moe_grok.integrations.hf_probes.probe_outputs`) and the monitor takes their
-routing, losses and the router matrices; at the end it writes the full report.
+routing and losses, the router matrices and a sample of the parameters; at the end it writes the
+full report.
 
     python examples/hf_torch_loop.py --workdir /tmp/hf_torch_loop --steps 300
 
@@ -20,7 +21,7 @@ import torch
 from byte_corpus import VOCAB_SIZE, load_corpus
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from moe_grok.integrations.hf_probes import probe_outputs
+from moe_grok.integrations.hf_probes import parameter_sample_from_hf, probe_outputs
 from moe_grok.monitor import PathwayMonitor
 from moe_grok.monitor.hf_routing import router_matrices_from_hf
 
@@ -51,7 +52,8 @@ def main(workdir: str, steps: int = 300, eval_every: int = 30, batch_size: int =
     rng = np.random.default_rng(seed)
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
-            metrics = monitor.update(step, probe_outputs(model, probes), router_matrices_from_hf(model))
+            metrics = monitor.update(step, probe_outputs(model, probes), router_matrices_from_hf(model),
+                                     parameter_sample_from_hf(model))
             print(f"step {step}: train loss {metrics['monitor/method/train_loss']:.3f}, memorized-minus-held-out "
                   f"distance {metrics['monitor/method/contrast/distance']:.3f} (domain 'method')", flush=True)
         if step == steps:

@@ -2,6 +2,7 @@
 the transformers Trainer callback, a user's own Flax MoE; each, for a few steps, leaves the
 monitor's history and a report with every per-step metric. Also the Trainer callback driven
 through its hooks (the Trainer itself needs accelerate, which the test extras do not hold)."""
+import csv
 import importlib.util
 import os
 import sys
@@ -66,6 +67,11 @@ def torch_loop(tmp_path_factory):
 
 def test_hf_torch_loop(torch_loop):
     _check_run(torch_loop)
+    # The parameter sample gives the report every family's parameter dynamics (one row per pair of updates).
+    with open(os.path.join(torch_loop["report_dir"], "param_dynamics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({row["family"] for row in rows}) == ["attention", "experts", "other", "router"]
+    assert len(rows) == 4 * 2 and all(float(row["relative_change"]) > 0 for row in rows)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
@@ -111,6 +117,8 @@ def test_trainer_callback_hooks(tmp_path):
         for field, value in fields.items():
             np.testing.assert_allclose(stored.splits[name][field], value, atol=1e-6, err_msg=f"{name} {field}")
     np.testing.assert_array_equal(stored.router, router_matrices_from_hf(model))
+    router_sample = stored.param_sample["model.layers.0.mlp.gate.weight/moe/router"]
+    np.testing.assert_array_equal(router_sample, stored.router[0].reshape(-1))  # all 8 x 32 entries: fewer than 4096
     with pytest.raises(ValueError, match="held_out"):
         PathwayMonitorCallback(monitor, {"train": tokens["train"]})
 

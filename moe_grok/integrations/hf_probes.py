@@ -5,7 +5,8 @@ gradients, in batches, with ``output_router_logits=True``, and gives per probe t
 (`moe_grok.monitor.hf_routing.routing_from_hf`), the per-sample loss and correctness
 (`per_sample_loss_from_hf`) and the scored-position routing of the labels. Any training loop over
 a transformers model (a plain torch loop, the Trainer callback of `hf_trainer`) calls it at its
-monitoring cadence, with `router_matrices_from_hf(model)` as the update's router.
+monitoring cadence, with `router_matrices_from_hf(model)` as the update's router and
+`parameter_sample_from_hf(model)` as its parameter sample (the report's parameter dynamics).
 
 Part of the optional extra moe_grok[hf] (torch; see docs/integrations.md).
 """
@@ -17,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_grok.analysis.param_dynamics import parameter_sample
 from moe_grok.monitor.hf_routing import (
     IGNORE_INDEX,
+    is_router_key,
     per_sample_loss_from_hf,
     routing_from_hf,
     scored_positions_from_labels,
@@ -80,3 +83,45 @@ def _run_probe(model, tokens: dict[str, np.ndarray], batch_size: int, model_type
         for field, value in fields.items():
             parts.setdefault(field, []).append(value)
     return {field: np.concatenate(values) for field, values in parts.items()}
+
+
+DEFAULT_PARAM_SAMPLE_SIZE = 4096
+"""Entries sampled per parameter tensor: a few MB per monitored step for a 7B-parameter model."""
+
+
+class _TensorEntries:
+    """A parameter tensor as `analysis.param_dynamics.parameter_sample` reads a leaf (shape, size, all
+    entries or those at sampled positions), copying to the host only what is read."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor.detach()
+        self.shape = tuple(self.tensor.shape)
+        self.size = self.tensor.numel()
+
+    def reshape(self, *shape):
+        return to_numpy(self.tensor.reshape(*shape))
+
+    def __getitem__(self, positions):
+        index = tuple(torch.as_tensor(p, device=self.tensor.device) for p in positions)
+        return to_numpy(self.tensor[index])
+
+
+def hf_parameter_path(name: str) -> str:
+    """The path under which a transformers parameter is sampled: its name with a suffix that puts it in
+    `param_dynamics.family_of`'s family (router: a MoE layer's gate; experts: routed and shared
+    experts; attention: self-attention; other: the rest, named as is)."""
+    if is_router_key(name):
+        return f"{name}/moe/router"
+    if ".experts." in name or ".shared_expert." in name or ".shared_experts." in name:
+        return f"{name}/moe/experts"
+    if ".self_attn." in name:
+        return f"{name}/attn/weights"
+    return name
+
+
+def parameter_sample_from_hf(model, sample_size: int = DEFAULT_PARAM_SAMPLE_SIZE) -> dict[str, np.ndarray]:
+    """`analysis.param_dynamics.parameter_sample` of a transformers model's parameters: the same fixed
+    positions of each tensor at every step (at most `sample_size` entries, float32), keyed by
+    `hf_parameter_path`, plus each tensor's size; PathwayMonitor.update's `param_sample`."""
+    tensors = {hf_parameter_path(name): _TensorEntries(p) for name, p in model.named_parameters()}
+    return parameter_sample(tensors, sample_size)

@@ -63,6 +63,11 @@ IGNORE_INDEX = -100
 _GATE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
 
 
+def is_router_key(name: str) -> bool:
+    """Whether a transformers parameter name is a MoE layer's router matrix (``...layers.{i}.mlp.gate.weight``)."""
+    return _GATE_KEY.search(name) is not None
+
+
 class UnsupportedRouterError(ValueError):
     """A model whose router is not a softmax over all experts (or a model_type not known to be one)."""
 

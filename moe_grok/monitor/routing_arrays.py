@@ -12,11 +12,12 @@ from moe_grok.extraction import routing as extraction_routing
 
 def to_numpy(x, dtype=np.float32) -> np.ndarray:
     """A host numpy array of a torch tensor (by duck typing: the package never imports torch), a JAX
-    array or anything numpy reads, as `dtype`."""
+    array or anything numpy reads, as `dtype`. A torch tensor's values are copied: ``.numpy()`` of a
+    CPU tensor shares its memory, which the next optimizer step would overwrite in place."""
     if hasattr(x, "detach"):
         x = x.detach()
         x = x.float() if np.dtype(dtype).kind == "f" else x
-        x = x.cpu().numpy()
+        return np.array(x.cpu().numpy(), dtype, copy=True)
     return np.asarray(x, dtype)
 
 
