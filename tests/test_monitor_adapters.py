@@ -199,6 +199,8 @@ def test_flax_convention_in_layer_order(rng):
     probs = {f"layers_{i}": {"router_probs": (jax.nn.softmax(x, axis=-1),)} for i, x in enumerate(sown)}
     from_probs = flax_routing.routing_from_flax(probs, mask)
     np.testing.assert_allclose(from_probs["mean_weights"], got["mean_weights"], atol=1e-6)
+    scanned = {"layers": {"router_logits": (jnp.stack(sown),)}}  # nn.scan's one leaf [layers, batch, seq, experts]
+    np.testing.assert_array_equal(flax_routing.routing_from_flax(scanned, mask)["mean_weights"], got["mean_weights"])
     reverse = [f"layers_{i}" for i in reversed(range(11))]
     flipped = flax_routing.routing_from_flax(state, mask, layer_paths=reverse)
     np.testing.assert_allclose(flipped["mean_weights"], got["mean_weights"][:, ::-1], atol=1e-7)
