@@ -27,7 +27,12 @@ setuptools.setup(
     ],
     extras_require={
         # transformers: HF's models are the parity tests' numerical reference; tested with 5.23 and 5.25.
-        "test": ["pytest", "pytest-xdist", "ruff", "transformers>=5.23,<5.26", "torch==2.13.0"],
+        # tensorboard: the tests read the event files back with its reader; accelerate: transformers' Trainer needs it.
+        "test": ["pytest", "pytest-xdist", "ruff", "transformers>=5.23,<5.26", "torch==2.13.0", "tensorboard",
+                 "accelerate"],
         "hub": ["huggingface_hub"],
+        # moe_grok.integrations: the routing of transformers MoE models in a torch loop or a Trainer
+        # (the Trainer itself needs accelerate).
+        "hf": ["transformers>=5.23", "torch", "accelerate"],
     },
 )

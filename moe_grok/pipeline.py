@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.analyze import analyze
 from moe_grok.analysis.checkpoint_scalars import checkpoint_scalars
+from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.analysis.test_results import TestResults, test_results_from_split
 from moe_grok.checkpoints.cache import collect_checkpoint_stats
@@ -92,17 +93,10 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
         stats = collect_checkpoint_stats(sources, splits, os.path.join(out_dir, "cache"), batch_size, mesh, progress)
         if tensorboard and jax.process_index() == 0:
             _write_scalars(stats, splits, options, os.path.join(out_dir, TENSORBOARD_DIR))
-        if test is None and test_split is not None:
-            test = test_results_from_split(stats, test_split, splits[test_split], test_embeddings)
-        reports = []
-        for positions in options.positions:
-            report = analyze(stats, splits, train_split, test, held_out_split, validation_split, train_embeddings,
-                             options, positions)
-            report["checkpoints"] = [s.name for s in stats]
-            report["warnings"] = [*data_notes, *report.get("warnings", [])]
-            reports.append(report)
+        reports = analyze_stats(stats, splits, train_split, test, test_split, held_out_split, validation_split,
+                                train_embeddings, test_embeddings, options, data_notes)
         if jax.process_index() == 0:
-            _write_reports(reports, options.positions, out_dir, with_plots)
+            write_reports(reports, options.positions, out_dir, with_plots)
     return reports[0]
 
 
@@ -111,7 +105,30 @@ def _write_scalars(stats, splits: dict[str, EvalSplit], options: AnalysisOptions
     TensorBoardWriter(logdir, history=checkpoint_scalars(stats, splits, options)).close()
 
 
-def _write_reports(reports: list[dict[str, Any]], positions: Sequence[str], out_dir: str, with_plots: bool) -> None:
+def analyze_stats(stats: Sequence[CheckpointStats], splits: dict, train_split: str = "train",
+                  test: TestResults | None = None, test_split: str | None = None, held_out_split: str | None = None,
+                  validation_split: str | None = None, train_embeddings: np.ndarray | None = None,
+                  test_embeddings: np.ndarray | None = None, options: AnalysisOptions | None = None,
+                  data_notes: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The reports of `run_pipeline` from per-checkpoint statistics already at hand (sorted by
+    step), one per entry of options.positions; arguments as run_pipeline's. `splits` are EvalSplits
+    or anything with `group_names`, `rows(domain)` and `len()` (e.g. monitor.probes.ProbeSet)."""
+    options = options or AnalysisOptions()
+    stats = list(stats)
+    held_out_split = held_out_split or test_split
+    if test is None and test_split is not None:
+        test = test_results_from_split(stats, test_split, splits[test_split], test_embeddings)
+    reports = []
+    for positions in options.positions:
+        report = analyze(stats, splits, train_split, test, held_out_split, validation_split, train_embeddings,
+                         options, positions)
+        report["checkpoints"] = [s.name for s in stats]
+        report["warnings"] = [*data_notes, *report.get("warnings", [])]
+        reports.append(report)
+    return reports
+
+
+def write_reports(reports: list[dict[str, Any]], positions: Sequence[str], out_dir: str, with_plots: bool) -> None:
     """out_dir/report (the first report) with its sub-reports report/positions_<name>, as one
     directory built aside and swapped in whole (atomic_files.directory_aside): a kill or a full
     disk (WriteError naming the file) leaves the previous complete report tree, and a sub-report

@@ -18,9 +18,13 @@ LAYERS = {  # module prefix -> layer; a module may import only modules of its ow
     "moe_grok.checkpoints": 5, "moe_grok.training": 5, "moe_grok.theory": 5,
     "moe_grok.report": 6,
     "moe_grok.pipeline": 7, "moe_grok.monitor": 7,
-    "moe_grok.studies": 8, "moe_grok.configs": 8,  # config files build on studies.launch.config_module
+    "moe_grok.studies": 8, "moe_grok.integrations": 8,
+    "moe_grok.configs": 8,  # config files build on studies.launch.config_module
     "moe_grok.cli": 9,
 }
+# torch and transformers are test-only, except in the optional integrations (moe_grok[hf]): torch in
+# moe_grok.integrations, transformers in its Trainer callback only.
+FRAMEWORK_IMPORTS = {"torch": ("moe_grok.integrations",), "transformers": ("moe_grok.integrations.hf_trainer",)}
 
 
 def _layer(module: str) -> int:
@@ -57,7 +61,10 @@ def test_imports_point_down_the_layers(module, path):
     for imported in _imports(path):
         if imported.startswith("moe_grok"):
             assert _layer(imported) <= own, f"{module} (layer {own}) imports {imported} (layer {_layer(imported)})"
-        assert not imported.startswith(("torch", "transformers")), f"{module} imports {imported}: test-only"
+        framework = imported.split(".")[0]
+        if framework in FRAMEWORK_IMPORTS:
+            allowed = FRAMEWORK_IMPORTS[framework]
+            assert module.startswith(allowed), f"{module} imports {imported}: only {allowed} may"
         assert imported != "matplotlib.pyplot", f"{module} uses pyplot: use matplotlib.figure.Figure"
 
 

@@ -299,7 +299,7 @@ def test_repeated_samples_are_counted_in_every_report(tmp_path, monkeypatch):
                      "and its copy are at pathway distance 0)"]
     monkeypatch.setattr(pipeline, "collect_checkpoint_stats", lambda *args: [])
     monkeypatch.setattr(pipeline, "analyze", lambda *args: {"warnings": ["from the analysis"]})
-    monkeypatch.setattr(pipeline, "_write_reports", lambda reports, *args: None)
+    monkeypatch.setattr(pipeline, "write_reports", lambda reports, *args: None)
     split = corpus.load_jsonl_ids(path, 8, groups_from_files=True)
     report = pipeline.run_pipeline([], {"train": split}, str(tmp_path / "out"), data_notes=notes)
     assert report["warnings"] == [*notes, "from the analysis"]

@@ -8,7 +8,7 @@ import sys
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PACKAGE = os.path.join(ROOT, "moe_grok")
 # Imported only inside a function that the named optional extra serves (the core runs without them).
-OPTIONAL_IMPORTS = {"huggingface_hub": "hub"}
+OPTIONAL_IMPORTS = {"huggingface_hub": "hub", "torch": "hf", "transformers": "hf"}
 
 
 def _setup_call() -> ast.Call:

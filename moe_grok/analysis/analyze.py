@@ -25,7 +25,7 @@ from moe_grok.analysis.memorization import memorization
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.analysis.param_dynamics import parameter_dynamics
 from moe_grok.analysis.run_warnings import RunWarnings
-from moe_grok.analysis.set_metrics import SetMetrics, control_rows
+from moe_grok.analysis.set_metrics import SetMetrics, control_rows, memorized_set_and_controls
 from moe_grok.analysis.test_results import TestResults
 from moe_grok.data.splits import EvalSplit
 
@@ -114,12 +114,8 @@ def _memorized_set_and_controls(run: _Run, domain: str, memorized: np.ndarray, n
                                 ) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     """The pooled memorized set and its controls (same size, same checkpoints): ({set: (split, rows)},
     {set: curves})."""
-    held_out_pool = _held_out_pool(run, domain)
-    size, seed = max(memorized.size, 2), run.options.seed
-    sets = {"memorized": (run.train_split, memorized)}
-    if held_out_pool.size:
-        sets["held_out"] = (run.held_out_split, control_rows(held_out_pool, size, seed, f"held_out/{domain}"))
-    sets["random_train"] = (run.train_split, control_rows(not_memorized, size, seed, f"random_train/{domain}"))
+    sets = memorized_set_and_controls(domain, run.train_split, memorized, not_memorized, run.held_out_split,
+                                      _held_out_pool(run, domain), run.options.seed)
     set_curves = {name: run.engine.set_curves(split, rows, "sets") for name, (split, rows) in sets.items()}
     if memorized.size:
         set_curves["memorized"]["train_loss"] = run.loss[:, memorized].mean(1)

@@ -97,3 +97,18 @@ def control_rows(pool: np.ndarray, size: int, seed: int, salt: str) -> np.ndarra
         return np.sort(pool)
     rng = np.random.default_rng([seed, *map(ord, salt)])
     return np.sort(rng.choice(pool, size, replace=False))
+
+
+def memorized_set_and_controls(domain: str, train_split: str, memorized: np.ndarray, not_memorized: np.ndarray,
+                               held_out_split: str | None, held_out_pool: np.ndarray, seed: int
+                               ) -> dict[str, tuple[str, np.ndarray]]:
+    """A domain's memorized set and its controls: {"memorized": (train_split, memorized rows),
+    "held_out": (held_out_split, rows) when `held_out_pool` (the domain's held-out rows) is not
+    empty, "random_train": (train_split, rows drawn from `not_memorized`)}; each control has the
+    memorized set's size (at least 2, so that distances are defined), drawn by `control_rows`."""
+    size = max(memorized.size, 2)
+    sets = {"memorized": (train_split, memorized)}
+    if held_out_pool.size:
+        sets["held_out"] = (held_out_split, control_rows(held_out_pool, size, seed, f"held_out/{domain}"))
+    sets["random_train"] = (train_split, control_rows(not_memorized, size, seed, f"random_train/{domain}"))
+    return sets

@@ -56,7 +56,7 @@ def _toy_run(flag_values, args, command):
 
     config, workdir = _config(flag_values), flag_values.workdir
     if not flag_values.skip_training:
-        last = loop.train(config, workdir, callbacks=toy_run.analysis_cache_callbacks(config))
+        last = loop.train(config, workdir, callbacks=toy_run.training_callbacks(config))
         print(f"trained to step {last['step']}: train acc {last['train_accuracy']:.3f}, "
               f"test acc {last['test_accuracy']:.3f}")
     report = toy_run.analyze_run(config, workdir)

@@ -47,6 +47,9 @@ def get_config():
         checkpoint_every=100,  # steps between params checkpoints (the analysed "pretraining checkpoints")
         eval_batch_size=1024,  # rows per evaluation batch; = analysis.batch_size: the analysis reuses the evaluation
     ))
+    config.monitor = ml_collections.ConfigDict(dict(
+        enabled=True,  # pathway monitor at each evaluation: metrics.jsonl, history <workdir>/monitor (docs/monitor.md)
+    ))
     config.analysis = analysis_config()
     config.analysis.batch_size = 1024  # samples per extraction batch (= train.eval_batch_size: see there)
     config.analysis.train_embeddings = ""  # .npy [train samples, dim] embeddings for pairing ("" = by domain)

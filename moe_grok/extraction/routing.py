@@ -59,7 +59,7 @@ def routing_stats(model_config: MoEConfig, params, tokens, mask, targets, target
     real token; target_mask 1 = scored position). Without `with_loss` the LM head is skipped.
     mesh: expert-parallel dispatch over it (`model.params.forward`)."""
     out = params_lib.forward(model_config, params, tokens, mask, with_lm_head=with_loss, mesh=mesh)
-    probs = jax.nn.softmax(out.router_logits.astype(jnp.float32), axis=-1)  # [B, S, L, E]
+    probs = router_softmax(out.router_logits)  # [B, S, L, E]
     loss = correct = None
     if with_loss:
         loss, correct = per_sample_loss(out.logits, targets, target_mask)
@@ -67,10 +67,28 @@ def routing_stats(model_config: MoEConfig, params, tokens, mask, targets, target
     if per_token:
         top_w, top_idx = select_experts(probs, model_config)
         extra = dict(router_probs=probs, top_experts=top_idx.astype(jnp.int32), top_weights=top_w)
+    return RoutingStats(*routing_summary(probs, mask, target_mask), loss, correct, **extra)
+
+
+def router_softmax(router_logits: jax.Array) -> jax.Array:
+    """The router's distribution over ALL experts: float32 softmax of router logits [..., E] over E."""
+    return jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+
+
+def routing_summary(probs: jax.Array, mask: jax.Array, target_mask: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """RoutingStats' routing fields from router probabilities: the one definition of them, which
+    routing adapters for other models (moe_grok.monitor) share.
+
+    probs: [B, S, L, E] router softmax over all experts (`router_softmax`); mask: [B, S] 1 = real
+    token; target_mask: [B, S] 1 = scored position. Returns (mean_weights [B, L, E],
+    scored_mean_weights [B, L, E], routing_entropy [B, L] nats, scored_routing_entropy [B, L] nats),
+    float32 token means over the marked positions. A sample without scored positions gets NaN
+    scored weights and entropy (0/0), like token_mean_weights.
+    """
     entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)), axis=-1)  # [B, S, L]
-    # A sample without scored positions gets NaN scored weights and entropy (0/0), like token_mean_weights.
-    return RoutingStats(token_mean_weights(probs, mask), token_mean_weights(probs, target_mask),
-                        _position_mean(entropy, mask), _position_mean(entropy, target_mask), loss, correct, **extra)
+    return (token_mean_weights(probs, mask), token_mean_weights(probs, target_mask),
+            _position_mean(entropy, mask), _position_mean(entropy, target_mask))
 
 
 def _position_mean(values, positions):

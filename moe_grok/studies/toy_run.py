@@ -20,6 +20,7 @@ from moe_grok.checkpoints.sources import CheckpointSource, directory_identity
 from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
 from moe_grok.model import params as params_lib
+from moe_grok.monitor.training_callback import monitor_callbacks
 from moe_grok.training.callbacks import Callback, RunState
 from moe_grok.training.checkpointing import RunCheckpoints
 from moe_grok.training.run_config import task_spec
@@ -92,6 +93,13 @@ def analysis_cache_callbacks(config: ml_collections.ConfigDict) -> list[Callback
                      config.train.eval_batch_size, config.analysis.batch_size)
         return []
     return [AnalysisCacheWriter(config.train.eval_every)]
+
+
+def training_callbacks(config: ml_collections.ConfigDict, make_writers=None) -> list[Callback]:
+    """The toy run's own training callbacks: the analysis cache writer (`analysis_cache_callbacks`)
+    and, when config.monitor.enabled, the pathway monitor at the evaluation cadence
+    (monitor.training_callback; make_writers: its scalar writers per seed, see MonitorCallback)."""
+    return [*analysis_cache_callbacks(config), *monitor_callbacks(config, make_writers)]
 
 
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
