@@ -78,8 +78,8 @@ def test_pretrain_groups_controls_pairs_and_table(rng, tmp_path):
 
 def test_scored_positions_use_the_scored_routing_entropy(rng):
     stats, splits = build_stats(rng, [1] * 8 + [None] * 8)
-    memorized = np.arange(0, 8, 2)  # domain a's memorized rows
-    options = AnalysisOptions(eps=0.5)
+    memorized = np.arange(0, 8, 2)  # domain a's memorized rows (from checkpoint 1; the fixed set: at every one)
+    options = AnalysisOptions(eps=0.5, memorized_set="fixed")
     for positions, field in (("all", "routing_entropy"), ("scored", "scored_routing_entropy")):
         report = analyze_lib.analyze(stats, splits, "train", options=options, positions=positions)
         expected = [s.splits["train"][field][memorized].mean() for s in stats]
@@ -143,7 +143,7 @@ def test_bad_inputs_name_the_problem(rng):
 
 def test_two_layer_models_warn_that_consistency_is_constant(rng):
     stats, splits = build_stats(rng, [1, 2] * 8, layers=2)
-    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(eps=0.5))
+    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(eps=0.5, memorized_set="fixed"))
     assert any("2 MoE layers" in w for w in report["warnings"])
     assert report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency"] == pytest.approx([1.0] * len(STEPS))
 
@@ -164,7 +164,7 @@ def _stats_with_unbounded_consistency(rng):
 
 def test_unbounded_consistency_is_counted_and_warned(rng, tmp_path):
     stats, splits = _stats_with_unbounded_consistency(rng)
-    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(eps=0.5))
+    report = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(eps=0.5, memorized_set="fixed"))
     share = report["domains"]["a"]["sets"]["memorized"]["curves"]["consistency_unbounded_share"]
     assert share == pytest.approx([0, 0, 1, 0, 1, 0])
     warnings = [w for w in report["warnings"] if "consistency is unbounded" in w]
@@ -296,3 +296,34 @@ def test_protocol_quantities_come_from_the_registry():
     assert sides[f"r_{name}"] == "" and sides[f"h3_{name}_alignment"] == ">0"
     assert f"h1_{name}_slope" not in {key for key, _, _ in protocol_stats.quantities()}
     assert {"h1_distance_slope", "h1_consistency_slope"} <= {key for key, _, _ in protocol_stats.quantities()}
+
+
+def test_table1_memorized_set_grows_with_the_samples_memorized_by_each_checkpoint(rng):
+    """Issue 34, defect 1: the paper's metrics are on samples that HAVE been memorized (t* <= t), with
+    controls of the same size per checkpoint; the fixed set {t* < T} and the early groups stay options."""
+    settle = [1, None, 1, None, 2, None, 3, None, 3, None, None, None, None, None, None, None]
+    # domain a = even rows: t* = 100, 100, 200, 300, 300, and 3 rows never memorized
+    stats, splits = build_stats(rng, settle)
+    test = test_results_lib.test_results_from_split(stats, "test", splits["test"])
+    base = dict(eps=0.5, max_pairs=None, tau_sweep=(0.7,), delta_sweep=(0.05,), eps_sweep=(1.0,))
+    a = analyze_lib.analyze(stats, splits, "train", test, "test", options=AnalysisOptions(**base))["domains"]["a"]
+    assert a["memorized_set"] == "growing"
+    assert a["sets"]["memorized"]["n_per_checkpoint"] == [0, 2, 3, 5, 5, 5]
+    assert a["sets"]["random_train"]["n_per_checkpoint"] == [0, 2, 3, 3, 3, 3]  # 3 never-memorized rows of a
+    assert a["sets"]["held_out"]["n_per_checkpoint"] == [0, 2, 3, 5, 5, 5]
+    curves = a["sets"]["memorized"]["curves"]
+    assert math.isnan(curves["distance"][0]) and math.isnan(curves["consistency"][0])  # < 2 samples: NaN
+    strings = [pathway_string(e) for e in pathway_expert_lists(stats[2].splits["train"]["mean_weights"][[0, 2, 4]])]
+    assert curves["distance"][2] == pytest.approx(metrics.group_pathway_distance(strings))
+    assert curves["train_loss"][2] == pytest.approx(stats[2].splits["train"]["loss"][[0, 2, 4]].mean())
+    window = a["table1"]["memorized/distance"]["window"]
+    assert window["n"] == sum(np.isfinite(curves["distance"][a["window"]["start_step"] // 100:
+                                                           a["window"]["end_step"] // 100 + 1]))
+    fixed = analyze_lib.analyze(stats, splits, "train", test, "test",
+                                options=AnalysisOptions(**base, memorized_set="fixed"))["domains"]["a"]
+    assert fixed["sets"]["memorized"]["n"] == 5 and "n_per_checkpoint" not in fixed["sets"]["memorized"]
+    early = analyze_lib.analyze(stats, splits, "train", options=AnalysisOptions(
+        **base, memorized_set="early_groups", early_group_min_size=2))["domains"]["a"]
+    assert early["sets"]["memorized"]["n"] == 4  # Pretrain@100 and Pretrain@300 (2 each), not Pretrain@200 (1)
+    with pytest.raises(ValueError, match="memorized_set"):
+        AnalysisOptions(memorized_set="all")

@@ -21,11 +21,11 @@ import numpy as np
 
 from moe_grok.analysis import grokking, groups, registry, statistics
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
-from moe_grok.analysis.memorization import memorization
+from moe_grok.analysis.memorization import memorization, memorized_rows
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.analysis.param_dynamics import parameter_dynamics
 from moe_grok.analysis.run_warnings import RunWarnings
-from moe_grok.analysis.set_metrics import SetMetrics, control_rows, memorized_set_and_controls
+from moe_grok.analysis.set_metrics import Rows, SetMetrics, control_rows, memorized_set_and_controls, rows_at
 from moe_grok.analysis.test_results import TestResults
 from moe_grok.data.splits import EvalSplit
 
@@ -74,14 +74,28 @@ def _correlations(curves: dict[str, np.ndarray], accuracy: np.ndarray, window: t
 
 def _partial(curves: dict[str, np.ndarray], accuracy: np.ndarray, window: tuple[int, int]) -> dict[str, dict]:
     """Partial correlation of every registered metric with `partial` set with test accuracy over
-    the window, controlling for the same set's routing entropy and pathway length."""
+    the window's checkpoints where the metric and both controls are finite (a growing set is NaN
+    while it holds fewer than 2 samples), controlling for the same set's routing entropy and pathway length."""
     start, end = window
     if start < 0:
         return {}
     part = slice(start, end + 1)
     controls = np.column_stack([curves["routing_entropy"][part], curves["pathway_length"][part]])
-    return {m.name: statistics.partial_correlation(curves[m.name][part], accuracy[part], controls)
-            for m in registry.partial_metrics() if m.name in curves}
+    out = {}
+    for m in registry.partial_metrics():
+        if m.name in curves:
+            x = curves[m.name][part]
+            keep = np.isfinite(x) & np.isfinite(controls).all(1)
+            out[m.name] = statistics.partial_correlation(x[keep], accuracy[part][keep], controls[keep])
+    return out
+
+
+def _mean_over_set(values: np.ndarray, rows: Rows) -> np.ndarray:
+    """[checkpoints] mean of values [checkpoints, N] over a set's rows at each checkpoint (NaN where a
+    per-checkpoint set holds fewer than 2 samples, as its metrics)."""
+    minimum = 2 if isinstance(rows, list) else 1
+    return np.array([values[c, rows_at(rows, c)].mean() if rows_at(rows, c).size >= minimum else np.nan
+                     for c in range(values.shape[0])])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,15 +124,15 @@ def _held_out_pool(run: _Run, domain: str) -> np.ndarray:
     return np.zeros(0, int)
 
 
-def _memorized_set_and_controls(run: _Run, domain: str, memorized: np.ndarray, not_memorized: np.ndarray
-                                ) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
-    """The pooled memorized set and its controls (same size, same checkpoints): ({set: (split, rows)},
-    {set: curves})."""
+def _memorized_set_and_controls(run: _Run, domain: str, memorized: Rows, not_memorized: np.ndarray
+                                ) -> tuple[dict[str, tuple[str, Rows]], dict[str, dict[str, np.ndarray]]]:
+    """Table 1's memorized set (options.memorized_set) and its controls (same size at every
+    checkpoint): ({set: (split, rows)}, {set: curves})."""
     sets = memorized_set_and_controls(domain, run.train_split, memorized, not_memorized, run.held_out_split,
                                       _held_out_pool(run, domain), run.options.seed)
     set_curves = {name: run.engine.set_curves(split, rows, "sets") for name, (split, rows) in sets.items()}
-    if memorized.size:
-        set_curves["memorized"]["train_loss"] = run.loss[:, memorized].mean(1)
+    if isinstance(memorized, list) or memorized.size:
+        set_curves["memorized"]["train_loss"] = _mean_over_set(run.loss, memorized)
     return sets, set_curves
 
 
@@ -181,7 +195,7 @@ def _test_groups_and_pairs(run: _Run, domain: str, pretrain: list[groups.SampleG
 
 
 def _table1(run: _Run, curves: dict[str, np.ndarray], set_curves: dict[str, dict[str, np.ndarray]],
-            memorized: np.ndarray, accuracy: np.ndarray) -> dict[str, Any]:
+            memorized: Rows, accuracy: np.ndarray) -> dict[str, Any]:
     """Table 1 over the correlation window (and the full range from its start), partial
     correlations, and the tau sweep (Appendix E.1)."""
     o, steps = run.options, run.steps
@@ -198,7 +212,7 @@ def _table1(run: _Run, curves: dict[str, np.ndarray], set_curves: dict[str, dict
     entry["table1"] = table
     entry["partial_correlations"] = {name: _partial(c, accuracy, window) for name, c in set_curves.items()}
     entry["tau_sweep"] = {
-        str(tau): {"distance": [run.engine.distance(run.train_split, memorized, c, o.distance_level,
+        str(tau): {"distance": [run.engine.distance(run.train_split, rows_at(memorized, c), c, o.distance_level,
                                                     o.distance_normalized, tau) for c in range(len(run.stats))]}
         for tau in o.tau_sweep}
     for values in entry["tau_sweep"].values():
@@ -207,9 +221,10 @@ def _table1(run: _Run, curves: dict[str, np.ndarray], set_curves: dict[str, dict
 
 
 def _eps_delta_sweep(run: _Run, loss: np.ndarray, rows: np.ndarray, eps: float,
-                     accuracy: np.ndarray | None) -> list[dict]:
-    """Appendix E.3: the memorized set and its metrics for every (eps multiple, delta).
-    loss: [checkpoints, n] the domain's training losses (nats); rows: their training-split rows."""
+                     accuracy: np.ndarray | None, onset_step: int) -> list[dict]:
+    """Appendix E.3: the memorized set (options.memorized_set) and its metrics for every (eps multiple,
+    delta). loss: [checkpoints, n] the domain's training losses (nats); rows: their training-split rows;
+    onset_step: the test onset (early Pretrain@t* groups; -1 = never)."""
     o, out = run.options, []
     window = (grokking.correlation_window(accuracy, o.rise_fraction, o.saturation_fraction)
               if accuracy is not None else (-1, -1))
@@ -217,7 +232,7 @@ def _eps_delta_sweep(run: _Run, loss: np.ndarray, rows: np.ndarray, eps: float,
         for multiple in o.eps_sweep:
             t_star = grokking.memorization_steps(loss, run.steps, eps * multiple, delta)
             before_end = (t_star >= 0) & (t_star < run.steps[-1])
-            memorized = rows[before_end]
+            memorized = memorized_rows(t_star, rows, run.steps, o.memorized_set, onset_step, o.early_group_min_size)
             row = {"delta": delta, "eps_multiple": multiple, "eps": eps * multiple,
                    "share_before_end": float(before_end.mean()), "n_groups": int(np.unique(t_star[before_end]).size),
                    "median_t_star": float(np.median(t_star[before_end])) if before_end.any() else float("nan")}
@@ -239,9 +254,18 @@ def _domain_entry(run: _Run, domain: str) -> tuple[dict[str, Any], np.ndarray]:
 
     curves = _domain_curves(run, domain, rows)
     entry["curves"] = _curves_json(curves)
-    sets, set_curves = _memorized_set_and_controls(run, domain, memorized, not_memorized)
-    entry["sets"] = {name: {"split": split, "n": int(r.size), "curves": _curves_json(set_curves[name])}
-                     for name, (split, r) in sets.items()}
+    accuracy = curves.get("test_accuracy")
+    o = run.options
+    onset = grokking.accuracy_onset(accuracy, run.steps, o.onset_threshold) if accuracy is not None else -1
+    table_rows = memorized_rows(t_star, rows, run.steps, o.memorized_set, onset, o.early_group_min_size)
+    sets, set_curves = _memorized_set_and_controls(run, domain, table_rows, not_memorized)
+    entry["memorized_set"] = o.memorized_set
+    entry["sets"] = {}
+    for name, (split, r) in sets.items():
+        sizes = [int(rows_at(r, c).size) for c in range(len(run.stats))]
+        entry["sets"][name] = {"split": split, "n": sizes[-1], "curves": _curves_json(set_curves[name])}
+        if isinstance(r, list):
+            entry["sets"][name]["n_per_checkpoint"] = sizes
     entry["per_layer_distance"] = {name: run.engine.per_layer_distance(split, r).tolist()
                                    for name, (split, r) in sets.items() if name in PER_LAYER_SETS}
     if memorized.size < 2:
@@ -251,10 +275,10 @@ def _domain_entry(run: _Run, domain: str) -> tuple[dict[str, Any], np.ndarray]:
     pretrain, entry["pretrain_groups"], group_curves = _pretrain_groups(run, domain, rows, t_star, not_memorized)
     run.warnings.warn_unbounded_consistency(f"domain {domain!r}", {**set_curves, **group_curves})
     entry.update(_test_groups_and_pairs(run, domain, pretrain))
-    accuracy = curves.get("test_accuracy")
     if accuracy is not None:
-        entry.update(_table1(run, curves, set_curves, memorized, accuracy))
-    entry["eps_delta_sweep"] = _eps_delta_sweep(run, run.loss[:, rows], rows, entry["memorization"]["eps"], accuracy)
+        entry.update(_table1(run, curves, set_curves, table_rows, accuracy))
+    entry["eps_delta_sweep"] = _eps_delta_sweep(run, run.loss[:, rows], rows, entry["memorization"]["eps"], accuracy,
+                                                onset)
     return entry, memorized
 
 

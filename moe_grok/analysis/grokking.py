@@ -263,16 +263,18 @@ def correlation_window(acc, rise_fraction: float = 0.1, saturation_fraction: flo
 
 
 def window_correlations(metric, test_acc, start: int, end: int) -> dict:
-    """``metric_correlations`` over checkpoints start..end (inclusive); NaN statistics (n = 0)
-    when there is no window or the metric is not finite over it."""
+    """``metric_correlations`` over the checkpoints start..end (inclusive) where both curves are
+    finite (a growing memorized set is NaN while it holds fewer than 2 samples); n counts those
+    checkpoints, and the statistics are NaN with fewer than 3. NaN statistics (n = 0) without a window."""
     metric, test_acc = np.asarray(metric, np.float64), np.asarray(test_acc, np.float64)
     nan = {**statistics.NAN_CORRELATIONS, "n": 0}
     if start < 0 or end < start:
         return nan
     x, y = metric[start:end + 1], test_acc[start:end + 1]
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return {**nan, "n": int(x.size)}
-    return metric_correlations(x, y, 0)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if not keep.any():
+        return nan
+    return metric_correlations(x[keep], y[keep], 0)
 
 
 def linear_trend(steps, values, per: float = 1000.0) -> dict:

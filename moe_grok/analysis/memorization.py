@@ -41,3 +41,29 @@ def memorization(domain: str, loss: np.ndarray, steps: np.ndarray, options: Anal
                  t_star_counts={str(int(s)): int(n) for s, n in zip(*np.unique(t_star[before_end],
                                                                                 return_counts=True), strict=False)})
     return entry, t_star
+
+
+def memorized_rows(t_star: np.ndarray, rows: np.ndarray, steps: np.ndarray, mode: str, onset_step: int = -1,
+                   min_group_size: int = 5) -> np.ndarray | list[np.ndarray]:
+    """Table 1's memorized set of a domain (docs/method.md, "Correlations with test accuracy").
+
+    t_star: [n] memorization steps (-1 = never) of the domain's training rows `rows` [n]; steps:
+    [checkpoints]. mode (options.MEMORIZED_SETS): "growing" -> a list, per checkpoint t, of the rows
+    with t* <= t and t* < T (the samples memorized by then: the paper's reading); "fixed" -> the
+    rows with t* < T, the same at every checkpoint; "early_groups" -> the rows of the Pretrain@t*
+    groups of at least `min_group_size` samples with t* before `onset_step` (the test onset; -1:
+    never, then t* < T), the same at every checkpoint.
+    """
+    steps = np.asarray(steps)
+    before_end = (t_star >= 0) & (t_star < steps[-1])
+    if mode == "fixed":
+        return rows[before_end]
+    if mode == "growing":
+        return [rows[before_end & (t_star <= step)] for step in steps]
+    if mode == "early_groups":
+        horizon = onset_step if onset_step >= 0 else steps[-1]
+        early = before_end & (t_star < horizon)
+        group_steps, counts = np.unique(t_star[early], return_counts=True)
+        large = group_steps[counts >= min_group_size]
+        return rows[early & np.isin(t_star, large)]
+    raise ValueError(f"unknown memorized_set {mode!r}")

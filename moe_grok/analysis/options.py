@@ -10,6 +10,9 @@ from moe_grok.analysis import grokking
 
 # positions -> (router weights field, routing entropy field) of CheckpointStats.splits
 POSITIONS = {"all": ("mean_weights", "routing_entropy"), "scored": ("scored_mean_weights", "scored_routing_entropy")}
+# Table 1's memorized set (docs/method.md, "Correlations with test accuracy"): at each checkpoint t the samples
+# memorized by t (t* <= t, the paper's reading), the early Pretrain@t* groups, or every sample with t* < T.
+MEMORIZED_SETS = ("growing", "early_groups", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,8 @@ class AnalysisOptions:
     delta_sweep: tuple[float, ...] = (0.025, 0.05, 0.1)  # Appendix E.3 (with eps_sweep)
     eps_sweep: tuple[float, ...] = (0.5, 1.0, 2.0)  # Appendix E.3: multiples of the calibrated eps
     positions: tuple[str, ...] = ("all",)  # routing averaged over "all" tokens (paper) / "scored" positions
+    memorized_set: str = "growing"  # Table 1's memorized set: one of MEMORIZED_SETS (growing: the paper's reading)
+    early_group_min_size: int = 5  # memorized_set="early_groups": Pretrain@t* groups of at least this many samples
 
     def __post_init__(self):
         problems = []
@@ -64,6 +69,10 @@ class AnalysisOptions:
                             f"{self.rise_fraction}, {self.saturation_fraction}")
         if not self.positions or any(p not in POSITIONS for p in self.positions):
             problems.append(f"positions must name some of {tuple(POSITIONS)}, got {self.positions}")
+        if self.memorized_set not in MEMORIZED_SETS:
+            problems.append(f"memorized_set must be one of {MEMORIZED_SETS}, got {self.memorized_set!r}")
+        if self.early_group_min_size < 1:
+            problems.append(f"early_group_min_size must be >= 1, got {self.early_group_min_size}")
         if problems:
             raise ValueError("invalid analysis options: " + "; ".join(problems))
 

@@ -13,6 +13,18 @@ from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.options import POSITIONS, AnalysisOptions
 from moe_grok.analysis.pathway_cache import PathwayCache
 
+Rows = np.ndarray | list  # sample rows [n] int, the same at every checkpoint, or a list of one [n_c] per checkpoint
+
+
+def rows_at(rows: Rows, checkpoint: int) -> np.ndarray:
+    """The sample rows of a set at a checkpoint (a per-checkpoint list, or the same rows everywhere)."""
+    return np.asarray(rows[checkpoint] if isinstance(rows, list) else rows, np.int64)
+
+
+def rows_sizes(rows: Rows, n_checkpoints: int) -> list[int]:
+    """[checkpoints] the size of a set at every checkpoint."""
+    return [int(rows_at(rows, c).size) for c in range(n_checkpoints)]
+
 
 class SetMetrics:
     """Metric curves of sample sets of the splits of `stats` (per-checkpoint statistics sorted by step)."""
@@ -57,11 +69,18 @@ class SetMetrics:
         """[N, L] routing entropy (nats) of every sample of a split at a checkpoint, per layer."""
         return self.stats[checkpoint].splits[split][self.entropy_field]
 
-    def set_curves(self, split: str, rows: np.ndarray, scope: str) -> dict[str, np.ndarray]:
+    def set_curves(self, split: str, rows: Rows, scope: str) -> dict[str, np.ndarray]:
         """Every registered metric measured in `scope` (registry.SCOPES) of the samples `rows` of
-        `split` -> {metric name: [checkpoints] float64}, in registration order."""
-        return {metric.name: np.asarray([metric.compute(self, split, rows, c) for c in range(len(self.stats))],
-                                        np.float64)
+        `split` -> {metric name: [checkpoints] float64}, in registration order. rows: the same [n]
+        rows at every checkpoint, or a list of per-checkpoint rows (a growing set), whose every
+        metric is NaN at a checkpoint where it holds fewer than 2 samples."""
+        per_checkpoint = isinstance(rows, list)
+
+        def value(metric, c: int) -> float:
+            r = rows_at(rows, c)
+            return np.nan if per_checkpoint and r.size < 2 else metric.compute(self, split, r, c)
+
+        return {metric.name: np.asarray([value(metric, c) for c in range(len(self.stats))], np.float64)
                 for metric in registry.metrics(scope)}
 
     def cross_distance(self, split_a: str, rows_a: np.ndarray, split_b: str, rows_b: np.ndarray) -> np.ndarray:
@@ -76,7 +95,7 @@ class SetMetrics:
                                                     on_small="nan"))
         return np.asarray(out)
 
-    def per_layer_distance(self, split: str, rows: np.ndarray) -> np.ndarray:
+    def per_layer_distance(self, split: str, rows: Rows) -> np.ndarray:
         """[checkpoints, layers] mean pairwise distance (characters) of the single-layer pathway strings (Fig. 5)."""
         o = self.options
         num_layers = self.paths.weights(split, 0).shape[1]
@@ -84,7 +103,7 @@ class SetMetrics:
         for c in range(len(self.stats)):
             for layer in range(num_layers):
                 strings = self.paths.layer_strings(split, c, o.tau, layer)
-                out[c, layer] = metrics.group_pathway_distance([strings[i] for i in rows.tolist()], "char",
+                out[c, layer] = metrics.group_pathway_distance([strings[i] for i in rows_at(rows, c).tolist()], "char",
                                                                o.distance_normalized, o.max_pairs, o.seed,
                                                                on_small="nan")
         return out
@@ -99,16 +118,28 @@ def control_rows(pool: np.ndarray, size: int, seed: int, salt: str) -> np.ndarra
     return np.sort(rng.choice(pool, size, replace=False))
 
 
-def memorized_set_and_controls(domain: str, train_split: str, memorized: np.ndarray, not_memorized: np.ndarray,
+def nested_control_rows(pool: np.ndarray, sizes: list[int], seed: int, salt: str) -> list[np.ndarray]:
+    """Per checkpoint, a random subset of `pool` of sizes[c] samples (all of them if fewer), sorted;
+    nested: each is the first sizes[c] of one seeded permutation (seed and `salt` as control_rows)."""
+    order = np.random.default_rng([seed, *map(ord, salt)]).permutation(pool)
+    return [np.sort(order[:min(size, pool.size)]) for size in sizes]
+
+
+def memorized_set_and_controls(domain: str, train_split: str, memorized: Rows, not_memorized: np.ndarray,
                                held_out_split: str | None, held_out_pool: np.ndarray, seed: int
-                               ) -> dict[str, tuple[str, np.ndarray]]:
+                               ) -> dict[str, tuple[str, Rows]]:
     """A domain's memorized set and its controls: {"memorized": (train_split, memorized rows),
     "held_out": (held_out_split, rows) when `held_out_pool` (the domain's held-out rows) is not
-    empty, "random_train": (train_split, rows drawn from `not_memorized`)}; each control has the
-    memorized set's size (at least 2, so that distances are defined), drawn by `control_rows`."""
-    size = max(memorized.size, 2)
-    sets = {"memorized": (train_split, memorized)}
-    if held_out_pool.size:
-        sets["held_out"] = (held_out_split, control_rows(held_out_pool, size, seed, f"held_out/{domain}"))
-    sets["random_train"] = (train_split, control_rows(not_memorized, size, seed, f"random_train/{domain}"))
+    empty, "random_train": (train_split, rows drawn from `not_memorized`)}. A fixed set's controls
+    have its size (at least 2, so that distances are defined), drawn by `control_rows`; a growing
+    set's (a per-checkpoint list) have its size at every checkpoint (`nested_control_rows`)."""
+    sets: dict[str, tuple[str, Rows]] = {"memorized": (train_split, memorized)}
+    pools = {"held_out": (held_out_split, held_out_pool)} if held_out_pool.size else {}
+    pools["random_train"] = (train_split, not_memorized)
+    for name, (split, pool) in pools.items():
+        if isinstance(memorized, list):
+            sizes = [int(np.asarray(r).size) for r in memorized]
+            sets[name] = (split, nested_control_rows(pool, sizes, seed, f"{name}/{domain}"))
+        else:
+            sets[name] = (split, control_rows(pool, max(memorized.size, 2), seed, f"{name}/{domain}"))
     return sets

@@ -44,7 +44,8 @@ def partial_correlation(x, y, controls) -> dict[str, Any]:
     n <= c + 2, an input is not finite, or a residual is constant. p from the t distribution
     with n - 2 - c degrees of freedom."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    controls = np.asarray(controls, np.float64).reshape(len(x), -1)
+    controls = np.asarray(controls, np.float64)
+    controls = controls if controls.ndim == 2 else controls.reshape(len(x), -1)
     n, c = controls.shape
     result = {"r": np.nan, "p": np.nan, "n": int(n)}
     if n <= c + 2 or not (np.isfinite(x).all() and np.isfinite(y).all() and np.isfinite(controls).all()):
