@@ -69,7 +69,8 @@ def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
     page = (root / "docs" / "protocol_results.md").read_text()
     for name in results["arms"]:
         assert name in page
-    assert "grokking: H1 (distance)" in page and "mixture: H3 (consistency)" in page
+    assert "grokking: H1 (distance)" in page and "mixture: H3 (consistency, as 1 - C)" in page
+    assert "grokking: H2 (consistency, as C)" in page  # both orientations of consistency (issue 34, defect 2)
     # seed by seed: one row per seed of every arm, one cell per domain of the mixture
     facts = results["arms"]["mixture"]["positions"]["all"]["per_seed_domains"]
     assert len(facts) == 2 and len(facts[0]) == len(config.arms.mixture.task.ops)
@@ -220,7 +221,7 @@ def test_h3_needs_wide_onsets_in_half_of_all_seeds(spreads, expected):
                                                 ("h2", "_margin_over_loss"), ("h3", "_alignment"))},
                  "per_seed": [{"onset_spread_checkpoints": s} for s in spreads]}
     verdicts = protocol_pages.hypothesis_verdicts({"arms": {"mixture": {"positions": {"all": confirmed}}}}, "all")
-    assert {verdicts[f"mixture: H3 ({m})"] for m in protocol_stats.METRICS} == {expected}
+    assert {verdicts[f"mixture: H3 ({protocol_pages.verdict_name(m)})"] for m in protocol_stats.METRICS} == {expected}
 
 
 def test_pages_survive_a_full_disk(protocol_run, monkeypatch):
@@ -238,3 +239,31 @@ def test_pages_survive_a_full_disk(protocol_run, monkeypatch):
     left = [n for n in os.listdir(docs) + os.listdir(docs / "figures")
             if not n.endswith((".md", ".png")) and n != "figures"]
     assert left == []  # no temporary file left beside them
+
+
+def _table1_report(r_by_metric: dict, loss_r: float, steps=(0, 100, 200, 300, 400, 500)):
+    """A one-domain report holding just what domain_measurements reads: Table 1's windowed Pearson r of
+    each `memorized/<metric>` (r_by_metric) and of the training loss (loss_r); grokking at step 200."""
+    table = {f"memorized/{m}": {"window": {"pearson_r": r}} for m, r in r_by_metric.items()}
+    table["train_loss"] = {"window": {"pearson_r": loss_r}}
+    curves = {name: [1.0] * len(steps) for name in ("routing_entropy", "pathway_length")}
+    domain = {"curves": {"test_accuracy": [0, 0, 0.95, 1, 1, 1]}, "pretrain_groups": {}, "table1": table,
+              "memorization": {"share_before_end": 0.2}, "sets": {"memorized": {"curves": curves}}}
+    return {"steps": list(steps), "domains": {"d": domain}}
+
+
+def test_consistency_is_tested_under_both_orientations():
+    """Issue 34, defect 2: the paper leaves open whether its consistency is 1 - C or C; both are tested
+    with the paper's sign, and the verdicts name the reading."""
+    assert {"consistency", "complexity"} <= set(protocol_stats.METRICS)
+    assert protocol_stats.PAPER_SIGN["complexity"] == protocol_stats.PAPER_SIGN["consistency"] == 1.0
+    measured = protocol_stats.domain_measurements(_table1_report({"consistency": 0.6, "complexity": -0.6},
+                                                                 loss_r=-0.3), "d")
+    assert measured["consistency_paper_sign"] == 1.0 and measured["complexity_paper_sign"] == 0.0
+    confirmed = {"verdicts": {f"{k}_{m}{suffix}": "confirmed" for m in protocol_stats.METRICS
+                              for k, suffix in (("h1", "_slope"), ("h1", "_slope_minus_held_out"),
+                                                ("h2", "_margin_over_loss"), ("h3", "_alignment"))},
+                 "per_seed": []}
+    verdicts = protocol_pages.hypothesis_verdicts({"arms": {"A": {"positions": {"all": confirmed}}}}, "all")
+    assert {"A: H1 (consistency, as 1 - C)", "A: H1 (consistency, as C)", "A: H2 (consistency, as C)",
+            "A: H1 (distance)"} <= set(verdicts)

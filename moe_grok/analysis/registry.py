@@ -46,6 +46,9 @@ class Metric:
     the SCOPES it is measured in. partial: Table 1 also gives its partial correlation with test
     accuracy controlling for routing entropy and pathway length. paper_sign: the sign of its
     correlation with test accuracy the paper reports (-1, +1; None: not a protocol hypothesis).
+    orientation: for a metric the paper's text leaves open which way round it is read, this
+    reading ("1 - C", "C": pathway consistency as 1 - C or as the formula's C itself); the protocol
+    tests each reading with the paper's sign.
     """
 
     name: str
@@ -62,6 +65,7 @@ class Metric:
     paper_sign: float | None = None
     level: str | None = None  # distance variants: "char" or "token" edit distance ...
     normalized: bool | None = None  # ... divided by the longer pathway's length
+    orientation: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -183,9 +187,12 @@ for _metric in (
            plot="analysis", partial=True, paper_sign=-1.0),
     Metric("consistency", _consistency, "primary", "consistency", "pathway consistency",
            "consistency (mean / max layer cosine)", family="consistency",
-           table_label="pathway consistency (memorized)", plot="analysis", partial=True, paper_sign=1.0),
-    Metric("complexity", _complexity, "derived", "complexity", "pathway complexity",
-           "complexity (1 - consistency, unitless)", family="consistency"),
+           table_label="pathway consistency (memorized)", plot="analysis", partial=True, paper_sign=1.0,
+           orientation="1 - C"),
+    # The paper's plotted "consistency" may be the formula's C itself (docs/method.md, Metric 2): the
+    # protocol tests C with the paper's sign for consistency too.
+    Metric("complexity", _complexity, "derived", "consistency read as C", "pathway complexity",
+           "complexity (1 - consistency, unitless)", family="consistency", paper_sign=1.0, orientation="C"),
     Metric("pathway_length", _pathway_length, "control", "pathway length", "pathway length",
            "pathway length (experts / layer)", table_label="control: pathway length (experts / layer)",
            plot="analysis"),

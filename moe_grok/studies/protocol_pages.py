@@ -77,6 +77,11 @@ def summaries_from_page(page: str, quantities: Quantities) -> dict[str, Any]:
     return {"arms": {arm: {"positions": {"all": {"summary": summary}}} for arm, summary in summaries.items()}}
 
 
+def verdict_name(metric: str) -> str:
+    """A protocol metric's name in the verdicts, with its orientation where the paper leaves it open."""
+    return protocol_stats.ORIENTED_NAMES.get(metric, metric)
+
+
 def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, str]:
     """docs/protocol.md's criteria applied to the aggregated numbers."""
     out = {}
@@ -88,14 +93,14 @@ def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, st
             trend, versus_control = v[f"h1_{metric}_slope"], v[f"h1_{metric}_slope_minus_held_out"]
             h1 = "confirmed" if trend == versus_control == "confirmed" else (
                 "refuted" if trend == "refuted" else "inconclusive")
-            out[f"{arm}: H1 ({metric})"] = h1
-            out[f"{arm}: H2 ({metric})"] = v[f"h2_{metric}_margin_over_loss"]
+            out[f"{arm}: H1 ({verdict_name(metric)})"] = h1
+            out[f"{arm}: H2 ({verdict_name(metric)})"] = v[f"h2_{metric}_margin_over_loss"]
         if len(r["positions"][positions]["per_seed"]) and "mixture" in arm:
             spread = [m["onset_spread_checkpoints"] for m in r["positions"][positions]["per_seed"]]
             wide = np.mean([np.isfinite(s) and s >= 3 for s in spread])  # share of ALL seeds
             for metric in protocol_stats.METRICS:
                 alignment = v[f"h3_{metric}_alignment"]
-                out[f"{arm}: H3 ({metric})"] = ("confirmed" if alignment == "confirmed" and wide >= 0.5 else
+                out[f"{arm}: H3 ({verdict_name(metric)})"] = ("confirmed" if alignment == "confirmed" and wide >= 0.5 else
                                                "refuted" if alignment == "refuted" else "inconclusive")
     return out
 

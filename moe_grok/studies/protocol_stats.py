@@ -13,6 +13,8 @@ GROK_ACCURACY = 0.9  # a domain groks when its test accuracy reaches this and st
 MIN_EARLY_GROUP = 5  # samples in an "early" Pretrain@t* group
 METRICS = tuple(m.name for m in registry.protocol_metrics())  # the metrics whose hypotheses the protocol tests
 PAPER_SIGN = {m.name: m.paper_sign for m in registry.protocol_metrics()}
+# metric -> its name in the verdicts where the paper leaves its orientation open ("consistency, as C")
+ORIENTED_NAMES = {m.name: f"{m.family}, as {m.orientation}" for m in registry.protocol_metrics() if m.orientation}
 
 
 def quantities() -> tuple[tuple[str, str, str], ...]:
