@@ -100,8 +100,9 @@ def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, st
             wide = np.mean([np.isfinite(s) and s >= 3 for s in spread])  # share of ALL seeds
             for metric in protocol_stats.METRICS:
                 alignment = v[f"h3_{metric}_alignment"]
-                out[f"{arm}: H3 ({verdict_name(metric)})"] = ("confirmed" if alignment == "confirmed" and wide >= 0.5 else
-                                               "refuted" if alignment == "refuted" else "inconclusive")
+                out[f"{arm}: H3 ({verdict_name(metric)})"] = (
+                    "confirmed" if alignment == "confirmed" and wide >= 0.5 else
+                    "refuted" if alignment == "refuted" else "inconclusive")
     return out
 
 
