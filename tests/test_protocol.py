@@ -218,7 +218,8 @@ def test_onset_spread_counts_a_domain_that_never_groks_as_past_the_end():
 def test_h3_needs_wide_onsets_in_half_of_all_seeds(spreads, expected):
     confirmed = {"verdicts": {f"{k}_{m}{suffix}": "confirmed" for m in protocol_stats.METRICS
                               for k, suffix in (("h1", "_slope"), ("h1", "_slope_minus_held_out"),
-                                                ("h2", "_margin_over_loss"), ("h3", "_alignment"))},
+                                                ("h2", "_margin_over_loss"), ("h2", "_signed_margin_over_loss"),
+                                                ("h3", "_alignment"))},
                  "per_seed": [{"onset_spread_checkpoints": s} for s in spreads]}
     verdicts = protocol_pages.hypothesis_verdicts({"arms": {"mixture": {"positions": {"all": confirmed}}}}, "all")
     assert {verdicts[f"mixture: H3 ({protocol_pages.verdict_name(m)})"] for m in protocol_stats.METRICS} == {expected}
@@ -262,8 +263,28 @@ def test_consistency_is_tested_under_both_orientations():
     assert measured["consistency_paper_sign"] == 1.0 and measured["complexity_paper_sign"] == 0.0
     confirmed = {"verdicts": {f"{k}_{m}{suffix}": "confirmed" for m in protocol_stats.METRICS
                               for k, suffix in (("h1", "_slope"), ("h1", "_slope_minus_held_out"),
-                                                ("h2", "_margin_over_loss"), ("h3", "_alignment"))},
+                                                ("h2", "_margin_over_loss"), ("h2", "_signed_margin_over_loss"),
+                                                ("h3", "_alignment"))},
                  "per_seed": []}
     verdicts = protocol_pages.hypothesis_verdicts({"arms": {"A": {"positions": {"all": confirmed}}}}, "all")
     assert {"A: H1 (consistency, as 1 - C)", "A: H1 (consistency, as C)", "A: H2 (consistency, as C)",
             "A: H1 (distance)"} <= set(verdicts)
+
+
+def test_h2_margin_applies_the_paper_sign():
+    """Issue 34, defect 3: a correlation of the wrong sign fails H2's sign-aware margin, where
+    |r| - |r(loss)| counted it as tracking accuracy; both are reported."""
+    measured = protocol_stats.domain_measurements(_table1_report({"distance": 0.8, "consistency": 0.5},
+                                                                 loss_r=-0.3), "d")
+    assert measured["h2_distance_margin_over_loss"] == pytest.approx(0.5)  # wrong sign (paper: negative)
+    assert measured["h2_distance_signed_margin_over_loss"] == pytest.approx(-1.1)
+    assert measured["h2_consistency_signed_margin_over_loss"] == pytest.approx(0.2)
+    sides = {key: side for key, _, side in protocol_stats.quantities()}
+    assert sides["h2_distance_signed_margin_over_loss"] == sides["h2_distance_margin_over_loss"] == ">0"
+    summary = {"h2_distance_signed_margin_over_loss": "refuted", "h2_distance_margin_over_loss": "confirmed"}
+    view = {"verdicts": {**{f"{k}_{m}{suffix}": "inconclusive" for m in protocol_stats.METRICS
+                            for k, suffix in (("h1", "_slope"), ("h1", "_slope_minus_held_out"),
+                                              ("h2", "_margin_over_loss"), ("h2", "_signed_margin_over_loss"))},
+                         **summary}, "per_seed": []}
+    verdicts = protocol_pages.hypothesis_verdicts({"arms": {"A": {"positions": {"all": view}}}}, "all")
+    assert verdicts["A: H2 (distance)"] == "refuted" and verdicts["A: H2 sign ignored (distance)"] == "confirmed"

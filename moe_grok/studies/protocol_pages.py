@@ -94,7 +94,8 @@ def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, st
             h1 = "confirmed" if trend == versus_control == "confirmed" else (
                 "refuted" if trend == "refuted" else "inconclusive")
             out[f"{arm}: H1 ({verdict_name(metric)})"] = h1
-            out[f"{arm}: H2 ({verdict_name(metric)})"] = v[f"h2_{metric}_margin_over_loss"]
+            out[f"{arm}: H2 ({verdict_name(metric)})"] = v[f"h2_{metric}_signed_margin_over_loss"]
+            out[f"{arm}: H2 sign ignored ({verdict_name(metric)})"] = v[f"h2_{metric}_margin_over_loss"]
         if len(r["positions"][positions]["per_seed"]) and "mixture" in arm:
             spread = [m["onset_spread_checkpoints"] for m in r["positions"][positions]["per_seed"]]
             wide = np.mean([np.isfinite(s) and s >= 3 for s in spread])  # share of ALL seeds
@@ -224,6 +225,8 @@ def plot_accuracy(results: dict[str, Any], path: str) -> str:
 def _effect_axis_label(key: str) -> str:
     if "slope" in key:
         return "slope per 1k training steps"
+    if key.startswith("h2") and "signed" in key:
+        return "paper's sign x r - |r(loss)|"
     if key.startswith("h2"):
         return "difference of |Pearson r|"
     return "mean across seeds"

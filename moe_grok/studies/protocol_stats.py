@@ -34,7 +34,10 @@ def quantities() -> tuple[tuple[str, str, str], ...]:
                  (f"h1_{m.name}_slope_minus_held_out", f"H1: {m.label} slope minus held-out control slope", side(m))]
     rows += [(f"r_{m.name}", f"r({m.label}, test acc), window", "") for m in tested]
     rows += [("r_train_loss", "r(training loss, test acc), window", "")]
-    rows += [(f"h2_{m.name}_margin_over_loss", f"H2: |r({m.label})| - |r(training loss)|", ">0") for m in tested]
+    rows += [(f"h2_{m.name}_signed_margin_over_loss",
+              f"H2: {m.paper_sign:+.0f} x r({m.label}) - |r(training loss)| (paper's sign)", ">0") for m in tested]
+    rows += [(f"h2_{m.name}_margin_over_loss", f"H2, sign ignored: |r({m.label})| - |r(training loss)|", ">0")
+             for m in tested]
     rows += [(f"h2_{m.name}_margin_over_held_out", f"|r({m.label})| - |r(held-out {m.label})|", "") for m in tested]
     rows += [(f"{m.name}_paper_sign", f"share of seeds with {m.label} r {side(m)[0]} 0 (the paper's sign)", "")
              for m in tested]
@@ -52,6 +55,13 @@ def quantities() -> tuple[tuple[str, str, str], ...]:
 def _mean(values) -> float:
     values = [v for v in values if np.isfinite(v)]
     return float(np.mean(values)) if values else float("nan")
+
+
+def signed_margin(r: float, paper_sign: float, loss_r: float) -> float:
+    """H2's margin with the paper's sign applied: paper_sign * r(metric) - |r(training loss)|, in [-2, 1].
+    A correlation of the wrong sign counts against the metric (the margin is then below -|r(loss)|),
+    where |r| - |r(loss)| would count it as tracking accuracy."""
+    return paper_sign * r - abs(loss_r)
 
 
 def domain_measurements(report: dict[str, Any], domain: str) -> dict[str, float]:
@@ -79,6 +89,7 @@ def domain_measurements(report: dict[str, Any], domain: str) -> dict[str, float]
         r = table.get(f"memorized/{metric}", {}).get("window", {}).get("pearson_r", float("nan"))
         held_out = table.get(f"held_out/{metric}", {}).get("window", {}).get("pearson_r", float("nan"))
         out[f"r_{metric}"] = r
+        out[f"h2_{metric}_signed_margin_over_loss"] = signed_margin(r, PAPER_SIGN[metric], loss_r)
         out[f"h2_{metric}_margin_over_loss"] = abs(r) - abs(loss_r)
         out[f"h2_{metric}_margin_over_held_out"] = abs(r) - abs(held_out)
         out[f"{metric}_paper_sign"] = float(np.sign(r) == PAPER_SIGN[metric]) if np.isfinite(r) else float("nan")
