@@ -74,3 +74,26 @@ def test_wilson_interval_matches_the_score_interval():
     assert all(np.isnan(statistics.wilson_interval(0, 0)))
     with pytest.raises(ValueError):
         statistics.wilson_interval(11, 10)
+
+
+def test_intervals_across_seeds_stay_in_their_range():
+    """Issue 34, defect 4: a t interval over correlations leaves [-1, 1] (the old summary gave +1.25
+    here); Fisher's z, Wilson and the clipped t interval do not."""
+    from moe_grok.studies import protocol_stats
+
+    r = [0.99, 0.5, 0.95, 0.2]
+    assert statistics.mean_ci(r)["ci95"][1] > 1  # the defect: the plain t interval
+    fisher = protocol_stats.summarize("r_distance", r)
+    z = np.arctanh(r)
+    half = scipy.stats.t.ppf(0.975, 3) * z.std(ddof=1) / 2
+    assert fisher["mean"] == pytest.approx(np.tanh(z.mean()))
+    assert fisher["ci95"] == pytest.approx([np.tanh(z.mean() - half), np.tanh(z.mean() + half)])
+    assert -1 < fisher["ci95"][0] < fisher["ci95"][1] < 1
+    groks = protocol_stats.summarize("groks", [1, 1, 1, 1, 1, 1, 1, 0])
+    assert groks["mean"] == 0.875 and groks["ci95"] == pytest.approx(statistics.wilson_interval(7, 8))
+    assert groks["ci95"][1] <= 1 and statistics.mean_ci([1, 1, 1, 1, 1, 1, 1, 0])["ci95"][1] > 1
+    margin = protocol_stats.summarize("h2_distance_margin_over_loss", [0.9, 0.95, 0.1])
+    assert margin["ci95"][1] == 1.0 and margin["clipped"] and margin["interval"] == "t_clipped"
+    signed = protocol_stats.summarize("h2_distance_signed_margin_over_loss", [-1.9, -1.95, -0.1])
+    assert signed["ci95"][0] == -2.0
+    assert protocol_stats.summarize("h1_distance_slope", [1.0, 2.0])["interval"] == "t"

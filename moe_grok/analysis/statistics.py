@@ -95,9 +95,50 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> list[fl
     if n <= 0:
         return [float("nan"), float("nan")]
     if not 0 <= successes <= n:
-        raise ValueError(f"successes must lie in [0, n={n}], got {successes}")
+        raise ValueError(f"successes must lie in [0, n={n}], got {successes}")  # may be fractional: share_ci
     z = scipy.stats.norm.ppf(0.5 + confidence / 2)
     share = successes / n
     centre = (share + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
     return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def _finite(values) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+
+
+def fisher_mean_ci(correlations, confidence: float = 0.95) -> dict[str, Any]:
+    """Mean of correlations (e.g. one Pearson r per seed) through Fisher's z: z = arctanh(r) (r
+    clipped to +-(1 - 1e-12)), the t interval of the mean z (n - 1 degrees of freedom), both
+    back-transformed with tanh, so mean and interval stay inside [-1, 1]. None and NaN skipped.
+    {"mean", "ci95": [low, high], "n", "interval": "fisher_z_t"}; the interval is NaN with fewer than 2 values."""
+    r = _finite(correlations)
+    z = np.arctanh(np.clip(r, -1.0 + 1e-12, 1.0 - 1e-12))
+    summary = mean_ci(z, confidence)
+    return {"mean": float(np.tanh(summary["mean"])), "ci95": [float(np.tanh(b)) for b in summary["ci95"]],
+            "n": summary["n"], "interval": "fisher_z_t"}
+
+
+def share_ci(values, confidence: float = 0.95) -> dict[str, Any]:
+    """Share with its Wilson score interval (`wilson_interval`) from per-unit values in [0, 1]
+    (1 = yes; a unit's own share, e.g. of its domains, counts fractionally), n = units with a value.
+    None and NaN skipped. {"mean", "ci95", "n", "interval": "wilson"}."""
+    values = _finite(values)
+    if np.any((values < 0) | (values > 1)):
+        raise ValueError(f"a share needs values in [0, 1], got {values}")
+    if values.size == 0:
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0, "interval": "wilson"}
+    return {"mean": float(values.mean()), "ci95": wilson_interval(float(values.sum()), int(values.size), confidence),
+            "n": int(values.size), "interval": "wilson"}
+
+
+def bounded_mean_ci(values, low: float, high: float, confidence: float = 0.95) -> dict[str, Any]:
+    """`mean_ci` of values that lie in [low, high] (a difference of correlations, a share of samples),
+    its interval clipped to that range; "clipped" says whether a bound was moved.
+    {"mean", "ci95", "n", "interval": "t_clipped", "clipped"}."""
+    summary = mean_ci(values, confidence)
+    a, b = summary["ci95"]
+    clipped = bool(np.isfinite(a) and (a < low or b > high))
+    if np.isfinite(a):
+        summary["ci95"] = [float(max(a, low)), float(min(b, high))]
+    return {**summary, "interval": "t_clipped", "clipped": clipped}

@@ -68,7 +68,7 @@ def summarize_arm(arm: ml_collections.ConfigDict, seed_dirs: list[str], analysis
               "positions": {}}
     for p, seed_reports in reports.items():
         per_seed = [protocol_stats.seed_measurements(r) for r in seed_reports]
-        summary = {key: protocol_stats.mean_ci([m[key] for m in per_seed]) for key, _, _ in QUANTITIES}
+        summary = {key: protocol_stats.summarize(key, [m[key] for m in per_seed]) for key, _, _ in QUANTITIES}
         result["positions"][p] = {
             "per_seed": per_seed, "summary": summary,
             "per_seed_domains": [protocol_stats.seed_domain_facts(r) for r in seed_reports],

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from moe_grok.analysis import grokking, registry, statistics
-from moe_grok.analysis.statistics import mean_ci
+from moe_grok.analysis.statistics import bounded_mean_ci, fisher_mean_ci, mean_ci, share_ci
 from moe_grok.report.files import table1_rows
 
 GROK_ACCURACY = 0.9  # a domain groks when its test accuracy reaches this and stays there
@@ -50,6 +50,25 @@ def quantities() -> tuple[tuple[str, str, str], ...]:
              ("length_first", "pathway length, first checkpoint (experts / layer)", ""),
              ("length_last", "pathway length, last checkpoint (experts / layer)", "")]
     return tuple(rows)
+
+
+def summarize(key: str, values) -> dict[str, Any]:
+    """Mean and 95% interval across seeds of the quantity `key` (quantities()), by an interval that stays
+    in the quantity's range: Fisher's z for correlations (r_*), Wilson for shares of seeds (groks, the
+    paper's sign), the t interval clipped to the range for bounded means (margins in [-2, 1] or
+    [-1, 1], alignment, accuracy and shares of samples in [0, 1]), the t interval otherwise (slopes,
+    counts, entropy, length). docs/protocol.md, "Amendments after round 3"."""
+    if key == "groks" or key.endswith("_paper_sign"):
+        return share_ci(values)
+    if key.startswith("r_"):
+        return fisher_mean_ci(values)
+    if key.startswith("h2_") and "_signed_margin" in key:
+        return bounded_mean_ci(values, -2.0, 1.0)
+    if key.startswith(("h2_", "h3_")):
+        return bounded_mean_ci(values, -1.0, 1.0)
+    if key in ("final_test_accuracy", "share_memorized_before_end"):
+        return bounded_mean_ci(values, 0.0, 1.0)
+    return {**mean_ci(values), "interval": "t"}
 
 
 def _mean(values) -> float:
@@ -163,17 +182,18 @@ def seed_measurements(report: dict[str, Any]) -> dict[str, float]:
 
 def table1_across_seeds(reports: list[dict[str, Any]]) -> dict[str, dict]:
     """Every Table 1 row (with controls): mean and CI across seeds (and domains) of the windowed
-    Pearson r, its Spearman r, and the partial r of distance and consistency."""
+    Pearson r, its Spearman r, and the partial r of distance and consistency, by Fisher's z
+    (`fisher_mean_ci`: the mean and interval stay in [-1, 1])."""
     rows: dict[str, dict] = {}
     for key, label in table1_rows():
         for stat in ("pearson_r", "spearman_r"):
             values = [_mean([d["table1"][key]["window"][stat] for d in r["domains"].values()
                              if key in d.get("table1", {})]) for r in reports]
-            rows.setdefault(label, {})[stat] = mean_ci(values)
+            rows.setdefault(label, {})[stat] = fisher_mean_ci(values)
     for metric in METRICS:
         values = [_mean([d.get("partial_correlations", {}).get("memorized", {}).get(metric, {}).get("r", np.nan)
                          for d in r["domains"].values()]) for r in reports]
-        rows[f"partial r({metric} | entropy, length)"] = {"pearson_r": mean_ci(values)}
+        rows[f"partial r({metric} | entropy, length)"] = {"pearson_r": fisher_mean_ci(values)}
     return rows
 
 
