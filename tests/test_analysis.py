@@ -327,3 +327,19 @@ def test_table1_memorized_set_grows_with_the_samples_memorized_by_each_checkpoin
     assert early["sets"]["memorized"]["n"] == 4  # Pretrain@100 and Pretrain@300 (2 each), not Pretrain@200 (1)
     with pytest.raises(ValueError, match="memorized_set"):
         AnalysisOptions(memorized_set="all")
+
+
+def test_parameter_dynamics_give_appendix_d_speed_and_stability():
+    """Issue 34, defect 5: the norm change normalized by the norm, how much it shrinks from early to
+    late training (speed) and 1 / its standard deviation (stability), beside relative change and cosine."""
+    from moe_grok.analysis.param_dynamics import dynamics_summary, parameter_dynamics
+
+    norms = [5.0, 10.0, 11.0, 11.55, 11.55 * 1.01]  # normalized norm changes 1.0, 0.1, 0.05, 0.01
+    samples = [{"layers/moe/router": np.array([0.6, 0.8]) * n, "layers/moe/router#size": np.int64(2)} for n in norms]
+    rows = parameter_dynamics([0, 100, 200, 300, 400], samples)
+    assert [r["normalized_norm_change"] for r in rows] == pytest.approx([1.0, 0.1, 0.05, 0.01])
+    assert rows[0]["relative_change"] == pytest.approx(1.0) and rows[0]["stability"] == pytest.approx(1.0)
+    summary = dynamics_summary(rows)["router"]
+    assert summary["early_change"] == pytest.approx(0.55) and summary["late_change"] == pytest.approx(0.03)
+    assert summary["convergence_speed"] == pytest.approx((0.55 - 0.03) / 0.55)
+    assert summary["norm_stability"] == pytest.approx(1 / np.std([1.0, 0.1, 0.05, 0.01], ddof=1))

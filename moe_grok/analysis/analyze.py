@@ -23,7 +23,7 @@ from moe_grok.analysis import grokking, groups, registry, statistics
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.memorization import memorization, memorized_rows
 from moe_grok.analysis.options import AnalysisOptions
-from moe_grok.analysis.param_dynamics import parameter_dynamics
+from moe_grok.analysis.param_dynamics import dynamics_summary, parameter_dynamics
 from moe_grok.analysis.run_warnings import RunWarnings
 from moe_grok.analysis.set_metrics import Rows, SetMetrics, control_rows, memorized_set_and_controls, rows_at
 from moe_grok.analysis.test_results import TestResults
@@ -347,5 +347,6 @@ def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_sp
     report["cross_domain_distance"] = _cross_domain_distance(run, memorized_by_domain)
     report["global"] = _global_panel(run, memorized_by_domain, t_first=_first_memorization(report))
     report["parameter_dynamics"] = parameter_dynamics(run.steps.tolist(), [s.param_sample for s in stats])
+    report["parameter_dynamics_summary"] = dynamics_summary(report["parameter_dynamics"])
     report["warnings"] = run.warnings.messages
     return report

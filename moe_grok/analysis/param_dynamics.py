@@ -9,9 +9,16 @@ estimate is exact for small models and unbiased for large ones (OLMoE-1B-7B's ex
 have 2.1B entries each).
 
 Per pair of consecutive checkpoints t0 < t1 and family:
-  relative_change = |W(t1) - W(t0)| / |W(t0)|          (Frobenius norms over the family)
-  speed           = relative_change / (t1 - t0) * 1000  (per 1,000 training steps)
-  stability       = cos(W(t0), W(t1))                   (1 = the weights did not turn)
+  relative_change        = |W(t1) - W(t0)| / |W(t0)|          (Frobenius norms over the family)
+  speed                  = relative_change / (t1 - t0) * 1000  (per 1,000 training steps)
+  stability              = cos(W(t0), W(t1))                   (1 = the weights did not turn)
+  normalized_norm_change = (|W(t1)| - |W(t0)|) / |W(t0)|      (the norm's change, normalized by its scale)
+
+Per family over the run (`dynamics_summary`; the paper's Appendix D as the audit of issue 34
+describes it, since its text was not at hand: docs/method.md):
+  early_change / late_change = mean |normalized_norm_change| over the first / second half of the pairs
+  convergence_speed          = (early_change - late_change) / early_change   (how much the change shrinks)
+  norm_stability             = 1 / std(normalized_norm_change)               (over every pair)
 """
 from __future__ import annotations
 
@@ -80,5 +87,25 @@ def parameter_dynamics(steps, samples: list[dict[str, np.ndarray]]) -> list[dict
             change = float(np.sqrt(diff / n0))
             rows.append({"step_from": int(t0), "step_to": int(t1), "family": family, "relative_change": change,
                          "speed_per_1k_steps": change / (t1 - t0) * 1000.0,
-                         "stability": float(dot / np.sqrt(n0 * n1)) if n1 > 0 else float("nan")})
+                         "stability": float(dot / np.sqrt(n0 * n1)) if n1 > 0 else float("nan"),
+                         "normalized_norm_change": float((np.sqrt(n1) - np.sqrt(n0)) / np.sqrt(n0))})
     return rows
+
+
+def dynamics_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{family: {"early_change", "late_change", "convergence_speed", "norm_stability", "pairs"}} from
+    `parameter_dynamics` rows (see the module docstring); with an odd number of pairs the middle one
+    is in neither half. NaN where undefined (fewer than 2 pairs; no early change; a constant change)."""
+    out = {}
+    for family in FAMILIES:
+        changes = np.array([r["normalized_norm_change"] for r in rows if r["family"] == family], np.float64)
+        if changes.size == 0:
+            continue
+        half = changes.size // 2
+        early = float(np.mean(np.abs(changes[:half]))) if half else float("nan")
+        late = float(np.mean(np.abs(changes[changes.size - half:]))) if half else float("nan")
+        spread = float(np.std(changes, ddof=1)) if changes.size > 1 else float("nan")
+        out[family] = {"early_change": early, "late_change": late,
+                       "convergence_speed": (early - late) / early if half and early > 0 else float("nan"),
+                       "norm_stability": 1.0 / spread if spread > 0 else float("nan"), "pairs": int(changes.size)}
+    return out

@@ -175,9 +175,10 @@ def _sweeps_rows(report: dict[str, Any]):
 
 
 def _param_dynamics_rows(report: dict[str, Any]):
-    columns = ("step_from", "step_to", "family", "relative_change", "speed_per_1k_steps", "stability")
+    columns = ("step_from", "step_to", "family", "relative_change", "speed_per_1k_steps", "stability",
+               "normalized_norm_change")
     yield list(columns)
-    yield from ([row[c] for c in columns] for row in report["parameter_dynamics"])
+    yield from ([row.get(c, "") for c in columns] for row in report["parameter_dynamics"])  # older reports lack some
 
 
 def _text_writer(text: str) -> Callable[[str], None]:
