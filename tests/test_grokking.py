@@ -120,7 +120,7 @@ def test_calibrate_eps_relative_unit_is_the_median_final_loss():
     steps = np.arange(8) * 100
     rate = rng.uniform(0.2, 2.0, 2000)
     loss = 3.0 * np.exp(-rate[None] * np.arange(8)[:, None]) + rng.uniform(0, 1e-4, (8, 2000))
-    calibration = grokking.calibrate_eps(loss, steps, delta=0.05)
+    calibration = grokking.calibrate_eps(loss, steps, delta=0.05, unit="median_final_loss")
     assert calibration.unit == pytest.approx(np.median(loss[-1]))
     assert calibration.in_target_range and 0.20 <= calibration.share <= 0.25
     assert calibration.eps / calibration.unit == pytest.approx(round(calibration.eps / calibration.unit / 0.1) * 0.1)
@@ -246,3 +246,30 @@ def test_linear_and_quadratic_trends():
     quadratic = grokking.quadratic_trend(steps, 1.0 + (steps / 1000.0 - 0.25) ** 2)
     assert quadratic["coefficients"] == pytest.approx([1.0, -0.5, 1.0625]) and quadratic["r2"] == pytest.approx(1.0)
     np.testing.assert_allclose(grokking.moving_average([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
+
+
+def test_eps_scales_with_the_average_loss_and_delta_may_scale_with_eps():
+    """Issue 34, defect 6: the paper scales eps by the domain's average loss (default; the median is an
+    option), and delta may be a multiple of eps instead of 0.05 nats."""
+    from moe_grok.analysis.memorization import memorization
+    from moe_grok.analysis.options import AnalysisOptions
+    from moe_grok.analysis.run_warnings import RunWarnings
+
+    assert AnalysisOptions().eps_unit == "mean_final_loss" and AnalysisOptions().delta_unit == "nats"
+    rng = np.random.default_rng(2)
+    steps = np.arange(8) * 100
+    loss = 3.0 * np.exp(-rng.uniform(0.2, 2.0, 500)[None] * np.arange(8)[:, None])
+    loss[:, :50] *= 20  # a skewed final loss: mean far from median
+    calibration = grokking.calibrate_eps(loss, steps)
+    assert calibration.unit == pytest.approx(np.mean(loss[-1])) and calibration.unit > 1.5 * np.median(loss[-1])
+    scaled = grokking.calibrate_eps(loss, steps, delta=0.5, delta_unit="eps")
+    assert list(scaled.shares) == pytest.approx(
+        [grokking.share_memorized_before_end(loss, steps, eps, 0.5 * eps) for eps in scaled.grid])
+    one = np.array([[3.0], [0.009], [0.0001], [0.0], [0.0]])  # settles below eps = 0.01 at checkpoint 1
+    steps5 = steps[:5]
+    for unit, delta, t_star in (("nats", 0.05, 100), ("eps", 0.5, 200)):  # delta 0.005 nats: not at 0.009
+        options = AnalysisOptions(eps=0.01, delta=delta, delta_unit=unit)
+        entry, found = memorization("d", one, steps5, options, RunWarnings(steps5))
+        assert found.tolist() == [t_star] and entry["delta_nats"] == pytest.approx(0.05 if unit == "nats" else 0.005)
+    with pytest.raises(ValueError, match="delta_unit"):
+        AnalysisOptions(delta_unit="percent")

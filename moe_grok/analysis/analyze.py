@@ -230,10 +230,11 @@ def _eps_delta_sweep(run: _Run, loss: np.ndarray, rows: np.ndarray, eps: float,
               if accuracy is not None else (-1, -1))
     for delta in o.delta_sweep:
         for multiple in o.eps_sweep:
-            t_star = grokking.memorization_steps(loss, run.steps, eps * multiple, delta)
+            delta_nats = grokking.effective_delta(delta, eps * multiple, o.delta_unit)
+            t_star = grokking.memorization_steps(loss, run.steps, eps * multiple, delta_nats)
             before_end = (t_star >= 0) & (t_star < run.steps[-1])
             memorized = memorized_rows(t_star, rows, run.steps, o.memorized_set, onset_step, o.early_group_min_size)
-            row = {"delta": delta, "eps_multiple": multiple, "eps": eps * multiple,
+            row = {"delta": delta, "delta_nats": delta_nats, "eps_multiple": multiple, "eps": eps * multiple,
                    "share_before_end": float(before_end.mean()), "n_groups": int(np.unique(t_star[before_end]).size),
                    "median_t_star": float(np.median(t_star[before_end])) if before_end.any() else float("nan")}
             if accuracy is not None:

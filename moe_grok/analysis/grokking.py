@@ -91,7 +91,8 @@ def memorization_steps(loss, steps, eps, delta: float = 0.05) -> np.ndarray:
     return _index_to_step(_first_index_of_final_run(holds), steps)
 
 
-EPS_UNITS = ("median_final_loss", "nats")
+EPS_UNITS = ("mean_final_loss", "median_final_loss", "nats")
+DELTA_UNITS = ("nats", "eps")  # delta in nats, or as a multiple of eps (scaled with it)
 
 
 class EpsCalibrationError(ValueError):
@@ -115,6 +116,13 @@ class EpsCalibration:
     shares: tuple[float, ...]
 
 
+def effective_delta(delta: float, eps: float, delta_unit: str = "nats") -> float:
+    """delta in nats: `delta` itself (delta_unit "nats") or `delta` x eps (delta_unit "eps")."""
+    if delta_unit not in DELTA_UNITS:
+        raise ValueError(f"delta unit must be one of {DELTA_UNITS}, got {delta_unit!r}")
+    return delta * eps if delta_unit == "eps" else delta
+
+
 def share_memorized_before_end(loss, steps, eps, delta: float = 0.05) -> float:
     """Share of samples with a memorization step t* < T (t* = T holds trivially for any
     sample with loss(T) <= eps and does not count). loss: [checkpoints, samples]."""
@@ -123,13 +131,14 @@ def share_memorized_before_end(loss, steps, eps, delta: float = 0.05) -> float:
 
 
 def calibrate_eps(loss, steps, delta: float = 0.05, target_fraction: tuple[float, float] = (0.20, 0.25),
-                  grid_step: float = 0.1, unit: str = "median_final_loss") -> EpsCalibration:
+                  grid_step: float = 0.1, unit: str = "mean_final_loss", delta_unit: str = "nats") -> EpsCalibration:
     """One group's eps on the grid {grid_step, 2 grid_step, ...} x unit (the paper's search in
     steps of 0.1 by the domain's loss scale) so that the share of samples memorized BEFORE the
     final checkpoint lies in target_fraction.
 
-    unit: "median_final_loss" (the group's median loss at the last checkpoint: the loss scale)
-    or "nats" (an absolute grid). The share is non-decreasing in eps, so the smallest grid eps
+    unit: "mean_final_loss" (the group's average loss at the last checkpoint: the paper's loss
+    scale), "median_final_loss" (its median) or "nats" (an absolute grid). delta_unit: "nats", or
+    "eps" (delta is a multiple of each grid eps: `effective_delta`). The share is non-decreasing in eps, so the smallest grid eps
     reaching the lower bound is found by bisection. If it overshoots the upper bound, the closer
     of it and the grid point below to the range's middle is chosen (ties: the smaller eps) and
     ``in_target_range`` is False. grid / shares list the grid points evaluated.
@@ -146,7 +155,9 @@ def calibrate_eps(loss, steps, delta: float = 0.05, target_fraction: tuple[float
         raise ValueError(f"eps unit must be one of {EPS_UNITS}, got {unit!r}")
     loss = _checked_matrix("loss", loss, np.float64)
     steps = _checked_steps(steps, loss.shape[0])
-    scale = float(np.median(loss[-1])) if unit == "median_final_loss" else 1.0
+    scale = {"mean_final_loss": float(np.mean(loss[-1])), "median_final_loss": float(np.median(loss[-1])),
+             "nats": 1.0}[unit]
+    effective_delta(delta, 1.0, delta_unit)  # checks the unit before any work
     if not scale > 0:
         scale = float(np.max(loss[-1])) or 1.0  # all final losses zero: the grid needs a positive unit
     last_k = max(1, int(np.ceil(float(loss.max()) / (grid_step * scale))))  # from here on every loss <= eps
@@ -154,7 +165,8 @@ def calibrate_eps(loss, steps, delta: float = 0.05, target_fraction: tuple[float
 
     def share_at(k: int) -> float:
         if k not in tried:
-            tried[k] = share_memorized_before_end(loss, steps, k * grid_step * scale, delta)
+            eps = k * grid_step * scale
+            tried[k] = share_memorized_before_end(loss, steps, eps, effective_delta(delta, eps, delta_unit))
         return tried[k]
 
     if share_at(last_k) < low:

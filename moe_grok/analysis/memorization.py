@@ -15,14 +15,14 @@ def memorization(domain: str, loss: np.ndarray, steps: np.ndarray, options: Anal
     """(report entry, t* [n] per sample, -1 = never) for one domain's training losses [checkpoints, n]
     (nats) at `steps`: eps fixed by the options or calibrated on its grid, then the paper's rule."""
     o = options
-    entry: dict[str, Any] = {"delta": o.delta, "target_fraction": list(o.target_fraction)}
+    entry: dict[str, Any] = {"delta": o.delta, "delta_unit": o.delta_unit, "target_fraction": list(o.target_fraction)}
     if o.eps is not None:
         eps = o.eps
         entry.update(eps=eps, eps_source="fixed", in_target_range=None)
     else:
         try:
             calibration = grokking.calibrate_eps(loss, steps, o.delta, o.target_fraction, o.eps_grid_step,
-                                                 o.eps_unit)
+                                                 o.eps_unit, o.delta_unit)
             eps = calibration.eps
             entry.update(eps=eps, eps_source="calibrated", eps_unit=o.eps_unit, eps_unit_nats=calibration.unit,
                          in_target_range=calibration.in_target_range,
@@ -34,7 +34,9 @@ def memorization(domain: str, loss: np.ndarray, steps: np.ndarray, options: Anal
             eps = float(loss.max()) + 1.0
             entry.update(eps=eps, eps_source="unreachable", in_target_range=False, error=str(err))
             warnings.warn(f"domain {domain!r}: {err}")
-    t_star = grokking.memorization_steps(loss, steps, eps, o.delta)
+    delta = grokking.effective_delta(o.delta, eps, o.delta_unit)
+    entry["delta_nats"] = delta
+    t_star = grokking.memorization_steps(loss, steps, eps, delta)
     before_end = (t_star >= 0) & (t_star < steps[-1])
     entry.update(share_before_end=float(before_end.mean()), n_memorized_before_end=int(before_end.sum()),
                  n_memorized_at_end=int((t_star == steps[-1]).sum()), n_samples=int(loss.shape[1]),

@@ -20,11 +20,12 @@ class AnalysisOptions:
     """Every choice of the analysis (docs/method.md); `from_config` reads them from a config's `analysis`."""
 
     tau: float = 0.7  # pathway: experts kept until their cumulative token-mean weight exceeds tau
-    delta: float = 0.05  # memorization: |loss(t) - loss(T)| <= delta nats for every t >= t*
+    delta: float = 0.05  # memorization: |loss(t) - loss(T)| <= delta for every t >= t* (in delta_unit)
+    delta_unit: str = "nats"  # delta (and delta_sweep) in nats (paper), or "eps": multiples of eps
     target_fraction: tuple[float, float] = (0.20, 0.25)  # eps calibration: share memorized before T
     eps: float | None = None  # a fixed eps (nats) for every domain instead of calibration
     eps_grid_step: float = 0.1  # eps calibration grid step, in eps_unit
-    eps_unit: str = "median_final_loss"  # grid unit: the domain's median final loss, or "nats"
+    eps_unit: str = "mean_final_loss"  # grid unit: the domain's average final loss (paper), its median, or "nats"
     distance_level: str = "char"  # primary distance: "char" (paper, pathway strings) or "token"
     distance_normalized: bool = False  # primary distance divided by the longer pathway's length
     max_pairs: int | None = 2000  # sampled pairs per distance (None, or 0 in a config: all pairs; < 0 refused)
@@ -56,6 +57,8 @@ class AnalysisOptions:
             problems.append(f"eps_grid_step and eps_sweep must be > 0, got {self.eps_grid_step}, {self.eps_sweep}")
         if self.eps_unit not in grokking.EPS_UNITS:
             problems.append(f"eps_unit must be one of {grokking.EPS_UNITS}, got {self.eps_unit!r}")
+        if self.delta_unit not in grokking.DELTA_UNITS:
+            problems.append(f"delta_unit must be one of {grokking.DELTA_UNITS}, got {self.delta_unit!r}")
         if self.distance_level not in ("char", "token"):
             problems.append(f"distance_level must be 'char' or 'token', got {self.distance_level!r}")
         if self.max_pairs is not None and self.max_pairs < 1:
