@@ -131,7 +131,8 @@ def share_memorized_before_end(loss, steps, eps, delta: float = 0.05) -> float:
 
 
 def calibrate_eps(loss, steps, delta: float = 0.05, target_fraction: tuple[float, float] = (0.20, 0.25),
-                  grid_step: float = 0.1, unit: str = "mean_final_loss", delta_unit: str = "nats") -> EpsCalibration:
+                  grid_step: float = 0.1, unit: str = "mean_final_loss",
+                  delta_unit: str = "nats") -> EpsCalibration:
     """One group's eps on the grid {grid_step, 2 grid_step, ...} x unit (the paper's search in
     steps of 0.1 by the domain's loss scale) so that the share of samples memorized BEFORE the
     final checkpoint lies in target_fraction.
