@@ -141,8 +141,9 @@ def calibrate_eps(loss, steps, delta: float = 0.05, target_fraction: tuple[float
     scale), "median_final_loss" (its median) or "nats" (an absolute grid). delta_unit: "nats", or
     "eps" (delta is a multiple of each grid eps: `effective_delta`). The share is non-decreasing
     in eps, so the smallest grid eps reaching the lower bound is found by bisection. If it
-    overshoots the upper bound, the closer of it and the grid point below to the range's middle is chosen (ties: the smaller eps) and
-    ``in_target_range`` is False. grid / shares list the grid points evaluated.
+    overshoots the upper bound, the closer of it and the grid point below to the range's middle
+    is chosen (ties: the smaller eps) and ``in_target_range`` is False. grid / shares list the
+    grid points evaluated.
     Raises EpsCalibrationError if no eps reaches the lower bound (delta then forbids enough
     samples from settling: raise delta or lower the target).
     loss: [checkpoints, samples] per-sample losses (nats); steps: [checkpoints].
