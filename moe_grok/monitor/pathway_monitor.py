@@ -26,7 +26,7 @@ from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.memorization import memorization
 from moe_grok.analysis.options import POSITIONS, AnalysisOptions
 from moe_grok.analysis.run_warnings import RunWarnings
-from moe_grok.analysis.set_metrics import SetMetrics, memorized_set_and_controls
+from moe_grok.analysis.set_metrics import SetMetrics, memorized_set_and_controls, rows_at
 from moe_grok.monitor.history import MonitorHistory, checkpoint_name, complete_fields
 from moe_grok.monitor.probes import ProbeSet, probe_set
 
@@ -243,12 +243,17 @@ class PathwayMonitor:
             held_out = self.probes.get(roles.held_out) if roles.held_out else None
             has_held_out = held_out is not None and domain in held_out.group_names
             pool = held_out.rows(domain) if has_held_out else np.zeros(0, int)
-            sets = memorized_set_and_controls(domain, roles.train, rows[before_newest], rows[~before_newest],
+            # The newest point of analyze()'s memorized set: the growing set is then {t* < newest step}, as one
+            # checkpoint's rows (controls of its exact size, NaN below 2 samples); otherwise the fixed set
+            # (early_groups needs a test onset, which a running training does not have).
+            memorized = rows[before_newest]
+            table_rows = [memorized] if self.options.memorized_set == "growing" else memorized
+            sets = memorized_set_and_controls(domain, roles.train, table_rows, rows[~before_newest],
                                               roles.held_out, pool, self.options.seed)
             values = {name: {metric: float(curve[0]) for metric, curve in engine.set_curves(split, r, "sets").items()}
                       for name, (split, r) in sets.items()}
             for name, (_, r) in sets.items():
-                out[f"{p}/{domain}/{name}/n"] = float(r.size)
+                out[f"{p}/{domain}/{name}/n"] = float(rows_at(r, 0).size)
                 out.update({f"{p}/{domain}/{name}/{metric}": v for metric, v in values[name].items()})
             for metric in registry.names("sets"):
                 contrast = values["memorized"][metric] - values["held_out"][metric] if "held_out" in values else np.nan
