@@ -222,6 +222,21 @@ def test_toy_run_monitor_report_equals_the_analysis_of_its_checkpoints(toy_monit
     from_history = report_from_history(history, str(tmp_path / "out"), with_plots=False)
     reference = toy_run.analyze_run(config, workdir, progress=False, with_plots=False)
     _same_report(from_history, reference)
+    # issue 34, defect 7: the held-out control is the validation half, independent of the test accuracy's half
+    assert {d["sets"]["held_out"]["split"] for d in reference["domains"].values()} == {"validation"}
     for name in ("table.txt", "per_checkpoint.csv", "table1.csv", "groups.csv", "param_dynamics.csv"):
         with open(os.path.join(workdir, "analysis", "report", name), "rb") as f:
             assert (tmp_path / "out" / "report" / name).read_bytes() == f.read(), name
+
+
+def test_toy_held_out_control_is_the_validation_split_with_the_test_split_as_option():
+    """Issue 34, defect 7: the held-out control of every metric is the validation split by default."""
+    config = tiny_config()
+    config.monitor.enabled = True
+    assert toy_run.held_out_split(config) == "validation"
+    assert toy_run.monitor_callbacks(config)[0].held_out_split == "validation"
+    config.analysis.held_out_split = "test"
+    assert toy_run.held_out_split(config) == "test" and toy_run.monitor_callbacks(config)[0].held_out_split == "test"
+    config.analysis.held_out_split = "train"
+    with pytest.raises(ValueError, match="held_out_split"):
+        toy_run.held_out_split(config)

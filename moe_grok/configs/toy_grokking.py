@@ -54,4 +54,5 @@ def get_config():
     config.analysis.batch_size = 1024  # samples per extraction batch (= train.eval_batch_size: see there)
     config.analysis.train_embeddings = ""  # .npy [train samples, dim] embeddings for pairing ("" = by domain)
     config.analysis.test_embeddings = ""  # .npy [test-split samples, dim] (tasks.evaluation_splits; "" = by domain)
+    config.analysis.held_out_split = "validation"  # held-out control of every metric: "validation" or "test" split
     return config

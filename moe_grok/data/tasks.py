@@ -228,8 +228,9 @@ def answer_targets(inputs: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray,
 def evaluation_splits(data: AlgorithmicDataset, validation_share: float = 0.5) -> dict[str, EvalSplit]:
     """The splits every checkpoint is evaluated on (by training's evaluation and by the analysis),
     scored at the answer position, groups = operations: "train", and the held-out pairs cut in two
-    by a seeded draw per operation: "validation" (Table 1's validation loss) and "test" (accuracy,
-    Test@ groups, the held-out control). Training logs "test" metrics over both halves."""
+    by a seeded draw per operation: "validation" (Table 1's validation loss, and by default the
+    held-out control of every metric) and "test" (accuracy, Test@ groups). Training logs "test"
+    metrics over both halves."""
     data.spec.check_evaluation_splits(validation_share)
 
     def split_of(inputs, answers, groups):

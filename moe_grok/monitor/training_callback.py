@@ -24,7 +24,8 @@ from moe_grok.monitor.pathway_monitor import PathwayMonitor, ScalarWriter
 from moe_grok.training.callbacks import RunState
 
 HISTORY_DIR = "monitor"  # below a seed's workdir
-TOY_ROLES = {"train": "train", "held_out": "test", "validation": "validation", "test": "test"}
+# held_out: the validation half of the held-out pairs, independent of the test half that defines the accuracy
+TOY_ROLES = {"train": "train", "held_out": "validation", "validation": "validation", "test": "test"}
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class MonitorCallback:
     at_end: bool = True
     before_checkpoint: bool = True  # its metrics are logged with the evaluation's
     name: str = "pathway_monitor"
+    held_out_split: str = TOY_ROLES["held_out"]  # the held-out control's split: "validation" or "test"
     _monitors: dict = dataclasses.field(default_factory=dict, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -53,7 +55,8 @@ class MonitorCallback:
             if state.workdir not in self._monitors:
                 writers = self.make_writers(state) if self.make_writers is not None else ()
                 self._monitors[state.workdir] = PathwayMonitor(
-                    state.splits, **TOY_ROLES, options=self.options, writers=writers,
+                    state.splits, **{**TOY_ROLES, "held_out": self.held_out_split}, options=self.options,
+                    writers=writers,
                     directory=os.path.join(state.workdir, HISTORY_DIR))
             return self._monitors[state.workdir]
 
@@ -82,4 +85,5 @@ def monitor_callbacks(config: ml_collections.ConfigDict,
     section = config.get("monitor")
     if section is None or not section.enabled:
         return []
-    return [MonitorCallback(config.train.eval_every, AnalysisOptions.from_config(config.analysis), make_writers)]
+    return [MonitorCallback(config.train.eval_every, AnalysisOptions.from_config(config.analysis), make_writers,
+                            held_out_split=config.analysis.get("held_out_split", TOY_ROLES["held_out"]))]

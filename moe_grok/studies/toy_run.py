@@ -102,6 +102,18 @@ def training_callbacks(config: ml_collections.ConfigDict, make_writers=None) -> 
     return [*analysis_cache_callbacks(config), *monitor_callbacks(config, make_writers)]
 
 
+HELD_OUT_SPLITS = ("validation", "test")  # tasks.evaluation_splits' halves of the held-out pairs
+
+
+def held_out_split(config: ml_collections.ConfigDict) -> str:
+    """The split whose samples are the held-out control of every metric: config.analysis.held_out_split,
+    "validation" (default: independent of the test split that defines the accuracy) or "test"."""
+    name = config.analysis.get("held_out_split", "validation")
+    if name not in HELD_OUT_SPLITS:
+        raise ValueError(f"analysis.held_out_split must be one of {HELD_OUT_SPLITS}, got {name!r}")
+    return name
+
+
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
                 progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
     """pipeline.run_pipeline over the run's checkpoints (cache in workdir/analysis/cache,
@@ -116,6 +128,7 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                   for split, path in paths.items()}
     return pipeline.run_pipeline(run_checkpoint_sources(workdir), splits,
                                  os.path.join(workdir, ANALYSIS_DIR), test_split="test", validation_split="validation",
+                                 held_out_split=held_out_split(config),
                                  train_embeddings=embeddings["train"], test_embeddings=embeddings["test"],
                                  options=options, batch_size=config.analysis.batch_size, mesh=mesh, progress=progress,
                                  with_plots=with_plots, tensorboard=False)
