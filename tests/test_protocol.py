@@ -288,3 +288,19 @@ def test_h2_margin_applies_the_paper_sign():
                          **summary}, "per_seed": []}
     verdicts = protocol_pages.hypothesis_verdicts({"arms": {"A": {"positions": {"all": view}}}}, "all")
     assert verdicts["A: H2 (distance)"] == "refuted" and verdicts["A: H2 sign ignored (distance)"] == "confirmed"
+
+
+def test_one_onset_rule_for_every_onset():
+    """Issue 34, defect 8: every onset is grokking.grok_onset on the test split's accuracy, strictly
+    above 0.9 (accuracy exactly 0.9 at step 200 does not start the onset)."""
+    from moe_grok.analysis import grokking
+
+    accuracy = [0.0, 0.5, 0.9, 0.95, 1.0, 1.0]
+    steps = np.array([0, 100, 200, 300, 400, 500])
+    assert grokking.grok_onset(accuracy, steps) == 300 and grokking.GROK_ACCURACY == protocol_stats.GROK_ACCURACY
+    report = _table1_report({}, loss_r=0.0)
+    report["domains"]["d"]["curves"]["test_accuracy"] = accuracy
+    assert protocol_stats.seed_domain_facts(report)["d"]["onset"] == 300
+    assert protocol_stats.domain_measurements(report, "d")["onset_step"] == 300
+    two = _accuracy_report([accuracy, [0, 0, 0.9, 0.9, 0.91, 0.95]])
+    assert protocol_stats.onset_spread(two) == 1  # onsets 300 and 400

@@ -257,7 +257,7 @@ def _domain_entry(run: _Run, domain: str) -> tuple[dict[str, Any], np.ndarray]:
     entry["curves"] = _curves_json(curves)
     accuracy = curves.get("test_accuracy")
     o = run.options
-    onset = grokking.accuracy_onset(accuracy, run.steps, o.onset_threshold) if accuracy is not None else -1
+    onset = grokking.grok_onset(accuracy, run.steps) if accuracy is not None else -1  # early groups' horizon
     table_rows = memorized_rows(t_star, rows, run.steps, o.memorized_set, onset, o.early_group_min_size)
     sets, set_curves = _memorized_set_and_controls(run, domain, table_rows, not_memorized)
     entry["memorized_set"] = o.memorized_set

@@ -223,6 +223,19 @@ def accuracy_onset(acc, steps, threshold: float = 0.8) -> int:
     return int(_index_to_step(_first_index_of_final_run(acc > threshold), steps))
 
 
+GROK_ACCURACY = 0.9
+"""A domain has grokked from the first checkpoint whose test accuracy stays strictly above this to the end."""
+
+
+def grok_onset(acc, steps) -> int:
+    """THE onset rule of every onset table and count of grokking seeds (the protocol's pages and
+    measurements, the regime benchmark): the first step from which accuracy stays strictly above
+    GROK_ACCURACY (> 0.9, not >=) through T; NEVER (-1) if it does not end above it. acc:
+    [checkpoints] the domain's test accuracy on the test split (toys: the test half of the held-out
+    pairs, the accuracy of the analysis report, not the training log's accuracy over both halves)."""
+    return accuracy_onset(acc, steps, GROK_ACCURACY)
+
+
 def sustained_rise_start(acc, rise_fraction: float = 0.1) -> int:
     """Checkpoint index where accuracy starts its sustained rise, NEVER (-1) if there is none.
 

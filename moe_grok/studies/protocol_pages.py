@@ -149,7 +149,8 @@ def _per_seed_tables(results: dict[str, Any]) -> list[str]:
     """Seed by seed and domain by domain (the all-token view where there is one): test onset,
     calibrated eps, pairs."""
     lines = ["## Seed by seed", "",
-             "Per domain: test onset (first checkpoint from which test accuracy stays > 0.9; `none` with the "
+             "Per domain: test onset (grokking.grok_onset: first checkpoint from which the test split's accuracy "
+             "stays > 0.9; `none` with the "
              "final accuracy), calibrated eps (nats) and share memorized before the last checkpoint, Hungarian "
              "pairs (how many with a negative delay, Pretrain@t* after its Test@t#).", ""]
     for arm, r in results["arms"].items():

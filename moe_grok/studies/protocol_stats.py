@@ -9,7 +9,7 @@ from moe_grok.analysis import grokking, registry, statistics
 from moe_grok.analysis.statistics import bounded_mean_ci, fisher_mean_ci, mean_ci, share_ci
 from moe_grok.report.files import table1_rows
 
-GROK_ACCURACY = 0.9  # a domain groks when its test accuracy reaches this and stays there
+GROK_ACCURACY = grokking.GROK_ACCURACY  # a domain groks when its test accuracy stays above this (grokking.grok_onset)
 MIN_EARLY_GROUP = 5  # samples in an "early" Pretrain@t* group
 METRICS = tuple(m.name for m in registry.protocol_metrics())  # the metrics whose hypotheses the protocol tests
 PAPER_SIGN = {m.name: m.paper_sign for m in registry.protocol_metrics()}
@@ -90,7 +90,7 @@ def domain_measurements(report: dict[str, Any], domain: str) -> dict[str, float]
     accuracy = d["curves"].get("test_accuracy")
     out: dict[str, float] = {"groks": float("nan"), "onset_step": float("nan")}
     if accuracy is not None:
-        onset = grokking.accuracy_onset(accuracy, steps, GROK_ACCURACY)
+        onset = grokking.grok_onset(accuracy, steps)
         out.update(groks=float(onset >= 0), onset_step=float(onset) if onset >= 0 else float("nan"),
                    final_test_accuracy=float(accuracy[-1]))
     horizon = out["onset_step"] if np.isfinite(out["onset_step"]) else steps[-1]
@@ -139,7 +139,7 @@ def onset_spread(report: dict[str, Any]) -> float:
     counts as grokking one checkpoint past the last (censored), so the spread is then a lower
     bound; NaN when no domain groks."""
     steps = np.asarray(report["steps"])
-    onsets = [grokking.accuracy_onset(d["curves"]["test_accuracy"], steps, GROK_ACCURACY)
+    onsets = [grokking.grok_onset(d["curves"]["test_accuracy"], steps)
               for d in report["domains"].values() if d["curves"].get("test_accuracy") is not None]
     if not onsets or max(onsets) < 0:
         return float("nan")
@@ -161,7 +161,7 @@ def seed_domain_facts(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         accuracy = d["curves"].get("test_accuracy")
         pairs = d.get("pairs", [])
         facts[name] = {
-            "onset": grokking.accuracy_onset(accuracy, steps, GROK_ACCURACY) if accuracy is not None else -1,
+            "onset": grokking.grok_onset(accuracy, steps) if accuracy is not None else -1,
             "final_test_accuracy": float(accuracy[-1]) if accuracy is not None else float("nan"),
             "eps": _float(d["memorization"].get("eps")),
             "share_before_end": _float(d["memorization"].get("share_before_end")),
