@@ -37,19 +37,30 @@ def _check_memorization(m):
         assert m["eps_source"] == "unreachable" and m["in_target_range"] is False and m["error"]
 
 
+def set_sizes(s, n_checkpoints):
+    """[checkpoints] a report set's size at every checkpoint (a growing set lists them; a fixed one has n)."""
+    return np.asarray(s.get("n_per_checkpoint", [s["n"]] * n_checkpoints))
+
+
 def _check_set_curves(name, s, n_checkpoints, num_experts):
-    """Every distance variant, pathway length and routing entropy of one set, within its bounds."""
+    """Every distance variant, pathway length and routing entropy of one set, within its bounds; a
+    growing set (n_per_checkpoint) is NaN exactly where it holds fewer than 2 samples."""
     curves = {metric: _values(s["curves"][metric]) for metric in ("distance", *DISTANCE_VARIANTS, "pathway_length",
                                                                   "routing_entropy")}
     assert all(c.shape == (n_checkpoints,) for c in curves.values()), name
     np.testing.assert_array_equal(curves["distance"], curves["distance_char"])  # the primary distance: characters
-    if s["n"] >= 2:
-        char, normalized, token = (curves[v] for v in ("distance_char", "distance_char_normalized", "distance_token"))
-        assert np.isfinite(char).all() and np.isfinite(normalized).all() and np.isfinite(token).all(), name
-        assert np.all((normalized >= 0) & (normalized <= 1)) and np.all(normalized <= char), name
-        assert num_experts <= 10  # single-digit ids: the token string is the character one without its commas
-        assert np.all(token <= char + 1e-9), name
-    length, entropy = curves["pathway_length"], curves["routing_entropy"]
+    defined = set_sizes(s, n_checkpoints) >= 2
+    if "n_per_checkpoint" in s:
+        assert all(np.isnan(c[~defined]).all() for c in curves.values()), name
+    char, normalized, token = (curves[v][defined] for v in ("distance_char", "distance_char_normalized",
+                                                            "distance_token"))
+    assert np.isfinite(char).all() and np.isfinite(normalized).all() and np.isfinite(token).all(), name
+    assert np.all((normalized >= 0) & (normalized <= 1)) and np.all(normalized <= char), name
+    assert num_experts <= 10  # single-digit ids: the token string is the character one without its commas
+    assert np.all(token <= char + 1e-9), name
+    if "n_per_checkpoint" not in s:
+        defined = np.ones(n_checkpoints, bool) if s["n"] >= 1 else defined
+    length, entropy = curves["pathway_length"][defined], curves["routing_entropy"][defined]
     assert np.all((length >= 1) & (length <= num_experts)), name
     assert np.all((entropy > 0) & (entropy <= np.log(num_experts) + 1e-5)), name
 
@@ -72,8 +83,11 @@ def check_report(report, out_dir, num_layers, num_experts):
                 continue
             assert set(partial) == PARTIAL_METRICS
             for metric, c in partial.items():
-                assert c["n"] == window_n
-                if window_n > 2 + PARTIAL_CONTROLS:
+                # over the window's checkpoints where the set is defined (a growing set: >= 2 samples)
+                start = steps.index(d["window"]["start_step"])
+                defined = set_sizes(d["sets"][set_name], n_checkpoints)[start:start + window_n] >= 2
+                assert c["n"] == (window_n if "n_per_checkpoint" not in d["sets"][set_name] else int(defined.sum()))
+                if c["n"] > 2 + PARTIAL_CONTROLS:
                     assert -1 <= c["r"] <= 1 and 0 <= c["p"] <= 1, (set_name, metric)
                 else:
                     assert math.isnan(c["r"]), (set_name, metric)
@@ -84,10 +98,10 @@ def check_report(report, out_dir, num_layers, num_experts):
         for set_name, per_layer in d["per_layer_distance"].items():
             per_layer = _values(per_layer)
             assert per_layer.shape == (n_checkpoints, num_layers)
-            if d["sets"][set_name]["n"] >= 2:
-                assert np.isfinite(per_layer).all()
-                whole = _values(d["sets"][set_name]["curves"]["distance_char"])
-                assert np.all(whole <= per_layer.sum(axis=1) + 1e-9)
+            defined = set_sizes(d["sets"][set_name], n_checkpoints) >= 2
+            assert np.isfinite(per_layer[defined]).all()
+            whole = _values(d["sets"][set_name]["curves"]["distance_char"])[defined]
+            assert np.all(whole <= per_layer[defined].sum(axis=1) + 1e-9)
 
         # tau sweep: one distance curve per tau; the analysis' own tau gives the memorized set's curve.
         assert set(d["tau_sweep"]) == {str(t) for t in options["tau_sweep"]}
