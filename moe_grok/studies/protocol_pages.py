@@ -128,7 +128,8 @@ def markdown(results: dict[str, Any], quantities: Quantities) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", "Verdicts (criteria of docs/protocol.md):", ""]
         lines += [f"- {name}: **{verdict}**" for name, verdict in hypothesis_verdicts(results, positions).items()]
-        lines += ["", "Table 1 across seeds (windowed Pearson r with test accuracy; mean [95% CI]):", "",
+        lines += ["", "Table 1 across seeds (windowed Pearson r with test accuracy; mean [95% CI] through "
+                  "Fisher's z):", "",
                   "| row | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
         rows = next(iter(results["arms"].values()))["positions"][positions]["table1"]
         for row in rows:
