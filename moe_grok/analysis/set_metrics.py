@@ -21,11 +21,6 @@ def rows_at(rows: Rows, checkpoint: int) -> np.ndarray:
     return np.asarray(rows[checkpoint] if isinstance(rows, list) else rows, np.int64)
 
 
-def rows_sizes(rows: Rows, n_checkpoints: int) -> list[int]:
-    """[checkpoints] the size of a set at every checkpoint."""
-    return [int(rows_at(rows, c).size) for c in range(n_checkpoints)]
-
-
 class SetMetrics:
     """Metric curves of sample sets of the splits of `stats` (per-checkpoint statistics sorted by step)."""
 
