@@ -402,7 +402,7 @@ def print_report(report: dict) -> None:
     batch, seq = report["batch"]
     print(f"\nextraction, {batch} x {seq} tokens, {report['dtype']}, routing only (no LM head), fastest of "
           f"{report['repeats']} timed calls after a compiling / warm-up one; HF: {report['hf_note']}")
-    print(f"{'config':<7}{'side':<10}{'ok':>4}{'tokens/s':>12}{'vs HF':>7}{'MFU':>8}{'peak dev GiB':>14}"
+    print(f"{'config':<7}{'side':<10}{'ok':>4}{'tokens/s':>12}{'vs HF':>9}{'MFU':>8}{'peak dev GiB':>14}"
           f"{'x weights':>10}{'load s':>8}{'1st call s':>11}")
     for name, entry in report["configs"].items():
         summary = entry["summary"]
@@ -412,7 +412,7 @@ def print_report(report: dict) -> None:
                 continue
             ok = "yes" if r.get("returncode", 0) == 0 and "tokens_per_s" in r else "NO"
             ratio = _num(summary.get("tokens_per_s_vs_hf"), ".2f", "x") if side == "moe_grok" else ""
-            print(f"{name:<7}{side:<10}{ok:>4}{_num(r.get('tokens_per_s'), ',.0f'):>12}{ratio:>7}"
+            print(f"{name:<7}{side:<10}{ok:>4}{_num(r.get('tokens_per_s'), ',.0f'):>12}{ratio:>9}"
                   f"{_num(summary.get(f'mfu_{side.lower()}'), '.1%'):>8}{_gib(r.get('peak_device_bytes')):>14}"
                   f"{_num(summary.get(f'peak_device_x_weights_{side.lower()}'), '.2f'):>10}"
                   f"{_num(r.get('load_s'), '.1f'):>8}{_num(r.get('first_call_s'), '.1f'):>11}")
