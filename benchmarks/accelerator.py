@@ -31,6 +31,7 @@ kind, or --peak_tflops). FLOPs per token = `MoEConfig.active_flops_per_token(seq
 = 2 x active parameters + attention scores, where
   active parameters = layers x (d h hd + 2 d kv hd + h hd d)          q, k, v, o projections
                     + MoE layers x (d E + k x 3 d F)                    router; the k experts' gate, up, down
+                    + dense-MLP layers x 3 d F_dense                    (Qwen3-MoE's; OLMoE has none)
   attention scores  = layers x 2 x 2 h hd (seq + 1) / 2                QK^T and AV over the mean causal context
 (d hidden, h / kv heads, hd head_dim, E experts, k per token, F expert intermediate). Embeddings are a
 lookup (no FLOPs) and the LM head is not computed (routing only): neither is counted. OLMoE-1B-7B:
