@@ -163,8 +163,10 @@ def device_info() -> dict:
     return info
 
 
-def extraction_run(checkpoint: str, batch: int, seq: int, repeats: int, seed: int, dtype: str = "bfloat16") -> dict:
-    """load_hf + `extract_dataset` (routing only, no LM head) on JAX's default device, in this process.
+def extraction_run(checkpoint: str, batch: int, seq: int, repeats: int, seed: int, dtype: str = "bfloat16",
+                   **config_overrides) -> dict:
+    """load_hf + `extract_dataset` (routing only, no LM head) on JAX's default device, in this process;
+    config_overrides go to load_hf (MoEConfig fields, e.g. moe_impl).
 
     Returns load / first-call / timed-call seconds, tokens/s of the fastest timed call, FLOPs per token,
     active parameters, weight bytes, peak device bytes (None where the backend keeps no memory stats:
@@ -177,7 +179,7 @@ def extraction_run(checkpoint: str, batch: int, seq: int, repeats: int, seed: in
     from moe_grok.model.hf import load_hf
 
     started = time.perf_counter()
-    model_config, params = load_hf(checkpoint, dtype=jnp.dtype(dtype))
+    model_config, params = load_hf(checkpoint, dtype=jnp.dtype(dtype), **config_overrides)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - started
     tokens = random_tokens(seed, batch, seq, model_config.vocab_size)

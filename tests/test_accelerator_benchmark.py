@@ -22,12 +22,13 @@ accelerator = importlib.import_module("accelerator")
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The --smoke run's extraction and HF stages on the tiny checkpoint, and its report (peak 1 TFLOP/s)."""
+    """The --smoke run's extraction and HF stages on the tiny checkpoint, and its report (peak 1 TFLOP/s). The
+    dispatch kernels are the dispatch tests' concern: here the dense one, the fastest to compile."""
     workdir = str(tmp_path_factory.mktemp("accelerator"))
     args = accelerator.parse_args(["--smoke", "--peak_tflops=1", f"--workdir={workdir}"])
     checkpoint = accelerator.write_config_checkpoint("tiny", workdir, workdir, args.seed)
     run = dict(checkpoint=checkpoint, batch=args.batch, seq=args.seq, repeats=args.repeats, seed=args.seed)
-    extract = accelerator.extraction_run(**run)
+    extract = accelerator.extraction_run(**run, moe_impl="dense")  # compiles in a third of the chunked kernel's time
     hf = accelerator.hf_run(**run, device="cpu")
     device = accelerator.device_info()
     peak, source = accelerator.peak_bf16_flops(device["device_kind"], args.peak_tflops)
@@ -40,7 +41,7 @@ def test_smoke_run_times_both_sides_on_the_same_weights(smoke):
     _, report = smoke
     entry = report["configs"]["tiny"]
     extract, hf, summary = entry["extract"], entry["hf"], entry["summary"]
-    assert extract["platform"] == jax.default_backend()
+    assert extract["platform"] == jax.default_backend() and extract["moe_impl"] == "dense"
     assert extract["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0
     assert summary["tokens_per_s_vs_hf"] == pytest.approx(extract["tokens_per_s"] / hf["tokens_per_s"])
     # The same checkpoint and tokens on both sides: the same routing, up to bfloat16 rounding.
