@@ -155,46 +155,55 @@ def checkpoint_dirs(workdir: str) -> list[str]:
     return [os.path.join(workdir, "checkpoints", f"olmoe-1b-7b-random-step{step}") for step in STEPS]
 
 
-def write_checkpoints(workdir: str, seed: int) -> list[str]:
-    """The base checkpoint and its perturbed copies (written once; reused while manifests match)."""
-    specs = tensor_specs(OLMOE_CONFIG)
+def write_random_checkpoint(directory: str, config: dict, seed: int, copy: int = 0, base: str | None = None) -> None:
+    """A seeded random-weight bfloat16 checkpoint of the OLMoE-style HF `config` in the hub's layout
+    (config.json, safetensors shards with an index), written once and reused while its manifest matches.
+    copy > 0: a perturbed copy of the checkpoint at `base` (its shards but the last symlinked there, the
+    last rewritten with mantissa noise)."""
+    manifest_path = os.path.join(directory, "manifest.json")
+    wanted = {"writer_version": WRITER_VERSION, "seed": seed, "config": config, "copy": copy}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("spec") == wanted and manifest.get("files") == _manifest(directory):
+            return
+    specs = tensor_specs(config)
     shards = shard_plan(specs)
-    dirs = checkpoint_dirs(workdir)
-    wanted = {"writer_version": WRITER_VERSION, "seed": seed, "config": OLMOE_CONFIG}
     index = {"metadata": {"total_size": sum(2 * int(np.prod(s)) for _, s in specs)},
              "weight_map": {key: _shard_name(i, len(shards)) for i, shard in enumerate(shards) for key, _ in shard}}
+    print(f"writing {directory} ...", flush=True)
+    started = time.time()
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    for i, shard in enumerate(shards):
+        name = _shard_name(i, len(shards))
+        if copy and i < len(shards) - 1:  # the copies share every shard but the last with the base
+            os.symlink(os.path.join(base, name), os.path.join(directory, name))
+            continue
+
+        def make(key, shape):
+            bits = random_bf16_bits(np.random.default_rng(_key_seed(seed, key)), shape, key.endswith("norm.weight"))
+            if copy:  # mantissa noise: every weight moves by < 2^-4 of itself
+                bits ^= np.random.default_rng(_key_seed(seed + copy, key)).integers(0, 8, shape, np.uint16)
+            return bits
+
+        write_safetensors(os.path.join(directory, name),
+                          [(key, shape, lambda k=key, s=shape: make(k, s)) for key, shape in shard])
+    with open(manifest_path, "w") as f:
+        json.dump({"spec": wanted, "files": _manifest(directory)}, f, indent=2)
+    print(f"  {time.time() - started:.0f} s", flush=True)
+
+
+def write_checkpoints(workdir: str, seed: int, copies: int = len(STEPS)) -> list[str]:
+    """The base OLMoE-1B-7B checkpoint and its perturbed copies, `copies` in all (written once; reused while
+    manifests match)."""
+    dirs = checkpoint_dirs(workdir)[:copies]
     for copy, directory in enumerate(dirs):
-        manifest_path = os.path.join(directory, "manifest.json")
-        if os.path.exists(manifest_path):
-            with open(manifest_path) as f:
-                manifest = json.load(f)
-            if manifest.get("spec") == {**wanted, "copy": copy} and manifest.get("files") == _manifest(directory):
-                continue
-        print(f"writing {directory} ...", flush=True)
-        started = time.time()
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(OLMOE_CONFIG, f, indent=2)
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-        for i, shard in enumerate(shards):
-            name = _shard_name(i, len(shards))
-            if copy and i < len(shards) - 1:  # the copies share every shard but the last with the base
-                os.symlink(os.path.join(dirs[0], name), os.path.join(directory, name))
-                continue
-
-            def make(key, shape, copy=copy):
-                bits = random_bf16_bits(np.random.default_rng(_key_seed(seed, key)), shape, key.endswith("norm.weight"))
-                if copy:  # mantissa noise: every weight moves by < 2^-4 of itself
-                    bits ^= np.random.default_rng(_key_seed(seed + copy, key)).integers(0, 8, shape, np.uint16)
-                return bits
-
-            write_safetensors(os.path.join(directory, name),
-                              [(key, shape, lambda k=key, s=shape: make(k, s)) for key, shape in shard])
-        with open(manifest_path, "w") as f:
-            json.dump({"spec": {**wanted, "copy": copy}, "files": _manifest(directory)}, f, indent=2)
-        print(f"  {time.time() - started:.0f} s", flush=True)
+        write_random_checkpoint(directory, OLMOE_CONFIG, seed, copy, base=dirs[0])
     return dirs
 
 

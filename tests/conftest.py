@@ -1,14 +1,21 @@
 """Test setup: 8 simulated CPU devices so mesh-sharded code paths run in every test session, and one
 persistent compilation cache per test session, shared by its processes (xdist workers inherit the
 controller's environment, as do the processes the tests start), so a program compiled in one is read
-by the others."""
+by the others.
+
+MOE_GROK_TEST_PLATFORM=gpu (or tpu, cuda, ...: a JAX_PLATFORMS value) runs the tests on that platform's
+real devices instead (benchmarks/accelerator.py runs the backend-dependent tests so; tests/mesh_devices.py fits
+the mesh tests to the devices there are). Unset, the tests run on the CPU as always."""
 import os
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ.get("MOE_GROK_TEST_PLATFORM"):
+    os.environ["JAX_PLATFORMS"] = os.environ["MOE_GROK_TEST_PLATFORM"]
+else:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # an environment variable reaches spawned processes
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller's, inherited by the workers
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_grok_tests_jax_cache_")

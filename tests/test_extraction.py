@@ -13,6 +13,7 @@ from moe_grok.model.hf import load_hf  # noqa: E402
 from moe_grok.sharding import make_mesh  # noqa: E402
 
 from hf_reference import save_hf_model  # noqa: E402
+from mesh_devices import fit_mesh  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_mesh_extraction_equals_single_device(tiny, extractor):
     _, config, params, tokens, mask = tiny
     # single device: the shared program of 4-row batches (the mesh run's batches of 8 are 1 row per device)
     single = extract_dataset(config, params, tokens, mask, batch_size=4, extractor=extractor, progress=False)
-    mesh = make_mesh(data=4, expert=2)
+    mesh = make_mesh(*fit_mesh(4, 2))
     placed = jax.tree.map(jax.device_put, params, model_lib.param_shardings(config, mesh))
     multi = extract_dataset(config, placed, tokens, mask, batch_size=8, mesh=mesh, progress=False)
     for key in single:
