@@ -1,0 +1,80 @@
+"""The pathway monitor's overhead on a toy training run: the same run trained with and without the
+monitor callback (`config.monitor.enabled`), in one process, in interleaved rounds.
+
+  python benchmarks/monitor_overhead.py                       # default toy config, its 2000 steps
+  python benchmarks/monitor_overhead.py --steps=500 --rounds=2
+
+Both sides run the toy run's own callbacks (`toy_run.training_callbacks`: the analysis cache writer,
+and on the "monitored" side the monitor at the evaluation cadence, `config.train.eval_every`), each
+round into fresh workdirs, after a warm-up run of each side that compiles the step, the evaluation
+and the monitor's consistency. Prints each side's wall times, the monitor's own time per update
+(its callback, history writes included) and the ratio of the median wall times; the goal is <= 1.05.
+"""
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from moe_grok.monitor.training_callback import MonitorCallback
+from moe_grok.studies import launch, toy_run
+from moe_grok.training import loop
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import interleaved_times  # noqa: E402
+
+GOAL = 1.05
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
+_STEPS = flags.DEFINE_integer("steps", None, "Optimizer steps of each run (default: the config's).")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Interleaved rounds (one run of each side per round).")
+
+
+def main(argv):
+    del argv
+    launch.quiet_logs()
+    config = _CONFIG.value
+    if _STEPS.value is not None:
+        config.train.steps = _STEPS.value
+    configs = {}
+    for name, enabled in (("plain", False), ("monitored", True)):
+        configs[name] = config.copy_and_resolve_references()
+        configs[name].monitor.enabled = enabled
+    update_seconds = []
+    on_step = MonitorCallback.on_step
+
+    def timed_on_step(self, state):
+        started = time.perf_counter()
+        on_step(self, state)
+        update_seconds.append(time.perf_counter() - started)
+
+    MonitorCallback.on_step = timed_on_step
+    with tempfile.TemporaryDirectory() as root:
+        def train(name: str, steps: int | None = None):
+            run_config = configs[name].copy_and_resolve_references()
+            if steps is not None:
+                run_config.train.steps = steps
+            loop.train(run_config, tempfile.mkdtemp(dir=root, prefix=name), progress=False,
+                       callbacks=toy_run.training_callbacks(run_config))
+
+        for name in configs:  # warm-up: compiles what both sides run
+            train(name, steps=1)
+        update_seconds.clear()
+        times = interleaved_times({name: lambda name=name: train(name) for name in configs}, _ROUNDS.value)
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    train_config = config.train
+    print(f"{train_config.steps} steps, evaluations every {train_config.eval_every} "
+          f"({len(update_seconds) // _ROUNDS.value} monitor updates per run), {_ROUNDS.value} round(s)")
+    for name, seconds in times.items():
+        print(f"  {name:9s} {', '.join(f'{s:.1f}' for s in seconds)} s (median {median[name]:.1f})")
+    update_ms = 1000 * np.asarray(update_seconds)
+    print(f"  monitor update: median {np.median(update_ms):.0f} ms, max {np.max(update_ms):.0f} ms")
+    ratio = median["monitored"] / median["plain"]
+    print(f"monitored / plain: {ratio:.3f}x (goal <= {GOAL})")
+
+
+if __name__ == "__main__":
+    app.run(main)
