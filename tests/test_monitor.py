@@ -3,6 +3,7 @@ and its report (docs/monitor.md)."""
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,12 +14,13 @@ from moe_grok.analysis.grokking import memorization_steps
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.monitor import PathwayMonitor, ProbeSet, report_from_history
 from moe_grok.monitor.pathway_monitor import CONTRAST, SETS
-from moe_grok.monitor.training_callback import HISTORY_DIR, MonitorCallback
+from moe_grok.monitor.training_callback import HISTORY_DIR, MonitorCallback, monitor_callbacks
 from moe_grok.studies import toy_run
 from moe_grok.training import loop
+from moe_grok.training.checkpointing import RunCheckpoints
 from moe_grok.training.metrics_log import read_metrics
 
-from training_helpers import tiny_config
+from training_helpers import metrics_without_time, tiny_config
 
 N_TRAIN, N_HELD_OUT, LAYERS, EXPERTS, WIDTH = 24, 12, 3, 4, 6
 TRAIN_LABELS = ["add"] * 12 + ["mul"] * 12
@@ -225,3 +227,25 @@ def test_toy_run_monitor_report_equals_the_analysis_of_its_checkpoints(toy_monit
     for name in ("table.txt", "per_checkpoint.csv", "table1.csv", "groups.csv", "param_dynamics.csv"):
         with open(os.path.join(workdir, "analysis", "report", name), "rb") as f:
             assert (tmp_path / "out" / "report" / name).read_bytes() == f.read(), name
+
+
+def test_toy_run_monitor_resumes_with_the_run(toy_monitored_run, tmp_path):
+    """A run killed after step 20 and resumed from its state at step 10 (the newer one lost): the
+    monitor's history drops what the resumed run will not redo and ends as the uninterrupted run's."""
+    config, reference = toy_monitored_run
+    workdir = str(tmp_path / "resumed")
+    callbacks = monitor_callbacks(config)
+    loop.train(config, workdir, stop_at=20, progress=False, callbacks=callbacks)
+    shutil.rmtree(RunCheckpoints(workdir).state_dir(20))
+    history = os.path.join(workdir, HISTORY_DIR)
+    shutil.copy(os.path.join(history, "step_0000000020.npz"), os.path.join(history, "step_0000000015.npz"))
+    loop.train(config, workdir, progress=False, callbacks=callbacks)  # the same callback object: its monitor too
+    resumed, uninterrupted = PathwayMonitor.from_history(history), PathwayMonitor.from_history(
+        os.path.join(reference, HISTORY_DIR))
+    assert [s.step for s in resumed.stats()] == [0, 10, 20, 30]
+    for a, b in zip(resumed.stats(), uninterrupted.stats(), strict=True):
+        for probe in a.splits:
+            for field in a.splits[probe]:
+                np.testing.assert_array_equal(a.splits[probe][field], b.splits[probe][field])
+        np.testing.assert_array_equal(a.router, b.router)
+    assert json.dumps(metrics_without_time(workdir)) == json.dumps(metrics_without_time(reference))

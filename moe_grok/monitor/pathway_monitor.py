@@ -211,6 +211,14 @@ class PathwayMonitor:
                 writer.write_scalars(step, metrics)
         return metrics
 
+    def truncate(self, after_step: int) -> None:
+        """Forget the history after `after_step` (memory and directory): a training run resumed from
+        its state at `after_step` that will not redo every monitored step after it (-1: everything)."""
+        with self._lock:
+            self._stats = [s for s in self._stats if s.step <= after_step]
+            if self._history is not None:
+                self._history.remove_after(after_step)
+
     def step_metrics(self) -> dict[str, float]:
         """The newest step's metrics, flat {name: float} (NaN where undefined):
 
