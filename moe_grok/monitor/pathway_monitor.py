@@ -27,7 +27,7 @@ from moe_grok.analysis.memorization import memorization
 from moe_grok.analysis.options import POSITIONS, AnalysisOptions
 from moe_grok.analysis.run_warnings import RunWarnings
 from moe_grok.analysis.set_metrics import SetMetrics, memorized_set_and_controls
-from moe_grok.monitor.history import MonitorHistory, checkpoint_name, complete_fields
+from moe_grok.monitor.history import HISTORY_FORMAT, MonitorHistory, checkpoint_name, complete_fields
 from moe_grok.monitor.probes import ProbeSet, probe_set
 
 PREFIX = "monitor"  # every scalar name starts with it
@@ -133,6 +133,9 @@ class PathwayMonitor:
         else:
             # The history is the probes' statistics: another probe set or role makes it another run's;
             # other options only change what is computed from it (the newest are recorded).
+            if stored.get("format") != HISTORY_FORMAT:
+                raise ValueError(f"{self._history.meta_path} is a monitor history of format {stored.get('format')}, "
+                                 f"this version reads format {HISTORY_FORMAT}")
             current = strict_json_round_trip(meta)
             differing = [k for k in ("probes", "roles") if stored.get(k) != current.get(k)]
             if differing:
