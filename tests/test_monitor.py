@@ -183,10 +183,10 @@ def test_resumed_monitor_equals_an_uninterrupted_one(monitored, tmp_path):
 
 
 def test_light_probe_forms_and_refused_outputs():
-    monitor = PathwayMonitor({"train": 8, "held_out": 4}, options=OPTIONS)
-    assert monitor.probes["train"].group_names == ("all",)
+    monitor = PathwayMonitor({"train": N_TRAIN, "held_out": N_HELD_OUT}, options=OPTIONS)  # sizes of the others:
+    assert monitor.probes["train"].group_names == ("all",)  # ... their compiled consistency serves
     rng = np.random.default_rng(0)
-    outputs = {"train": _probe_outputs(rng, 8, 1, False), "held_out": _probe_outputs(rng, 4, 1, False)}
+    outputs = {"train": _probe_outputs(rng, N_TRAIN, 1, False), "held_out": _probe_outputs(rng, N_HELD_OUT, 1, False)}
     metrics = monitor.update(0, outputs, rng.normal(size=(LAYERS, EXPERTS, WIDTH)))
     assert "monitor/all/contrast/distance" in metrics and "monitor/all/test_accuracy" not in metrics
     assert np.isnan(monitor.stats()[0].splits["train"]["correct"]).all()
