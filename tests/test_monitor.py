@@ -3,6 +3,7 @@ and its report (docs/monitor.md)."""
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,12 +14,13 @@ from moe_grok.analysis.grokking import memorization_steps
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.monitor import PathwayMonitor, ProbeSet, report_from_history
 from moe_grok.monitor.pathway_monitor import CONTRAST, SETS
-from moe_grok.monitor.training_callback import HISTORY_DIR, MonitorCallback
+from moe_grok.monitor.training_callback import HISTORY_DIR, MonitorCallback, monitor_callbacks
 from moe_grok.studies import toy_run
 from moe_grok.training import loop
+from moe_grok.training.checkpointing import RunCheckpoints
 from moe_grok.training.metrics_log import read_metrics
 
-from training_helpers import tiny_config
+from training_helpers import metrics_without_time, tiny_config
 
 N_TRAIN, N_HELD_OUT, LAYERS, EXPERTS, WIDTH = 24, 12, 3, 4, 6
 TRAIN_LABELS = ["add"] * 12 + ["mul"] * 12
@@ -181,10 +183,10 @@ def test_resumed_monitor_equals_an_uninterrupted_one(monitored, tmp_path):
 
 
 def test_light_probe_forms_and_refused_outputs():
-    monitor = PathwayMonitor({"train": 8, "held_out": 4}, options=OPTIONS)
-    assert monitor.probes["train"].group_names == ("all",)
+    monitor = PathwayMonitor({"train": N_TRAIN, "held_out": N_HELD_OUT}, options=OPTIONS)  # sizes of the others:
+    assert monitor.probes["train"].group_names == ("all",)  # ... their compiled consistency serves
     rng = np.random.default_rng(0)
-    outputs = {"train": _probe_outputs(rng, 8, 1, False), "held_out": _probe_outputs(rng, 4, 1, False)}
+    outputs = {"train": _probe_outputs(rng, N_TRAIN, 1, False), "held_out": _probe_outputs(rng, N_HELD_OUT, 1, False)}
     metrics = monitor.update(0, outputs, rng.normal(size=(LAYERS, EXPERTS, WIDTH)))
     assert "monitor/all/contrast/distance" in metrics and "monitor/all/test_accuracy" not in metrics
     assert np.isnan(monitor.stats()[0].splits["train"]["correct"]).all()
@@ -240,3 +242,25 @@ def test_toy_held_out_control_is_the_validation_split_with_the_test_split_as_opt
     config.analysis.held_out_split = "train"
     with pytest.raises(ValueError, match="held_out_split"):
         toy_run.held_out_split(config)
+
+
+def test_toy_run_monitor_resumes_with_the_run(toy_monitored_run, tmp_path):
+    """A run killed after step 20 and resumed from its state at step 10 (the newer one lost): the
+    monitor's history drops what the resumed run will not redo and ends as the uninterrupted run's."""
+    config, reference = toy_monitored_run
+    workdir = str(tmp_path / "resumed")
+    callbacks = monitor_callbacks(config)
+    loop.train(config, workdir, stop_at=20, progress=False, callbacks=callbacks)
+    shutil.rmtree(RunCheckpoints(workdir).state_dir(20))
+    history = os.path.join(workdir, HISTORY_DIR)
+    shutil.copy(os.path.join(history, "step_0000000020.npz"), os.path.join(history, "step_0000000015.npz"))
+    loop.train(config, workdir, progress=False, callbacks=callbacks)  # the same callback object: its monitor too
+    resumed, uninterrupted = PathwayMonitor.from_history(history), PathwayMonitor.from_history(
+        os.path.join(reference, HISTORY_DIR))
+    assert [s.step for s in resumed.stats()] == [0, 10, 20, 30]
+    for a, b in zip(resumed.stats(), uninterrupted.stats(), strict=True):
+        for probe in a.splits:
+            for field in a.splits[probe]:
+                np.testing.assert_array_equal(a.splits[probe][field], b.splits[probe][field])
+        np.testing.assert_array_equal(a.router, b.router)
+    assert json.dumps(metrics_without_time(workdir)) == json.dumps(metrics_without_time(reference))

@@ -27,7 +27,7 @@ from moe_grok.analysis.memorization import memorization
 from moe_grok.analysis.options import POSITIONS, AnalysisOptions
 from moe_grok.analysis.run_warnings import RunWarnings
 from moe_grok.analysis.set_metrics import SetMetrics, memorized_set_and_controls, rows_at
-from moe_grok.monitor.history import MonitorHistory, checkpoint_name, complete_fields
+from moe_grok.monitor.history import HISTORY_FORMAT, MonitorHistory, checkpoint_name, complete_fields
 from moe_grok.monitor.probes import ProbeSet, probe_set
 
 PREFIX = "monitor"  # every scalar name starts with it
@@ -133,6 +133,9 @@ class PathwayMonitor:
         else:
             # The history is the probes' statistics: another probe set or role makes it another run's;
             # other options only change what is computed from it (the newest are recorded).
+            if stored.get("format") != HISTORY_FORMAT:
+                raise ValueError(f"{self._history.meta_path} is a monitor history of format {stored.get('format')}, "
+                                 f"this version reads format {HISTORY_FORMAT}")
             current = strict_json_round_trip(meta)
             differing = [k for k in ("probes", "roles") if stored.get(k) != current.get(k)]
             if differing:
@@ -211,6 +214,14 @@ class PathwayMonitor:
                 writer.write_scalars(step, metrics)
         return metrics
 
+    def truncate(self, after_step: int) -> None:
+        """Forget the history after `after_step` (memory and directory): a training run resumed from
+        its state at `after_step` that will not redo every monitored step after it (-1: everything)."""
+        with self._lock:
+            self._stats = [s for s in self._stats if s.step <= after_step]
+            if self._history is not None:
+                self._history.remove_after(after_step)
+
     def step_metrics(self) -> dict[str, float]:
         """The newest step's metrics, flat {name: float} (NaN where undefined):
 
@@ -229,39 +240,56 @@ class PathwayMonitor:
                 return {}
             return self._step_metrics()
 
+    def _domain_sets(self, steps: np.ndarray, loss: np.ndarray) -> dict[str, tuple[dict, np.ndarray, dict]]:
+        """{domain: (detector entry, memorized before the newest step [n_domain] bool, sets)}: the
+        memorization rule on the steps so far, and the sets it gives (memorized_set_and_controls)."""
+        roles, train, out = self.roles, self.probes[self.roles.train], {}
+        held_out = self.probes[roles.held_out] if roles.held_out else None
+        for domain in train.group_names:
+            rows = train.rows(domain)
+            entry, t_star = memorization(domain, loss[:, rows], steps, self.options, _DetectorWarnings(steps))
+            memorized = (t_star >= 0) & (t_star < steps[-1])
+            in_held_out = held_out is not None and domain in held_out.group_names
+            pool = held_out.rows(domain) if in_held_out else np.zeros(0, int)
+            # The newest point of analyze()'s memorized set: the growing set is then {t* < newest step}, as one
+            # checkpoint's rows (controls of its exact size, NaN below 2 samples); otherwise the fixed set
+            # (early_groups needs a test onset, which a running training does not have).
+            table_rows = [rows[memorized]] if self.options.memorized_set == "growing" else rows[memorized]
+            out[domain] = entry, memorized, memorized_set_and_controls(
+                domain, roles.train, table_rows, rows[~memorized], roles.held_out, pool, self.options.seed)
+        return out
+
+    def _set_values(self, sets_by_domain: dict[str, dict[str, tuple[str, np.ndarray]]]
+                    ) -> dict[str, dict[str, dict[str, float]]]:
+        """{domain: {set: {metric: value at the newest step}}} for every "sets"-scope registry metric,
+        measured as the analysis measures it (a SetMetrics of the newest step alone: same arrays,
+        same shapes, so the same compiled programs and the same numbers)."""
+        engine = SetMetrics([self._stats[-1]], self.options, self.positions)
+        return {domain: {name: {metric: float(curve[0])
+                                for metric, curve in engine.set_curves(split, rows, "sets").items()}
+                         for name, (split, rows) in sets.items()}
+                for domain, sets in sets_by_domain.items()}
+
     def _step_metrics(self) -> dict[str, float]:
         p, roles, newest = self.prefix, self.roles, self._stats[-1]
         steps = np.array([s.step for s in self._stats])
         loss = np.stack([s.splits[roles.train]["loss"] for s in self._stats]).astype(np.float64)
-        engine = SetMetrics([newest], self.options, self.positions)
+        detected = self._domain_sets(steps, loss)
+        values = self._set_values({domain: sets for domain, (_, _, sets) in detected.items()})
         out = {f"{p}/provisional": 0.0 if self.final else 1.0, f"{p}/checkpoints": float(len(self._stats))}
         train = self.probes[roles.train]
-        for domain in train.group_names:
-            rows = train.rows(domain)
-            entry, t_star = memorization(domain, loss[:, rows], steps, self.options, _DetectorWarnings(steps))
-            before_newest = (t_star >= 0) & (t_star < steps[-1])
-            held_out = self.probes.get(roles.held_out) if roles.held_out else None
-            has_held_out = held_out is not None and domain in held_out.group_names
-            pool = held_out.rows(domain) if has_held_out else np.zeros(0, int)
-            # The newest point of analyze()'s memorized set: the growing set is then {t* < newest step}, as one
-            # checkpoint's rows (controls of its exact size, NaN below 2 samples); otherwise the fixed set
-            # (early_groups needs a test onset, which a running training does not have).
-            memorized = rows[before_newest]
-            table_rows = [memorized] if self.options.memorized_set == "growing" else memorized
-            sets = memorized_set_and_controls(domain, roles.train, table_rows, rows[~before_newest],
-                                              roles.held_out, pool, self.options.seed)
-            values = {name: {metric: float(curve[0]) for metric, curve in engine.set_curves(split, r, "sets").items()}
-                      for name, (split, r) in sets.items()}
-            for name, (_, r) in sets.items():
-                out[f"{p}/{domain}/{name}/n"] = float(rows_at(r, 0).size)
-                out.update({f"{p}/{domain}/{name}/{metric}": v for metric, v in values[name].items()})
+        for domain, (entry, memorized, sets) in detected.items():
+            for name, (_, rows) in sets.items():
+                out[f"{p}/{domain}/{name}/n"] = float(rows_at(rows, 0).size)
+                out.update({f"{p}/{domain}/{name}/{metric}": v for metric, v in values[domain][name].items()})
             for metric in registry.names("sets"):
-                contrast = values["memorized"][metric] - values["held_out"][metric] if "held_out" in values else np.nan
+                by_set = values[domain]
+                contrast = by_set["memorized"][metric] - by_set["held_out"][metric] if "held_out" in by_set else np.nan
                 out[f"{p}/{domain}/{CONTRAST}/{metric}"] = float(contrast)
-            out[f"{p}/{domain}/detector/n_memorized"] = float(before_newest.sum())
-            out[f"{p}/{domain}/detector/share_memorized"] = float(before_newest.mean())
+            out[f"{p}/{domain}/detector/n_memorized"] = float(memorized.sum())
+            out[f"{p}/{domain}/detector/share_memorized"] = float(memorized.mean())
             out[f"{p}/{domain}/detector/eps"] = float(entry["eps"])
-            out[f"{p}/{domain}/train_loss"] = float(loss[-1, rows].mean())
+            out[f"{p}/{domain}/train_loss"] = float(loss[-1, train.rows(domain)].mean())
             for role, field, name in ((roles.validation, "loss", "validation_loss"),
                                       (roles.test, "correct", "test_accuracy")):
                 if role is not None and domain in self.probes[role].group_names:

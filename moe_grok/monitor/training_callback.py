@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -50,15 +51,23 @@ class MonitorCallback:
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def monitor_of(self, state: RunState) -> PathwayMonitor:
-        """The monitor of the seed whose RunState this is (created, or resumed from its history, at first use)."""
+        """The monitor of the seed whose RunState this is: created, or resumed from its history, at
+        first use; at the first call of each training invocation its history is cut back to the
+        run's logged steps (a resumed run trimmed metrics.jsonl to its restored state, and may not
+        redo every step monitored after it, e.g. with another eval_every)."""
         with self._lock:
             if state.workdir not in self._monitors:
                 writers = self.make_writers(state) if self.make_writers is not None else ()
-                self._monitors[state.workdir] = PathwayMonitor(
-                    state.splits, **{**TOY_ROLES, "held_out": self.held_out_split}, options=self.options,
-                    writers=writers,
-                    directory=os.path.join(state.workdir, HISTORY_DIR))
-            return self._monitors[state.workdir]
+                monitor = PathwayMonitor(state.splits, **{**TOY_ROLES, "held_out": self.held_out_split},
+                                         options=self.options, writers=writers,
+                                         directory=os.path.join(state.workdir, HISTORY_DIR))
+                self._monitors[state.workdir] = (monitor, None)
+            monitor, invocation = self._monitors[state.workdir]
+            if invocation is None or invocation() is not state:  # RunState: one per seed and invocation
+                logged = state.metrics_log.rows() if state.metrics_log is not None else []
+                monitor.truncate(logged[-1]["step"] if logged else -1)
+                self._monitors[state.workdir] = (monitor, weakref.ref(state))
+            return monitor
 
     def on_step(self, state: RunState) -> None:
         if state.extracted is None:
@@ -73,7 +82,7 @@ class MonitorCallback:
     def close(self) -> None:
         """Close every seed's monitor (its writers)."""
         with self._lock:
-            for monitor in self._monitors.values():
+            for monitor, _ in self._monitors.values():
                 monitor.close()
 
 
