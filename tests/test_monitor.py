@@ -20,6 +20,7 @@ from moe_grok.training import loop
 from moe_grok.training.checkpointing import RunCheckpoints
 from moe_grok.training.metrics_log import read_metrics
 
+from tensorboard_reader import read_scalars
 from training_helpers import metrics_without_time, tiny_config
 
 N_TRAIN, N_HELD_OUT, LAYERS, EXPERTS, WIDTH = 24, 12, 3, 4, 6
@@ -220,6 +221,13 @@ def test_toy_run_monitor_report_equals_the_analysis_of_its_checkpoints(toy_monit
     assert [r["monitor/provisional"] for r in rows] == [1.0, 1.0, 1.0, 0.0]
     for domain in ("add", "mul"):
         assert {f"monitor/{domain}/{s}/{m}" for s in (*SETS, CONTRAST) for m in registry.names("sets")} <= set(rows[-1])
+    # TensorBoard's reader finds every monitor scalar of metrics.jsonl in the run's directory, at its steps
+    scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+    for name in (k for k in rows[-1] if k.startswith("monitor/")):
+        want = [(r["step"], r[name]) for r in rows if name in r]
+        got = scalars[name]
+        assert [step for step, _ in got] == [step for step, _ in want], name
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6, err_msg=name)
     history = os.path.join(workdir, HISTORY_DIR)
     from_history = report_from_history(history, str(tmp_path / "out"), with_plots=False)
     reference = toy_run.analyze_run(config, workdir, progress=False, with_plots=False)
