@@ -108,12 +108,27 @@ def _olmoe_flags(flag_values, argv):
     define_config_flag(flag_values, argv, "olmoe_grokking", "Run config")
 
 
+def start_distributed(cluster) -> None:
+    """`jax.distributed.initialize` from the config's `cluster` keys (docs/multihost.md); an unset key
+    (empty, -1) is left to JAX: JAX_COORDINATOR_ADDRESS, or SLURM / a TPU pod / Open MPI detected.
+    Must run before any other JAX call. When a process dies, JAX's coordination service ends every
+    other one (exit by SIGABRT, its log naming the silent task or the lost coordinator) within
+    `heartbeat_timeout_s`, rather than leaving them blocked in a collective."""
+    import jax
+
+    jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
+                               num_processes=None if cluster.num_processes < 0 else cluster.num_processes,
+                               process_id=None if cluster.process_id < 0 else cluster.process_id,
+                               initialization_timeout=cluster.initialization_timeout_s,
+                               heartbeat_timeout_seconds=cluster.heartbeat_timeout_s)
+
+
 def _olmoe_run(flag_values, args, command):
     config = _config(flag_values)
     import jax
 
     if config.distributed:  # before any other JAX call
-        jax.distributed.initialize()
+        start_distributed(config.cluster)
     from moe_grok.report.files import format_table
     from moe_grok.studies import olmoe_run
 
