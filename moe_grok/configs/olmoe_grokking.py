@@ -17,6 +17,7 @@ def get_config():
     config.dtype = "bfloat16"  # parameter dtype: bfloat16 or float32
     config.moe_impl = "auto"  # expert dispatch: auto (chunked on CPU, ragged on GPU/TPU), chunked, ragged, dense
     config.out_dir = "runs/olmoe"  # cache/ (per-checkpoint stats) and report/
+    config.plots = True  # draw the report's figures (False: its tables, CSVs and summary only)
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1,  # data-parallel groups (-1: all devices / expert)
         expert=1,  # devices per group splitting the experts, a divisor of num_experts (each also takes a batch share)
