@@ -12,7 +12,7 @@ PROCESS_ID: this process's index (also passed to the job as --config.cluster.pro
 umask 022 and the others under umask 077, so every file or directory a process other than 0 creates lacks the
 world-read bit.
 CRASH: "none", or "P:N": process P kills itself (SIGKILL) as it starts its N-th extraction, leaving its peers
-inside the run's collectives.
+inside the run's collectives; "P:N:raise": it raises RuntimeError there instead.
 """
 import json
 import os
@@ -24,7 +24,8 @@ import numpy as np
 record_path, process_id, crash = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 assert sys.argv[4] == "--"
 os.umask(0o022 if process_id == 0 else 0o077)
-crash_process, crash_at = (int(x) for x in crash.split(":")) if crash != "none" else (-1, -1)
+crash_process, crash_at, *how = crash.split(":") if crash != "none" else (-1, -1)
+crash_process, crash_at, raises = int(crash_process), int(crash_at), how == ["raise"]
 
 
 def note(**event):
@@ -70,6 +71,8 @@ def crashing_extract_splits(*args, **kwargs):
     global extractions
     extractions += 1
     if process_id == crash_process and extractions == crash_at:
+        if raises:
+            raise RuntimeError(f"process {process_id} failed on purpose")
         os.kill(os.getpid(), signal.SIGKILL)
     return extract_splits(*args, **kwargs)
 

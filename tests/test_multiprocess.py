@@ -75,7 +75,8 @@ def _run_pair(workspace, out_dir, records, crash="none"):
     procs = []
     for process_id in range(2):
         record = str(records / f"record_{process_id}.jsonl")
-        cmd = [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), record, str(process_id), crash, "--", "olmoe", "--config=olmoe_grokking", *flags, "--config.distributed=true",
+        cmd = [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), record, str(process_id), crash, "--",
+               "olmoe", "--config=olmoe_grokking", *flags, "--config.distributed=true",
                f"--config.cluster.coordinator_address=localhost:{port}", "--config.cluster.num_processes=2",
                f"--config.cluster.process_id={process_id}", f"--config.cluster.heartbeat_timeout_s={HEARTBEAT_S}",
                "--config.cluster.initialization_timeout_s=30"]
@@ -121,17 +122,13 @@ def runs(workspace, tmp_path_factory):
         for parent in parents:
             node = node[parent]
         node[leaf] = value
-    t = time.monotonic()
     olmoe_run.run(config)
-    print("single", time.monotonic() - t)
     killed_records, records = root / "killed_records", root / "records"
     killed_records.mkdir()
     records.mkdir()
     killed = _run_pair(workspace, root / "multi", killed_records, crash="1:2")
     killed_cache = _files(root / "multi" / "cache")
-    print("killed", [r[2] for r in killed])
     resumed = _run_pair(workspace, root / "multi", records)
-    print("resumed", [r[2] for r in resumed])
     return {"single": root / "single", "multi": root / "multi", "killed": killed, "killed_cache": killed_cache,
             "killed_records": killed_records, "resumed": resumed, "records": records}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import traceback
 from collections.abc import Callable
 
 from absl import flags
@@ -123,6 +125,18 @@ def start_distributed(cluster) -> None:
                                heartbeat_timeout_seconds=cluster.heartbeat_timeout_s)
 
 
+def _exit_without_peers() -> None:
+    """End this process of a multi-process run at once (exit status 1) after printing the error it raises.
+    A plain exit would wait at jax.distributed's shutdown barrier, sending heartbeats, for up to 5 minutes
+    while the other processes wait in a collective for this one; without its heartbeats they stop within
+    cluster.heartbeat_timeout_s, their logs naming this process as the one that stopped."""
+    import jax
+
+    print(f"process {jax.process_index()} of {jax.process_count()} failed; it exits now, and the other "
+          f"processes stop when its heartbeats do:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def _olmoe_run(flag_values, args, command):
     config = _config(flag_values)
     import jax
@@ -132,7 +146,12 @@ def _olmoe_run(flag_values, args, command):
     from moe_grok.report.files import format_table
     from moe_grok.studies import olmoe_run
 
-    report = olmoe_run.run(config)
+    try:
+        report = olmoe_run.run(config)
+    except BaseException:
+        if jax.process_count() > 1:
+            _exit_without_peers()
+        raise
     if jax.process_index() == 0:
         print(format_table(report))
         print(f"report: {os.path.join(config.out_dir, 'report')}")
