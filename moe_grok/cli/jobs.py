@@ -132,8 +132,13 @@ def _exit_without_peers() -> None:
     cluster.heartbeat_timeout_s, their logs naming this process as the one that stopped."""
     import jax
 
-    print(f"process {jax.process_index()} of {jax.process_count()} failed; it exits now, and the other "
-          f"processes stop when its heartbeats do:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    error = sys.exc_info()[1]
+    lost_peer = isinstance(error, jax.errors.JaxRuntimeError) and any(
+        sign in str(error) for sign in ("Gloo", "Connection closed by peer", "Connection reset by peer"))
+    cause = (" because another process of the run died or failed (a collective lost its peer: see that process's log)"
+             if lost_peer else "")
+    print(f"{traceback.format_exc()}process {jax.process_index()} of {jax.process_count()} failed{cause}; it exits "
+          "now, and the other processes stop when its heartbeats do", file=sys.stderr, flush=True)
     os._exit(1)
 
 
