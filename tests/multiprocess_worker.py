@@ -4,10 +4,10 @@ reads and writes made observable:
     python multiprocess_worker.py RECORD PROCESS_ID CRASH -- <the olmoe job's command line>
 
 RECORD: a JSON-lines file (outside the run's out_dir) this process appends an event to as it happens, so a
-killed process keeps what it did: {"kind": "tensor", "key", "index"} for every checkpoint tensor (or expert of a
-fused tensor) read from a safetensors file; {"kind": "rows", "shape", "start", "stop"} for every shard of an
-integer (token / mask) batch put on this process's devices; {"kind": "extracted", "step"} for every checkpoint
-extracted here rather than read from the cache.
+killed process keeps what it did: {"kind": "tensor", "directory", "key", "index"} for every checkpoint
+tensor (or expert of a fused tensor) read from a safetensors file; {"kind": "rows", "shape", "start", "stop"}
+for every shard of an integer (token / mask) batch put on this process's devices; {"kind": "extracted", "step"}
+for every checkpoint extracted here rather than read from the cache.
 PROCESS_ID: this process's index (also passed to the job as --config.cluster.process_id); process 0 runs under
 umask 022 and the others under umask 077, so every file or directory a process other than 0 creates lacks the
 world-read bit.
@@ -58,7 +58,7 @@ read_tensor = safetensors.SafetensorsReader.read
 
 
 def recording_read(self, key, index=()):
-    note(kind="tensor", key=key, index=[int(i) for i in index])
+    note(kind="tensor", directory=self.directory, key=key, index=[int(i) for i in index])
     return read_tensor(self, key, index)
 
 

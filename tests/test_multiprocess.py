@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from moe_grok import pipeline, strict_json
-from moe_grok.checkpoints import cache as cache_lib
 
 from config_files import load_config
 from hf_reference import make_hf_model
@@ -204,12 +203,17 @@ def test_multiprocess_each_process_reads_its_experts_and_rows(runs):
                 parts = event["key"].split(".experts.")[1].split(".")
                 experts.add(int(parts[0]) if parts[0].isdigit() else event["index"][0])
         assert experts == mine, f"process {process_id} read experts {sorted(experts)}"
+        # The cached first checkpoint is not read; the others are, from their own directories.
+        directories = {os.path.basename(e["directory"]) for e in _events(records, process_id, "tensor")}
+        assert directories == {f"step{s}" for s in STEPS[1:]}
         rows = _events(records, process_id, "rows")
         assert rows
-        for event in rows:  # each device of the 4 takes BATCH / 4 rows of every batch: process 0 the first half
-            batch = event["shape"][0]
-            assert process_id * batch // 2 <= event["start"] < event["stop"] <= (process_id + 1) * batch // 2
-    assert cache_lib.CACHE_FORMAT  # the cache module the workers instrument
+        # Each of the 4 devices takes a quarter of every batch: process 0's two devices the first half.
+        for batch in {e["shape"][0] for e in rows}:
+            quarters = {(e["start"], e["stop"]) for e in rows if e["shape"][0] == batch}
+            quarter = batch // 4
+            assert quarters == {(process_id * 2 * quarter + d * quarter, process_id * 2 * quarter + (d + 1) * quarter)
+                                for d in range(2)}, (batch, quarters)
 
 
 def test_multiprocess_python_error_ends_every_process(workspace, tmp_path):
