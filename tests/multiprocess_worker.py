@@ -7,7 +7,8 @@ RECORD: a JSON-lines file (outside the run's out_dir) this process appends an ev
 killed process keeps what it did: {"kind": "tensor", "directory", "key", "index"} for every checkpoint
 tensor (or expert of a fused tensor) read from a safetensors file; {"kind": "rows", "shape", "start", "stop"}
 for every shard of an integer (token / mask) batch put on this process's devices; {"kind": "extracted", "step"}
-for every checkpoint extracted here rather than read from the cache.
+for every checkpoint extracted here rather than read from the cache; {"kind": "crash", "time"} (Unix time) as it
+crashes on purpose (CRASH).
 PROCESS_ID: this process's index (also passed to the job as --config.cluster.process_id); process 0 runs under
 umask 022 and the others under umask 077, so every file or directory a process other than 0 creates lacks the
 world-read bit.
@@ -18,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 
@@ -71,6 +73,7 @@ def crashing_extract_splits(*args, **kwargs):
     global extractions
     extractions += 1
     if process_id == crash_process and extractions == crash_at:
+        note(kind="crash", time=time.time())
         if raises:
             raise RuntimeError(f"process {process_id} failed on purpose")
         os.kill(os.getpid(), signal.SIGKILL)

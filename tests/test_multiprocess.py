@@ -28,7 +28,7 @@ EXPERTS = 8  # hf_reference's tiny model
 EXPERT_AXIS = 4  # mesh.expert: the expert axis spans both processes' devices, so each process holds 4 experts
 BATCH = 8
 HEARTBEAT_S = 2  # a process silent this long counts as dead
-RUN_TIMEOUT_S = 60
+RUN_TIMEOUT_S = 180  # a whole run, both processes, on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def workspace(tmp_path_factory):
 
 def _overrides(workspace, out_dir):
     return {"checkpoints": ",".join(str(workspace / f"step{s}") for s in STEPS), "dtype": "float32",
-            "moe_impl": "dense", "batch_size": BATCH, "mesh.expert": EXPERT_AXIS,
+            "moe_impl": "dense", "batch_size": BATCH, "mesh.data": 1, "mesh.expert": EXPERT_AXIS,
             "data.format": "jsonl_ids", "data.paths": ",".join(str(workspace / f"{d}.jsonl") for d in DOMAINS),
             "data.seq_len": 16, "out_dir": str(out_dir), "plots": False, "analysis.max_pairs": 20,
             "analysis.delta": 0.3}
@@ -66,7 +66,7 @@ def _free_port() -> int:
 
 
 def _run_pair(workspace, out_dir, records, crash="none"):
-    """Both processes of one run: [(returncode, stderr, seconds)] by process id. records: the directory of
+    """Both processes of one run: [(returncode, stderr, Unix time of its exit)] by process id. records: the directory of
     their event files (record_<id>.jsonl, appended to)."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -84,7 +84,7 @@ def _run_pair(workspace, out_dir, records, crash="none"):
     try:
         for proc in procs:
             _, err = proc.communicate(timeout=max(1.0, RUN_TIMEOUT_S - (time.monotonic() - start)))
-            results.append((proc.returncode, err, time.monotonic() - start))
+            results.append((proc.returncode, err, time.time()))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -109,7 +109,7 @@ def _files(root):
 
 @pytest.fixture(scope="module")
 def runs(workspace, tmp_path_factory):
-    """The single-process run (in this process, over 8 devices), then a two-process run whose process 1 is
+    """The single-process run (in this process, on 4 of its 8 devices), then a two-process run whose process 1 is
     killed as it starts the second checkpoint, then the two-process rerun in the same out_dir."""
     from moe_grok.studies import olmoe_run
 
@@ -133,14 +133,15 @@ def runs(workspace, tmp_path_factory):
 
 
 def test_multiprocess_kill_fails_the_run_naming_the_lost_process(runs):
-    (rc0, err0, seconds0), (rc1, _, _) = runs["killed"]
+    (rc0, err0, exit0), (rc1, _, _) = runs["killed"]
     assert rc1 == -9  # the worker killed itself as it began its second extraction
     assert rc0 != 0, err0[-3000:]
     # Either JAX's coordination service ends the survivor, its log naming the task that stopped sending heartbeats,
     # or a collective fails first (the peer's connection closed) and the launcher names the cause.
     assert ("stopped sending heartbeats" in err0 and "\n1\n" in err0) or (
         "process 0 of 2 failed because another process of the run died or failed" in err0), err0[-3000:]
-    assert seconds0 < 15 * HEARTBEAT_S + 20
+    (crash,) = _events(runs["killed_records"], 1, "crash")
+    assert exit0 - crash["time"] < 2 * HEARTBEAT_S + 10  # not a hang: detected within the heartbeat timeout
     assert runs["killed_cache"] == [f"step_{STEPS[0]:010d}.npz"]  # the first checkpoint was finished and kept
     assert [e["step"] for e in _events(runs["killed_records"], 0, "extracted")] == [STEPS[0]]
 
@@ -152,36 +153,22 @@ def test_multiprocess_rerun_resumes_and_equals_the_single_process_run(runs):
         assert [e["step"] for e in _events(runs["records"], process_id, "extracted")] == list(STEPS[1:])
     single, multi = runs["single"], runs["multi"]
     assert _files(multi) == _files(single)
+    # Exactly equal: both runs put the same rows on each of 4 devices of a 1 x 4 mesh and run the same per-device
+    # program, so every float is computed alike (measured: bitwise equal, jax 0.10.2 on x86-64 CPUs).
     for step in STEPS:
         name = f"step_{step:010d}.npz"
         with np.load(single / "cache" / name) as a, np.load(multi / "cache" / name) as b:
             assert sorted(a.files) == sorted(b.files)
-            assert strict_json.loads(str(a["key"])) == strict_json.loads(str(b["key"]))
             for field in a.files:
-                if a[field].dtype.kind == "f":
-                    # Extraction's float rounding depends on the batch's split over devices (8 vs 4 here).
-                    np.testing.assert_allclose(b[field], a[field], rtol=1e-5, atol=1e-6, err_msg=f"{name}/{field}")
-                else:
-                    np.testing.assert_array_equal(b[field], a[field], err_msg=f"{name}/{field}")
-    report = os.path.join("report", "summary.json")
-    got, expected = _leaves(strict_json.load(multi / report)), _leaves(strict_json.load(single / report))
-    assert [x for x in got if not isinstance(x, float)] == [x for x in expected if not isinstance(x, float)]
-    assert [x for x in got if isinstance(x, float)] == pytest.approx(
-        [x for x in expected if isinstance(x, float)], rel=1e-4, abs=1e-6, nan_ok=True)
-    for name in _files(single / "report"):
-        if name.endswith((".txt", ".csv")):
-            assert (multi / "report" / name).read_text() == (single / "report" / name).read_text(), name
+                np.testing.assert_array_equal(b[field], a[field], err_msg=f"{name}/{field}")
+    for name in _files(single / "report"):  # table.txt, the CSVs and summary.json, byte for byte
+        assert (multi / "report" / name).read_bytes() == (single / "report" / name).read_bytes(), name
+    config_single, config_multi = (strict_json.load(d / pipeline.RUN_CONFIG_FILE) for d in (single, multi))
+    differing = sorted(k for k in config_single.keys() | config_multi.keys()
+                       if config_single.get(k) != config_multi.get(k))
+    assert differing == ["cluster", "distributed", "out_dir"]
     recorded = strict_json.load(multi / pipeline.RUN_CONFIG_FILE)
     assert recorded["distributed"] and recorded["cluster"]["num_processes"] == 2
-
-
-def _leaves(tree):
-    """Every leaf of a JSON tree (number, string, None), its keys sorted, and every key."""
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in (k, *_leaves(tree[k]))]
-    if isinstance(tree, list):
-        return [x for v in tree for x in _leaves(v)]
-    return [tree]
 
 
 def test_multiprocess_only_process_0_writes(runs):
@@ -221,9 +208,10 @@ def test_multiprocess_python_error_ends_every_process(workspace, tmp_path):
     waiting for it in a collective, fails too (rather than both waiting minutes at JAX's shutdown barrier)."""
     records = tmp_path / "records"
     records.mkdir()
-    (rc0, err0, seconds0), (rc1, err1, seconds1) = _run_pair(workspace, tmp_path / "out", records, crash="1:1:raise")
+    (rc0, err0, exit0), (rc1, err1, exit1) = _run_pair(workspace, tmp_path / "out", records, crash="1:1:raise")
     assert rc1 == 1 and "process 1 of 2 failed" in err1 and "RuntimeError: process 1 failed on purpose" in err1
     assert rc0 != 0, err0[-3000:]
     assert "process 0 of 2 failed" in err0 or "stopped sending heartbeats" in err0, err0[-3000:]
-    assert max(seconds0, seconds1) < RUN_TIMEOUT_S
+    (crash,) = _events(records, 1, "crash")
+    assert max(exit0, exit1) - crash["time"] < 2 * HEARTBEAT_S + 10  # not the 5 minutes of the shutdown barrier
     assert not os.listdir(tmp_path / "out" / "cache")
