@@ -1,6 +1,7 @@
 """The OLMoE pipeline as two JAX processes on localhost (2 CPU devices each, gloo collectives), against the
-single-process run: a killed process ends the run, the rerun resumes from the cache, and the result equals the
-single-process run's, written by process 0 alone, each process having read only its own experts and rows.
+single-process run: a killed process (or one that raises) ends the run within seconds, the rerun resumes from the
+cache, and the result equals the single-process run's bit for bit, written by process 0 alone, each process having
+read only its own experts and rows.
 
 Every test here has "multiprocess" in its name (`pytest -k multiprocess`). The pair of processes is started by
 tests/multiprocess_worker.py, which records what each process reads (see its docstring)."""
