@@ -155,6 +155,7 @@ def _save_cached(path: str, stats: CheckpointStats, key: dict[str, Any], archite
 
     if jax.process_index() != 0:
         return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     arrays = {f"{split}/{f}": v[f] for split, v in stats.splits.items() for f in STAT_FIELDS}
     arrays.update({f"params/{k}": v for k, v in stats.param_sample.items()})
     # Written aside (<entry>.<pid>-<thread>.tmp.npz: two writers never share one) and renamed: a killed run
@@ -165,15 +166,34 @@ def _save_cached(path: str, stats: CheckpointStats, key: dict[str, Any], archite
                  name=stats.name, **arrays)
 
 
-def _remove_stale_temporaries(cache_dir: str) -> None:
-    """Remove the temporary entries of writers that no longer run (a kill between the write and the
-    rename, or a disk that filled up before the temporary file could be removed); process 0 only."""
+def _prepare_cache_dir(cache_dir: str) -> None:
+    """Make cache_dir and remove the temporary entries of writers that no longer run (a kill between the
+    write and the rename, or a disk that filled up before the temporary file could be removed); process 0
+    only: the others never write to the run's directories."""
     import jax
 
     if jax.process_index() != 0:
         return
+    os.makedirs(cache_dir, exist_ok=True)
     for path in atomic_files.remove_stale_temporaries(cache_dir, prefix="step_"):
         logging.warning("removed %s, a temporary cache entry left by a writer that no longer runs", path)
+
+
+def _check_processes_agree(cached: bool, path: str) -> None:
+    """RuntimeError on every process unless all of them found the entry at `path` usable, or none did:
+    a process that extracts a checkpoint while another reads it from the cache would wait in the
+    extraction's collectives for ever (one all-gather of a flag per checkpoint; nothing with one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    found = np.asarray(multihost_utils.process_allgather(np.int32(cached))).reshape(-1)
+    if found.min() != found.max():
+        raise RuntimeError(f"cache entry {path} was read by process(es) {np.flatnonzero(found).tolist()} but not by "
+                           f"{np.flatnonzero(found == 0).tolist()}: out_dir must be one directory that every process "
+                           "reads (a shared filesystem), written by process 0 (docs/multihost.md)")
 
 
 def _checkpoint_stats(source: CheckpointSource, extracted: dict[str, dict[str, np.ndarray]], params
@@ -198,7 +218,6 @@ def store_checkpoint_stats(cache_dir: str, source: CheckpointSource, splits: dic
     got = {name: len(out["loss"]) for name, out in extracted.items()}
     if got != sizes:
         raise ValueError(f"extracted splits {got} are not the splits {sizes} (name: samples)")
-    os.makedirs(cache_dir, exist_ok=True)
     fingerprints = {name: split.fingerprint() for name, split in splits.items()}
     _save_cached(_cache_path(cache_dir, source.step), _checkpoint_stats(source, extracted, params),
                  entry_key(source, fingerprints), model_config.architecture())
@@ -216,8 +235,7 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
     steps = [s.step for s in sources]
     if len(set(steps)) != len(steps):
         raise ValueError(f"duplicate checkpoint steps: {sorted(steps)}")
-    os.makedirs(cache_dir, exist_ok=True)
-    _remove_stale_temporaries(cache_dir)
+    _prepare_cache_dir(cache_dir)
     fingerprints = {name: split.fingerprint() for name, split in splits.items()}
     split_sizes = {name: len(split) for name, split in splits.items()}
     unidentified = [s.name for s in sources if s.identity is None]
@@ -230,6 +248,7 @@ def collect_checkpoint_stats(sources: Sequence[CheckpointSource], splits: dict[s
                         enabled=progress):
         path = _cache_path(cache_dir, source.step)
         cached = _load_cached(path, entry_key(source, fingerprints), source, split_sizes)
+        _check_processes_agree(cached is not None, path)
         if cached is None:
             model_config, params = source.load()
             arch = model_config.architecture()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import traceback
 from collections.abc import Callable
 
 from absl import flags
@@ -108,16 +110,53 @@ def _olmoe_flags(flag_values, argv):
     define_config_flag(flag_values, argv, "olmoe_grokking", "Run config")
 
 
+def start_distributed(cluster) -> None:
+    """`jax.distributed.initialize` from the config's `cluster` keys (docs/multihost.md); an unset key
+    (empty, -1) is left to JAX: JAX_COORDINATOR_ADDRESS, or SLURM / a TPU pod / Open MPI detected.
+    Must run before any other JAX call. When a process dies, JAX's coordination service ends every
+    other one (exit by SIGABRT, its log naming the silent task or the lost coordinator) within
+    `heartbeat_timeout_s`, rather than leaving them blocked in a collective."""
+    import jax
+
+    jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
+                               num_processes=None if cluster.num_processes < 0 else cluster.num_processes,
+                               process_id=None if cluster.process_id < 0 else cluster.process_id,
+                               initialization_timeout=cluster.initialization_timeout_s,
+                               heartbeat_timeout_seconds=cluster.heartbeat_timeout_s)
+
+
+def _exit_without_peers() -> None:
+    """End this process of a multi-process run at once (exit status 1) after printing the error it raises.
+    A plain exit would wait at jax.distributed's shutdown barrier, sending heartbeats, for up to 5 minutes
+    while the other processes wait in a collective for this one; without its heartbeats they stop within
+    cluster.heartbeat_timeout_s, their logs naming this process as the one that stopped."""
+    import jax
+
+    error = sys.exc_info()[1]
+    lost_peer = isinstance(error, jax.errors.JaxRuntimeError) and any(
+        sign in str(error) for sign in ("Gloo", "Connection closed by peer", "Connection reset by peer"))
+    cause = (" because another process of the run died or failed (a collective lost its peer: see that process's log)"
+             if lost_peer else "")
+    print(f"{traceback.format_exc()}process {jax.process_index()} of {jax.process_count()} failed{cause}; it exits "
+          "now, and the other processes stop when its heartbeats do", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def _olmoe_run(flag_values, args, command):
     config = _config(flag_values)
     import jax
 
     if config.distributed:  # before any other JAX call
-        jax.distributed.initialize()
+        start_distributed(config.cluster)
     from moe_grok.report.files import format_table
     from moe_grok.studies import olmoe_run
 
-    report = olmoe_run.run(config)
+    try:
+        report = olmoe_run.run(config)
+    except BaseException:
+        if jax.process_count() > 1:
+            _exit_without_peers()
+        raise
     if jax.process_index() == 0:
         print(format_table(report))
         print(f"report: {os.path.join(config.out_dir, 'report')}")

@@ -17,11 +17,19 @@ def get_config():
     config.dtype = "bfloat16"  # parameter dtype: bfloat16 or float32
     config.moe_impl = "auto"  # expert dispatch: auto (chunked on CPU, ragged on GPU/TPU), chunked, ragged, dense
     config.out_dir = "runs/olmoe"  # cache/ (per-checkpoint stats) and report/
+    config.plots = True  # draw the report's figures (False: its tables, CSVs and summary only)
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1,  # data-parallel groups (-1: all devices / expert)
         expert=1,  # devices per group splitting the experts, a divisor of num_experts (each also takes a batch share)
     ))
-    config.distributed = False  # multi-host: call jax.distributed.initialize() first
+    config.distributed = False  # multi-process (docs/multihost.md): call jax.distributed.initialize() first
+    config.cluster = ml_collections.ConfigDict(dict(  # with distributed: the processes (unset: auto-detected)
+        coordinator_address="",  # host:port of process 0's coordinator ("": JAX_COORDINATOR_ADDRESS or SLURM/TPU)
+        num_processes=-1,  # processes in the run (-1: auto-detected from SLURM / the TPU pod / Open MPI)
+        process_id=-1,  # this process's index, 0 = the writer (-1: auto-detected)
+        heartbeat_timeout_s=100,  # a process silent this long counts as dead: every other one then stops
+        initialization_timeout_s=300,  # how long processes wait for each other to start
+    ))
     config.data = ml_collections.ConfigDict(dict(  # moe_grok.data.corpus.load_split reads every key
         format="jsonl_text",  # jsonl_text | jsonl_ids | npy | olmo_memmap
         paths="data/open-web-math.jsonl,data/starcoder.jsonl",  # comma-separated files

@@ -21,7 +21,6 @@ from typing import Any
 
 from moe_grok import atomic_files, strict_json
 from moe_grok.analysis import registry
-from moe_grok.report import plots
 
 DOMAIN_ROWS = (  # (key in a domain's table1, label) of the domain's own curves
     ("train_loss", "training loss"),
@@ -203,6 +202,8 @@ def report_writers(report: dict[str, Any], out_dir: str, with_plots: bool = True
         "table.txt": _text_writer(format_table(report) + "\n"),
     }
     if with_plots:
+        from moe_grok.report import plots  # matplotlib: imported only where figures are drawn
+
         writers.update(plots.figure_writers(report))
     return {os.path.join(out_dir, name): write for name, write in writers.items()}
 

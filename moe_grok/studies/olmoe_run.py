@@ -147,5 +147,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return pipeline.run_pipeline(sources, splits, config.out_dir, test=test, held_out_split=validation,
                                  validation_split=validation, train_embeddings=train_embeddings, options=options,
                                  batch_size=config.batch_size, mesh=mesh, progress=jax.process_index() == 0,
+                                 with_plots=config.plots,
                                  run_config=config.copy_and_resolve_references().to_dict(),
                                  data_notes=data_notes(infos))
