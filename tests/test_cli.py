@@ -19,6 +19,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 FLAGS = {
     "toy": ["--config", "--workdir", "--[no]skip_training"],
     "protocol": ["--config", "--workdir"],
+    "rederive": ["--from_dir", "--workdir", "--docs_dir", "--analysis"],
     "olmoe": ["--config"],
     "convert": ["--hf_path", "--revision", "--out", "--dtype", "--[no]overwrite"],
     "theory": ["--config"],
