@@ -3,7 +3,9 @@ re-derived (`analysis_inputs` -> pipeline.analyze_stats) without the checkpoints
 
 One artifact (an .npz, written whole) holds, for C checkpoints in step order:
   steps                     [C] int64
-  stats/<split>/<field>     [C, ...] float32: every split's STAT_FIELDS (checkpoints.cache.STAT_AXES) stacked
+  stats/<split>/<field>     [C, ...] float32: the split's STAT_FIELDS (checkpoints.cache.STAT_AXES) stacked, those
+                            the analysis reads of it (`fields_read`): all of the training and held-out splits',
+                            the test split's correctness and the validation split's loss
   router                    [C, L, E, D] float32: the router matrices (pathway consistency)
   params/<path>             [C, k] float32 / params/<path>#size [C] int64: the parameter sample (param_dynamics)
   groups/<split>            [N] int32: each sample's group index (one copy: the labels do not change)
@@ -11,7 +13,9 @@ One artifact (an .npz, written whole) holds, for C checkpoints in step order:
   meta                      strict JSON text: the format, checkpoint names, group names, the split roles, the
                             analysis options, data notes and the run's resolved configuration
 Values are stored as extracted (float32 kept bit for bit), so the re-derived reports equal the run's own byte
-for byte. The zip members carry a fixed date, so the same content gives the same bytes (and sha256).
+for byte. Each float32 array is stored as its 4 byte planes ([4, size] uint8: every value's lowest byte, then
+the next...), which deflate compresses better than the interleaved bytes (about 10% smaller; the shapes are
+in meta). The zip members carry a fixed date, so the same content gives the same bytes (and sha256).
 
 A directory of artifacts has a manifest (`write_manifest`: strict JSON, each file's size and sha256, the
 format, and a caller's record such as the protocol's run facts); `verify_manifest` checks the files against it.
@@ -32,7 +36,7 @@ from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.checkpoints.cache import STAT_FIELDS
 
-ARTIFACT_FORMAT = 1  # bump when what an artifact holds, or how it is laid out, changes
+ARTIFACT_FORMAT = 1  # bump when what an artifact holds, or how it is laid out, changes (or fields_read grows)
 MANIFEST_FILE = "manifest.json"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: no write time in the bytes
 
@@ -85,6 +89,25 @@ def options_from_json(values: dict[str, Any], overrides: dict[str, Any] | None =
     return AnalysisOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def fields_read(split: str, roles: dict[str, str | None]) -> tuple[str, ...]:
+    """The STAT_FIELDS the analysis reads of `split` given the split roles (analyze_stats' train_split,
+    test_split, held_out_split, validation_split): every field of the training and held-out splits,
+    the test split's correctness (the Test@ groups, the accuracy) and the validation split's loss
+    (its curve); nothing of any other split."""
+    if split in (roles["train_split"], roles["held_out_split"]):
+        return STAT_FIELDS
+    return tuple(f for f, role in (("loss", "validation_split"), ("correct", "test_split")) if split == roles[role])
+
+
+def _byte_planes(value: np.ndarray) -> np.ndarray:
+    """[4, size] uint8: a float32 array's byte planes (little-endian), see the module doc."""
+    return np.ascontiguousarray(value.astype("<f4").reshape(-1).view(np.uint8).reshape(-1, 4).T)
+
+
+def _from_byte_planes(planes: np.ndarray, shape: list[int]) -> np.ndarray:
+    return np.ascontiguousarray(planes.T).view("<f4").astype(np.float32).reshape(shape)
+
+
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     """np.savez_compressed's layout (np.load reads it), written whole, with fixed member dates."""
     with atomic_files.writing(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
@@ -106,7 +129,7 @@ def write_artifact(path: str, stats: Sequence[CheckpointStats], splits: dict[str
         raise ValueError("an artifact needs at least one checkpoint")
     arrays: dict[str, np.ndarray] = {"steps": np.array([s.step for s in stats], np.int64)}
     for split in stats[0].splits:
-        for field in STAT_FIELDS:
+        for field in fields_read(split, roles):
             arrays[f"stats/{split}/{field}"] = np.stack([s.splits[split][field] for s in stats])
     arrays["router"] = np.stack([s.router for s in stats])
     for key in stats[0].param_sample:
@@ -116,7 +139,9 @@ def write_artifact(path: str, stats: Sequence[CheckpointStats], splits: dict[str
     for name, value in (embeddings or {}).items():
         if value is not None:
             arrays[f"embeddings/{name}"] = np.asarray(value)
-    meta = {"format": ARTIFACT_FORMAT, "checkpoints": [s.name for s in stats],
+    planes = {name: list(value.shape) for name, value in arrays.items() if value.dtype == np.float32}
+    arrays.update({name: _byte_planes(arrays[name]) for name in planes})
+    meta = {"format": ARTIFACT_FORMAT, "checkpoints": [s.name for s in stats], "byte_planes": planes,
             "group_names": {name: list(split.group_names) for name, split in splits.items()},
             "roles": dict(roles), "options": options_to_json(options), "data_notes": list(data_notes),
             "config": config}
@@ -133,11 +158,16 @@ def read_artifact(path: str, option_overrides: dict[str, Any] | None = None) -> 
         if meta.get("format") != ARTIFACT_FORMAT:
             raise ValueError(f"{path}: artifact format {meta.get('format')!r}, this code reads {ARTIFACT_FORMAT}")
         arrays = {name: data[name] for name in data.files if name != "meta"}
+    arrays.update({name: _from_byte_planes(arrays[name], shape) for name, shape in meta["byte_planes"].items()})
     steps = arrays["steps"]
-    split_names = sorted({name.split("/")[1] for name in arrays if name.startswith("stats/")})
+    stored = {}  # split -> the fields stored of it (fields_read)
+    for name in arrays:
+        if name.startswith("stats/"):
+            _, split, field = name.split("/")
+            stored.setdefault(split, []).append(field)
     params = [name[len("params/"):] for name in arrays if name.startswith("params/")]
     stats = [CheckpointStats(int(step), meta["checkpoints"][c],
-                             {s: {f: arrays[f"stats/{s}/{f}"][c] for f in STAT_FIELDS} for s in split_names},
+                             {s: {f: arrays[f"stats/{s}/{f}"][c] for f in fields} for s, fields in stored.items()},
                              arrays["router"][c], {key: arrays[f"params/{key}"][c] for key in params})
              for c, step in enumerate(steps)]
     splits = {name: SplitLabels(arrays[f"groups/{name}"], tuple(group_names))
