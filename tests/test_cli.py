@@ -12,6 +12,7 @@ import pytest
 from absl import logging as absl_logging
 
 from moe_grok import cli, configs
+from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.cli import config_keys, jobs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -156,3 +157,16 @@ def test_the_wheel_ships_the_configs_and_the_command(tmp_path):
     assert {f"moe_grok/configs/{name}.py" for name in configs.names()} <= files
     assert "moe_grok/cli/__init__.py" in files
     assert re.search(r"^\[console_scripts\]\nmoe-grok = moe_grok\.cli:main$", entry_points, flags=re.MULTILINE)
+
+
+def test_rederive_reads_analysis_options_as_json_or_text():
+    from moe_grok.checkpoints import run_artifact
+
+    overrides = jobs.parse_option_overrides(["memorized_set=fixed", "tau=0.6", "tau_sweep=[0.5, 0.7]"])
+    assert overrides == {"memorized_set": "fixed", "tau": 0.6, "tau_sweep": [0.5, 0.7]}
+    options = run_artifact.options_from_json(run_artifact.options_to_json(AnalysisOptions()), overrides)
+    assert (options.memorized_set, options.tau, options.tau_sweep) == ("fixed", 0.6, (0.5, 0.7))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        jobs.parse_option_overrides(["tau"])
+    with pytest.raises(ValueError, match="unknown analysis option"):
+        run_artifact.options_from_json({}, {"no_such_option": 1})
