@@ -139,4 +139,5 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                                  train_embeddings=embeddings["train"], test_embeddings=embeddings["test"],
                                  options=options, batch_size=config.analysis.batch_size, mesh=mesh, progress=progress,
                                  with_plots=with_plots, tensorboard=False, artifact_path=artifact,
-                                 artifact_config=strict_json.to_strict(config.copy_and_resolve_references().to_dict()))
+                                 artifact_config=strict_json.to_strict(config.copy_and_resolve_references().to_dict())
+                                 if artifact else None)
