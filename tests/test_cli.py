@@ -1,5 +1,6 @@
 """The `moe-grok` command: its help, its subcommands' flags, config names, print-config, the wheel it ships in."""
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -170,3 +171,37 @@ def test_rederive_reads_analysis_options_as_json_or_text():
         jobs.parse_option_overrides(["tau"])
     with pytest.raises(ValueError, match="unknown analysis option"):
         run_artifact.options_from_json({}, {"no_such_option": 1})
+
+
+def test_toy_keeps_its_artifact_and_rederive_derives_each_seed_again(tmp_path, capsys, monkeypatch):
+    """`moe-grok toy` writes workdir/artifacts/seed_<seed>.npz with a manifest; `moe-grok rederive`
+    on a run's artifacts derives each seed's report into workdir/seed_<seed>/analysis (the functions
+    themselves are tested in test_protocol; here the wiring, with both replaced)."""
+    import numpy as np
+
+    from moe_grok import pipeline
+    from moe_grok.report import files
+    from moe_grok.studies import toy_run
+
+    written = {}
+
+    def analyze_run(config, workdir, artifact=None):
+        written["artifact"] = artifact
+        os.makedirs(os.path.dirname(artifact))
+        np.savez(artifact, x=np.zeros(1))
+        return {}
+
+    monkeypatch.setattr(toy_run, "analyze_run", analyze_run)
+    monkeypatch.setattr(files, "format_table", lambda report: "table")
+    workdir = tmp_path / "toy"
+    code, _, _ = _run(["toy", "--skip_training", f"--workdir={workdir}", "--config.train.seed=3"], capsys)
+    assert code == 0 and written["artifact"] == str(workdir / "artifacts" / "seed_3.npz")
+    manifest = json.loads((workdir / "artifacts" / "manifest.json").read_text())
+    assert list(manifest["files"]) == ["seed_3.npz"] and manifest["record"] == {"kind": "run"}
+    derived = []
+    monkeypatch.setattr(pipeline, "rederive", lambda *args: derived.append(args))
+    code, _, _ = _run(["rederive", f"--from_dir={workdir / 'artifacts'}", f"--workdir={tmp_path / 'again'}",
+                       "--analysis=tau=0.6"], capsys)
+    assert code == 0
+    assert derived == [(str(workdir / "artifacts" / "seed_3.npz"), str(tmp_path / "again" / "seed_3" / "analysis"),
+                        {"tau": 0.6})]
