@@ -207,6 +207,12 @@ def test_protocol_rerun_reuses_training(protocol_run):
     inline = protocol.run(one_arm, str(fresh), command="test", progress=False)
     assert json.dumps(inline["arms"]["grokking"]["positions"], default=float) == json.dumps(
         results["arms"]["grokking"]["positions"], default=float)
+    # the same analysis inputs give the same artifact bytes, cached or extracted afresh (no write time in them)
+    kept = json.loads((root / "kept" / "artifacts" / "manifest.json").read_text())["files"]
+    for workdir in (root / "work", fresh):
+        files = json.loads((workdir / "artifacts" / "manifest.json").read_text())["files"]
+        for seed in (0, 1):
+            assert files[f"grokking/seed_{seed}.npz"] == kept[f"grokking/seed_{seed}.npz"]
 
 
 @pytest.mark.parametrize("seed_plots", [True, False])
