@@ -16,6 +16,7 @@ from moe_grok.analysis.checkpoint_scalars import checkpoint_scalars
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.analysis.test_results import TestResults, test_results_from_split
+from moe_grok.checkpoints import run_artifact
 from moe_grok.checkpoints.cache import collect_checkpoint_stats
 from moe_grok.checkpoints.sources import CheckpointSource
 from moe_grok.data.splits import EvalSplit
@@ -61,7 +62,8 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
                  test_embeddings: np.ndarray | None = None, options: AnalysisOptions | None = None,
                  batch_size: int = 32, mesh=None, progress: bool = True, with_plots: bool = True,
                  run_config: dict[str, Any] | None = None, data_notes: Sequence[str] = (),
-                 tensorboard: bool = True) -> dict[str, Any]:
+                 tensorboard: bool = True, artifact_path: str | None = None,
+                 artifact_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stats per checkpoint (cached in out_dir/cache), the analysis, and its files.
 
     out_dir is locked (out_dir/analysis.lock) for the whole run: a second analysis of it raises
@@ -79,6 +81,9 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
     tensorboard: write each checkpoint's scalars (analysis.checkpoint_scalars: per split loss, accuracy,
     routing entropy, pathway length) at its step to out_dir/tensorboard, replacing the event files there,
     once every checkpoint is read (`tensorboard --logdir out_dir`).
+    artifact_path: also write the run's compact artifact there (checkpoints.run_artifact: everything the
+    analysis read, with artifact_config, the run's resolved configuration), from which `rederive` gives
+    these reports back without the checkpoints.
     """
     options = options or AnalysisOptions()
     held_out_split = held_out_split or test_split
@@ -87,6 +92,9 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
             raise ValueError(f"no split {name!r}; splits are {sorted(splits)}")
     if test is not None:
         test.check(splits[train_split].group_names, len(sources))
+        if artifact_path:
+            raise ValueError("an artifact stores the test side as a test split's correctness: give test_split, "
+                             "not test results, or no artifact_path")
     with _out_dir_lock(out_dir):
         if run_config is not None and jax.process_index() == 0:
             strict_json.dump(run_config, os.path.join(out_dir, RUN_CONFIG_FILE), indent=2, sort_keys=True)
@@ -97,7 +105,29 @@ def run_pipeline(sources: Sequence[CheckpointSource], splits: dict[str, EvalSpli
                                 train_embeddings, test_embeddings, options, data_notes)
         if jax.process_index() == 0:
             write_reports(reports, options.positions, out_dir, with_plots)
+            if artifact_path:
+                roles = {"train_split": train_split, "test_split": test_split, "held_out_split": held_out_split,
+                         "validation_split": validation_split}
+                run_artifact.write_artifact(artifact_path, stats, splits, roles, options,
+                                            {"train": train_embeddings, "test": test_embeddings}, data_notes,
+                                            artifact_config)
     return reports[0]
+
+
+def rederive(artifact_path: str, out_dir: str, option_overrides: dict[str, Any] | None = None,
+             with_plots: bool = False) -> dict[str, dict[str, Any]]:
+    """The reports of the run whose artifact (checkpoints.run_artifact) is at `artifact_path`, derived
+    again from it alone (no checkpoint is read) and written to out_dir/report as `run_pipeline` writes
+    them; with no `option_overrides` (AnalysisOptions field: value) they equal the run's own byte for
+    byte. Returns {positions: report} for each options.positions entry, in their order. Only runs whose
+    test side came from a test split can be re-derived (user-supplied test results are not stored)."""
+    inputs = run_artifact.read_artifact(artifact_path, option_overrides)
+    roles = inputs.roles
+    reports = analyze_stats(inputs.stats, inputs.splits, roles["train_split"], None, roles["test_split"],
+                            roles["held_out_split"], roles["validation_split"], inputs.embeddings["train"],
+                            inputs.embeddings["test"], inputs.options, inputs.data_notes)
+    write_reports(reports, inputs.options.positions, out_dir, with_plots)
+    return dict(zip(inputs.options.positions, reports, strict=True))
 
 
 def _write_scalars(stats, splits: dict[str, EvalSplit], options: AnalysisOptions, logdir: str) -> None:

@@ -7,6 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
+from moe_grok import pipeline
+from moe_grok.checkpoints import run_artifact
 from moe_grok.studies import protocol, protocol_pages, protocol_stats, toy_run
 from moe_grok.training import run_dir
 
@@ -43,7 +45,84 @@ def protocol_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("protocol")
     config = tiny_protocol_config(str(root / "docs"))
     results = protocol.run(config, str(root / "work"), command="test", progress=False)
+    # the run's own outputs as they were, before later tests re-run arms in its workdir
+    shutil.copytree(root / "work" / "artifacts", root / "kept" / "artifacts")
+    shutil.copy(root / "work" / "results.json", root / "kept" / "results.json")
+    shutil.copy(root / "docs" / "protocol_results.md", root / "kept" / "protocol_results.md")
+    for arm in results["arms"].values():
+        for seed_dir in arm["seed_dirs"]:
+            shutil.copytree(root / "work" / seed_dir / "analysis" / "report", root / "kept" / seed_dir / "report")
     return config, root, results
+
+
+def _no_checkpoint_read(monkeypatch):
+    """Reading a checkpoint or the statistics cache fails: a re-derivation must need neither."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint or the analysis cache was read")
+
+    monkeypatch.setattr(pipeline, "collect_checkpoint_stats", refuse)
+    monkeypatch.setattr(toy_run, "run_checkpoint_sources", refuse)
+
+
+def _files(directory):
+    return {os.path.relpath(os.path.join(d, n), directory): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(directory) for n in names}
+
+
+def test_rederiving_from_the_artifacts_gives_the_runs_own_results_byte_for_byte(protocol_run, monkeypatch):
+    """Issue 34: every seed keeps a compact artifact (manifest: sizes, sha256); one call re-derives
+    results.json, the Table/verdict page and every seed's table.txt, CSVs and summary.json from them
+    alone, equal to the run's own byte for byte."""
+    config, root, results = protocol_run
+    kept = root / "kept"
+    manifest = json.loads((kept / "artifacts" / "manifest.json").read_text())
+    expected = {f"{name}/seed_{seed}.npz" for name, arm in results["arms"].items() for seed in arm["seeds"]}
+    assert set(manifest["files"]) == expected and manifest["format"] == run_artifact.ARTIFACT_FORMAT
+    assert manifest["total_bytes"] == sum(f["bytes"] for f in manifest["files"].values())
+    _no_checkpoint_read(monkeypatch)
+    again = protocol.rederive(str(kept / "artifacts"), str(root / "rederived"), docs_dir=str(root / "rederived_docs"))
+    assert (root / "rederived" / "results.json").read_bytes() == (kept / "results.json").read_bytes()
+    assert (root / "rederived_docs" / "protocol_results.md").read_bytes() == (kept / "protocol_results.md").read_bytes()
+    for arm in again["arms"].values():
+        for seed_dir in arm["seed_dirs"]:
+            own = _files(kept / seed_dir / "report")
+            assert {"table.txt", "summary.json"} <= set(own) and any(n.endswith(".csv") for n in own)
+            assert _files(root / "rederived" / seed_dir / "analysis" / "report") == own, seed_dir
+    # a changed artifact is refused before anything is derived from it
+    tampered = root / "tampered"
+    shutil.copytree(kept / "artifacts", tampered)
+    with open(tampered / "grokking" / "seed_0.npz", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="seed_0.npz: size or sha256 differs"):
+        protocol.rederive(str(tampered), str(root / "not_written"))
+
+
+def test_rederiving_with_another_analysis_option_changes_the_tables_without_training(protocol_run, monkeypatch):
+    """An analysis option changed at re-derivation (Table 1's fixed memorized set instead of the growing
+    one) changes Table 1 and its page from the artifacts alone: no training, no checkpoint read."""
+    config, root, results = protocol_run
+    _no_checkpoint_read(monkeypatch)
+    arm = "random_labels"  # the arm with one seed: the shortest re-derivation
+    fixed = protocol.rederive(str(root / "kept" / "artifacts"), str(root / "fixed"), {"memorized_set": "fixed"},
+                              arms=[arm])
+    assert list(fixed["arms"]) == [arm]
+    growing = results["arms"][arm]["positions"]["all"]
+    changed = fixed["arms"][arm]["positions"]["all"]
+    assert changed["test_accuracy"] == growing["test_accuracy"]  # the same run: only the analysis differs
+    # this tiny run does not grok (Table 1's window is empty), but the memorized set's measures change: at the
+    # first checkpoint the growing set is empty, the fixed one is not
+    assert growing["summary"]["entropy_first"]["n"] == 0 and changed["summary"]["entropy_first"]["n"] == 1
+
+    def first_entropy_cell(page, column):  # an arm's cell of that row of the page's table
+        label = "| routing entropy of memorized samples, first"
+        row = next(line for line in page.splitlines() if line.startswith(label))
+        return row.split("|")[column].strip()
+
+    column = 2 + list(results["arms"]).index(arm)  # the run's page has a column per arm, the re-derived one arm's
+    assert first_entropy_cell((root / "kept" / "protocol_results.md").read_text(), column) == "n/a"
+    assert first_entropy_cell((root / "fixed" / "protocol_results.md").read_text(), 2) not in ("n/a", "")
+    report = json.loads((root / "fixed" / arm / "seed_0" / "analysis" / "report" / "summary.json").read_text())
+    assert report["options"]["memorized_set"] == "fixed"
 
 
 def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
@@ -51,7 +130,7 @@ def test_protocol_runs_every_arm_and_seed_and_writes_the_tables(protocol_run):
     assert set(results["arms"]) == {"grokking", "random_labels", "no_weight_decay", "mixture"}
     for name, arm in results["arms"].items():
         seeds = 1 if name in ("random_labels", "no_weight_decay") else 2
-        assert [os.path.basename(d) for d in arm["seed_dirs"]] == [f"seed_{k}" for k in range(seeds)]
+        assert arm["seed_dirs"] == [f"{name}/seed_{k}" for k in range(seeds)]  # relative to the workdir
         assert set(arm["positions"]) == {"all", "scored"}
         # the seeds are dealt over config.analysis_processes (2) tasks; the pool starts its processes on
         # demand, so a tiny task may run both shares in one
@@ -104,7 +183,7 @@ def test_the_page_gives_back_the_effects_and_the_accuracy_curves_keep_their_doma
 
 def test_protocol_rerun_reuses_training(protocol_run):
     config, root, results = protocol_run
-    seed_dir = results["arms"]["grokking"]["seed_dirs"][0]
+    seed_dir = os.path.join(root, "work", results["arms"]["grokking"]["seed_dirs"][0])
     checkpoint = os.path.join(seed_dir, "checkpoints", "20")
     before = os.path.getmtime(checkpoint)
     one_arm = config.copy_and_resolve_references()
@@ -128,12 +207,18 @@ def test_protocol_rerun_reuses_training(protocol_run):
     inline = protocol.run(one_arm, str(fresh), command="test", progress=False)
     assert json.dumps(inline["arms"]["grokking"]["positions"], default=float) == json.dumps(
         results["arms"]["grokking"]["positions"], default=float)
+    # the same analysis inputs give the same artifact bytes, cached or extracted afresh (no write time in them)
+    kept = json.loads((root / "kept" / "artifacts" / "manifest.json").read_text())["files"]
+    for workdir in (root / "work", fresh):
+        files = json.loads((workdir / "artifacts" / "manifest.json").read_text())["files"]
+        for seed in (0, 1):
+            assert files[f"grokking/seed_{seed}.npz"] == kept[f"grokking/seed_{seed}.npz"]
 
 
 @pytest.mark.parametrize("seed_plots", [True, False])
 def test_seed_plots_draws_the_first_seeds_figures_only(monkeypatch, seed_plots):
     drawn = {}
-    monkeypatch.setattr(toy_run, "analyze_run", lambda config, seed_dir, progress, with_plots: drawn.update(
+    monkeypatch.setattr(toy_run, "analyze_run", lambda config, seed_dir, progress, with_plots, artifact: drawn.update(
         {seed_dir: with_plots}))
     queue = protocol._AnalysisQueue(in_process=True, plot_first_seed=seed_plots)
     queue.submit("arm", load_config("toy_protocol").arms.grokking, [3, 4, 5], ["s3", "s4", "s5"])

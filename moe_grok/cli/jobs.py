@@ -61,9 +61,13 @@ def _toy_run(flag_values, args, command):
         last = loop.train(config, workdir, callbacks=toy_run.training_callbacks(config))
         print(f"trained to step {last['step']}: train acc {last['train_accuracy']:.3f}, "
               f"test acc {last['test_accuracy']:.3f}")
-    report = toy_run.analyze_run(config, workdir)
+    from moe_grok.checkpoints import run_artifact
+
+    artifacts = os.path.join(workdir, toy_run.ARTIFACTS_DIR)
+    report = toy_run.analyze_run(config, workdir, artifact=toy_run.artifact_path(artifacts, config.train.seed))
+    run_artifact.write_manifest(artifacts, {"kind": "run"})
     print(format_table(report))
-    print(f"report: {os.path.join(workdir, 'analysis', 'report')}")
+    print(f"report: {os.path.join(workdir, 'analysis', 'report')}; artifact (moe-grok rederive): {artifacts}")
 
 
 TOY = Job("toy", "train the toy MoE on modular arithmetic, then analyse its checkpoints (CPU, minutes)", """\
@@ -244,6 +248,64 @@ of a fixed sample of training examples, its d_eff and the bound, next to the tes
              _theory_flags, _theory_run)
 
 
+# rederive ----------------------------------------------------------------------------------------------------------
+
+def _rederive_flags(flag_values, argv):
+    flags.DEFINE_string("from_dir", None, "A run's artifacts directory (<workdir>/artifacts of `toy` or `protocol`).",
+                        required=True, flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "Where the re-derived reports (and a protocol's results) go.",
+                        required=True, flag_values=flag_values)
+    flags.DEFINE_string("docs_dir", "", "A protocol's page and figures also here (as `protocol` with docs_dir).",
+                        flag_values=flag_values)
+    flags.DEFINE_multi_string("analysis", [], "KEY=VALUE: an analysis option (AnalysisOptions field) changed for "
+                              "every seed; VALUE as JSON, else a string (repeatable).", flag_values=flag_values)
+
+
+def parse_option_overrides(items: list[str]) -> dict:
+    """{"memorized_set": "fixed", "tau": 0.6} from ["memorized_set=fixed", "tau=0.6"] (values as JSON, else text)."""
+    import json
+
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--analysis takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def _rederive_run(flag_values, args, command):
+    from moe_grok import pipeline
+    from moe_grok.checkpoints import run_artifact
+    from moe_grok.studies import protocol, protocol_pages
+
+    source, workdir = flag_values.from_dir, flag_values.workdir
+    overrides = parse_option_overrides(flag_values.analysis)
+    record = run_artifact.verify_manifest(source)["record"] or {}
+    if record.get("kind") == "protocol":
+        results = protocol.rederive(source, workdir, overrides, flag_values.docs_dir)
+        print(protocol_pages.markdown(results, protocol.QUANTITIES))
+        return
+    for name in run_artifact.artifact_files(source):
+        out_dir = os.path.join(workdir, name.removesuffix(".npz"), "analysis")
+        pipeline.rederive(os.path.join(source, name), out_dir, overrides)
+        print(f"report: {os.path.join(out_dir, 'report')}")
+
+
+REDERIVE = Job("rederive", "every table and verdict page again from a run's artifacts (no training)", """\
+Every report, table and verdict page of a finished `toy` or `protocol` run, derived again from its
+compact artifacts (<workdir>/artifacts: what the analysis read, one file per seed) without training
+or reading a checkpoint. Unchanged, the output equals the run's own byte for byte; --analysis
+changes an analysis option for every seed.
+
+  moe-grok rederive --from_dir=runs/protocol/artifacts --workdir=runs/protocol_again
+  moe-grok rederive --from_dir=runs/protocol/artifacts --workdir=runs/fixed --analysis=memorized_set=fixed
+  moe-grok rederive --from_dir=runs/toy/artifacts --workdir=runs/toy_again""", _rederive_flags, _rederive_run)
+
+
 # report ------------------------------------------------------------------------------------------------------------
 
 def _report_flags(flag_values, argv):
@@ -294,4 +356,4 @@ Every key of a config with its default value and its help (the comment declaring
 Shipped configs: {', '.join(configs.names())}.""", _print_config_flags, _print_config_run, positional="NAME")
 
 
-JOBS = {job.name: job for job in (TOY, PROTOCOL, OLMOE, CONVERT, THEORY, REPORT, PRINT_CONFIG)}
+JOBS = {job.name: job for job in (TOY, PROTOCOL, REDERIVE, OLMOE, CONVERT, THEORY, REPORT, PRINT_CONFIG)}

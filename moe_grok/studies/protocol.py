@@ -4,6 +4,7 @@ the results page and figures."""
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import multiprocessing
 import os
 import time
@@ -11,13 +12,15 @@ from typing import Any
 
 import ml_collections
 
-from moe_grok import strict_json
+from moe_grok import pipeline, strict_json
+from moe_grok.checkpoints import run_artifact
 from moe_grok.report.files import read_summary
 from moe_grok.studies import protocol_pages, protocol_stats, toy_run
 from moe_grok.training import multiseed
 from moe_grok.writers.progress import track
 
 ANALYSIS_THREADS = 8  # seeds analysed concurrently (each analysis is one seed's own directory)
+RESULTS_FILE = "results.json"
 QUANTITIES = protocol_stats.quantities()  # (key of seed_measurements, label, criterion side or "")
 
 
@@ -36,13 +39,19 @@ def _read_reports(seed_dir: str, positions: tuple[str, ...]) -> dict[str, dict]:
 
 
 def analyse_seeds(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str],
-                  plot_seed: int | None = None) -> tuple[float, float, int]:
+                  plot_seed: int | None = None, artifacts_dir: str | None = None) -> tuple[float, float, int]:
     """Analyse trained seeds of an arm, in parallel threads (each writes its own directory's report;
-    plots for `plot_seed` only). Returns (start, end) in seconds since the epoch and the process id."""
+    plots for `plot_seed` only; each seed's artifact to artifacts_dir/seed_<k>.npz when artifacts_dir
+    is set). Returns (start, end) in seconds since the epoch and the process id."""
     started = time.time()
+
+    def analyse(seed: int, seed_dir: str) -> None:
+        artifact = toy_run.artifact_path(artifacts_dir, seed) if artifacts_dir else None
+        toy_run.analyze_run(_seed_config(arm, seed), seed_dir, progress=False, with_plots=seed == plot_seed,
+                            artifact=artifact)
+
     with concurrent.futures.ThreadPoolExecutor(min(len(seeds), ANALYSIS_THREADS)) as pool:  # as training does
-        list(pool.map(lambda seed, seed_dir: toy_run.analyze_run(_seed_config(arm, seed), seed_dir, progress=False,
-                                                                 with_plots=seed == plot_seed), seeds, seed_dirs))
+        list(pool.map(analyse, seeds, seed_dirs))
     return started, time.time(), os.getpid()
 
 
@@ -52,14 +61,13 @@ def analyse_arm(arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: lis
     {"analysis_seconds", "analysis_processes", "analysis_shares", "positions": {view: per-seed measurements,
     summary, verdicts, Table 1}}. plot_first_seed: draw the report figures of the first seed."""
     started, ended, _ = analyse_seeds(arm, seeds, seed_dirs, plot_seed=seeds[0] if plot_first_seed else None)
-    return summarize_arm(arm, seed_dirs, ended - started, processes=1, shares=[seeds])
+    return summarize_arm(tuple(arm.analysis.positions), seed_dirs, ended - started, processes=1, shares=[seeds])
 
 
-def summarize_arm(arm: ml_collections.ConfigDict, seed_dirs: list[str], analysis_seconds: float,
+def summarize_arm(positions: tuple[str, ...], seed_dirs: list[str], analysis_seconds: float,
                   processes: int, shares: list[list[int]]) -> dict[str, Any]:
-    """analyse_arm's result from the seeds' reports on disk (`shares`: the seeds of each analysis task,
-    `processes`: how many processes ran them)."""
-    positions = tuple(arm.analysis.positions)
+    """analyse_arm's result from the seeds' reports on disk (`positions`: the arm's analysis.positions,
+    `shares`: the seeds of each analysis task, `processes`: how many processes ran them)."""
     reports: dict[str, list] = {p: [] for p in positions}
     for seed_dir in seed_dirs:
         for p, report in _read_reports(seed_dir, positions).items():
@@ -106,13 +114,15 @@ class _AnalysisQueue:
         self._pending: dict[str, tuple] = {}  # name -> (futures, arm, seed_dirs, seed shares)
         self._results: dict[str, dict[str, Any]] = {}
 
-    def submit(self, name: str, arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str]) -> None:
+    def submit(self, name: str, arm: ml_collections.ConfigDict, seeds: list[int], seed_dirs: list[str],
+               artifacts_dir: str | None = None) -> None:
+        """Queue an arm's analysis (its seeds' artifacts to artifacts_dir when set, see analyse_seeds)."""
         self.check()
         plot_seed = seeds[0] if self._plot_first_seed else None
         if self._pool is None:  # run now; a finished future carries analyse_seeds' result or the error
             future = concurrent.futures.Future()
             try:
-                future.set_result(analyse_seeds(arm, seeds, seed_dirs, plot_seed=plot_seed))
+                future.set_result(analyse_seeds(arm, seeds, seed_dirs, plot_seed, artifacts_dir))
             except Exception as error:
                 future.set_exception(error)
             futures, shares = [future], [seeds]
@@ -120,8 +130,8 @@ class _AnalysisQueue:
             tasks = range(min(self._processes, len(seeds)))
             shares = [seeds[k::self._processes] for k in tasks]
             try:
-                futures = [self._pool.submit(analyse_seeds, arm, shares[k], seed_dirs[k::self._processes], plot_seed)
-                           for k in tasks]
+                futures = [self._pool.submit(analyse_seeds, arm, shares[k], seed_dirs[k::self._processes], plot_seed,
+                                             artifacts_dir) for k in tasks]
             except concurrent.futures.process.BrokenProcessPool as error:
                 raise RuntimeError(f"an analysis process died before arm {name!r} (its training is saved; "
                                    "re-run to resume)") from error
@@ -137,7 +147,8 @@ class _AnalysisQueue:
                 raise RuntimeError(f"the analysis of arm {name!r} failed (its training is saved; re-run to "
                                    f"resume): {error!r}") from error
             seconds = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
-            self._results[name] = summarize_arm(arm, seed_dirs, seconds, len({pid for _, _, pid in spans}), shares)
+            self._results[name] = summarize_arm(tuple(arm.analysis.positions), seed_dirs, seconds,
+                                                len({pid for _, _, pid in spans}), shares)
         return self._results[name]
 
     def check(self) -> None:
@@ -173,7 +184,10 @@ def arm_seeds(config: ml_collections.ConfigDict, arm: str) -> list[int]:
 def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", progress: bool = True) -> dict:
     """Every arm of config.arms over seeds 0..config.seeds-1; writes results.json, and through
     protocol_pages <config.name>_results.md and figures <config.name>_{accuracy,effects}.png, to
-    workdir (the page and figures also to config.docs_dir and its figures/ when set). Each arm's
+    workdir (the page and figures also to config.docs_dir and its figures/ when set). Every seed's
+    analysis keeps its compact artifact in workdir/artifacts/<arm>/seed_<k>.npz, and the run ends by
+    writing workdir/artifacts/manifest.json (with the run's record): `rederive` gives results.json,
+    the pages and every seed's report back from them without training. Each arm's
     analysis runs in config.analysis_processes spawned processes while the next arm trains (in this
     process, after its own training, when config.analysis_process is False); a script that calls
     this must do so under `if __name__ == "__main__":`, since the spawned processes import the
@@ -190,8 +204,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
             arm_started = time.time()
             seed_dirs = multiseed.train(arm, os.path.join(workdir, name), seeds, progress=progress,
                                         callbacks=toy_run.analysis_cache_callbacks(arm))
-            results["arms"][name] = {"seeds": seeds, "seed_dirs": seed_dirs, "train_seconds": time.time() - arm_started}
-            analyses.submit(name, arm, seeds, seed_dirs)
+            # seed_dirs relative to workdir: results.json, like the artifacts, stays valid where it is moved
+            results["arms"][name] = {"seeds": seeds, "seed_dirs": [os.path.relpath(d, workdir) for d in seed_dirs],
+                                     "train_seconds": time.time() - arm_started}
+            analyses.submit(name, arm, seeds, seed_dirs, os.path.join(workdir, toy_run.ARTIFACTS_DIR, name))
         for name, analysis in analyses.results().items():
             results["arms"][name].update(analysis)
     except BaseException:
@@ -199,6 +215,46 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
         raise
     analyses.close(wait=True)
     results["minutes"] = (time.time() - started) / 60
-    strict_json.dump(results, os.path.join(workdir, "results.json"), indent=1)
+    strict_json.dump(results, os.path.join(workdir, RESULTS_FILE), indent=1)
+    run_artifact.write_manifest(os.path.join(workdir, toy_run.ARTIFACTS_DIR), _run_record(results))
     protocol_pages.write_pages(results, QUANTITIES, workdir, config.name, config.docs_dir)
+    return results
+
+
+def _run_record(results: dict[str, Any]) -> dict[str, Any]:
+    """What results.json holds that the analysis does not derive (the run's name, command, date, seeds,
+    seed directories and timings), kept in the artifacts' manifest for `rederive`."""
+    record = copy.deepcopy(strict_json.to_strict(results))
+    for arm in record["arms"].values():
+        del arm["positions"]
+    return {"kind": "protocol", "results": record}
+
+
+def rederive(artifacts_dir: str, workdir: str, option_overrides: dict[str, Any] | None = None,
+             docs_dir: str = "", arms: list[str] | None = None) -> dict:
+    """results.json, <name>_results.md with its figures, and every seed's report (workdir/<arm>/seed_<k>/
+    analysis/report), derived again from a protocol run's artifacts (`run`'s workdir/artifacts) without
+    training or reading a checkpoint; the page and figures also to docs_dir when set. The manifest's
+    sizes and sha256 are checked first. With no option_overrides (AnalysisOptions field: value, applied
+    to every seed) and every arm, results.json, the page and the reports equal the run's own byte for byte;
+    the run's facts (command, date, timings) are the run's. arms: only these arms. Returns the results."""
+    record = run_artifact.verify_manifest(artifacts_dir)["record"]
+    if not record or record.get("kind") != "protocol":
+        raise ValueError(f"{artifacts_dir} holds no protocol run's artifacts (its manifest has no protocol record)")
+    results = copy.deepcopy(record["results"])
+    if arms is not None:
+        unknown = sorted(set(arms) - set(results["arms"]))
+        if unknown:
+            raise ValueError(f"no arm(s) {unknown} in {artifacts_dir}; arms are {list(results['arms'])}")
+        results["arms"] = {name: arm for name, arm in results["arms"].items() if name in arms}
+    os.makedirs(workdir, exist_ok=True)
+    for name, arm in results["arms"].items():
+        seed_dirs = [os.path.join(workdir, d) for d in arm["seed_dirs"]]
+        reports = [pipeline.rederive(toy_run.artifact_path(os.path.join(artifacts_dir, name), seed),
+                                     os.path.join(seed_dir, toy_run.ANALYSIS_DIR), option_overrides)
+                   for seed, seed_dir in zip(arm["seeds"], seed_dirs, strict=True)]
+        arm["positions"] = summarize_arm(tuple(reports[0]), seed_dirs, arm["analysis_seconds"],
+                                         arm["analysis_processes"], arm["analysis_shares"])["positions"]
+    strict_json.dump(results, os.path.join(workdir, RESULTS_FILE), indent=1)
+    protocol_pages.write_pages(results, QUANTITIES, workdir, results["name"], docs_dir)
     return results

@@ -12,7 +12,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from moe_grok import pipeline
+from moe_grok import pipeline, strict_json
 from moe_grok.analysis.groups import load_embeddings
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.checkpoints.cache import store_checkpoint_stats
@@ -26,6 +26,12 @@ from moe_grok.training.checkpointing import RunCheckpoints
 from moe_grok.training.run_config import task_spec
 
 ANALYSIS_DIR = "analysis"  # below a run's workdir: analyze_run's cache/ and report/
+ARTIFACTS_DIR = "artifacts"  # below a run's (or a protocol's) workdir: the compact artifacts and their manifest
+
+
+def artifact_path(artifacts_dir: str, seed: int) -> str:
+    """Where a seed's artifact (checkpoints.run_artifact) goes in an artifacts directory: seed_<seed>.npz."""
+    return os.path.join(artifacts_dir, f"seed_{seed}.npz")
 
 
 def _checkpoint_identity(checkpoints_dir: str, step: int, model_config: MoEConfig) -> dict:
@@ -115,11 +121,12 @@ def held_out_split(config: ml_collections.ConfigDict) -> str:
 
 
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
-                progress: bool = True, with_plots: bool = True) -> dict[str, Any]:
+                progress: bool = True, with_plots: bool = True, artifact: str | None = None) -> dict[str, Any]:
     """pipeline.run_pipeline over the run's checkpoints (cache in workdir/analysis/cache,
     report files in workdir/analysis/report), pairing groups by config.analysis.train_embeddings /
     test_embeddings when set. Returns the report. No TensorBoard files: training's workdir/tensorboard
-    holds the same numbers at every evaluation."""
+    holds the same numbers at every evaluation. artifact: write the run's compact artifact (with the
+    resolved config) to this path; pipeline.rederive gives the report back from it."""
     options = AnalysisOptions.from_config(config.analysis)
     splits = tasks.evaluation_splits(tasks.make_dataset(task_spec(config)))
     # Loaded and checked before any checkpoint is: a wrong file fails in seconds, not after the extraction.
@@ -131,4 +138,6 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                                  held_out_split=held_out_split(config),
                                  train_embeddings=embeddings["train"], test_embeddings=embeddings["test"],
                                  options=options, batch_size=config.analysis.batch_size, mesh=mesh, progress=progress,
-                                 with_plots=with_plots, tensorboard=False)
+                                 with_plots=with_plots, tensorboard=False, artifact_path=artifact,
+                                 artifact_config=strict_json.to_strict(config.copy_and_resolve_references().to_dict())
+                                 if artifact else None)
