@@ -74,6 +74,7 @@ def summarize_arm(arm: ml_collections.ConfigDict, seed_dirs: list[str], analysis
             "per_seed_domains": [protocol_stats.seed_domain_facts(r) for r in seed_reports],
             "verdicts": {key: protocol_stats.verdict(summary[key], side) for key, _, side in QUANTITIES if side},
             "table1": protocol_stats.table1_across_seeds(seed_reports),
+            "window_sizes": protocol_stats.window_sizes(seed_reports),
             "test_accuracy": [r["domains"][d]["curves"].get("test_accuracy") for r in seed_reports
                               for d in r["domains"]],
             "steps": seed_reports[0]["steps"]}

@@ -131,12 +131,15 @@ def markdown(results: dict[str, Any], quantities: Quantities) -> str:
         lines += ["", "Table 1 across seeds (windowed Pearson r with test accuracy; mean [95% CI] through "
                   "Fisher's z):", "",
                   "| row | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-        rows = next(iter(results["arms"].values()))["positions"][positions]["table1"]
+        rows = list(dict.fromkeys(row for r in results["arms"].values() if positions in r["positions"]
+                                  for row in r["positions"][positions]["table1"]))  # every arm's rows, in order
         for row in rows:
             cells = [_cell(results["arms"][a]["positions"][positions]["table1"][row]["pearson_r"])
-                     if positions in results["arms"][a]["positions"] else "" for a in arms]
+                     if row in results["arms"][a]["positions"].get(positions, {}).get("table1", {}) else ""
+                     for a in arms]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _window_sizes(results, positions, arms)
     lines += _per_seed_tables(results)
     overlapped = (", in separate processes beside the next arm's training if any"
                   if results.get("analysis_process") else "")
@@ -144,6 +147,23 @@ def markdown(results: dict[str, Any], quantities: Quantities) -> str:
     lines += [f"- {a}: training {r['train_seconds'] / 60:.1f} min, analysis {r['analysis_seconds'] / 60:.1f} min"
               for a, r in results["arms"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _window_sizes(results: dict[str, Any], positions: str, arms: list[str]) -> list[str]:
+    """The correlation window's checkpoints (n) and the partial correlations' degrees of freedom, min-max
+    over seeds and domains per arm (runs analysed before they were recorded have none)."""
+    def span(values) -> str:
+        return "n/a" if not values else f"{values[0]}" if values[0] == values[1] else f"{values[0]}-{values[1]}"
+
+    sizes = {a: results["arms"][a]["positions"].get(positions, {}).get("window_sizes") for a in arms}
+    if not any(sizes.values()):
+        return []
+    lines = ["Window sizes (min-max over seeds and domains): checkpoints n in the correlation window, and the "
+             "degrees of freedom of the partial correlations (n - 4):", "",
+             "| | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for key, label in (("window_n", "window n"), ("partial_df", "partial r df")):
+        lines.append(f"| {label} | " + " | ".join(span((sizes[a] or {}).get(key, [])) for a in arms) + " |")
+    return lines + [""]
 
 
 def _per_seed_tables(results: dict[str, Any]) -> list[str]:
