@@ -37,5 +37,9 @@ def get_config():
     for arm in arms.values():
         arm.analysis.pairing_embedding = "operands"  # pair Pretrain@t* and Test@t# groups by the operands (a, b)
     config.arms = ml_collections.ConfigDict(arms)
-    config.seeds_per_arm = ml_collections.ConfigDict({name: 0 for name in arms})  # seeds of that arm (0 = `seeds`)
+    config.seeds_per_arm = ml_collections.ConfigDict(dict(  # per-arm override of `seeds` (0 = use `seeds`)
+        grokking=0, random_labels=0, no_weight_decay=0,  # seeds of round 1's arms (0 = use `seeds`)
+        grokking_round2=0, random_labels_round2=0, no_weight_decay_round2=0,  # seeds of round 2's arms (0 = `seeds`)
+        cosine_round2=0, late=0))  # seeds of round 4's own arms (0 = use `seeds`)
+    assert set(config.seeds_per_arm) == set(arms)
     return config
