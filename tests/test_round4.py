@@ -50,7 +50,7 @@ def test_round4_arms_are_the_registered_ones():
     assert set(arms) == {"grokking", "random_labels", "no_weight_decay", "grokking_round2", "random_labels_round2",
                          "no_weight_decay_round2", "cosine_round2", "late"} == set(round4.seeds_per_arm)
     flat = {name: run_dir.flatten(arm.to_dict()) for name, arm in arms.items()}
-    pairing = {"analysis.pairing_embedding"}
+    pairing = {"analysis.pairing_embedding", "analysis.answer_aligned", "analysis.step_baseline"}
     for name, arm in (("grokking", round1.arms.grokking), ("random_labels", round1.arms.random_labels),
                       ("no_weight_decay", round1.arms.no_weight_decay), ("grokking_round2", round2.arms.grokking),
                       ("random_labels_round2", round2.arms.random_labels),
@@ -62,7 +62,8 @@ def test_round4_arms_are_the_registered_ones():
                            ("late", {"task.train_fraction": 0.3, "train.steps": 6000})):
         assert {k: v for k, v in flat[name].items() if a2.get(k) != v} == expected, name
     assert load_config("toy_pilot_round4").task.train_fraction == 0.3
-    assert all(arm.analysis.pairing_embedding == "operands" for arm in arms.values())
+    assert all(arm.analysis.pairing_embedding == "operands" and arm.analysis.answer_aligned
+               and arm.analysis.step_baseline for arm in arms.values())
     assert round4.seeds == 8
 
 
@@ -178,3 +179,10 @@ def test_control_contrasts_carry_the_registered_sign():
     assert math.isnan(measured["r_answer_aligned"])  # a report without answers: NaN, not an error
     summary = protocol_stats.summarize("contrast_distance_char_normalized_held_out", [1.9, 2.0, 1.95])
     assert summary["ci95"][1] <= 2.0
+
+
+def test_the_late_pilot_stops_where_six_seeds_grok_500_steps_before_the_stage_ends():
+    onsets = [2500, 2500, 2400, 1800, 2000, 2200, -1, 2900]
+    assert protocol_stats.late_pilot_stops(onsets, 3000)  # six onsets <= 2,500
+    assert not protocol_stats.late_pilot_stops([2501, *onsets[1:]], 3000)  # five
+    assert not protocol_stats.late_pilot_stops([-1] * 8, 6000)

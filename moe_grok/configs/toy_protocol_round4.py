@@ -36,6 +36,8 @@ def get_config():
                 late=late_grokking(grokking_round2, pilot.LATE_STEPS))
     for arm in arms.values():
         arm.analysis.pairing_embedding = "operands"  # pair Pretrain@t* and Test@t# groups by the operands (a, b)
+        arm.analysis.answer_aligned = True  # the exploratory answer-aligned routing on every set
+        arm.analysis.step_baseline = True  # Table 1's baseline row: the training step itself
     config.arms = ml_collections.ConfigDict(arms)
     config.seeds_per_arm = ml_collections.ConfigDict(dict(  # per-arm override of `seeds` (0 = use `seeds`)
         grokking=0, random_labels=0, no_weight_decay=0,  # seeds of round 1's arms (0 = use `seeds`)

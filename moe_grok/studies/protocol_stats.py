@@ -219,6 +219,17 @@ def table1_across_seeds(reports: list[dict[str, Any]]) -> dict[str, dict]:
     return rows
 
 
+LATE_PILOT_GROKKED = 6  # round 4's late-grokking pilot: seeds (of 8) that must grok ...
+LATE_PILOT_MARGIN = 500  # ... with the onset at least this many steps before the stage's end
+
+
+def late_pilot_stops(onsets, stage: int, needed: int = LATE_PILOT_GROKKED, margin: int = LATE_PILOT_MARGIN) -> bool:
+    """The late-grokking pilot's registered rule (docs/protocol.md, "Round 4"): the stage ending at step
+    `stage` is the late arm's budget if >= `needed` seeds grok (onsets: grokking.grok_onset per seed,
+    -1 = none) with their onset at least `margin` steps before the stage's end."""
+    return sum(0 <= onset <= stage - margin for onset in onsets) >= needed
+
+
 def window_sizes(reports: list[dict[str, Any]]) -> dict[str, list[int]]:
     """[min, max] over seeds and domains of the correlation window's checkpoints ("window_n") and of the
     memorized set's partial correlations' degrees of freedom ("partial_df"; n - 4: two controls);
