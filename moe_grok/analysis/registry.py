@@ -225,8 +225,8 @@ for _metric in (
            level="token", normalized=False),
     # Round 4's exploratory candidate (docs/protocol.md): do samples that share their answer route alike?
     # Registered sign -1: a model that has found the algorithm may route by the answer (a lookup table need not).
-    Metric("answer_aligned", _answer_aligned, "exploratory", "answer-aligned routing", "answer-aligned routing",
-           "same-answer minus random-pair distance (edit operations)", table_label="answer-aligned routing (memorized)",
+    Metric("answer_aligned", _answer_aligned, "exploratory", "answer alignment", "answer-aligned routing",
+           "same-answer minus random-pair distance (edit operations)", table_label="answer alignment (memorized)",
            computed_on=("sets",), paper_sign=-1.0, requires="answers"),
     Metric("consistency_unbounded_share", _consistency_unbounded_share, "diagnostic", "unbounded consistency share",
            "samples with unbounded consistency", "share of samples (0 to 1)"),

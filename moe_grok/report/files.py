@@ -30,6 +30,7 @@ DOMAIN_ROWS = (  # (key in a domain's table1, label) of the domain's own curves
     ("training_step", "baseline: training step"),  # with analysis.step_baseline
 )
 CONTROL_SET_LABELS = {"held_out": "held-out test samples", "random_train": "random non-memorized train"}
+SHORT_CONTROL_LABELS = {"held_out": "held-out", "random_train": "random train"}  # rows of the exploratory metrics
 
 
 def table1_rows() -> list[tuple[str, str]]:
@@ -45,7 +46,7 @@ def table1_rows() -> list[tuple[str, str]]:
              for m in primary]
     exploratory = registry.metrics(role="exploratory")
     rows += [(f"memorized/{m.name}", m.table_label) for m in exploratory]
-    rows += [(f"{name}/{m.name}", f"control: {m.label} ({label})") for name, label in CONTROL_SET_LABELS.items()
+    rows += [(f"{name}/{m.name}", f"control: {m.label} ({label})") for name, label in SHORT_CONTROL_LABELS.items()
              for m in exploratory]
     rows += [(f"memorized/{m.name}", m.table_label) for m in registry.metrics(role="control") if m.table_label]
     return rows
