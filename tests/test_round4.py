@@ -17,7 +17,7 @@ from moe_grok.analysis.set_metrics import SetMetrics
 from moe_grok.data import tasks
 from moe_grok.data.splits import EvalSplit
 from moe_grok.report import files
-from moe_grok.studies import protocol_stats, toy_run
+from moe_grok.studies import protocol_pages, protocol_stats, toy_run
 from moe_grok.training import optimizer, run_dir
 
 from analysis_helpers import build_stats
@@ -186,3 +186,24 @@ def test_the_late_pilot_stops_where_six_seeds_grok_500_steps_before_the_stage_en
     assert protocol_stats.late_pilot_stops(onsets, 3000)  # six onsets <= 2,500
     assert not protocol_stats.late_pilot_stops([2501, *onsets[1:]], 3000)  # five
     assert not protocol_stats.late_pilot_stops([-1] * 8, 6000)
+
+
+def test_h4_needs_every_grokking_arm_and_no_control():
+    grokking, controls = ("A", "A2"), ("B1", "B2", "B1-2", "B2-2")
+    verdicts = {"A": "confirmed", "A2": "confirmed", "B1": "inconclusive", "B2": "refuted", "B1-2": "inconclusive",
+                "B2-2": "inconclusive"}
+    assert protocol_stats.h4_verdict(verdicts, grokking, controls) == "confirmed"
+    assert protocol_stats.h4_verdict({**verdicts, "B2": "confirmed"}, grokking, controls) == "inconclusive"
+    two_controls = {**verdicts, "B2": "confirmed", "B1": "confirmed"}
+    assert protocol_stats.h4_verdict(two_controls, grokking, controls) == "refuted"
+    assert protocol_stats.h4_verdict({**verdicts, "A2": "inconclusive"}, grokking, controls) == "inconclusive"
+    assert protocol_stats.h4_verdict({**verdicts, "A2": "refuted"}, grokking, controls) == "refuted"
+    per_seed = [{"groks": 1.0}] * 6 + [{"groks": 0.0}] * 2
+    arm = {"positions": {"all": {"verdicts": {f"h2_{m}_signed_margin_over_loss": "confirmed"
+                                              for m in ("distance_char_normalized", "answer_aligned")},
+                                 "per_seed": per_seed}}}
+    results = {"registered": load_config("toy_protocol_round4").registered.to_dict(),
+               "arms": {"grokking": arm, "grokking_round2": arm, "late": arm}}
+    verdicts = protocol_pages.registered_verdicts(results, "all")
+    assert len(verdicts) == 2 and all("grokking arms grokking, grokking_round2, late;" in k for k in verdicts)
+    assert set(verdicts.values()) == {"confirmed"}

@@ -44,4 +44,11 @@ def get_config():
         grokking_round2=0, random_labels_round2=0, no_weight_decay_round2=0,  # seeds of round 2's arms (0 = `seeds`)
         cosine_round2=0, late=0))  # seeds of round 4's own arms (0 = use `seeds`)
     assert set(config.seeds_per_arm) == set(arms)
+    config.registered = ml_collections.ConfigDict(dict(  # round 4's primary criterion (docs/protocol.md)
+        metrics=("distance_char_normalized", "answer_aligned"),  # H4's metric, then the exploratory one
+        grokking_arms=("grokking", "grokking_round2"),  # its signed margin must be confirmed in each
+        late_arms=("late",),  # grokking arms too when >= 6 of their seeds grok
+        control_arms=("random_labels", "no_weight_decay", "random_labels_round2",
+                      "no_weight_decay_round2"),  # ... and confirmed in none of these
+    ))
     return config

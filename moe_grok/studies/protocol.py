@@ -183,6 +183,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, Any] = {"arms": {}, "name": config.name, "command": command,
                                "date": time.strftime("%Y-%m-%d"), "analysis_process": config.analysis_process}
+    if "registered" in config:  # round 4: the arms and metrics of its primary criterion
+        results["registered"] = config.registered.to_dict()
     analyses = _AnalysisQueue(in_process=not config.analysis_process, processes=config.analysis_processes,
                               plot_first_seed=config.seed_plots)
     try:

@@ -104,6 +104,29 @@ def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, st
                 out[f"{arm}: H3 ({verdict_name(metric)})"] = (
                     "confirmed" if alignment == "confirmed" and wide >= 0.5 else
                     "refuted" if alignment == "refuted" else "inconclusive")
+    out.update(registered_verdicts(results, positions))
+    return out
+
+
+def registered_verdicts(results: dict[str, Any], positions: str) -> dict[str, str]:
+    """Round 4's primary (and exploratory) criterion over arms, where the config registers its arms
+    (`registered`: metrics, grokking_arms, late_arms, control_arms): a late arm counts as grokking
+    when at least 6 of its seeds grok (docs/protocol.md, "Round 4")."""
+    registered = results.get("registered")
+    if not registered:
+        return {}
+    arms = {a: r for a, r in results["arms"].items() if positions in r["positions"]}
+    late = [a for a in registered["late_arms"] if a in arms and sum(
+        m["groks"] == 1.0 for m in arms[a]["positions"][positions]["per_seed"]) >= protocol_stats.LATE_PILOT_GROKKED]
+    grokking = [a for a in (*registered["grokking_arms"], *late) if a in arms]
+    controls = [a for a in registered["control_arms"] if a in arms]
+    out = {}
+    for metric in registered["metrics"]:
+        margins = {a: arms[a]["positions"][positions]["verdicts"][f"h2_{metric}_signed_margin_over_loss"]
+                   for a in (*grokking, *controls)}
+        name = "H4" if metric == registered["metrics"][0] else "exploratory"
+        out[f"{name} ({verdict_name(metric)}; grokking arms {', '.join(grokking)}; controls {', '.join(controls)})"] = (
+            protocol_stats.h4_verdict(margins, grokking, controls))
     return out
 
 

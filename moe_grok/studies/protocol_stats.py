@@ -230,6 +230,22 @@ def late_pilot_stops(onsets, stage: int, needed: int = LATE_PILOT_GROKKED, margi
     return sum(0 <= onset <= stage - margin for onset in onsets) >= needed
 
 
+def h4_verdict(margins: dict[str, str], grokking_arms, control_arms) -> str:
+    """Round 4's primary criterion (docs/protocol.md, "Round 4") from each arm's verdict of its signed
+    margin over training loss (`margins`: arm -> "confirmed" / "refuted" / "inconclusive..."):
+    confirmed if it is confirmed in every grokking arm and in no control; refuted if it is refuted in
+    a grokking arm or confirmed in two or more controls; otherwise inconclusive."""
+    grokking = [margins.get(a, "inconclusive") for a in grokking_arms]
+    controls = [margins.get(a, "inconclusive") for a in control_arms]
+    if not grokking:
+        return "inconclusive (no grokking arm)"
+    if "refuted" in grokking or controls.count("confirmed") >= 2:
+        return "refuted"
+    if all(v == "confirmed" for v in grokking) and "confirmed" not in controls:
+        return "confirmed"
+    return "inconclusive"
+
+
 def window_sizes(reports: list[dict[str, Any]]) -> dict[str, list[int]]:
     """[min, max] over seeds and domains of the correlation window's checkpoints ("window_n") and of the
     memorized set's partial correlations' degrees of freedom ("partial_df"; n - 4: two controls);
