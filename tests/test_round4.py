@@ -207,3 +207,20 @@ def test_h4_needs_every_grokking_arm_and_no_control():
     verdicts = protocol_pages.registered_verdicts(results, "all")
     assert len(verdicts) == 2 and all("grokking arms grokking, grokking_round2, late;" in k for k in verdicts)
     assert set(verdicts.values()) == {"confirmed"}
+
+
+def test_the_theory_sweep_crosses_router_scales_and_top_k_gates(monkeypatch):
+    from moe_grok.studies import synthetic_theory
+    from moe_grok.theory.synthetic_run import SyntheticConfig
+
+    monkeypatch.setattr(synthetic_theory, "run_synthetic", lambda config, mesh=None: {
+        "n_clusters": config.n_clusters, "spread": config.spread, "router_scale": config.router_scale,
+        "top_k": config.top_k, "router_seed": config.router_seed,
+        "a": config.router_seed * (1 if config.top_k else -1), "b": float(config.router_seed)})
+    rows = synthetic_theory.sweep_synthetic(SyntheticConfig(), [(8, 0.3)], range(4), (1.0, 16.0), progress=False,
+                                            top_ks=(0, 2))
+    assert {(r["router_scale"], r["top_k"]) for r in rows} == {(1.0, 0), (1.0, 2), (16.0, 0), (16.0, 2)}
+    per = synthetic_theory.within_structure(rows, "a", "b")["per_structure"]
+    assert per["K=8 spread=0.3 scale=16.0 top_k=2"]["r"] == pytest.approx(1.0)
+    assert per["K=8 spread=0.3 scale=1.0"]["r"] == pytest.approx(-1.0)  # soft routing keeps its old label
+    assert tuple(load_config("verify_theory").sweep.top_ks) == (0,)
