@@ -21,7 +21,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from moe_grok import pipeline, strict_json
-from moe_grok.analysis import registry
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.memorization import memorization
 from moe_grok.analysis.options import POSITIONS, AnalysisOptions
@@ -255,7 +254,7 @@ class PathwayMonitor:
             for name, (_, r) in sets.items():
                 out[f"{p}/{domain}/{name}/n"] = float(rows_at(r, 0).size)
                 out.update({f"{p}/{domain}/{name}/{metric}": v for metric, v in values[name].items()})
-            for metric in registry.names("sets"):
+            for metric in values["memorized"]:  # the registry's "sets" metrics this engine measures
                 contrast = values["memorized"][metric] - values["held_out"][metric] if "held_out" in values else np.nan
                 out[f"{p}/{domain}/{CONTRAST}/{metric}"] = float(contrast)
             out[f"{p}/{domain}/detector/n_memorized"] = float(before_newest.sum())
