@@ -57,14 +57,16 @@ class SetMetrics:
 
     def answer_aligned(self, split: str, rows: np.ndarray, checkpoint: int, level: str, normalized: bool) -> float:
         """metrics.answer_aligned_distance of the samples `rows` of `split` at a checkpoint, their answer
-        labels from `answers`; NaN with fewer than 2 samples or no two sharing an answer."""
+        labels from `answers` (the random-pair mean is the set's cached `distance`); NaN with fewer than
+        2 samples or no two sharing an answer."""
         rows = np.asarray(rows, np.int64)
         if rows.size < 2:
             return np.nan
         source = self.paths.strings if level == "char" else self.paths.tokens
         every = source(split, checkpoint, self.options.tau)
-        return metrics.answer_aligned_distance([every[i] for i in rows.tolist()], self.answers[split][rows], level,
-                                               normalized, self.options.max_pairs, self.options.seed)
+        same = metrics.same_answer_distance([every[i] for i in rows.tolist()], self.answers[split][rows], level,
+                                            normalized, self.options.max_pairs, self.options.seed)
+        return same - self.distance(split, rows, checkpoint, level, normalized)
 
     def consistency_all(self, split: str, checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """(consistency [N], unbounded flag [N] bool) of every sample of a split at a checkpoint."""
