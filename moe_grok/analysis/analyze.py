@@ -102,8 +102,11 @@ def _mean_over_set(values: np.ndarray, rows: Rows) -> np.ndarray:
 # The steps of one domain's entry
 # ------------------------------------------------------------------------------------------------
 def _domain_curves(run: _Run, domain: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Training loss / accuracy (and its moving average), validation loss and test accuracy of a domain."""
+    """Training loss / accuracy (and its moving average), validation loss and test accuracy of a domain;
+    with options.step_baseline the training step itself (Table 1's baseline predictor)."""
     curves = {"train_loss": run.loss[:, rows].mean(1), "train_accuracy": run.train_correct[:, rows].mean(1)}
+    if run.options.step_baseline:  # a monotone baseline: any monotone curve correlates with a monotone accuracy
+        curves["training_step"] = run.steps.astype(np.float64)
     curves["train_loss_moving_average"] = grokking.moving_average(curves["train_loss"],
                                                                   run.options.loss_moving_average)
     validation = run.validation_split
@@ -332,7 +335,9 @@ def analyze(stats: list[CheckpointStats], splits: dict[str, EvalSplit], train_sp
         test.check(domains, len(stats))
     if train_embeddings is not None:
         train_embeddings = groups.check_embeddings(f"split {train_split!r}", train_embeddings, len(train))
-    engine = SetMetrics(stats, options, positions)
+    # The exploratory answer_aligned metric reads each sample's answer from the splits the statistics came from.
+    answers = {name: split.answers() for name, split in splits.items()} if options.answer_aligned else None
+    engine = SetMetrics(stats, options, positions, answers)
     run = _Run(stats, splits, train_split, held_out_split, validation_split, test, train_embeddings, options, engine,
                RunWarnings(engine.steps), loss=np.stack([s.splits[train_split]["loss"] for s in stats]),
                train_correct=np.stack([s.splits[train_split]["correct"] for s in stats]))

@@ -170,6 +170,59 @@ def _sampled_pairs(count: int, max_pairs: int, seed: int) -> tuple[tuple[int, ..
     return tuple(pairs[:, 0].tolist()), tuple(pairs[:, 1].tolist())
 
 
+def same_label_pairs(labels: np.ndarray) -> np.ndarray:
+    """``[m, 2]`` every unordered index pair i < j with labels[i] == labels[j] (labels: [n] ints),
+    grouped by label in ascending label order."""
+    labels = np.asarray(labels)
+    pairs = []
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        if len(members) >= 2:
+            pairs.append(members[np.stack(np.triu_indices(len(members), 1), axis=1)])
+    return np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
+
+
+def same_answer_distance(
+    pathways: Sequence[Pathway],
+    answers: np.ndarray,
+    level: Level = "char",
+    normalized: bool = False,
+    max_pairs: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Mean pathway distance over the unordered pairs of samples that share their answer (answers: [n]
+    labels); at most ``max_pairs`` of them, drawn with ``seed``. NaN when no two samples share an answer."""
+    _check_max_pairs(max_pairs)
+    answers = np.asarray(answers)
+    if answers.shape != (len(pathways),):
+        raise ValueError(f"answers must be [{len(pathways)}], got shape {answers.shape}")
+    same = same_label_pairs(answers)
+    if not len(same):
+        return float("nan")
+    if max_pairs is not None and len(same) > max_pairs:
+        same = same[np.sort(np.random.default_rng(seed).choice(len(same), size=max_pairs, replace=False))]
+    return float(pairwise_pathway_distances(pathways, level, normalized, pairs=same).mean(dtype=np.float64))
+
+
+def answer_aligned_distance(
+    pathways: Sequence[Pathway],
+    answers: np.ndarray,
+    level: Level = "char",
+    normalized: bool = False,
+    max_pairs: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Answer-aligned routing (round 4's exploratory metric, docs/method.md): `same_answer_distance` minus
+    the mean over all pairs of the group (random pairs, `group_pathway_distance`; each mean over at most
+    ``max_pairs`` pairs drawn with ``seed``). Negative when samples with the same answer route alike.
+    answers: [n] the samples' answer labels (e.g. the scored target token). NaN when no two samples
+    share an answer. Unit: that of the distance form (edit operations, or a fraction when normalized)."""
+    same = same_answer_distance(pathways, answers, level, normalized, max_pairs, seed)
+    if np.isnan(same):
+        return same
+    return same - group_pathway_distance(pathways, level, normalized, max_pairs, seed, on_small="nan")
+
+
 def cross_group_distance(
     group_a: Sequence[Pathway],
     group_b: Sequence[Pathway],

@@ -41,6 +41,8 @@ class AnalysisOptions:
     positions: tuple[str, ...] = ("all",)  # routing averaged over "all" tokens (paper) / "scored" positions
     memorized_set: str = "growing"  # Table 1's memorized set: one of MEMORIZED_SETS (growing: the paper's reading)
     early_group_min_size: int = 5  # memorized_set="early_groups": Pretrain@t* groups of at least this many samples
+    answer_aligned: bool = False  # exploratory metric answer_aligned (needs one scored target per sample; round 4)
+    step_baseline: bool = False  # Table 1 baseline row: the training step itself as a predictor (round 4)
 
     def __post_init__(self):
         problems = []

@@ -23,7 +23,8 @@ import numpy as np
 # each (eps, delta) of the sweep ("sweeps").
 SCOPES = ("sets", "pretrain_groups", "group_controls", "global", "sweeps")
 VARIANT_SCOPES = ("sets", "pretrain_groups")  # distance variants: beside the primary distance, not on every control
-ROLES = ("primary", "variant", "control", "derived", "diagnostic")
+ROLES = ("primary", "variant", "control", "derived", "diagnostic", "exploratory")
+REQUIREMENTS = ("answers",)  # inputs a metric may need beyond pathways (SetMetrics.has): the samples' answer labels
 FAMILIES = ("distance", "consistency", "")  # partial correlations list the distance family first
 
 # (set engine, split name, sample rows [n] int, checkpoint index) -> the metric's value of that set there
@@ -39,7 +40,9 @@ class Metric:
     pathways, distances and consistencies). role: "primary" (the paper's metrics; Table 1 rows on
     the memorized set and on every control set), "variant" (another form of a primary metric),
     "control" (a confound; Table 1 row on the memorized set), "derived" or "diagnostic" (in the
-    curves only). family: "distance" / "consistency" / "" (groups variants with their metric).
+    curves only), "exploratory" (a candidate of our own, registered as such: Table 1 rows on the
+    memorized set and on every control set, as a primary metric). family: "distance" /
+    "consistency" / "" (groups variants with their metric).
     label: short noun for table and protocol labels ("distance"). table_label: the memorized
     set's Table 1 row (None: no row). title: plot panel title. axis_label: the y axis, with its
     unit. plot: the figure with a panel for it ("analysis", "distances" or None). computed_on:
@@ -48,7 +51,10 @@ class Metric:
     correlation with test accuracy the paper reports (-1, +1; None: not a protocol hypothesis).
     orientation: for a metric the paper's text leaves open which way round it is read, this
     reading ("1 - C", "C": pathway consistency as 1 - C or as the formula's C itself); the protocol
-    tests each reading with the paper's sign.
+    tests each reading with the paper's sign. For an exploratory metric, paper_sign is the sign
+    registered for it before any run (docs/protocol.md). requires: an input the metric needs
+    beyond pathways (REQUIREMENTS; None: none): an engine without it leaves the metric out of every
+    curve, so the report is the one without the metric.
     """
 
     name: str
@@ -66,6 +72,7 @@ class Metric:
     level: str | None = None  # distance variants: "char" or "token" edit distance ...
     normalized: bool | None = None  # ... divided by the longer pathway's length
     orientation: str | None = None
+    requires: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -75,6 +82,8 @@ class Metric:
             problems.append(f"family must be one of {FAMILIES}, got {self.family!r}")
         if not self.computed_on or any(s not in SCOPES for s in self.computed_on):
             problems.append(f"computed_on must name some of {SCOPES}, got {self.computed_on}")
+        if self.requires not in (None, *REQUIREMENTS):
+            problems.append(f"requires must be None or one of {REQUIREMENTS}, got {self.requires!r}")
         if self.plot not in (None, "analysis", "distances"):
             problems.append(f"plot must be None, 'analysis' or 'distances', got {self.plot!r}")
         if problems:
@@ -177,6 +186,11 @@ def _routing_entropy(engine, split: str, rows: np.ndarray, checkpoint: int) -> f
     return _mean_over_rows(engine.routing_entropy(split, checkpoint), rows)
 
 
+def _answer_aligned(engine, split: str, rows: np.ndarray, checkpoint: int) -> float:
+    options = engine.options
+    return engine.answer_aligned(split, rows, checkpoint, options.distance_level, options.distance_normalized)
+
+
 def _consistency_unbounded_share(engine, split: str, rows: np.ndarray, checkpoint: int) -> float:
     return _mean_over_rows(engine.consistency_all(split, checkpoint)[1], rows)
 
@@ -204,11 +218,16 @@ for _metric in (
     Metric("distance_char_normalized", distance_form("char", True), "variant", "length-normalized distance",
            "length-normalized distance", "edit distance / longer pathway (fraction)", family="distance",
            table_label="distance, length-normalized", plot="distances", computed_on=VARIANT_SCOPES, partial=True,
-           level="char", normalized=True),
+           level="char", normalized=True, paper_sign=-1.0),
     Metric("distance_token", distance_form("token", False), "variant", "token-level distance",
            "token-level distance", "pathway edit distance (experts)", family="distance",
            table_label="distance, token level", plot="distances", computed_on=VARIANT_SCOPES, partial=True,
            level="token", normalized=False),
+    # Round 4's exploratory candidate (docs/protocol.md): do samples that share their answer route alike?
+    # Registered sign -1: a model that has found the algorithm may route by the answer (a lookup table need not).
+    Metric("answer_aligned", _answer_aligned, "exploratory", "answer alignment", "answer-aligned routing",
+           "same-answer minus random-pair distance (edit operations)", table_label="answer alignment (memorized)",
+           computed_on=("sets",), paper_sign=-1.0, requires="answers"),
     Metric("consistency_unbounded_share", _consistency_unbounded_share, "diagnostic", "unbounded consistency share",
            "samples with unbounded consistency", "share of samples (0 to 1)"),
 ):

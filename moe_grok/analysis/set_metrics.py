@@ -24,8 +24,12 @@ def rows_at(rows: Rows, checkpoint: int) -> np.ndarray:
 class SetMetrics:
     """Metric curves of sample sets of the splits of `stats` (per-checkpoint statistics sorted by step)."""
 
-    def __init__(self, stats: list[CheckpointStats], options: AnalysisOptions, positions: str):
+    def __init__(self, stats: list[CheckpointStats], options: AnalysisOptions, positions: str,
+                 answers: dict[str, np.ndarray] | None = None):
+        """answers: {split: [N] int answer label of every sample} (registry.REQUIREMENTS "answers"; None:
+        the metrics that need them are left out)."""
         self.stats, self.options = stats, options
+        self.answers = dict(answers or {})
         self.steps = np.array([s.step for s in stats])
         weights_field, self.entropy_field = POSITIONS[positions]
         self.paths = PathwayCache(stats, weights_field)
@@ -46,6 +50,23 @@ class SetMetrics:
                 [every[i] for i in np.asarray(rows).tolist()], level, normalized, self.options.max_pairs,
                 self.options.seed, on_small="nan")
         return self._distances[key]
+
+    def has(self, requirement: str | None) -> bool:
+        """Whether this engine holds the input a metric `requires` (None: nothing beyond pathways)."""
+        return requirement is None or (requirement == "answers" and bool(self.answers))
+
+    def answer_aligned(self, split: str, rows: np.ndarray, checkpoint: int, level: str, normalized: bool) -> float:
+        """metrics.answer_aligned_distance of the samples `rows` of `split` at a checkpoint, their answer
+        labels from `answers` (the random-pair mean is the set's cached `distance`); NaN with fewer than
+        2 samples or no two sharing an answer."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size < 2:
+            return np.nan
+        source = self.paths.strings if level == "char" else self.paths.tokens
+        every = source(split, checkpoint, self.options.tau)
+        same = metrics.same_answer_distance([every[i] for i in rows.tolist()], self.answers[split][rows], level,
+                                            normalized, self.options.max_pairs, self.options.seed)
+        return same - self.distance(split, rows, checkpoint, level, normalized)
 
     def consistency_all(self, split: str, checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """(consistency [N], unbounded flag [N] bool) of every sample of a split at a checkpoint."""
@@ -68,7 +89,8 @@ class SetMetrics:
         """Every registered metric measured in `scope` (registry.SCOPES) of the samples `rows` of
         `split` -> {metric name: [checkpoints] float64}, in registration order. rows: the same [n]
         rows at every checkpoint, or a list of per-checkpoint rows (a growing set), whose every
-        metric is NaN at a checkpoint where it holds fewer than 2 samples."""
+        metric is NaN at a checkpoint where it holds fewer than 2 samples. Metrics whose input this
+        engine lacks (`has`) are left out."""
         per_checkpoint = isinstance(rows, list)
 
         def value(metric, c: int) -> float:
@@ -76,7 +98,7 @@ class SetMetrics:
             return np.nan if per_checkpoint and r.size < 2 else metric.compute(self, split, r, c)
 
         return {metric.name: np.asarray([value(metric, c) for c in range(len(self.stats))], np.float64)
-                for metric in registry.metrics(scope)}
+                for metric in registry.metrics(scope) if self.has(metric.requires)}
 
     def cross_distance(self, split_a: str, rows_a: np.ndarray, split_b: str, rows_b: np.ndarray) -> np.ndarray:
         """[checkpoints] mean primary distance over pairs (a in rows_a, b in rows_b)."""

@@ -40,14 +40,14 @@ def pearson_r(x, y) -> float:
 
 def partial_correlation(x, y, controls) -> dict[str, Any]:
     """Pearson correlation of x and y after removing from each its least-squares fit on the
-    controls (plus an intercept). x, y: [n]; controls: [n, c]. Returns {"r", "p", "n"}; NaN when
-    n <= c + 2, an input is not finite, or a residual is constant. p from the t distribution
-    with n - 2 - c degrees of freedom."""
+    controls (plus an intercept). x, y: [n]; controls: [n, c]. Returns {"r", "p", "n", "df"}; r and p
+    NaN when n <= c + 2, an input is not finite, or a residual is constant. p from the t distribution
+    with df = n - 2 - c degrees of freedom."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     controls = np.asarray(controls, np.float64)
     controls = controls if controls.ndim == 2 else controls.reshape(len(x), -1)
     n, c = controls.shape
-    result = {"r": np.nan, "p": np.nan, "n": int(n)}
+    result = {"r": np.nan, "p": np.nan, "n": int(n), "df": int(n - 2 - c)}
     if n <= c + 2 or not (np.isfinite(x).all() and np.isfinite(y).all() and np.isfinite(controls).all()):
         return result
     design = np.column_stack([np.ones(n), controls])

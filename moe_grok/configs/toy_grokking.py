@@ -33,7 +33,8 @@ def get_config():
         steps=2000,  # optimizer steps
         batch_size=512,  # minibatch (a pure function of (seed, step): exact resume)
         learning_rate=2e-3,  # AdamW peak learning rate
-        warmup_steps=50,  # linear warmup, then constant
+        warmup_steps=50,  # linear warmup, then constant (or the cosine decay below)
+        cosine_decay_steps=0,  # 0: constant learning rate after warmup; > warmup_steps: cosine decay to 0 at this step
         weight_decay=1.0,  # AdamW decoupled weight decay
         b1=0.9, b2=0.98,  # Adam betas
         adam_eps=1e-8,  # Adam epsilon
@@ -54,5 +55,6 @@ def get_config():
     config.analysis.batch_size = 1024  # samples per extraction batch (= train.eval_batch_size: see there)
     config.analysis.train_embeddings = ""  # .npy [train samples, dim] embeddings for pairing ("" = by domain)
     config.analysis.test_embeddings = ""  # .npy [test-split samples, dim] (tasks.evaluation_splits; "" = by domain)
+    config.analysis.pairing_embedding = ""  # "operands": pair groups by tasks.operand_embeddings (no files)
     config.analysis.held_out_split = "validation"  # held-out control of every metric: "validation" or "test" split
     return config

@@ -12,7 +12,8 @@ def get_config():
         n_clusters=(2, 4, 8),  # cluster counts (structures, crossed with spreads)
         spreads=(0.3, 1.0),  # within-cluster std relative to the centers
         router_seeds=20,  # router seeds 0..N-1 per structure (the only thing that varies within one)
-        router_scales=(1.0,),  # router inverse temperatures
+        router_scales=(1.0,),  # router inverse temperatures (larger: input-specific routing), e.g. (1.0, 4.0, 16.0)
+        top_ks=(0,),  # forward-pass gates: 0 = soft routing over all experts, k = the top-k experts, e.g. (0, 2)
     ))
     config.toy = ml_collections.ConfigDict(dict(
         workdir="",  # a finished toy run: follow the bound along its checkpoints instead ("" = synthetic)

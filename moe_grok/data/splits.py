@@ -76,6 +76,16 @@ class EvalSplit:
         """(tokens, mask, targets, target_mask), as extraction.routing's extract_* functions take them."""
         return self.tokens, self.mask, self.targets, self.target_mask
 
+    def answers(self) -> np.ndarray:
+        """[N] int64 every sample's answer: its target token at its one scored position (the toy tasks'
+        answer). ValueError if a sample has more than one scored position (next-token text has no answer)."""
+        scored = np.asarray(self.target_mask) != 0
+        several = np.flatnonzero(scored.sum(axis=1) != 1)
+        if several.size:
+            raise ValueError(f"sample(s) {several[:10].tolist()} ({several.size} in all) have more than one scored "
+                             "position: an answer is the target of a sample's one scored position")
+        return np.asarray(self.targets)[scored].astype(np.int64)
+
     def rows(self, group: str) -> np.ndarray:
         """Indices of the samples of `group` (ValueError naming the known groups otherwise)."""
         if group not in self.group_names:

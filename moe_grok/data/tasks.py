@@ -225,6 +225,21 @@ def answer_targets(inputs: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray,
     return position_targets(inputs, answers, ANSWER_POSITION)
 
 
+OPERAND_EMBEDDING_DIM = 4
+
+
+def operand_embeddings(inputs: np.ndarray, p: int) -> np.ndarray:
+    """[N, 4] float64 (cos, sin of 2 pi a / p, cos, sin of 2 pi b / p) of the sequences ``[a, op, b, =]``
+    in inputs [N, SEQ_LEN]: a per-sample embedding of the operands for pairing Pretrain@t* with Test@t#
+    groups. Two samples' cosine similarity is (cos(2 pi (a - a') / p) + cos(2 pi (b - b') / p)) / 2: near
+    operands on the circle of residues mod p are similar, as they are for the modular operations."""
+    inputs = np.asarray(inputs)
+    if inputs.ndim != 2 or inputs.shape[1] != SEQ_LEN:
+        raise ValueError(f"inputs must be [N, {SEQ_LEN}], got shape {inputs.shape}")
+    angles = 2.0 * np.pi * inputs[:, [0, 2]].astype(np.float64) / p  # [N, 2]: a, b
+    return np.stack([np.cos(angles[:, 0]), np.sin(angles[:, 0]), np.cos(angles[:, 1]), np.sin(angles[:, 1])], axis=1)
+
+
 def evaluation_splits(data: AlgorithmicDataset, validation_share: float = 0.5) -> dict[str, EvalSplit]:
     """The splits every checkpoint is evaluated on (by training's evaluation and by the analysis),
     scored at the answer position, groups = operations: "train", and the held-out pairs cut in two

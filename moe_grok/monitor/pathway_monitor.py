@@ -21,7 +21,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from moe_grok import pipeline, strict_json
-from moe_grok.analysis import registry
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.memorization import memorization
 from moe_grok.analysis.options import POSITIONS, AnalysisOptions
@@ -282,8 +281,8 @@ class PathwayMonitor:
             for name, (_, rows) in sets.items():
                 out[f"{p}/{domain}/{name}/n"] = float(rows_at(rows, 0).size)
                 out.update({f"{p}/{domain}/{name}/{metric}": v for metric, v in values[domain][name].items()})
-            for metric in registry.names("sets"):
-                by_set = values[domain]
+            by_set = values[domain]
+            for metric in by_set["memorized"]:  # the registry's "sets" metrics this engine measures
                 contrast = by_set["memorized"][metric] - by_set["held_out"][metric] if "held_out" in by_set else np.nan
                 out[f"{p}/{domain}/{CONTRAST}/{metric}"] = float(contrast)
             out[f"{p}/{domain}/detector/n_memorized"] = float(memorized.sum())

@@ -26,20 +26,27 @@ DOMAIN_ROWS = (  # (key in a domain's table1, label) of the domain's own curves
     ("train_loss", "training loss"),
     ("train_loss_moving_average", "training loss, moving average"),
     ("validation_loss", "validation loss"),
+    ("training_step", "baseline: training step"),  # with analysis.step_baseline
 )
 CONTROL_SET_LABELS = {"held_out": "held-out test samples", "random_train": "random non-memorized train"}
+SHORT_CONTROL_LABELS = {"held_out": "held-out", "random_train": "random train"}  # rows of the exploratory metrics
 
 
 def table1_rows() -> list[tuple[str, str]]:
     """(key in a domain's table1, label) of every Table 1 row, from the metric registry: the
     paper's metrics on the memorized samples, the domain's losses, the metrics' variants, the
-    paper's metrics on every control set, then the confounds (pathway length, routing entropy)."""
+    paper's metrics on every control set, the exploratory metrics on the memorized and every control
+    set, then the confounds (pathway length, routing entropy). A report shows the rows it has."""
     primary = registry.metrics(role="primary")
     rows = [(f"memorized/{m.name}", m.table_label) for m in primary]
     rows += DOMAIN_ROWS
     rows += [(f"memorized/{m.name}", m.table_label) for m in registry.metrics(role="variant") if m.table_label]
     rows += [(f"{name}/{m.name}", f"control: {m.label} ({label})") for name, label in CONTROL_SET_LABELS.items()
              for m in primary]
+    exploratory = registry.metrics(role="exploratory")
+    rows += [(f"memorized/{m.name}", m.table_label) for m in exploratory]
+    rows += [(f"{name}/{m.name}", f"control: {m.label} ({label})") for name, label in SHORT_CONTROL_LABELS.items()
+             for m in exploratory]
     rows += [(f"memorized/{m.name}", m.table_label) for m in registry.metrics(role="control") if m.table_label]
     return rows
 

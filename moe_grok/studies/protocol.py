@@ -82,6 +82,7 @@ def summarize_arm(positions: tuple[str, ...], seed_dirs: list[str], analysis_sec
             "per_seed_domains": [protocol_stats.seed_domain_facts(r) for r in seed_reports],
             "verdicts": {key: protocol_stats.verdict(summary[key], side) for key, _, side in QUANTITIES if side},
             "table1": protocol_stats.table1_across_seeds(seed_reports),
+            "window_sizes": protocol_stats.window_sizes(seed_reports),
             "test_accuracy": [r["domains"][d]["curves"].get("test_accuracy") for r in seed_reports
                               for d in r["domains"]],
             "steps": seed_reports[0]["steps"]}
@@ -196,6 +197,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, command: str = "", prog
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, Any] = {"arms": {}, "name": config.name, "command": command,
                                "date": time.strftime("%Y-%m-%d"), "analysis_process": config.analysis_process}
+    if "registered" in config:  # round 4: the arms and metrics of its primary criterion
+        results["registered"] = config.registered.to_dict()
     analyses = _AnalysisQueue(in_process=not config.analysis_process, processes=config.analysis_processes,
                               plot_first_seed=config.seed_plots)
     try:

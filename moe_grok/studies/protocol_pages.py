@@ -104,6 +104,29 @@ def hypothesis_verdicts(results: dict[str, Any], positions: str) -> dict[str, st
                 out[f"{arm}: H3 ({verdict_name(metric)})"] = (
                     "confirmed" if alignment == "confirmed" and wide >= 0.5 else
                     "refuted" if alignment == "refuted" else "inconclusive")
+    out.update(registered_verdicts(results, positions))
+    return out
+
+
+def registered_verdicts(results: dict[str, Any], positions: str) -> dict[str, str]:
+    """Round 4's primary (and exploratory) criterion over arms, where the config registers its arms
+    (`registered`: metrics, grokking_arms, late_arms, control_arms): a late arm counts as grokking
+    when at least 6 of its seeds grok (docs/protocol.md, "Round 4")."""
+    registered = results.get("registered")
+    if not registered:
+        return {}
+    arms = {a: r for a, r in results["arms"].items() if positions in r["positions"]}
+    late = [a for a in registered["late_arms"] if a in arms and sum(
+        m["groks"] == 1.0 for m in arms[a]["positions"][positions]["per_seed"]) >= protocol_stats.LATE_PILOT_GROKKED]
+    grokking = [a for a in (*registered["grokking_arms"], *late) if a in arms]
+    controls = [a for a in registered["control_arms"] if a in arms]
+    out = {}
+    for metric in registered["metrics"]:
+        margins = {a: arms[a]["positions"][positions]["verdicts"][f"h2_{metric}_signed_margin_over_loss"]
+                   for a in (*grokking, *controls)}
+        name = "H4" if metric == registered["metrics"][0] else "exploratory"
+        out[f"{name} ({verdict_name(metric)}; grokking arms {', '.join(grokking)}; controls {', '.join(controls)})"] = (
+            protocol_stats.h4_verdict(margins, grokking, controls))
     return out
 
 
@@ -131,12 +154,15 @@ def markdown(results: dict[str, Any], quantities: Quantities) -> str:
         lines += ["", "Table 1 across seeds (windowed Pearson r with test accuracy; mean [95% CI] through "
                   "Fisher's z):", "",
                   "| row | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-        rows = next(iter(results["arms"].values()))["positions"][positions]["table1"]
+        rows = list(dict.fromkeys(row for r in results["arms"].values() if positions in r["positions"]
+                                  for row in r["positions"][positions]["table1"]))  # every arm's rows, in order
         for row in rows:
             cells = [_cell(results["arms"][a]["positions"][positions]["table1"][row]["pearson_r"])
-                     if positions in results["arms"][a]["positions"] else "" for a in arms]
+                     if row in results["arms"][a]["positions"].get(positions, {}).get("table1", {}) else ""
+                     for a in arms]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _window_sizes(results, positions, arms)
     lines += _per_seed_tables(results)
     overlapped = (", in separate processes beside the next arm's training if any"
                   if results.get("analysis_process") else "")
@@ -144,6 +170,23 @@ def markdown(results: dict[str, Any], quantities: Quantities) -> str:
     lines += [f"- {a}: training {r['train_seconds'] / 60:.1f} min, analysis {r['analysis_seconds'] / 60:.1f} min"
               for a, r in results["arms"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _window_sizes(results: dict[str, Any], positions: str, arms: list[str]) -> list[str]:
+    """The correlation window's checkpoints (n) and the partial correlations' degrees of freedom, min-max
+    over seeds and domains per arm (runs analysed before they were recorded have none)."""
+    def span(values) -> str:
+        return "n/a" if not values else f"{values[0]}" if values[0] == values[1] else f"{values[0]}-{values[1]}"
+
+    sizes = {a: results["arms"][a]["positions"].get(positions, {}).get("window_sizes") for a in arms}
+    if not any(sizes.values()):
+        return []
+    lines = ["Window sizes (min-max over seeds and domains): checkpoints n in the correlation window, and the "
+             "degrees of freedom of the partial correlations (n - 4):", "",
+             "| | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for key, label in (("window_n", "window n"), ("partial_df", "partial r df")):
+        lines.append(f"| {label} | " + " | ".join(span((sizes[a] or {}).get(key, [])) for a in arms) + " |")
+    return lines + [""]
 
 
 def _per_seed_tables(results: dict[str, Any]) -> list[str]:

@@ -14,6 +14,8 @@ MIN_EARLY_GROUP = 5  # samples in an "early" Pretrain@t* group
 METRICS = tuple(m.name for m in registry.protocol_metrics())  # the metrics whose hypotheses the protocol tests
 PAPER_SIGN = {m.name: m.paper_sign for m in registry.protocol_metrics()}
 # metric -> its name in the verdicts where the paper leaves its orientation open ("consistency, as C")
+CONTROL_SETS = ("held_out", "random_train")  # Table 1's control sets of every metric (analysis.analyze)
+CONTROL_LABELS = {"held_out": "held-out", "random_train": "random-train"}
 ORIENTED_NAMES = {m.name: f"{m.family}, as {m.orientation}" for m in registry.protocol_metrics() if m.orientation}
 
 
@@ -39,6 +41,11 @@ def quantities() -> tuple[tuple[str, str, str], ...]:
     rows += [(f"h2_{m.name}_margin_over_loss", f"H2, sign ignored: |r({m.label})| - |r(training loss)|", ">0")
              for m in tested]
     rows += [(f"h2_{m.name}_margin_over_held_out", f"|r({m.label})| - |r(held-out {m.label})|", "") for m in tested]
+    rows += [(f"r_{m.name}_{control}", f"r({CONTROL_LABELS[control]} {m.label}, test acc), window", "")
+             for m in tested for control in CONTROL_SETS]
+    rows += [(f"contrast_{m.name}_{control}",
+              f"{m.paper_sign:+.0f} x (r(memorized {m.label}) - r({CONTROL_LABELS[control]} {m.label}))", "")
+             for m in tested for control in CONTROL_SETS]
     rows += [(f"{m.name}_paper_sign", f"share of seeds with {m.label} r {side(m)[0]} 0 (the paper's sign)", "")
              for m in tested]
     rows += [(f"h3_{m.name}_alignment", f"H3: {m.label} alignment with its own domain's accuracy", ">0")
@@ -57,13 +64,16 @@ def summarize(key: str, values) -> dict[str, Any]:
     in the quantity's range: Fisher's z for correlations (r_*), Wilson for shares of seeds (groks, the
     paper's sign), the t interval clipped to the range for bounded means (margins in [-2, 1] or
     [-1, 1], alignment, accuracy and shares of samples in [0, 1]), the t interval otherwise (slopes,
-    counts, entropy, length). docs/protocol.md, "Amendments after round 3"."""
+    counts, entropy, length); the memorized-minus-control contrasts of r in [-2, 2]. docs/protocol.md,
+    "Amendments after round 3" and "Round 4"."""
     if key == "groks" or key.endswith("_paper_sign"):
         return share_ci(values)
     if key.startswith("r_"):
         return fisher_mean_ci(values)
     if key.startswith("h2_") and "_signed_margin" in key:
         return bounded_mean_ci(values, -2.0, 1.0)
+    if key.startswith("contrast_"):
+        return bounded_mean_ci(values, -2.0, 2.0)
     if key.startswith(("h2_", "h3_")):
         return bounded_mean_ci(values, -1.0, 1.0)
     if key in ("final_test_accuracy", "share_memorized_before_end"):
@@ -97,10 +107,10 @@ def domain_measurements(report: dict[str, Any], domain: str) -> dict[str, float]
     early = [g for g in d["pretrain_groups"].values() if g["n"] >= MIN_EARLY_GROUP and g["step"] < horizon]
     out["early_groups"] = float(len(early))
     out["share_memorized_before_end"] = d["memorization"]["share_before_end"]
-    for metric in METRICS:
-        out[f"h1_{metric}_slope"] = _mean([g["trend_after_t_star"][metric]["slope"] for g in early])
+    for metric in METRICS:  # a metric not measured on the groups (or their controls) gives NaN
+        out[f"h1_{metric}_slope"] = _mean([_slope(g["trend_after_t_star"], metric) for g in early])
         out[f"h1_{metric}_slope_minus_held_out"] = _mean(
-            [g["trend_after_t_star"][metric]["slope"] - g["control_trends"]["held_out"][metric]["slope"]
+            [_slope(g["trend_after_t_star"], metric) - _slope(g["control_trends"]["held_out"], metric)
              for g in early if "held_out" in g["control_trends"]])
     table = d.get("table1", {})
     loss_r = table.get("train_loss", {}).get("window", {}).get("pearson_r", float("nan"))
@@ -112,11 +122,19 @@ def domain_measurements(report: dict[str, Any], domain: str) -> dict[str, float]
         out[f"h2_{metric}_margin_over_loss"] = abs(r) - abs(loss_r)
         out[f"h2_{metric}_margin_over_held_out"] = abs(r) - abs(held_out)
         out[f"{metric}_paper_sign"] = float(np.sign(r) == PAPER_SIGN[metric]) if np.isfinite(r) else float("nan")
+        for control in CONTROL_SETS:
+            r_control = table.get(f"{control}/{metric}", {}).get("window", {}).get("pearson_r", float("nan"))
+            out[f"r_{metric}_{control}"] = r_control
+            out[f"contrast_{metric}_{control}"] = PAPER_SIGN[metric] * (r - r_control)
     out["r_train_loss"] = loss_r
     entropy = d["sets"]["memorized"]["curves"]["routing_entropy"]
     length = d["sets"]["memorized"]["curves"]["pathway_length"]
     out.update(entropy_first=entropy[0], entropy_last=entropy[-1], length_first=length[0], length_last=length[-1])
     return out
+
+
+def _slope(trends: dict[str, dict], metric: str) -> float:
+    return trends[metric]["slope"] if metric in trends else float("nan")
 
 
 def alignment(report: dict[str, Any], metric: str) -> float:
@@ -126,7 +144,9 @@ def alignment(report: dict[str, Any], metric: str) -> float:
         return float("nan")
     values = []
     for d in domains:
-        curve = report["domains"][d]["sets"]["memorized"]["curves"][metric]
+        curve = report["domains"][d]["sets"]["memorized"]["curves"].get(metric)
+        if curve is None:  # a metric this report does not hold (registry's `requires`)
+            return float("nan")
         accuracy = {e: report["domains"][e]["curves"]["test_accuracy"] for e in domains}
         own = abs(statistics.pearson_r(curve, accuracy[d]))
         others = [abs(statistics.pearson_r(curve, accuracy[e])) for e in domains if e != d]
@@ -183,9 +203,11 @@ def seed_measurements(report: dict[str, Any]) -> dict[str, float]:
 def table1_across_seeds(reports: list[dict[str, Any]]) -> dict[str, dict]:
     """Every Table 1 row (with controls): mean and CI across seeds (and domains) of the windowed
     Pearson r, its Spearman r, and the partial r of distance and consistency, by Fisher's z
-    (`fisher_mean_ci`: the mean and interval stay in [-1, 1])."""
+    (`fisher_mean_ci`: the mean and interval stay in [-1, 1]). Rows no report holds are left out."""
     rows: dict[str, dict] = {}
     for key, label in table1_rows():
+        if not any(key in d.get("table1", {}) for r in reports for d in r["domains"].values()):
+            continue  # a row no report holds (an optional baseline, a metric that needs other inputs)
         for stat in ("pearson_r", "spearman_r"):
             values = [_mean([d["table1"][key]["window"][stat] for d in r["domains"].values()
                              if key in d.get("table1", {})]) for r in reports]
@@ -195,6 +217,44 @@ def table1_across_seeds(reports: list[dict[str, Any]]) -> dict[str, dict]:
                          for d in r["domains"].values()]) for r in reports]
         rows[f"partial r({metric} | entropy, length)"] = {"pearson_r": fisher_mean_ci(values)}
     return rows
+
+
+LATE_PILOT_GROKKED = 6  # round 4's late-grokking pilot: seeds (of 8) that must grok ...
+LATE_PILOT_MARGIN = 500  # ... with the onset at least this many steps before the stage's end
+
+
+def late_pilot_stops(onsets, stage: int, needed: int = LATE_PILOT_GROKKED, margin: int = LATE_PILOT_MARGIN) -> bool:
+    """The late-grokking pilot's registered rule (docs/protocol.md, "Round 4"): the stage ending at step
+    `stage` is the late arm's budget if >= `needed` seeds grok (onsets: grokking.grok_onset per seed,
+    -1 = none) with their onset at least `margin` steps before the stage's end."""
+    return sum(0 <= onset <= stage - margin for onset in onsets) >= needed
+
+
+def h4_verdict(margins: dict[str, str], grokking_arms, control_arms) -> str:
+    """Round 4's primary criterion (docs/protocol.md, "Round 4") from each arm's verdict of its signed
+    margin over training loss (`margins`: arm -> "confirmed" / "refuted" / "inconclusive..."):
+    confirmed if it is confirmed in every grokking arm and in no control; refuted if it is refuted in
+    a grokking arm or confirmed in two or more controls; otherwise inconclusive."""
+    grokking = [margins.get(a, "inconclusive") for a in grokking_arms]
+    controls = [margins.get(a, "inconclusive") for a in control_arms]
+    if not grokking:
+        return "inconclusive (no grokking arm)"
+    if "refuted" in grokking or controls.count("confirmed") >= 2:
+        return "refuted"
+    if all(v == "confirmed" for v in grokking) and "confirmed" not in controls:
+        return "confirmed"
+    return "inconclusive"
+
+
+def window_sizes(reports: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """[min, max] over seeds and domains of the correlation window's checkpoints ("window_n") and of the
+    memorized set's partial correlations' degrees of freedom ("partial_df"; n - 4: two controls);
+    [] where no report has one."""
+    window_n = [d["window"]["n"] for r in reports for d in r["domains"].values() if "window" in d]
+    partial_df = [p["df"] for r in reports for d in r["domains"].values()
+                  for p in d.get("partial_correlations", {}).get("memorized", {}).values() if "df" in p]
+    return {"window_n": [min(window_n), max(window_n)] if window_n else [],
+            "partial_df": [min(partial_df), max(partial_df)] if partial_df else []}
 
 
 def verdict(summary: dict[str, Any], confidence_key: str) -> str:

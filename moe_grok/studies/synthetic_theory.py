@@ -1,6 +1,6 @@
 """The paper's synthetic check of the routing-kernel theory as a study (docs/method.md, "Theory"):
 a sweep of one-run measurements (theory/synthetic_run.py) over cluster structures x router scales x
-router seeds, the correlations between pathway edit distance and d_eff (within structures: the
+top-k gates x router seeds, the correlations between pathway edit distance and d_eff (within structures: the
 paper's Fig. 8) and between the bound and the test error, written as tables and a figure.
 """
 from __future__ import annotations
@@ -37,12 +37,15 @@ CORRELATION_PAIRS = (  # the first is the paper's Fig. 8 (primary)
 
 
 def sweep_synthetic(base: SyntheticConfig, structures, router_seeds, router_scales=(1.0,), mesh=None,
-                    progress: bool = True):
-    """Run every (n_clusters, spread) structure x router_scale x router_seed -> list of result dicts."""
-    grid = list(itertools.product(structures, router_scales, router_seeds))
+                    progress: bool = True, top_ks=(0,)):
+    """Run every (n_clusters, spread) structure x router_scale x top_k x router_seed -> list of result dicts
+    (top_k: experts kept per sample in the forward pass, 0 = soft routing; a sparse gate is part of the
+    structure: only the router seed varies inside one)."""
+    grid = list(itertools.product(structures, router_scales, top_ks, router_seeds))
     return [run_synthetic(dataclasses.replace(base, n_clusters=n_clusters, spread=spread, router_scale=scale,
-                                              router_seed=seed), mesh=mesh)
-            for (n_clusters, spread), scale, seed in track(grid, desc="synthetic runs", unit="run", enabled=progress)]
+                                              top_k=top_k, router_seed=seed), mesh=mesh)
+            for (n_clusters, spread), scale, top_k, seed in track(grid, desc="synthetic runs", unit="run",
+                                                                  enabled=progress)]
 
 
 def format_table(rows, columns=TABLE_COLUMNS, header=True, width=9) -> str:
@@ -54,11 +57,11 @@ def format_table(rows, columns=TABLE_COLUMNS, header=True, width=9) -> str:
 
 
 def _group_key(row):
-    return (row["n_clusters"], row["spread"], row["router_scale"])
+    return (row["n_clusters"], row["spread"], row["router_scale"], row.get("top_k", 0))
 
 
 def _structure_label(key) -> str:
-    return f"K={key[0]} spread={key[1]} scale={key[2]}"
+    return f"K={key[0]} spread={key[1]} scale={key[2]}" + (f" top_k={key[3]}" if key[3] else "")
 
 
 def within_structure(rows, a: str, b: str) -> dict:
@@ -170,13 +173,14 @@ def save_plots(rows, corr: dict, path: str) -> None:
 
 
 def run_sweep(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> str:
-    """The sweep of moe_grok/configs/verify_theory.py: every structure x router scale x router seed.
+    """The sweep of moe_grok/configs/verify_theory.py: every structure x router scale x top-k x router seed.
 
     Writes results.csv, results.json and theory.png to config.out; returns the correlation text."""
     base = SyntheticConfig.from_config(config.synthetic)
     structures = [(int(k), float(s)) for k in config.sweep.n_clusters for s in config.sweep.spreads]
     rows = sweep_synthetic(base, structures, range(config.sweep.router_seeds),
-                           [float(s) for s in config.sweep.router_scales], mesh=mesh)
+                           [float(s) for s in config.sweep.router_scales], mesh=mesh,
+                           top_ks=[int(k) for k in config.sweep.get("top_ks", (0,))])
     corr = correlations(rows)
     os.makedirs(config.out, exist_ok=True)
     with atomic_files.open_aside(os.path.join(config.out, "results.csv"), "w", newline="") as f:

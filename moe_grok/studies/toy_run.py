@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -120,6 +121,26 @@ def held_out_split(config: ml_collections.ConfigDict) -> str:
     return name
 
 
+PAIRING_EMBEDDINGS = ("", "operands")  # analysis.pairing_embedding: files (or by domain), or from the task
+
+
+def pairing_embeddings(config: ml_collections.ConfigDict, splits: dict) -> dict[str, np.ndarray | None]:
+    """{"train": [N_train, d] or None, "test": [N_test, d] or None}, the per-sample embeddings that pair
+    Pretrain@t* with Test@t# groups: with analysis.pairing_embedding = "operands", tasks.operand_embeddings
+    of each split's sequences; otherwise the .npy files analysis.train_embeddings / test_embeddings
+    ("" = none: groups then share only their domain and pair in chronological order)."""
+    kind = config.analysis.get("pairing_embedding", "")
+    if kind not in PAIRING_EMBEDDINGS:
+        raise ValueError(f"analysis.pairing_embedding must be one of {PAIRING_EMBEDDINGS}, got {kind!r}")
+    paths = {split: config.analysis.get(f"{split}_embeddings", "") for split in ("train", "test")}
+    if kind == "operands":
+        if any(paths.values()):
+            raise ValueError("analysis.pairing_embedding='operands' and embedding files both given: choose one")
+        return {split: tasks.operand_embeddings(splits[split].tokens, config.task.p) for split in paths}
+    # Loaded and checked before any checkpoint is: a wrong file fails in seconds, not after the extraction.
+    return {split: load_embeddings(path, split, len(splits[split])) if path else None for split, path in paths.items()}
+
+
 def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None,
                 progress: bool = True, with_plots: bool = True, artifact: str | None = None) -> dict[str, Any]:
     """pipeline.run_pipeline over the run's checkpoints (cache in workdir/analysis/cache,
@@ -129,10 +150,7 @@ def analyze_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     resolved config) to this path; pipeline.rederive gives the report back from it."""
     options = AnalysisOptions.from_config(config.analysis)
     splits = tasks.evaluation_splits(tasks.make_dataset(task_spec(config)))
-    # Loaded and checked before any checkpoint is: a wrong file fails in seconds, not after the extraction.
-    paths = {split: config.analysis.get(f"{split}_embeddings", "") for split in ("train", "test")}  # "" = by domain
-    embeddings = {split: load_embeddings(path, split, len(splits[split])) if path else None
-                  for split, path in paths.items()}
+    embeddings = pairing_embeddings(config, splits)
     return pipeline.run_pipeline(run_checkpoint_sources(workdir), splits,
                                  os.path.join(workdir, ANALYSIS_DIR), test_split="test", validation_split="validation",
                                  held_out_split=held_out_split(config),

@@ -18,12 +18,14 @@ import ml_collections
 from moe_grok import strict_json
 from moe_grok.config import FIELDS_ADDED_LATER, MoEConfig
 from moe_grok.locking import DirectoryLock
+from moe_grok.training.optimizer import OPTIMIZER_DEFAULTS
 
 IDENTITY_FILE = "run.json"
 LOCK_FILE = "train.lock"
 NOT_IDENTITY = ("steps", "eval_every", "checkpoint_every", "eval_batch_size")  # keys that leave the trajectory
 # Identity fields added after runs were recorded without them: the value those runs trained with.
-ADDED_IDENTITY_FIELDS = {f"model.{name}": value for name, value in FIELDS_ADDED_LATER.items()}
+ADDED_IDENTITY_FIELDS = {**{f"model.{name}": value for name, value in FIELDS_ADDED_LATER.items()},
+                         **{f"train.{name}": value for name, value in OPTIMIZER_DEFAULTS.items()}}
 
 
 def _positive_int(value) -> bool:
@@ -53,6 +55,10 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
     for key in ("b1", "b2", "label_smoothing"):
         if not (_finite_at_least(train[key], 0.0) and train[key] < 1):
             problems.append(f"{key} must be in [0, 1), got {train[key]!r}")
+    decay_steps = train.get("cosine_decay_steps", 0)
+    if not (isinstance(decay_steps, int) and not isinstance(decay_steps, bool)
+            and (decay_steps == 0 or decay_steps > train.warmup_steps)):
+        problems.append(f"cosine_decay_steps must be 0 (constant) or an integer > warmup_steps, got {decay_steps!r}")
     if not isinstance(train.router_weight_decay, bool):
         problems.append(f"router_weight_decay must be a bool, got {train.router_weight_decay!r}")
     if problems:

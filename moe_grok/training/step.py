@@ -20,7 +20,7 @@ from moe_grok.config import MoEConfig
 from moe_grok.data import tasks
 from moe_grok.model import params as params_lib
 from moe_grok.training import losses
-from moe_grok.training.optimizer import OPTIMIZER_KEYS, make_optimizer
+from moe_grok.training.optimizer import OPTIMIZER_DEFAULTS, OPTIMIZER_KEYS, make_optimizer
 
 # XLA's CPU backend hands only matmuls to its YNNPACK library, not elementwise ops and reductions:
 # for the toy step's many small [B, S, H, Dh] fusions its own loops are faster (docs/benchmarks.md).
@@ -103,7 +103,8 @@ def compiled_train_step(model_config: MoEConfig, train: ml_collections.ConfigDic
                         mesh: jax.sharding.Mesh | None = None):
     """make_train_step for `config.train`, shared by every run of one process with the same
     model, optimizer and mesh (so the seeds of a multi-seed run, and repeated runs, compile once)."""
-    return _cached_train_step(model_config, tuple((k, train[k]) for k in OPTIMIZER_KEYS), mesh)
+    settings = tuple((k, train.get(k, OPTIMIZER_DEFAULTS.get(k))) for k in OPTIMIZER_KEYS)
+    return _cached_train_step(model_config, settings, mesh)
 
 
 @functools.lru_cache(maxsize=16)
