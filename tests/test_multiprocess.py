@@ -70,7 +70,11 @@ def _run_pair(workspace, out_dir, records, crash="none"):
     """Both processes of one run: [(returncode, stderr, Unix time of its exit)] by process id. records: the directory of
     their event files (record_<id>.jsonl, appended to)."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    # The test session's XLA flags (conftest: its code generation, which sets the float rounding the single-process
+    # reference ran with), with 2 devices per process instead of 8.
+    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    env = dict(os.environ, XLA_FLAGS=" ".join([*xla_flags, "--xla_force_host_platform_device_count=2"]),
+               JAX_PLATFORMS="cpu")
     flags = [f"--config.{k}={v}" for k, v in _overrides(workspace, out_dir).items()]
     procs = []
     for process_id in range(2):
