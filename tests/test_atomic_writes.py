@@ -100,7 +100,12 @@ def test_report_files_are_replaced_as_a_set_or_not_at_all(two_reports, tmp_path,
 
 
 def test_plots_are_written_whole(two_reports, tmp_path, monkeypatch):
+    from moe_grok.report import plots
+
     old, new = two_reports
+    # Two of the figures (drawing every one is most of this test's time; test_training draws them all): the set
+    # of figures is written whole or not at all, whichever figures it holds.
+    monkeypatch.setattr(plots, "FIGURES", {name: plots.FIGURES[name] for name in ("groups.png", "per_layer.png")})
     write_report(new, str(tmp_path / "probe"), with_plots=False)
     tables = sum(len(v) for v in _files(tmp_path / "probe").values())
     out = tmp_path / "out"
@@ -112,6 +117,7 @@ def test_plots_are_written_whole(two_reports, tmp_path, monkeypatch):
         write_report(new, str(out))
     monkeypatch.undo()
     assert _files(out) == before and not _temporaries(out)
+    assert {"groups.png", "per_layer.png"} <= set(before)
 
 
 def _run_pipeline(monkeypatch, out_dir, seed, positions):
