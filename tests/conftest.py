@@ -47,9 +47,10 @@ def rng():
 # The files whose tests take longest (summed test durations, 2-core Intel Xeon, 2026-12-07), scheduled first:
 # `--dist loadfile` deals whole files to the workers in collection order, so a long file dealt last would run
 # alone at the end while the other worker idles. Other files keep their alphabetical order after these.
-LONGEST_FILES_FIRST = ("test_protocol.py", "test_multiprocess.py", "test_qwen3_moe.py", "test_training.py",
-                       "test_model.py", "test_expert_parallel.py", "test_theory.py", "test_atomic_writes.py",
-                       "test_olmoe_pipeline.py", "test_extraction.py")
+LONGEST_FILES_FIRST = ("test_protocol.py", "test_model.py", "test_training.py", "test_qwen3_moe.py",
+                       "test_expert_parallel.py", "test_multiprocess.py", "test_theory.py", "test_olmoe_pipeline.py",
+                       "test_atomic_writes.py", "test_cache.py", "test_extraction.py", "test_monitor.py",
+                       "test_monitor_examples.py")
 
 
 def pytest_collection_modifyitems(items):
