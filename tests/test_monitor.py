@@ -242,6 +242,25 @@ def test_toy_run_monitor_report_equals_the_analysis_of_its_checkpoints(toy_monit
             assert (tmp_path / "out" / "report" / name).read_bytes() == f.read(), name
 
 
+def test_the_report_command_reads_a_monitor_history(toy_monitored_run, tmp_path, capsys):
+    """`moe-grok report --history_dir --out_dir`: the history's report files, its table printed."""
+    from absl import logging
+
+    from moe_grok import cli
+
+    _, workdir = toy_monitored_run
+    verbosity = logging.get_verbosity()
+    try:
+        cli.main(["report", f"--history_dir={os.path.join(workdir, HISTORY_DIR)}", f"--out_dir={tmp_path}",
+                  "--noplots"])
+    finally:
+        logging.set_verbosity(verbosity)  # the command quiets absl's logging, as a launcher does
+    printed = capsys.readouterr().out
+    table = (tmp_path / "report" / "table.txt").read_text()
+    assert table.strip() in printed and f"report: {tmp_path / 'report'}" in printed
+    assert not list((tmp_path / "report").glob("*.png"))
+
+
 def test_toy_held_out_control_is_the_validation_split_with_the_test_split_as_option():
     """Issue 34, defect 7: the held-out control of every metric is the validation split by default."""
     config = tiny_config()

@@ -318,10 +318,13 @@ def _report_flags(flag_values, argv):
 
 
 def _report_run(flag_values, args, command):
+    from moe_grok import pipeline
     from moe_grok.monitor import report_from_history
+    from moe_grok.report.files import format_table
 
-    report_from_history(flag_values.history_dir, flag_values.out_dir, with_plots=flag_values.plots)
-    print(f"report: {flag_values.out_dir}")
+    report = report_from_history(flag_values.history_dir, flag_values.out_dir, with_plots=flag_values.plots)
+    print(format_table(report))
+    print(f"report: {os.path.join(flag_values.out_dir, pipeline.REPORT_DIR)}")
 
 
 REPORT = Job("report", "the full post-hoc report from a training monitor's stored history", """\
