@@ -13,7 +13,6 @@ Prints each side's wall and process CPU times, the monitor's own time per update
 the median wall times; the goal is <= 1.05. On a loaded machine the ratio is noise-bound; the
 monitor's own time is measured directly.
 """
-import os
 import tempfile
 import time
 
@@ -21,6 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_grok import configs
 from moe_grok.monitor.training_callback import MonitorCallback
 from moe_grok.studies import launch, toy_run
 from moe_grok.training import loop
@@ -28,7 +28,7 @@ from moe_grok.training import loop
 GOAL = 1.05
 SIDES = ("plain", "monitored")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "toy_grokking.py"), "Toy run config.")
+    "config", configs.path("toy_grokking"), "Toy run config.")
 _STEPS = flags.DEFINE_integer("steps", None, "Optimizer steps of each run (default: the config's).")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Interleaved rounds (one run of each side per round).")
 

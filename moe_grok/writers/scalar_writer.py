@@ -14,6 +14,7 @@ such).
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -43,3 +44,37 @@ def checked_scalars(step: int, scalars: Mapping[str, object]) -> tuple[int, dict
                             f"{value!r}")
         checked[name] = float(value)
     return int(step), checked
+
+
+class AppendingFile:
+    """The file side of a scalar writer: `append` opens `self.path` on first use (in `mode`, "a" or "ab")
+    and keeps it open across writes; `flush` and `close` (idempotent) as the protocol says; usable as a
+    context manager; one lock, so one writer may serve several threads (a callback of several seeds)."""
+
+    def __init__(self, path: str, mode: str):
+        self.path, self._mode = path, mode
+        self._file = None
+        self._lock = threading.Lock()
+
+    def append(self, data) -> None:
+        with self._lock:
+            if self._file is None:
+                self._file = open(self.path, self._mode)  # noqa: SIM115  (open across writes; close() closes it)
+            self._file.write(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

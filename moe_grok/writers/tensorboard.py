@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from moe_grok import atomic_files
 from moe_grok.writers import tfevents
-from moe_grok.writers.scalar_writer import checked_scalars
+from moe_grok.writers.scalar_writer import AppendingFile, checked_scalars
 
 EVENT_FILE_MARK = "tfevents"  # TensorBoard reads every file of a directory whose name holds it
 _file_numbers = itertools.count()  # with the pid and the time: two writers never share a file name
@@ -39,7 +39,7 @@ def event_files(logdir: str) -> list[str]:
             if EVENT_FILE_MARK in name and atomic_files.TMP_MARK not in name]
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(AppendingFile):
     """Writes scalars to a new event file in `logdir` (a scalar writer: see scalar_writer); one event per
     `write_scalars`, its values stored as float32 (NaN and Inf kept), wall time now.
 
@@ -52,10 +52,10 @@ class TensorBoardWriter:
     """
 
     def __init__(self, logdir: str, history: Iterable[tuple[int, Mapping[str, float]]] | None = None):
+        super().__init__(os.path.join(logdir, event_file_name()), "ab")
         self.logdir = logdir
         os.makedirs(logdir, exist_ok=True)
         atomic_files.remove_stale_temporaries(logdir)
-        self.path = os.path.join(logdir, event_file_name())
         now = time.time()
         content = tfevents.record(tfevents.header_event(now))
         if history is None:
@@ -68,32 +68,9 @@ class TensorBoardWriter:
             for path in event_files(logdir):
                 if path != self.path:
                     os.remove(path)
-        self._file = None
-        self._lock = threading.Lock()  # one writer may serve several threads (a callback of several seeds)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         step, scalars = checked_scalars(step, scalars)
         if not scalars:
             return
-        record = tfevents.record(tfevents.scalars_event(time.time(), step, scalars))
-        with self._lock:
-            if self._file is None:
-                self._file = open(self.path, "ab")  # noqa: SIM115  (open across writes; close() closes it)
-            self._file.write(record)
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.append(tfevents.record(tfevents.scalars_event(time.time(), step, scalars)))
