@@ -225,20 +225,23 @@ def test_seed_plots_draws_the_first_seeds_figures_only(monkeypatch, seed_plots):
     assert drawn == {"s3": seed_plots, "s4": False, "s5": False}
 
 
-@pytest.mark.parametrize("analysis_process", [True, False])
-def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, analysis_process):
+def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path):
+    """The analysis fails in its spawned process, then inline (the rerun keeps the training), then the fixed
+    config's rerun analyses without training again."""
     config = tiny_protocol_config("")
     config.seeds = 1
-    config.analysis_process = analysis_process
     for name in ("no_weight_decay", "mixture"):
         del config.arms[name]
     config.arms.grokking.analysis.train_embeddings = str(tmp_path / "missing.npy")  # the analysis fails on it
-    with pytest.raises(RuntimeError, match="analysis of arm 'grokking' failed.*missing.npy"):
-        protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
     checkpoint = tmp_path / "work" / "grokking" / "seed_0" / "checkpoints" / "20"
-    trained = os.path.getmtime(checkpoint)
+    trained = None
+    for analysis_process in (True, False):
+        config.analysis_process = analysis_process
+        with pytest.raises(RuntimeError, match="analysis of arm 'grokking' failed.*missing.npy"):
+            protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
+        trained = trained or os.path.getmtime(checkpoint)
+        assert os.path.getmtime(checkpoint) == trained
     config.arms.grokking.analysis.train_embeddings = ""
-    config.analysis_process = False  # the rerun analyses inline either way: what it checks is the training kept
     results = protocol.run(config, str(tmp_path / "work"), command="test", progress=False)
     assert os.path.getmtime(checkpoint) == trained
     assert set(results["arms"]) == {"grokking", "random_labels"}
