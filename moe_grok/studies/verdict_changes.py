@@ -1,0 +1,96 @@
+"""Which verdicts changed between two generated protocol pages (protocol_pages.markdown): an earlier
+round's page, written before the analysis was amended (issue 34), and a page of the same arms under the
+amended analysis.
+
+The earlier pages read H2 as |r(metric)| - |r(training loss)| (the sign ignored) and consistency as
+1 - C; the amended page gives that reading as "H2 sign ignored (...)" and "(consistency, as 1 - C)",
+beside the signed margin and consistency read as C. Each earlier verdict is compared with the amended
+page's verdict under the SAME reading (what the analysis fixes changed) and listed beside the amended
+readings (what the new readings add).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+VIEWS = {"## Routing averaged over all tokens (the paper)": "all",
+         "## Routing averaged over scored positions": "scored"}
+_VERDICT = re.compile(r"^- (?P<arm>[^:]+): (?P<name>.+): \*\*(?P<verdict>\w+)\*\*$")
+_NAME = re.compile(r"^(?P<hypothesis>H[123])(?P<unsigned> sign ignored)? \((?P<metric>[^)]+)\)$")
+# An earlier page's metric name -> the amended page's name for the same reading.
+SAME_READING = {"distance": "distance", "consistency": "consistency, as 1 - C"}
+
+
+def page_verdicts(page: str) -> dict[str, dict[tuple[str, str], str]]:
+    """{view ("all" / "scored"): {(arm, verdict name): verdict}} of a generated results page. Verdict
+    names as the page writes them ("H2 (distance)", "H2 sign ignored (consistency, as C)"); round 4's
+    registered verdicts (no arm) are left out."""
+    out: dict[str, dict[tuple[str, str], str]] = {}
+    view = None
+    for line in page.splitlines():
+        if line.startswith("## "):
+            view = VIEWS.get(line)
+            if view is not None:
+                out[view] = {}
+            continue
+        match = _VERDICT.match(line)
+        if view is not None and match and _NAME.match(match["name"]):
+            out[view][(match["arm"], match["name"])] = match["verdict"]
+    if not out:
+        raise ValueError("the page has no verdicts under a routing-view heading (not a generated protocol page?)")
+    return out
+
+
+def _amended_names(name: str) -> tuple[str, list[str]]:
+    """An earlier page's verdict name -> (the amended page's name for the same reading, the amended
+    page's other readings of that hypothesis and metric family)."""
+    parts = _NAME.match(name)
+    if parts is None or parts["unsigned"]:
+        raise ValueError(f"{name!r} is not an earlier page's verdict name (H1-H3 (distance|consistency))")
+    hypothesis, metric = parts["hypothesis"], parts["metric"]
+    if metric not in SAME_READING:
+        raise ValueError(f"no amended reading of the metric {metric!r}; known: {sorted(SAME_READING)}")
+    metrics = [SAME_READING[metric]] + (["consistency, as C"] if metric == "consistency" else [])
+    if hypothesis == "H2":
+        same = f"H2 sign ignored ({SAME_READING[metric]})"
+        others = [f"H2 ({m})" for m in metrics] + [f"H2 sign ignored ({m})" for m in metrics[1:]]
+    else:
+        same = f"{hypothesis} ({SAME_READING[metric]})"
+        others = [f"{hypothesis} ({m})" for m in metrics[1:]]
+    return same, others
+
+
+def verdict_changes(earlier: str, amended: str, arms: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per earlier verdict of the mapped arms: {"view", "arm", "amended_arm", "verdict" (the
+    earlier page's name), "earlier", "amended" (same reading), "changed", "other_readings" {name:
+    verdict}}. earlier / amended: the pages' text; arms: earlier arm -> amended arm (e.g. "grokking" ->
+    "grokking_round2"). A mapped arm or reading missing from the amended page raises ValueError."""
+    before, after = page_verdicts(earlier), page_verdicts(amended)
+    rows = []
+    for view, verdicts in before.items():
+        for (arm, name), verdict in verdicts.items():
+            if arm not in arms:
+                continue
+            new_arm = arms[arm]
+            same, others = _amended_names(name)
+            new = after.get(view, {})
+            if (new_arm, same) not in new:
+                raise ValueError(f"the amended page has no verdict {new_arm}: {same} ({view} tokens)")
+            rows.append({"view": view, "arm": arm, "amended_arm": new_arm, "verdict": name, "earlier": verdict,
+                         "amended": new[(new_arm, same)], "changed": verdict != new[(new_arm, same)],
+                         "other_readings": {o: new[(new_arm, o)] for o in others if (new_arm, o) in new}})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], label: str) -> str:
+    """The rows as one markdown table (changed verdicts in bold); label names the earlier round."""
+    lines = [f"| {label}: arm, routing view | verdict | earlier | amended, same reading | amended, other readings |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        amended = f"**{row['amended']}** (was {row['earlier']})" if row["changed"] else row["amended"]
+        others = "; ".join(f"{name}: {verdict}" for name, verdict in row["other_readings"].items()) or "-"
+        lines.append(f"| {row['arm']} -> {row['amended_arm']}, {row['view']} | {row['verdict']} | {row['earlier']} "
+                     f"| {amended} | {others} |")
+    changed = sum(row["changed"] for row in rows)
+    lines += ["", f"{changed} of {len(rows)} verdicts changed under the same reading."]
+    return "\n".join(lines) + "\n"
