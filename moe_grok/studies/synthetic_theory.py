@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from moe_grok import atomic_files, strict_json
 from moe_grok.analysis.statistics import fisher_interval
@@ -269,6 +270,11 @@ def save_grid_plot(cells, path: str) -> None:
         ax.set_xlabel("within-structure Pearson r, 95% CI (grey: per structure)", fontsize=10)
         ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
+    legend = [Line2D([], [], marker="o", ls="", color=colours[k], label=f"{k} kernel") for k in colours]
+    legend += [Line2D([], [], marker="o", ls="", color="k", label="soft gates"),
+               Line2D([], [], marker="o", ls="", color="k", markerfacecolor="white", label="top-k gates"),
+               Line2D([], [], marker="o", ls="", color="0.55", markersize=4, label="one structure")]
+    axes[-1].legend(handles=legend, fontsize=9, loc="lower right")
     axes[0].set_yticks(ys, [f"{c['label']} (n={c['correlations'][PRIMARY_PAIR]['within_structure']['pooled']['n']})"
                             for c in cells], fontsize=9)
     fig.tight_layout()
