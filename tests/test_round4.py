@@ -213,10 +213,10 @@ def test_the_theory_sweep_crosses_router_scales_and_top_k_gates(monkeypatch):
     from moe_grok.studies import synthetic_theory
     from moe_grok.theory.synthetic_run import SyntheticConfig
 
-    monkeypatch.setattr(synthetic_theory, "run_synthetic", lambda config, mesh=None: {
+    monkeypatch.setattr(synthetic_theory, "run_synthetic_kernels", lambda config, kernels, mesh=None: [{
         "n_clusters": config.n_clusters, "spread": config.spread, "router_scale": config.router_scale,
-        "top_k": config.top_k, "router_seed": config.router_seed,
-        "a": config.router_seed * (1 if config.top_k else -1), "b": float(config.router_seed)})
+        "top_k": config.top_k, "router_seed": config.router_seed, "kernel": kernel,
+        "a": config.router_seed * (1 if config.top_k else -1), "b": float(config.router_seed)} for kernel in kernels])
     rows = synthetic_theory.sweep_synthetic(SyntheticConfig(), [(8, 0.3)], range(4), (1.0, 16.0), progress=False,
                                             top_ks=(0, 2))
     assert {(r["router_scale"], r["top_k"]) for r in rows} == {(1.0, 0), (1.0, 2), (16.0, 0), (16.0, 2)}

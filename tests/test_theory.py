@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_grok import strict_json
 from moe_grok.theory import kernels as theory
 from moe_grok.theory.synthetic_data import make_cluster_data
-from moe_grok.theory.synthetic_model import OneLayerMoE, ReluExperts, init_moe
+from moe_grok.theory.synthetic_model import OneLayerMoE, ReluExperts, expert_ntk_gram, init_moe
 from moe_grok.theory.synthetic_training import train_experts
 
 
@@ -141,6 +142,50 @@ def test_moe_empirical_ntk_equals_routing_gram_of_expert_ntks(rng):
     np.testing.assert_allclose(
         np.asarray(theory.routing_gram(gates, expert_kernels)), np.asarray(moe_kernel), rtol=1e-4, atol=1e-6
     )
+
+
+@pytest.fixture(scope="module")
+def wide_sparse_moe():
+    """A 3-expert top-2 MoE, experts 8192 wide, on sample_inputs(): (model, params drawn N(0, 1) as
+    init_moe draws them (numpy: no initializer to compile), x [6, 5])."""
+    rng = np.random.default_rng(1)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    params = {"params": {"router": {"kernel": normal(5, 3)},
+                         "experts": {"hidden": normal(3, 5, 8192), "output": normal(3, 8192)}}}
+    return OneLayerMoE(num_experts=3, width=8192, router_scale=2.0, top_k=2), params, sample_inputs()
+
+
+def test_moe_expert_ntk_gram_equals_jacrev_jacobian_product(wide_sparse_moe):
+    """expert_ntk_gram = J J^T with J = jacrev of F w.r.t. the expert parameters (router frozen), at
+    parameters moved away from their initialization (as after training); symmetric PSD."""
+    model, params, x = wide_sparse_moe
+    router = params["params"]["router"]
+    moved = jax.tree.map(lambda p: p + 0.5 * jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)),
+                         params["params"]["experts"])
+    of_experts = lambda e, xb: model.apply({"params": {"router": router, "experts": e}}, xb)
+    leaves = jax.tree.leaves(jax.jit(jax.jacrev(of_experts))(moved, x))
+    j = np.concatenate([np.asarray(leaf, np.float64).reshape(len(x), -1) for leaf in leaves], axis=1)
+    moved_params = {"params": {"router": router, "experts": moved}}
+    gram = np.asarray(expert_ntk_gram(model, moved_params, x), np.float64)
+    np.testing.assert_allclose(gram, j @ j.T, rtol=1e-4, atol=1e-5 * np.abs(gram).max())
+    cross = np.asarray(expert_ntk_gram(model, moved_params, x[:2], x[2:]), np.float64)
+    np.testing.assert_allclose(cross, (j @ j.T)[:2, 2:], rtol=1e-4, atol=1e-5 * np.abs(gram).max())
+    np.testing.assert_array_equal(gram, gram.T)
+    assert np.linalg.eigvalsh(gram).min() >= -1e-5 * np.abs(gram).max()
+
+
+def test_moe_expert_ntk_gram_at_wide_init_approaches_the_analytic_routing_gram(wide_sparse_moe):
+    """At initialization, width -> infinity, the MoE's empirical NTK -> (G G^T) * relu_ntk with the
+    same (top-k) gates and scale (NTK parameterization, both layers trained); the hidden-layer-only
+    kernel is not it."""
+    model, params, x = wide_sparse_moe
+    _, gates = model.apply(params, x, method=OneLayerMoE.routing)
+    gate_products = np.asarray(gates, np.float64) @ np.asarray(gates, np.float64).T
+    empirical = np.asarray(expert_ntk_gram(model, params, x), np.float64)
+    analytic = gate_products * relu_ntk_numpy(x, x)  # = theory.routing_relu_ntk_gram, tested above
+    wrong = gate_products * relu_ntk_numpy(x, x, train_output=False)
+    assert np.abs(empirical - analytic).max() <= 0.05 * np.abs(analytic).max()
+    assert np.abs(empirical - wrong).max() > 0.2 * np.abs(analytic).max()
 
 
 # ----------------------------------------------------------------------------- blocking & sharding
@@ -316,3 +361,87 @@ def test_verify_theory_sweep_end_to_end(tmp_path):
     assert "edit_distance_normalized~d_eff_normalized" in text and "within structures r=" in text
     for name in ("results.csv", "results.json", "theory.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_run_synthetic_kernels_measures_one_training_with_each_kernel():
+    from moe_grok.theory.synthetic_run import SyntheticConfig, run_synthetic, run_synthetic_kernels
+
+    # the shapes of test_verify_theory_sweep_end_to_end: the compiled training step is shared
+    config = SyntheticConfig(n_train=32, n_test=20, dim=12, num_experts=4, width=16, **SMALL_TRAINING)
+    analytic, empirical = run_synthetic_kernels(config, ("analytic", "empirical"))
+    assert analytic == run_synthetic(config)  # the default kernel's result is unchanged
+    assert (analytic["kernel"], empirical["kernel"]) == ("analytic", "empirical")
+    kernel_fields = {"kernel", "gram_trace_per_sample", "d_eff", "d_eff_normalized", "bias", "variance", "bound",
+                     "krr_test_mse"}
+    assert {k for k in analytic if analytic[k] != empirical[k]} <= kernel_fields
+    assert empirical["gram_trace_per_sample"] != analytic["gram_trace_per_sample"]
+    assert 0 < empirical["d_eff"] < config.n_train
+    with pytest.raises(ValueError, match="unknown kernel"):
+        run_synthetic_kernels(config, ("ntk",))
+
+
+def test_theory_grid_cells_verdicts_reading_and_resume(tmp_path, monkeypatch):
+    """Per (scale, top-k, kernel) cell: the registered verdict on the within-structure CI, the overall
+    reading, cells.csv and the forest plot; a rerun reuses the finished combinations."""
+    import csv
+
+    from moe_grok.studies import synthetic_theory
+
+    from config_files import load_config
+
+    calls = []
+
+    def fake_runs(config, kernels, mesh=None):  # b tracks a exactly for top-k 2, not at all for soft gates
+        calls.append(config)
+        noise = np.sin(7.0 * config.router_seed + config.n_clusters)
+        return [{"n_clusters": config.n_clusters, "spread": config.spread, "router_scale": config.router_scale,
+                 "top_k": config.top_k, "router_seed": config.router_seed, "kernel": kernel,
+                 "edit_distance_normalized": float(config.router_seed) + config.n_clusters,
+                 "d_eff_normalized": float(config.router_seed) if config.top_k else noise,
+                 **{k: noise for k in ("edit_distance", "d_eff", "mean_pathway_experts", "bound", "test_mse",
+                                       "krr_test_mse")}} for kernel in kernels]
+
+    monkeypatch.setattr(synthetic_theory, "run_synthetic_kernels", fake_runs)
+    config = load_config("verify_theory")
+    config.out = str(tmp_path)
+    config.sweep.update(n_clusters=(2, 4), spreads=(0.5,), router_seeds=6, router_scales=(4.0, 1.0), top_ks=(0, 2),
+                        kernels=("analytic", "empirical"))
+    text = synthetic_theory.run_sweep(config)
+    assert len(calls) == 2 * 2 * 2 * 6  # structures x scales x top-k x seeds: one training for both kernels
+    results = strict_json.loads((tmp_path / "results.json").read_text())
+    verdicts = {(c["router_scale"], c["top_k"], c["kernel"]): c["verdict"] for c in results["cells"]}
+    assert len(verdicts) == 8 and list(verdicts)[0] == (4.0, 0, "analytic")  # the config's order
+    assert {v for k, v in verdicts.items() if k[1] == 2} == {"holds"}
+    assert all(v.startswith("fails") for k, v in verdicts.items() if k[1] == 0)
+    within = results["cells"][1]["correlations"][synthetic_theory.PRIMARY_PAIR]["within_structure"]["pooled"]
+    assert (within["n"], within["df"], within["structures"]) == (12, 9, 2)
+    empirical = "mixed: holds in scale 4, top-2, empirical; scale 1, top-2, empirical"
+    assert results["reading"] == {"cells_holding": 4, "cells": 8, "overall": "regime-dependent",
+                                  "input_specific_routing": "fails", "sparse_gates": "holds",
+                                  "empirical_ntk": empirical}
+    assert "regime-dependent" in text and "scale 4, top-2, analytic" in text
+    with open(tmp_path / "cells.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    primary = [r for r in table if r["pair"] == synthetic_theory.PRIMARY_PAIR and r["scope"] == "within structures"]
+    assert len(primary) == 8 and {r["verdict"] for r in primary if r["top_k"] == "2"} == {"holds"}
+    assert (tmp_path / "theory_grid.png").stat().st_size > 0
+    calls.clear()
+    assert synthetic_theory.run_sweep(config) == text and not calls  # resumed: nothing re-run
+
+
+def test_grid_reading_thresholds():
+    from moe_grok.studies.synthetic_theory import cell_verdict, grid_reading
+
+    assert [cell_verdict(ci) for ci in ([0.1, 0.5], [-0.1, 0.5], [-0.5, -0.1], [np.nan, np.nan])] == [
+        "holds", "fails (CI includes 0)", "fails (opposite sign)", "n/a"]
+    cell = lambda scale, top_k, kernel, verdict: {"router_scale": scale, "top_k": top_k, "kernel": kernel,
+                                                  "label": f"{scale}/{top_k}/{kernel}", "verdict": verdict}
+    grid = [cell(s, k, kern, "holds") for s in (1.0, 4.0, 16.0) for k in (0, 2) for kern in ("analytic", "empirical")]
+    assert grid_reading(grid)["overall"] == "supported"
+    grid[:3] = [{**c, "verdict": "fails (CI includes 0)"} for c in grid[:3]]
+    assert grid_reading(grid)["overall"] == "supported"  # 9 of 12
+    grid[3] = {**grid[3], "verdict": "fails (CI includes 0)"}
+    assert grid_reading(grid)["overall"] == "regime-dependent"  # 8 of 12
+    none = [{**c, "verdict": "fails (CI includes 0)"} for c in grid]
+    none[-3:] = grid[-3:]
+    assert grid_reading(none)["overall"] == "not supported"  # 3 of 12

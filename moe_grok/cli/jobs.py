@@ -239,7 +239,11 @@ generalization bound vs measured test error, over router seeds and cluster struc
 
   moe-grok theory --config.out=runs/theory
 
-Writes results.csv, results.json and theory.png under config.out.
+Writes results.csv, results.json and theory.png under config.out. A grid of router scales x top-k
+gates x kernels (--config.sweep.router_scales, .top_ks, .kernels: "analytic", "empirical") writes
+instead, per (scale, top-k, kernel) cell, cells.csv and theory_grid.png and prints the registered
+reading (docs/protocol.md); each (scale, top-k) is kept under config.out/cells/, so a stopped
+sweep resumes.
 
   moe-grok theory --config.toy.workdir=runs/toy --config.out=runs/theory_toy
 

@@ -7,9 +7,11 @@ NTK parameterization, matches ``kernels.relu_ntk``; all parameters ~ N(0, 1):
     f_j(x)    = (1/sqrt(m)) sum_r a_jr relu(w_jr . x / sqrt(d))
     F(x)      = sum_j gates_j(x) f_j(x)
 ``router_scale`` is an inverse softmax temperature: larger values give sharper routing.
+``expert_ntk_gram`` is the model's empirical NTK w.r.t. the expert parameters (router frozen).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -66,3 +68,43 @@ def init_moe(model: OneLayerMoE, dim: int, router_seed: int, expert_seed: int):
     experts = model.init(jax.random.PRNGKey(expert_seed), dummy)["params"]["experts"]
     return {"params": {"router": router, "experts": experts}}
 
+
+
+def _gated_neuron_factors(model: OneLayerMoE, params, x):
+    """Per-neuron factors of the MoE's expert Jacobian. x [b, d] -> (x / sqrt(d) [b, d],
+    hidden factor [b, E*m], output factor [b, E*m]), both factors divided by sqrt(m).
+
+    dF/d hidden_j[:, r] = g_j(x) a_jr 1{w_jr.x > 0} x / sqrt(d m)   (an outer product per sample)
+    dF/d output_j[r]    = g_j(x) relu(w_jr.x / sqrt(d)) / sqrt(m)
+    """
+    _, gates = model.apply(params, x, method=OneLayerMoE.routing)
+    experts = params["params"]["experts"]
+    d, width = x.shape[-1], experts["output"].shape[-1]
+    pre = jnp.einsum("bd,edm->bem", x, experts["hidden"], precision=kernels.HIGHEST) / math.sqrt(d)
+    hidden_factor = gates[:, :, None] * jnp.where(pre > 0, experts["output"][None], 0.0) / math.sqrt(width)
+    output_factor = gates[:, :, None] * jax.nn.relu(pre) / math.sqrt(width)
+    flat = lambda a: a.reshape(a.shape[0], -1)
+    return x / math.sqrt(d), flat(hidden_factor), flat(output_factor)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _expert_ntk_gram(model, params, x, x2):
+    x, x2 = (jnp.asarray(a, jnp.float32) for a in (x, x2))
+    xs, hidden, output = _gated_neuron_factors(model, params, x)
+    xs2, hidden2, output2 = _gated_neuron_factors(model, params, x2)
+    dot = lambda a, b: jnp.dot(a, b.T, precision=kernels.HIGHEST)
+    return dot(xs, xs2) * dot(hidden, hidden2) + dot(output, output2)
+
+
+def expert_ntk_gram(model: OneLayerMoE, params, x, x2=None):
+    """Empirical NTK of the MoE w.r.t. its expert parameters at ``params`` (the router frozen, not
+    differentiated): H_ab = J(x_a) . J(x2_b), J(x) = dF(x)/d(hidden, output weights of every expert).
+    x [n, d], x2 [m, d] (default x) -> [n, m], float32.
+
+    Computed from the Jacobian's per-neuron factors (``_gated_neuron_factors``), never J itself:
+        H = (x x2^T / d) * (P P2^T) + Q Q2^T,   P = [g_j a_jr 1{w_jr.x > 0}] / sqrt(m),
+                                                 Q = [g_j relu(w_jr.x / sqrt(d))] / sqrt(m)  ([n, E*m]),
+    i.e. sum_j g_j(x) g_j(x') K_j(x, x') with K_j expert j's finite-width empirical NTK; memory
+    O((n + m) E width), not O(n x parameters). Equal to J J^T from jax.jacrev (tests/test_theory.py).
+    """
+    return _expert_ntk_gram(model, params, x, x if x2 is None else x2)

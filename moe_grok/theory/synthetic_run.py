@@ -3,7 +3,12 @@
 Gaussian clusters in ``dim`` dimensions, a one-layer MoE of one-hidden-layer ReLU experts
 whose router is random and FROZEN, experts trained with optax. One run measures, on the
 training set only: pathway strings and their mean pairwise edit distance, the routing Gram
-H (infinite-width analytic NTK), d_eff(lam) and the bound; then the test error after training.
+H, d_eff(lam) and the bound; then the test error after training. The kernel of H:
+    "analytic"   the infinite-width arc-cosine NTK of the experts, (G G^T) * K_relu (at no
+                 particular parameters: the same before and after training);
+    "empirical"  the TRAINED model's NTK w.r.t. the expert parameters, J(x) . J(x'), J = dF/dtheta
+                 after the training steps (``synthetic_model.expert_ntk_gram``).
+``run_synthetic_kernels`` measures several kernels on one training (one result per kernel).
 
 Model (theory/synthetic_model.py):
     probs(x)  = softmax(router_scale * x W_r / sqrt(d))             [E], W_r frozen
@@ -34,8 +39,10 @@ from moe_grok.analysis.metrics import group_pathway_distance
 from moe_grok.analysis.pathways import pathway_strings
 from moe_grok.theory import kernels
 from moe_grok.theory.synthetic_data import make_cluster_data
-from moe_grok.theory.synthetic_model import OneLayerMoE, init_moe
+from moe_grok.theory.synthetic_model import OneLayerMoE, expert_ntk_gram, init_moe
 from moe_grok.theory.synthetic_training import train_experts
+
+KERNELS = ("analytic", "empirical")  # SyntheticConfig.kernel: infinite-width arc-cosine NTK, trained model's J J^T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +70,7 @@ class SyntheticConfig:
     data_seed: int = 0  # cluster, sample and label seed
     router_seed: int = 0  # frozen router seed (the only thing that varies within a structure)
     expert_seed: int = 0  # expert initialization seed
-
+    kernel: str = "analytic"  # the Gram H: "analytic" (infinite-width NTK) or "empirical" (trained MoE's J J^T)
 
     @classmethod
     def from_config(cls, config) -> SyntheticConfig:
@@ -83,7 +90,35 @@ def synthetic_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def run_synthetic(config: SyntheticConfig, mesh: Mesh | None = None) -> dict:
-    """One synthetic run -> flat dict of measurements (floats / ints, JSON-serializable)."""
+    """One synthetic run with ``config.kernel`` -> flat dict of measurements (floats / ints, JSON-serializable)."""
+    return run_synthetic_kernels(config, (config.kernel,), mesh)[0]
+
+
+def _kernel_measurements(gram, cross_gram, data, config: SyntheticConfig) -> dict:
+    """d_eff, the bound and kernel ridge regression of one training Gram [n, n] and its test x train
+    cross Gram [n_test, n]."""
+    spectrum = kernels.kernel_spectrum(gram)
+    bound = kernels.generalization_bound(spectrum, data.y_train, config.lam, config.noise_std, config.delta, config.c1)
+    krr_test = kernels.kernel_ridge_predict(spectrum, data.y_train, cross_gram, config.lam)
+    return {
+        "gram_trace_per_sample": float(jnp.trace(gram) / config.n_train),
+        "d_eff": float(bound.effective_dimension),
+        "d_eff_normalized": float(bound.effective_dimension) / config.n_train,
+        "bias": float(bound.bias),
+        "variance": float(bound.variance),
+        "confidence": float(bound.confidence),
+        "bound": float(bound.total),
+        "krr_test_mse": float(jnp.mean((krr_test - data.f_test) ** 2)),
+    }
+
+
+def run_synthetic_kernels(config: SyntheticConfig, kernel_names=KERNELS, mesh: Mesh | None = None) -> list[dict]:
+    """One training of ``config``, measured with each kernel of ``kernel_names`` -> one result dict per
+    kernel (``config`` with ``kernel`` replaced, then the measurements; the pathway and test-error
+    fields are the same in all of them)."""
+    unknown = [k for k in kernel_names if k not in KERNELS]
+    if unknown:
+        raise ValueError(f"unknown kernel(s) {unknown}; choose from {KERNELS}")
     data = make_cluster_data(
         config.data_seed, dim=config.dim, n_clusters=config.n_clusters, spread=config.spread,
         n_train=config.n_train, n_test=config.n_test, noise_std=config.noise_std,
@@ -93,17 +128,13 @@ def run_synthetic(config: SyntheticConfig, mesh: Mesh | None = None) -> dict:
 
     probs, gates = model.apply(params, data.x_train, method=OneLayerMoE.routing)
     paths = pathway_strings(np.asarray(probs)[:, None, :], tau=config.tau)
-    edit_distance = group_pathway_distance(paths, level="char")
-    edit_distance_normalized = group_pathway_distance(paths, level="char", normalized=True)
     path_lengths = [len(p.split(",")) for p in paths]
-
-    gram = kernels.routing_relu_ntk_gram(gates, data.x_train, mesh=mesh)
-    spectrum = kernels.kernel_spectrum(gram)
-    bound = kernels.generalization_bound(spectrum, data.y_train, config.lam, config.noise_std, config.delta, config.c1)
-
-    _, test_gates = model.apply(params, data.x_test, method=OneLayerMoE.routing)
-    cross_gram = kernels.routing_relu_ntk_gram(test_gates, data.x_test, gates, data.x_train, mesh=mesh)
-    krr_test = kernels.kernel_ridge_predict(spectrum, data.y_train, cross_gram, config.lam)
+    pathway_fields = {
+        "edit_distance": group_pathway_distance(paths, level="char"),
+        "edit_distance_normalized": group_pathway_distance(paths, level="char", normalized=True),
+        "distinct_pathways": len(set(paths)),
+        "mean_pathway_experts": float(np.mean(path_lengths)),
+    }
 
     trained, _ = train_experts(
         model, params, data.x_train, data.y_train, steps=config.steps, learning_rate=config.learning_rate,
@@ -111,22 +142,23 @@ def run_synthetic(config: SyntheticConfig, mesh: Mesh | None = None) -> dict:
     )
     predict = lambda x: model.apply(trained, x) - model.apply(params, x)
     test_pred = predict(data.x_test)
-    return {
-        **dataclasses.asdict(config),
-        "edit_distance": edit_distance,
-        "edit_distance_normalized": edit_distance_normalized,
-        "distinct_pathways": len(set(paths)),
-        "mean_pathway_experts": float(np.mean(path_lengths)),
-        "gram_trace_per_sample": float(jnp.trace(gram) / config.n_train),
-        "d_eff": float(bound.effective_dimension),
-        "d_eff_normalized": float(bound.effective_dimension) / config.n_train,
-        "bias": float(bound.bias),
-        "variance": float(bound.variance),
-        "confidence": float(bound.confidence),
-        "bound": float(bound.total),
+    training_fields = {
         "train_mse": float(jnp.mean((predict(data.x_train) - data.y_train) ** 2)),
         "test_mse": float(jnp.mean((test_pred - data.f_test) ** 2)),
         "test_error_rate": float(jnp.mean(jnp.sign(test_pred) != data.f_test)),
-        "krr_test_mse": float(jnp.mean((krr_test - data.f_test) ** 2)),
     }
 
+    results = []
+    for name in kernel_names:
+        if name == "analytic":
+            _, test_gates = model.apply(params, data.x_test, method=OneLayerMoE.routing)
+            gram = kernels.routing_relu_ntk_gram(gates, data.x_train, mesh=mesh)
+            cross_gram = kernels.routing_relu_ntk_gram(test_gates, data.x_test, gates, data.x_train, mesh=mesh)
+        else:
+            gram = expert_ntk_gram(model, trained, data.x_train)
+            cross_gram = expert_ntk_gram(model, trained, data.x_test, data.x_train)
+        measured = _kernel_measurements(gram, cross_gram, data, config)
+        krr_test_mse = measured.pop("krr_test_mse")
+        results.append({**dataclasses.asdict(dataclasses.replace(config, kernel=name)), **pathway_fields, **measured,
+                        **training_fields, "krr_test_mse": krr_test_mse})
+    return results
