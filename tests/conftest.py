@@ -61,13 +61,15 @@ def rng():
     return np.random.default_rng(0)
 
 
-# The files whose tests take longest (summed test durations, 2-core Intel Xeon, 2026-12-07), scheduled first:
-# `--dist loadfile` deals whole files to the workers in collection order, so a long file dealt last would run
-# alone at the end while the other worker idles. Other files keep their alphabetical order after these.
-LONGEST_FILES_FIRST = ("test_protocol.py", "test_model.py", "test_training.py", "test_qwen3_moe.py",
-                       "test_expert_parallel.py", "test_multiprocess.py", "test_theory.py", "test_olmoe_pipeline.py",
-                       "test_atomic_writes.py", "test_cache.py", "test_extraction.py", "test_monitor.py",
-                       "test_monitor_examples.py")
+# The files whose tests take longest (each file's CPU seconds alone, `pytest -n 0`, 2-core Intel Xeon, 2026-12-07;
+# test_multiprocess waits on its processes beyond its CPU time), scheduled first: `--dist loadfile` deals whole files
+# to the workers in collection order, so a long file dealt last would run alone at the end while the other worker
+# idles. Other files keep their alphabetical order after these.
+LONGEST_FILES_FIRST = ("test_model.py", "test_training.py", "test_protocol.py", "test_multiprocess.py",
+                       "test_qwen3_moe.py", "test_olmoe_pipeline.py", "test_expert_parallel.py", "test_theory.py",
+                       "test_atomic_writes.py", "test_cache.py", "test_monitor.py", "test_multiseed.py",
+                       "test_analysis.py", "test_extraction.py", "test_monitor_examples.py",
+                       "test_checkpoint_errors.py")
 
 
 def pytest_collection_modifyitems(items):
