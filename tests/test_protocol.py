@@ -64,6 +64,16 @@ def _no_checkpoint_read(monkeypatch):
     monkeypatch.setattr(toy_run, "run_checkpoint_sources", refuse)
 
 
+def _no_effects_figure(monkeypatch):
+    """A rerun's effects figure is an empty file: drawing its 20 panels takes about 2 CPU seconds, and the module
+    fixture's run draws it (test_protocol_runs_every_arm_and_seed_and_writes_the_tables checks it)."""
+    def empty_figure(results, quantities, path):
+        open(path, "wb").close()
+        return path
+
+    monkeypatch.setattr(protocol_pages, "plot_effects", empty_figure)
+
+
 def _files(directory):
     return {os.path.relpath(os.path.join(d, n), directory): open(os.path.join(d, n), "rb").read()
             for d, _, names in os.walk(directory) for n in names}
@@ -74,6 +84,7 @@ def test_rederiving_from_the_artifacts_gives_the_runs_own_results_byte_for_byte(
     results.json, the Table/verdict page and every seed's table.txt, CSVs and summary.json from them
     alone, equal to the run's own byte for byte."""
     config, root, results = protocol_run
+    _no_effects_figure(monkeypatch)
     kept = root / "kept"
     manifest = json.loads((kept / "artifacts" / "manifest.json").read_text())
     expected = {f"{name}/seed_{seed}.npz" for name, arm in results["arms"].items() for seed in arm["seeds"]}
@@ -102,6 +113,7 @@ def test_rederiving_with_another_analysis_option_changes_the_tables_without_trai
     one) changes Table 1 and its page from the artifacts alone: no training, no checkpoint read."""
     config, root, results = protocol_run
     _no_checkpoint_read(monkeypatch)
+    _no_effects_figure(monkeypatch)
     arm = "random_labels"  # the arm with one seed: the shortest re-derivation
     fixed = protocol.rederive(str(root / "kept" / "artifacts"), str(root / "fixed"), {"memorized_set": "fixed"},
                               arms=[arm])
@@ -181,8 +193,9 @@ def test_the_page_gives_back_the_effects_and_the_accuracy_curves_keep_their_doma
         np.testing.assert_array_equal(curves, [flat[k], flat[len(by_domain) + k]])
 
 
-def test_protocol_rerun_reuses_training(protocol_run):
+def test_protocol_rerun_reuses_training(protocol_run, monkeypatch):
     config, root, results = protocol_run
+    _no_effects_figure(monkeypatch)
     seed_dir = os.path.join(root, "work", results["arms"]["grokking"]["seed_dirs"][0])
     checkpoint = os.path.join(seed_dir, "checkpoints", "20")
     before = os.path.getmtime(checkpoint)
@@ -225,9 +238,10 @@ def test_seed_plots_draws_the_first_seeds_figures_only(monkeypatch, seed_plots):
     assert drawn == {"s3": seed_plots, "s4": False, "s5": False}
 
 
-def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path):
+def test_a_failed_analysis_names_its_arm_and_a_rerun_keeps_the_training(tmp_path, monkeypatch):
     """The analysis fails in its spawned process, then inline (the rerun keeps the training), then the fixed
     config's rerun analyses without training again."""
+    _no_effects_figure(monkeypatch)
     config = tiny_protocol_config("")
     config.seeds = 1
     for name in ("no_weight_decay", "mixture"):
@@ -316,6 +330,7 @@ def test_h3_needs_wide_onsets_in_half_of_all_seeds(spreads, expected):
 def test_pages_survive_a_full_disk(protocol_run, monkeypatch):
     """The results page and figures are written aside and renamed: a full disk leaves the previous ones whole."""
     config, root, results = protocol_run
+    _no_effects_figure(monkeypatch)
     docs = root / "docs"
     pages = (docs / "protocol_results.md", docs / "figures" / "protocol_accuracy.png",
              docs / "figures" / "protocol_effects.png")

@@ -199,11 +199,11 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
     config.analysis.max_pairs, config.analysis.delta = 50, 0.3
     # Of the figures (most of a run's time here; test_olmoe_pipeline draws them all) the per-layer one is the one a
     # dense layer could break: it alone is drawn.
-    monkeypatch.setattr(plots, "plot_report", lambda report, out_dir: {
-        "per_layer": plots.save(plots.per_layer_figure(report), os.path.join(out_dir, "per_layer.png"))})
+    monkeypatch.setattr(plots, "FIGURES", {"per_layer.png": plots.per_layer_figure})
     report = olmoe_run.run(config)
     assert report["steps"] == list(steps) and set(report["domains"]) == {"math", "code"}
     assert all(os.path.exists(tmp_path / "run" / "report" / name) for name in ("table1.csv", "per_layer.png"))
+    assert not os.path.exists(tmp_path / "run" / "report" / "analysis.png")  # the other figures are not drawn
     cached = np.load(tmp_path / "run" / "cache" / f"step_{steps[-1]:010d}.npz")
     assert cached["router"].shape == (2, 8, 32)  # [L_moe, E, D]: the dense layer 1 does not route
     assert cached["train/mean_weights"].shape == (32, 2, 8)
@@ -212,7 +212,7 @@ def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
         raise AssertionError("a cached checkpoint was loaded again")
 
     monkeypatch.setattr(hf, "load_hf", refuse)
-    monkeypatch.setattr(plots, "plot_report", lambda report, out_dir: {})  # the rerun checks the cache
+    monkeypatch.setattr(plots, "FIGURES", {})  # the rerun checks the cache
     again = olmoe_run.run(config)
     assert json.dumps(again, default=float) == json.dumps(report, default=float)
 
