@@ -209,7 +209,8 @@ def _restore_one(checkpointer: ocp.Checkpointer, path: str, name: tuple[str, ...
     return restored
 
 
-def _leaves_by_name(model_config: MoEConfig, mesh: jax.sharding.Mesh | None) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+def _leaves_by_name(model_config: MoEConfig, mesh: jax.sharding.Mesh | None
+                    ) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     """Every parameter's path -> its jax.ShapeDtypeStruct with its sharding (mesh shards, or the default device)."""
     shapes = params_lib.param_shapes(model_config)
     shardings = params_lib.param_shardings(model_config, mesh)
@@ -239,7 +240,7 @@ def _migrated_experts(checkpointer: ocp.Checkpointer, path: str, saved: MoEConfi
                 target = target_leaves[("experts", str(i), name)]
                 out[("experts", str(i), name)] = jax.make_array_from_callback(
                     target.shape, target.sharding,
-                    lambda index, i=i: np.ascontiguousarray(np.swapaxes(stack[i], -1, -2)[index]))
+                    lambda index, i=i, stack=stack: np.ascontiguousarray(np.swapaxes(stack[i], -1, -2)[index]))
             del stack
         else:
             target = target_leaves[("layers", "moe", name)]

@@ -38,7 +38,6 @@ from moe_grok.model.layers import (
     PerLayerExperts,
 )
 
-
 EXPERTS = "experts"  # the per-layer experts' subtree of the public tree: experts/<i>/<weight> ("per_layer")
 
 
