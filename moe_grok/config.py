@@ -72,7 +72,7 @@ class MoEConfig:
     dense_intermediate_size: int = 0  # the dense MLP's width (used only when dense_layers is not empty)
     # Numerics / implementation choices (not part of the checkpoint's architecture).
     dtype: str = "float32"  # parameter and activation dtype; routing softmax and norms stay float32
-    moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, per-expert chunked matmuls on CPU
+    moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU; on CPU batched (per_layer experts) or chunked matmuls
     expert_chunk_size: int = 512  # CPU "chunked" dispatch: most rows in one expert matmul
     expert_chunk_granule: int = 32  # ... and chunk rows are rounded up to a multiple of this
     remat_layers: bool = False  # gradients recompute each layer's forward instead of storing its activations

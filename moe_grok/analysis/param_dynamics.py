@@ -33,10 +33,11 @@ DEFAULT_SAMPLE_SIZE = 1 << 16
 
 
 def family_of(path: str) -> str:
-    """Family of a public parameter path such as "layers/moe/router" or "layers/attn/q_proj/kernel"."""
+    """Family of a public parameter path such as "layers/moe/router", "layers/attn/q_proj/kernel" or
+    (per-layer expert arrays) "experts/0/gate_proj"."""
     if path.endswith("moe/router"):
         return "router"
-    if "/moe/" in path:
+    if "/moe/" in path or path.startswith("experts/"):
         return "experts"
     if "/attn/" in path:
         return "attention"

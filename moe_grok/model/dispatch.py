@@ -476,11 +476,15 @@ EXPERT_IMPLS = {"ragged": experts_ragged, "chunked": experts_chunked, "batched":
                 "dense": experts_dense}
 
 
-def resolve_moe_impl(impl: str) -> str:
-    """'auto' -> 'chunked' on CPU (ragged_dot is very slow there), 'ragged' on GPU/TPU."""
+def resolve_moe_impl(impl: str, expert_layout: str = "stacked") -> str:
+    """'auto' -> 'ragged' on GPU/TPU; on CPU (where ragged_dot is very slow) 'batched' for per-layer
+    expert arrays (2.2x the chunk loops for one OLMoE layer at 512 tokens, docs/benchmarks.md) and
+    'chunked' for layer stacks (the batched kernel would copy a layer's slice of the stack first)."""
     if impl != "auto":
         return impl
-    return "chunked" if jax.default_backend() == "cpu" else "ragged"
+    if jax.default_backend() != "cpu":
+        return "ragged"
+    return "batched" if expert_layout == "per_layer" else "chunked"
 
 
 def dispatch_experts(x, router_probs, select, experts, layer, impl: str, mesh: jax.sharding.Mesh | None = None,

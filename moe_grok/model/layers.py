@@ -279,7 +279,7 @@ def sparse_moe(model_config: MoEConfig, mesh, x, router, experts, layer):
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)
     router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
-    impl = dispatch.resolve_moe_impl(model_config.moe_impl)
+    impl = dispatch.resolve_moe_impl(model_config.moe_impl, model_config.expert_layout)
     kwargs = {"out_in": model_config.expert_layout == "per_layer"}
     if impl in ("chunked", "batched"):
         kwargs.update(max_chunk=model_config.expert_chunk_size, granule=model_config.expert_chunk_granule)
