@@ -12,8 +12,7 @@ forward's. Timed in interleaved rounds (with the same routing on every side):
   here), the layout a layer scan reads;
 - moe_grok, expert_layout "per_layer" (one [E, out, in] array per layer, as `load_hf` builds them):
   `experts_chunked` and `experts_batched` (one [E, C, D] block, C the busiest expert's rows
-  rounded up to a capacity class; the chunk loops when C would pass 2x the balanced share), the
-  batched form timed whatever the rows per expert;
+  rounded up to a capacity class; the chunk loops when C would pass 2x the balanced share);
 - XLA, balanced: the same FLOPs as one batched einsum over experts with exactly T*k/E rows each
   (perfectly balanced routing, no gathers, no padding), in moe_grok's weight layout;
 - the same balanced einsum with the weights stored [E, out, in] (HF's layout: contraction dim minor)
@@ -84,9 +83,7 @@ def main(argv):
     per_layer = tuple(jnp.asarray(np.ascontiguousarray(np.swapaxes(np.asarray(w[0], np.float32), -1, -2)),
                                   jnp.bfloat16) for w in (w_gate, w_up, w_down))
     chunked_out_in = jax.jit(lambda *a: experts_chunked(*a, out_in=True))
-    # The batched form itself, whatever the rows per expert (the model's auto dispatch runs the chunk
-    # loops above dispatch.BATCHED_MAX_BALANCED_ROWS).
-    batched_out_in = jax.jit(lambda *a: experts_batched(*a, out_in=True, max_balanced_rows=t * k))
+    batched_out_in = jax.jit(lambda *a: experts_batched(*a, out_in=True))
     run_chunked_per_layer = lambda: chunked_out_in(xj, ij, wj, *per_layer).block_until_ready()
     run_batched_per_layer = lambda: batched_out_in(xj, ij, wj, *per_layer).block_until_ready()
     for run in (run_chunked_per_layer, run_batched_per_layer):

@@ -434,29 +434,20 @@ def _batched_swiglu(rows, w_gate, w_up, w_down, out_in: bool):
     return _swiglu(rows, w_gate, w_up, w_down, matmul)
 
 
-BATCHED_MAX_BALANCED_ROWS = 128  # experts_batched: above this balanced share of rows per expert, the chunk loops
-
-
 def experts_batched(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_expert=0, out_dtype=None,
-                    out_in: bool = False, max_chunk: int = 512, granule: int = 32, max_ratio: float = 2.0,
-                    max_balanced_rows: int = BATCHED_MAX_BALANCED_ROWS):
+                    out_in: bool = False, max_chunk: int = 512, granule: int = 32, max_ratio: float = 2.0):
     """Exact, dropless dispatch as one batched matmul over experts (CPU): each expert's rows
     gathered into an [E, C, D] block of capacity C rows per expert, the smallest of
     `batch_capacities` that holds the busiest expert's rows (picked at run time, jax.lax.switch:
     only that branch runs). Routing so unbalanced that the busiest expert has more than
     max_ratio times the balanced share runs `experts_chunked` instead (its work does not grow
-    with the imbalance), and so does a call whose balanced share T*k/E exceeds
-    max_balanced_rows (decided at trace time): XLA's CPU dot gains from the batched form with
-    few rows per expert (64 rows: 2.2x the chunk loops), not with hundreds (docs/benchmarks.md).
-    Arguments and shapes as `experts_chunked`; weights as given per layer (a stack's layer is
+    with the imbalance). For one OLMoE-1B-7B layer (bfloat16) it ran 2.2x the chunk loops' speed
+    at 512 tokens and 2.0x at 4,096 (docs/benchmarks.md). Arguments and shapes as `experts_chunked`; weights as given per layer (a stack's layer is
     sliced whole, so pass per-layer arrays)."""
     w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
     t, k = top_idx.shape
     e = w_gate.shape[0]
     out_dtype = out_dtype or x.dtype
-    if t * k / e > max_balanced_rows:
-        return experts_chunked(x, top_idx, top_w, w_gate, w_up, w_down, first_expert=first_expert,
-                               out_dtype=out_dtype, out_in=out_in, max_chunk=max_chunk, granule=granule)
     order, group_sizes, sorted_local = _sort_by_expert(top_idx, e, first_expert)
     local, _ = _local_experts(top_idx.reshape(-1), first_expert, e)
     sorted_expert = jnp.where(sorted_local, local[order], 0)
@@ -488,7 +479,7 @@ EXPERT_IMPLS = {"ragged": experts_ragged, "chunked": experts_chunked, "batched":
 
 def resolve_moe_impl(impl: str, expert_layout: str = "stacked") -> str:
     """'auto' -> 'ragged' on GPU/TPU; on CPU (where ragged_dot is very slow) 'batched' for per-layer
-    expert arrays (2.2x the chunk loops for one OLMoE layer at 512 tokens, docs/benchmarks.md) and
+    expert arrays (2.0-2.2x the chunk loops for one OLMoE layer, docs/benchmarks.md) and
     'chunked' for layer stacks (the batched kernel would copy a layer's slice of the stack first)."""
     if impl != "auto":
         return impl
