@@ -442,8 +442,10 @@ def experts_batched(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_e
     only that branch runs). Routing so unbalanced that the busiest expert has more than
     max_ratio times the balanced share runs `experts_chunked` instead (its work does not grow
     with the imbalance). For one OLMoE-1B-7B layer (bfloat16) it ran 2.2x the chunk loops' speed
-    at 512 tokens and 2.0x at 4,096 (docs/benchmarks.md). Arguments and shapes as `experts_chunked`; weights as given per layer (a stack's layer is
-    sliced whole, so pass per-layer arrays)."""
+    at 512 tokens and 2.0x at 4,096 (docs/benchmarks.md). Arguments and shapes as
+    `experts_chunked`; weights as given per layer (a stack's layer is sliced whole, so pass
+    per-layer arrays). Under jax.vmap the capacity switch becomes a select that runs every branch:
+    the seeds' training keeps the chunked kernel."""
     w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
     t, k = top_idx.shape
     e = w_gate.shape[0]
