@@ -413,16 +413,15 @@ def experts_dense(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_exp
                       preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
 
 
-def batch_capacities(rows: int, num_experts: int, granule: int, max_ratio: float) -> tuple[int, ...]:
+def batch_capacities(tokens: int, k: int, num_experts: int, granule: int, max_ratio: float) -> tuple[int, ...]:
     """The static capacities (rows per expert) `experts_batched` compiles: multiples of `granule`
-    from the balanced share rows / num_experts up to max_ratio times it, in steps of about 1.25x
-    (so a capacity wastes under a quarter of its rows on padding beyond the busiest expert's)."""
-    balanced = max(rows / num_experts, 1.0)
-    sizes, size = [], balanced
-    while size < balanced * max_ratio * 1.25:
-        sizes.append(min(-(-int(np.ceil(size)) // granule) * granule, -(-rows // granule) * granule))
-        size *= 1.25
-    return tuple(sorted(set(sizes)))
+    from the balanced share tokens * k / num_experts up to max_ratio times it, in steps of about
+    1.25x (a capacity pads under a quarter of its rows beyond the busiest expert's, plus the
+    granule), and never above `tokens` (top-k experts are distinct: no expert gets more rows)."""
+    balanced = max(tokens * k / num_experts, 1.0)
+    most = -(-tokens // granule) * granule
+    sizes = [balanced * 1.25 ** i for i in range(int(np.log(max_ratio) / np.log(1.25)) + 1)] + [balanced * max_ratio]
+    return tuple(sorted({min(-(-int(np.ceil(size)) // granule) * granule, most) for size in sizes}))
 
 
 def _batched_swiglu(rows, w_gate, w_up, w_down, out_in: bool):
@@ -435,7 +434,8 @@ def _batched_swiglu(rows, w_gate, w_up, w_down, out_in: bool):
 
 
 def experts_batched(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_expert=0, out_dtype=None,
-                    out_in: bool = False, max_chunk: int = 512, granule: int = 32, max_ratio: float = 2.0):
+                    out_in: bool = False, max_chunk: int = 512, granule: int = 32, max_ratio: float = 2.0,
+                    num_experts: int | None = None):
     """Exact, dropless dispatch as one batched matmul over experts (CPU): each expert's rows
     gathered into an [E, C, D] block of capacity C rows per expert, the smallest of
     `batch_capacities` that holds the busiest expert's rows (picked at run time, jax.lax.switch:
@@ -444,8 +444,10 @@ def experts_batched(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_e
     with the imbalance). For one OLMoE-1B-7B layer (bfloat16) it ran 2.2x the chunk loops' speed
     at 512 tokens and 2.0x at 4,096 (docs/benchmarks.md). Arguments and shapes as
     `experts_chunked`; weights as given per layer (a stack's layer is sliced whole, so pass
-    per-layer arrays). Under jax.vmap the capacity switch becomes a select that runs every branch:
-    the seeds' training keeps the chunked kernel."""
+    per-layer arrays). num_experts: the model's experts over every device (default: E, this
+    device's), which sets the balanced share T*k/num_experts under expert parallelism. Under
+    jax.vmap the capacity switch becomes a select that runs every branch: the seeds' training
+    keeps the chunked kernel."""
     w_gate, w_up, w_down = _of_layer(layer, w_gate, w_up, w_down)
     t, k = top_idx.shape
     e = w_gate.shape[0]
@@ -454,7 +456,7 @@ def experts_batched(x, top_idx, top_w, w_gate, w_up, w_down, layer=None, first_e
     local, _ = _local_experts(top_idx.reshape(-1), first_expert, e)
     sorted_expert = jnp.where(sorted_local, local[order], 0)
     slot = jnp.arange(t * k) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_expert]  # row within its expert
-    capacities = batch_capacities(_local_rows(t, k, e), e, granule, max_ratio)
+    capacities = batch_capacities(t, k, num_experts or e, granule, max_ratio)
 
     def batched(capacity, x, w_gate, w_up, w_down):
         cell = jnp.where(sorted_local, sorted_expert * capacity + slot, -1)  # [T*k] in sorted order

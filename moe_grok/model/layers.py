@@ -283,6 +283,8 @@ def sparse_moe(model_config: MoEConfig, mesh, x, router, experts, layer):
     kwargs = {"out_in": model_config.expert_layout == "per_layer"}
     if impl in ("chunked", "batched"):
         kwargs.update(max_chunk=model_config.expert_chunk_size, granule=model_config.expert_chunk_granule)
+    if impl == "batched":
+        kwargs["num_experts"] = model_config.num_experts
     select = functools.partial(select_experts, model_config=model_config)
     out = dispatch.dispatch_experts(tokens, jax.nn.softmax(router_logits, axis=-1), select, experts, layer, impl,
                                     mesh, **kwargs)
