@@ -164,8 +164,9 @@ def test_dispatch_equals_dense_oracle(impl, out_in, skew):
         assert np.bincount(np.asarray(top_idx).ravel()).max() <= 2 * t * k / e
 
 
-@pytest.mark.parametrize("impl", ["chunked", "ragged", "batched"])
-@pytest.mark.parametrize("stacked", [False, True])  # weights of 3 layers [L, E, ...], layer 1 in use
+# stacked: weights of 3 layers [L, E, ...], layer 1 in use; the batched kernel takes one layer's arrays.
+@pytest.mark.parametrize(("impl", "stacked"), [("chunked", False), ("chunked", True), ("ragged", False),
+                                               ("ragged", True), ("batched", False)])
 def test_dispatch_gradients_match_dense(impl, stacked):
     rng = np.random.default_rng(2)
     t, d, f, e, k = 32, 8, 6, 4, 2
