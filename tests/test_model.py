@@ -136,7 +136,8 @@ def test_bfloat16_weights_run_and_stay_close(tmp_path, rng):
     assert err.max() < 0.15 * np.abs(np.asarray(out32.logits)).max()
 
 
-@pytest.mark.parametrize(("impl", "out_in"), [("chunked", False), ("chunked", True), ("ragged", True),
+@pytest.mark.parametrize(("impl", "out_in"), [("chunked", False), ("chunked", True), ("ragged", False),
+                                              ("ragged", True),
                                               ("batched", True)])
 @pytest.mark.parametrize("skew", [0.0, 8.0])  # skew routes every token to expert 0
 def test_dispatch_equals_dense_oracle(impl, out_in, skew):
