@@ -137,8 +137,7 @@ def test_bfloat16_weights_run_and_stay_close(tmp_path, rng):
 
 
 @pytest.mark.parametrize(("impl", "out_in"), [("chunked", False), ("chunked", True), ("ragged", False),
-                                              ("ragged", True),
-                                              ("batched", True)])
+                                              ("ragged", True), ("batched", True)])
 @pytest.mark.parametrize("skew", [0.0, 8.0])  # skew routes every token to expert 0
 def test_dispatch_equals_dense_oracle(impl, out_in, skew):
     """out_in: weights stored [E, out, in] (expert_layout "per_layer"). The batched kernel runs its
