@@ -68,11 +68,12 @@ def test_checkpoint_written_before_expert_layouts_restores_and_migrates(tmp_path
 def test_per_layer_forward_and_gradients_equal_the_stacked_scan():
     """Dense layers (each unrolled layer takes its own branch, no cond) and remat'd layers (the dense
     dispatch compiles fastest; the kernels equal it, test_model)."""
-    config = MoEConfig(**TINY, dense_layers=(1,), dense_intermediate_size=10, remat_layers=True, moe_impl="dense")
+    config = MoEConfig(**{**TINY, "num_layers": 2}, dense_layers=(0,), dense_intermediate_size=10, remat_layers=True,
+                       moe_impl="dense")
     params = model_lib.init_params(config, jax.random.key(1))
     per_layer_config, per_layer = model_lib.to_expert_layout(config, params, "per_layer")
     assert jax.tree.structure(per_layer) == jax.tree.structure(model_lib.param_shapes(per_layer_config))
-    assert per_layer["experts"]["1"]["gate_proj"].shape == (4, 12, 16)  # the second MoE layer (layer 2): [E, F, D]
+    assert per_layer["experts"]["0"]["gate_proj"].shape == (4, 12, 16)  # the MoE layer (layer 1): [E, F, D]
     _assert_same_outputs(config, params, per_layer_config, per_layer)
     loss = lambda c: jax.jit(jax.grad(lambda p: jnp.sum(model_lib.forward(c, p, TOKENS).logits ** 2)))
     expected = model_lib.to_expert_layout(config, loss(config)(params), "per_layer")[1]
