@@ -188,7 +188,8 @@ def extraction_run(checkpoint: str, batch: int, seq: int, repeats: int, seed: in
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {"platform": jax.default_backend(), "device_kind": device.device_kind,
-            "moe_impl": resolve_moe_impl(model_config.moe_impl), "load_s": load_s, "first_call_s": times[0],
+            "moe_impl": resolve_moe_impl(model_config.moe_impl, model_config.expert_layout),
+            "expert_layout": model_config.expert_layout, "load_s": load_s, "first_call_s": times[0],
             "call_s": times[1:], "tokens_per_s": tokens.size / min(times[1:]),
             "flops_per_token": model_config.active_flops_per_token(seq), "active_params": active_params(model_config),
             "weight_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(params)),

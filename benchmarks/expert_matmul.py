@@ -2,12 +2,17 @@
 
   python benchmarks/expert_matmul.py                 # 512 tokens (the full-size benchmark's 4 x 128 batch)
   python benchmarks/expert_matmul.py --tokens=4096   # 32 x 128, extract_dataset's default batch
+  python benchmarks/expert_matmul.py --skew=1        # unbalanced routing (per-expert logit offsets)
 
 The experts are about 70% of OLMoE-1B-7B's active FLOPs, so their speed bounds the whole
 forward's. Timed in interleaved rounds (with the same routing on every side):
 - HF: transformers' `OlmoeExperts` as `OlmoeModel` builds it (its default experts implementation,
   printed), on the tokens' top-8 of 64 experts;
-- moe_grok: `experts_chunked`, the CPU dispatch the model uses;
+- moe_grok: `experts_chunked` on the "stacked" expert layout ([L, E, in, out], a one-layer stack
+  here), the layout a layer scan reads;
+- moe_grok, expert_layout "per_layer" (one [E, out, in] array per layer, as `load_hf` builds them):
+  `experts_chunked` and `experts_batched` (one [E, C, D] block, C the busiest expert's rows
+  rounded up to a capacity class; the chunk loops when C would pass 2x the balanced share);
 - XLA, balanced: the same FLOPs as one batched einsum over experts with exactly T*k/E rows each
   (perfectly balanced routing, no gathers, no padding), in moe_grok's weight layout;
 - the same balanced einsum with the weights stored [E, out, in] (HF's layout: contraction dim minor)
@@ -29,6 +34,8 @@ from absl import app, flags
 from timing import interleaved_times
 
 _TOKENS = flags.DEFINE_integer("tokens", 512, "Tokens through the layer.")
+_SKEW = flags.DEFINE_float("skew", 0.0, "Scale of per-expert offsets added to the router logits (0: balanced "
+                           "on average; the balanced rows below stay balanced).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
 _HIDDEN, _INTERMEDIATE, _EXPERTS, _TOP_K = 2048, 1024, 64, 8
 flags.register_validator("tokens", lambda t: t > 0 and t * _TOP_K % _EXPERTS == 0,
@@ -42,12 +49,13 @@ def main(argv):
     import torch
     from transformers import OlmoeConfig, OlmoeModel
 
-    from moe_grok.model.dispatch import experts_chunked
+    from moe_grok.model.dispatch import experts_batched, experts_chunked
 
     t, k, e, d, f = _TOKENS.value, _TOP_K, _EXPERTS, _HIDDEN, _INTERMEDIATE
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)
-    top_idx = np.argsort(-rng.normal(size=(t, e)), axis=1)[:, :k]
+    top_idx = np.argsort(-(rng.normal(size=(t, e)) + _SKEW.value * rng.normal(size=e)), axis=1)[:, :k]
+    busiest = np.bincount(top_idx.ravel(), minlength=e).max() / (t * k / e)
     x = (rng.normal(size=(t, d)) * 0.1).astype(np.float32)
     top_w = np.full((t, k), 1.0 / k, np.float32)
 
@@ -71,6 +79,15 @@ def main(argv):
     chunked = jax.jit(lambda *a: experts_chunked(*a, layer=jnp.int32(0)))
     run_ours = lambda: chunked(xj, ij, wj, w_gate, w_up, w_down).block_until_ready()
     np.testing.assert_allclose(np.asarray(run_ours(), np.float32), run_hf().float().numpy(), atol=2e-2)
+    # expert_layout "per_layer": HF's orientation, one layer's arrays (no stack, no layer index).
+    per_layer = tuple(jnp.asarray(np.ascontiguousarray(np.swapaxes(np.asarray(w[0], np.float32), -1, -2)),
+                                  jnp.bfloat16) for w in (w_gate, w_up, w_down))
+    chunked_out_in = jax.jit(lambda *a: experts_chunked(*a, out_in=True))
+    batched_out_in = jax.jit(lambda *a: experts_batched(*a, out_in=True))
+    run_chunked_per_layer = lambda: chunked_out_in(xj, ij, wj, *per_layer).block_until_ready()
+    run_batched_per_layer = lambda: batched_out_in(xj, ij, wj, *per_layer).block_until_ready()
+    for run in (run_chunked_per_layer, run_batched_per_layer):
+        np.testing.assert_allclose(np.asarray(run(), np.float32), run_hf().float().numpy(), atol=2e-2)
 
     def bf16_matmul(a, w, spec):
         return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
@@ -113,7 +130,8 @@ def main(argv):
     def run_read_weights():
         return hf_experts.gate_up_proj.sum() + hf_experts.down_proj.sum()
 
-    fns = {"hf": run_hf, "ours": run_ours, "balanced": run_balanced, "transposed": run_transposed,
+    fns = {"hf": run_hf, "ours": run_ours, "chunked_per_layer": run_chunked_per_layer,
+           "batched_per_layer": run_batched_per_layer, "balanced": run_balanced, "transposed": run_transposed,
            "from_stack": run_from_stack,
            "plain_xla": run_plain_xla, "plain_torch": run_plain_torch, "read": run_read_weights}
     for fn in fns.values():
@@ -121,9 +139,12 @@ def main(argv):
     best = {name: float(np.min(t)) for name, t in interleaved_times(fns, _REPEATS.value).items()}
     flops = 2 * t * k * 3 * d * f
     print(f"one MoE layer's experts: {t} tokens, top-{k} of {e}, hidden {d}, intermediate {f}, bfloat16; "
-          f"{os.cpu_count()} cores; fastest of {_REPEATS.value} interleaved rounds; {flops / 1e9:.1f} GFLOP")
+          f"{os.cpu_count()} cores; fastest of {_REPEATS.value} interleaved rounds; {flops / 1e9:.1f} GFLOP; "
+          f"busiest expert {busiest:.2f}x the balanced share")
     rows = (("HF OlmoeExperts (experts_implementation=" + str(implementation) + ")", "hf"),
-            ("moe_grok experts_chunked", "ours"),
+            ("moe_grok experts_chunked, stacked [L, E, in, out]", "ours"),
+            ("moe_grok experts_chunked, per-layer [E, out, in]", "chunked_per_layer"),
+            ("moe_grok experts_batched, per-layer [E, out, in]", "batched_per_layer"),
             ("XLA, balanced batched einsum", "balanced"),
             ("XLA, balanced, weights [E, out, in], W x^T", "transposed"),
             ("  the same, weights sliced from an [L, E, out, in] stack", "from_stack"),

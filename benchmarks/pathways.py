@@ -7,9 +7,11 @@
 Prints tokens/second of both, their ratio, the machine's measured fp32 matmul FLOP/s
 (a 2048^3 jnp.matmul, same process), and the fraction of it our extraction reaches, counting
 active FLOPs per token (k of E experts). Both sides compute routing without the LM head.
-The three are timed in interleaved rounds (HF, ours, matmul, HF, ...), so a slow patch of a
-shared machine hits all of them alike; the table is printed twice, from every timing's
-median round and from its fastest round.
+moe_grok runs as `load_hf` builds it (expert_layout "per_layer", this backend's default
+dispatch), and in the same rounds with the chunked dispatch (moe_impl "chunked") and with the
+experts in the "stacked" layout of the layer scan (its default dispatch). All are timed in interleaved rounds (HF, ours,
+..., matmul, HF, ...), so a slow patch of a shared machine hits all of them alike; the table is
+printed twice, from every timing's median round and from its fastest round.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ def main(argv):
         lm.model = hf_model
         lm.save_pretrained(ckpt)
         model_config, params = load_hf(ckpt)
+        stacked_config, stacked_params = load_hf(ckpt, expert_layout="stacked")
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, shape["vocab_size"], (batch, seq))
@@ -79,35 +82,45 @@ def main(argv):
                            output_router_logits=True)
         return out.router_logits
 
-    extractor = make_extractor(model_config, with_loss=False)
     jt, jm = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
-    run_ours = lambda: jax.block_until_ready(extractor(params, jt, jm, jt, jm))
 
-    # Same routing on both sides (a correctness guard for the timing).
-    ours = np.asarray(run_ours().mean_weights)
+    def runner(config, weights):
+        extractor = make_extractor(config, with_loss=False)
+        return lambda: jax.block_until_ready(extractor(weights, jt, jm, jt, jm))
+
+    variants = {"ours": runner(model_config, params),
+                "chunked": runner(model_config.replace(moe_impl="chunked"), params),
+                "stacked": runner(stacked_config, stacked_params)}
+    # Same routing on every side (a correctness guard for the timing).
     hf_probs = torch.stack([torch.softmax(r.float(), -1).reshape(batch, seq, -1) for r in run_hf()], 2)
-    np.testing.assert_allclose(ours, hf_probs.mean(1).numpy(), atol=1e-4)
+    for run in variants.values():
+        np.testing.assert_allclose(np.asarray(run().mean_weights), hf_probs.mean(1).numpy(), atol=1e-4)
 
     matmul_n = 2048
     run_matmul = make_matmul(matmul_n)
-    for warm in (run_hf, run_ours, run_matmul):
+    for warm in (run_hf, *variants.values(), run_matmul):
         warm()
-    times = interleaved_times({"hf": run_hf, "ours": run_ours, "matmul": run_matmul}, repeats)
+    times = interleaved_times({"hf": run_hf, **variants, "matmul": run_matmul}, repeats)
     flops = model_config.active_flops_per_token(seq) * n_tokens
     print(f"config: hidden {model_config.hidden_size}, {model_config.num_layers} layers, "
           f"{model_config.num_experts} experts top-{model_config.num_experts_per_tok}, "
           f"expert intermediate {model_config.expert_intermediate_size}; "
           f"batch {batch} x {seq} tokens; backend {jax.default_backend()}, {os.cpu_count()} cores; "
-          f"expert dispatch {resolve_moe_impl(model_config.moe_impl)}")
+          f"expert dispatch {resolve_moe_impl(model_config.moe_impl, model_config.expert_layout)}")
     print(f"active FLOPs/token: {model_config.active_flops_per_token(seq) / 1e6:.1f} M; fp32 matmul peak = "
           f"{matmul_n}^3 jnp.matmul in the same rounds; {repeats} interleaved rounds")
     for label, stat in (("median round", np.median), ("fastest round", np.min)):
         t_hf, t_ours, peak = stat(times["hf"]), stat(times["ours"]), 2 * matmul_n**3 / stat(times["matmul"])
         print(f"\n{label} (matmul peak {peak / 1e9:.0f} GFLOP/s)")
-        print(f"{'':<34}{'tokens/s':>10}{'GFLOP/s':>10}{'% matmul peak':>15}")
-        for name, t in (("HF OlmoeModel (router logits)", t_hf), ("moe_grok extraction (jit)", t_ours)):
-            print(f"{name:<34}{n_tokens / t:>10,.0f}{flops / t / 1e9:>10.1f}{100 * flops / t / peak:>14.0f}%")
-        print(f"{'speedup vs HF':<34}{t_hf / t_ours:>9.2f}x")
+        print(f"{'':<52}{'tokens/s':>10}{'GFLOP/s':>10}{'% matmul peak':>15}{'vs HF':>8}")
+        for name, key in (("HF OlmoeModel (router logits)", "hf"),
+                          ("moe_grok extraction (jit), as load_hf builds it", "ours"),
+                          ("  the same with moe_impl chunked", "chunked"),
+                          ("  the same with expert_layout stacked", "stacked")):
+            t = stat(times[key])
+            print(f"{name:<52}{n_tokens / t:>10,.0f}{flops / t / 1e9:>10.1f}{100 * flops / t / peak:>14.0f}%"
+                  f"{t_hf / t:>7.2f}x")
+        print(f"{'speedup vs HF':<52}{t_hf / t_ours:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,19 @@ import jax.numpy as jnp
 
 from moe_grok import atomic_files
 
-MOE_IMPLS = ("auto", "ragged", "chunked", "dense")
+MOE_IMPLS = ("auto", "ragged", "chunked", "batched", "dense")
 ATTENTION_IMPLS = ("auto", "matmul", "elementwise")
 QK_NORMS = ("full", "per_head")  # q/k RMSNorm over the whole projection (OLMoE) or over each head (Qwen3-MoE)
+# Where the expert weights sit in the parameter tree, and which way round (model.params' docstring):
+# "stacked": layers/moe/{gate,up}_proj [L_moe, E, D, F], down_proj [L_moe, E, F, D] ([in, out]), read by the
+#   layer scan (training's layout, and every checkpoint's before "per_layer" existed);
+# "per_layer": experts/<i>/{gate,up}_proj [E, F, D], down_proj [E, D, F] ([out, in] as HF stores them), one
+#   array per MoE layer and the layers unrolled (what XLA's CPU dot is fastest with; extraction of HF models).
+EXPERT_LAYOUTS = ("stacked", "per_layer")
 # Fields newer than some saved configs and run identities: the value those ran with (configs
 # written before model families existed are OLMoE's).
 FIELDS_ADDED_LATER = {"attention_impl": "matmul", "family": "olmoe", "qk_norm": "full", "dense_layers": [],
-                      "dense_intermediate_size": 0}
+                      "dense_intermediate_size": 0, "expert_layout": "stacked"}
 # Architecture fields that only non-OLMoE families set: `architecture()` names them only when
 # they differ from these values, so OLMoE's architecture (stored in stats caches) is unchanged.
 _FAMILY_ARCHITECTURE_DEFAULTS = {"family": "olmoe", "qk_norm": "full", "dense_layers": (),
@@ -66,11 +72,12 @@ class MoEConfig:
     dense_intermediate_size: int = 0  # the dense MLP's width (used only when dense_layers is not empty)
     # Numerics / implementation choices (not part of the checkpoint's architecture).
     dtype: str = "float32"  # parameter and activation dtype; routing softmax and norms stay float32
-    moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, per-expert chunked matmuls on CPU
+    moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU; on CPU batched (per_layer experts) or chunked matmuls
     expert_chunk_size: int = 512  # CPU "chunked" dispatch: most rows in one expert matmul
     expert_chunk_granule: int = 32  # ... and chunk rows are rounded up to a multiple of this
     remat_layers: bool = False  # gradients recompute each layer's forward instead of storing its activations
     attention_impl: str = "auto"  # auto: elementwise products on CPU for <= 8 tokens, else batched matmuls
+    expert_layout: str = "stacked"  # "stacked" | "per_layer": see EXPERT_LAYOUTS (the parameter tree's form)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -100,6 +107,8 @@ class MoEConfig:
                 self.expert_chunk_size % self.expert_chunk_granule:
             problems.append(f"expert_chunk_size={self.expert_chunk_size} must be a positive multiple of "
                             f"expert_chunk_granule={self.expert_chunk_granule}")
+        if self.expert_layout not in EXPERT_LAYOUTS:
+            problems.append(f"expert_layout={self.expert_layout!r} not in {EXPERT_LAYOUTS}")
         if self.qk_norm not in QK_NORMS:
             problems.append(f"qk_norm={self.qk_norm!r} not in {QK_NORMS}")
         if self.dense_layers:
@@ -167,10 +176,11 @@ class MoEConfig:
         return arch
 
     def settings(self) -> dict[str, Any]:
-        """Every field (architecture and numerics), less the family fields at OLMoE's values: what
-        identifies the config in caches recorded before model families existed, unchanged."""
+        """Every field (architecture and numerics), less the family fields at OLMoE's values and the
+        expert layout at "stacked": what identifies the config in caches recorded before model
+        families and expert layouts existed, unchanged."""
         fields = dataclasses.asdict(self)
-        for key, olmoe_value in _FAMILY_ARCHITECTURE_DEFAULTS.items():
+        for key, olmoe_value in {**_FAMILY_ARCHITECTURE_DEFAULTS, "expert_layout": "stacked"}.items():
             if fields[key] == olmoe_value:
                 del fields[key]
         return fields

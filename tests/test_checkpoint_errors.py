@@ -153,7 +153,7 @@ def test_nan_weights_name_the_checkpoint_and_key(tmp_path):
     model.load_state_dict(state)
     model.save_pretrained(str(tmp_path))
     _raises(tmp_path, f"checkpoint {tmp_path}: non-finite (NaN/inf) weights in model.layers.1.mlp.experts.3.gate_proj",
-            "layers/moe/gate_proj")
+            "experts/1/gate_proj")
     state["model.layers.1.mlp.experts.gate_up_proj"][3, 5, 2] = 0.0
     state["lm_head.weight"][0, 0] = float("inf")
     model.load_state_dict(state)

@@ -136,9 +136,12 @@ def test_bfloat16_weights_run_and_stay_close(tmp_path, rng):
     assert err.max() < 0.15 * np.abs(np.asarray(out32.logits)).max()
 
 
-@pytest.mark.parametrize("impl", ["chunked", "ragged"])
+@pytest.mark.parametrize(("impl", "out_in"), [("chunked", False), ("chunked", True), ("ragged", False),
+                                              ("ragged", True), ("batched", True)])
 @pytest.mark.parametrize("skew", [0.0, 8.0])  # skew routes every token to expert 0
-def test_dispatch_equals_dense_oracle(impl, skew):
+def test_dispatch_equals_dense_oracle(impl, out_in, skew):
+    """out_in: weights stored [E, out, in] (expert_layout "per_layer"). The batched kernel runs its
+    [E, C, D] block on the balanced routing and falls back to the chunk loops on the skewed one."""
     rng = np.random.default_rng(1)
     t, d, f, e, k = 67, 16, 12, 8, 3  # T*k not a multiple of the chunk size
     x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
@@ -147,16 +150,23 @@ def test_dispatch_equals_dense_oracle(impl, skew):
     top_w, top_idx = jax.lax.top_k(probs, k)
     w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
     expected = dispatch.experts_dense(x, top_idx, top_w, *w)
-    kwargs = {"max_chunk": 16, "granule": 4} if impl == "chunked" else {}
-    got = jax.jit(functools.partial(dispatch.EXPERT_IMPLS[impl], **kwargs))(x, top_idx, top_w, *w)
+    if out_in:
+        w = [jnp.swapaxes(a, 1, 2) for a in w]
+    kwargs = {"max_chunk": 16, "granule": 4} if impl in ("chunked", "batched") else {}
+    got = jax.jit(functools.partial(dispatch.EXPERT_IMPLS[impl], out_in=out_in, **kwargs))(x, top_idx, top_w, *w)
+    np.testing.assert_allclose(np.asarray(dispatch.experts_dense(x, top_idx, top_w, *w, out_in=out_in)),
+                               np.asarray(expected), rtol=1e-6, atol=1e-6 * float(np.abs(expected).max()))
     scale = float(np.abs(np.asarray(expected)).max())  # outputs reach ~1e2: float32 summation order
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6 * scale, rtol=1e-5)
     if skew:  # one expert takes every token: 5x its balanced share
         assert int(jnp.sum(top_idx == 0)) == t
+    else:  # within the batched kernel's 2x of the balanced share: its [E, C, D] block ran
+        assert np.bincount(np.asarray(top_idx).ravel()).max() <= 2 * t * k / e
 
 
-@pytest.mark.parametrize("impl", ["chunked", "ragged"])
-@pytest.mark.parametrize("stacked", [False, True])  # weights of 3 layers [L, E, ...], layer 1 in use
+# stacked: weights of 3 layers [L, E, ...], layer 1 in use; the batched kernel takes one layer's arrays.
+@pytest.mark.parametrize(("impl", "stacked"), [("chunked", False), ("chunked", True), ("ragged", False),
+                                               ("ragged", True), ("batched", False)])
 def test_dispatch_gradients_match_dense(impl, stacked):
     rng = np.random.default_rng(2)
     t, d, f, e, k = 32, 8, 6, 4, 2
@@ -171,7 +181,11 @@ def test_dispatch_gradients_match_dense(impl, stacked):
                                                                                 **kwargs)))
 
     g_dense = jax.grad(loss("dense"), argnums=(0, 1, 2, 3, 4))(x, top_w, *w)
-    kwargs = {"max_chunk": 8, "granule": 2} if impl == "chunked" else {}
+    kwargs = {"max_chunk": 8, "granule": 2} if impl in ("chunked", "batched") else {}
+    if impl == "batched":  # weights [E, out, in], as the per-layer expert layout passes them to it
+        kwargs["out_in"] = True
+        w = [jnp.swapaxes(a, -1, -2) for a in w]
+        g_dense = (*g_dense[:2], *(jnp.swapaxes(g, -1, -2) for g in g_dense[2:]))
     g_impl = jax.jit(jax.grad(loss(impl, **kwargs), argnums=(0, 1, 2, 3, 4)))(x, top_w, *w)
     for a, b in zip(g_dense, g_impl, strict=True):  # float32 summation order: gradients reach ~1e1
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(np.abs(a).max()), rtol=1e-3)
@@ -296,9 +310,9 @@ def test_mesh_loading_and_forward_equal_single_device(tmp_path, rng):
     data, expert = fit_mesh(4, 2)
     mesh = make_mesh(data=data, expert=expert)
     _, sharded = load_hf(str(tmp_path), mesh=mesh)
-    gate = sharded["layers"]["moe"]["gate_proj"]
-    assert gate.sharding.spec[1] == "expert"
-    assert gate.addressable_shards[0].data.shape[1] == config.num_experts // expert  # read directly into shards
+    gate = sharded["experts"]["1"]["gate_proj"]  # the second MoE layer's experts [E, F, D]
+    assert gate.sharding.spec[0] == "expert"
+    assert gate.addressable_shards[0].data.shape[0] == config.num_experts // expert  # read directly into shards
     jax.tree.map(np.testing.assert_array_equal, params, sharded)
     tokens, mask = padded_batch(rng, batch=8)
     single = jax.jit(lambda p, t, m: model_lib.forward(config, p, t, m))(params, tokens, mask)

@@ -51,13 +51,14 @@ def _hf_attention_inputs(hf_model, inputs):
 
 
 def _layer_params(params, layer: int):
-    """Layer `layer`'s params as the scanned DecoderLayer sees them (expert stacks stay [L, E, ...])."""
+    """Layer `layer`'s params as DecoderLayer sees them (its experts come apart: `_experts`)."""
     per_layer = {name: value for name, value in params["layers"].items() if name != "moe"}
     return {**jax.tree.map(lambda a: a[layer], per_layer), "moe": {"router": params["layers"]["moe"]["router"][layer]}}
 
 
-def _experts(params):
-    return tuple(params["layers"]["moe"][name] for name in layers.EXPERT_WEIGHTS)
+def _experts(params, layer: int):
+    """(experts, layer) as SparseMoE takes them: load_hf's per-layer arrays of `layer` [E, out, in], no index."""
+    return tuple(params["experts"][str(layer)][name] for name in layers.EXPERT_WEIGHTS), None
 
 
 def _close(ours, theirs, real=None, what=""):
@@ -106,7 +107,7 @@ def test_moe_block(models):
     hf_model, model_config, params, inputs = models
     layer = LAYER
     ours, router_logits = jax.jit(layers.SparseMoE(model_config).apply)(
-        {"params": _layer_params(params, layer)["moe"]}, inputs["hidden"], _experts(params), layer)
+        {"params": _layer_params(params, layer)["moe"]}, inputs["hidden"], *_experts(params, layer))
     block = hf_model.model.layers[layer].mlp
     hidden = _torch(inputs["hidden"])
     with torch.no_grad():
@@ -123,7 +124,7 @@ def test_decoder_layer(models):
     layer = LAYER
     ours, _ = jax.jit(layers.DecoderLayer(model_config.replace(moe_impl="dense")).apply)(
         {"params": _layer_params(params, layer)}, inputs["hidden"], inputs["positions"], inputs["mask"],
-        _experts(params), layer)
+        *_experts(params, layer))
     hidden, position_embeddings, mask = _hf_attention_inputs(hf_model, inputs)
     with torch.no_grad():
         theirs = hf_model.model.layers[layer](hidden, attention_mask=mask, position_embeddings=position_embeddings,

@@ -140,7 +140,7 @@ def test_mesh_forward_equals_single_device(mixed_model, rng, impl, mesh_shape):
     model_config, params = hf.load_hf(str(mixed_model), moe_impl=impl)
     mesh = sharding.make_mesh(*mesh_shape)
     _, placed = hf.load_hf(str(mixed_model), moe_impl=impl, mesh=mesh)
-    assert placed["layers"]["moe"]["gate_proj"].sharding.spec[1] == sharding.EXPERT_AXIS
+    assert placed["experts"]["0"]["gate_proj"].sharding.spec[0] == sharding.EXPERT_AXIS
     tokens, mask = padded_batch(rng, batch=8)
     single = jax.jit(lambda p, t, m: model_lib.forward(model_config, p, t, m))(params, tokens, mask)
     batch = sharding.model_batch_sharding(mesh)
@@ -151,8 +151,10 @@ def test_mesh_forward_equals_single_device(mixed_model, rng, impl, mesh_shape):
 
 def test_compiled_program_holds_only_its_experts(mixed_model):
     """As OLMoE's (test_expert_parallel): on a 4 x 2 mesh each device's program holds the expert
-    stacks of its half of the experts, [L_moe, E/2, ...], and no full stack."""
-    model_config = hf.hf_model_config(str(mixed_model), moe_impl="chunked")
+    stacks of its half of the experts, [L_moe, E/2, ...], and no full stack; with load_hf's
+    per-layer expert arrays, each layer's half [E/2, out, in] and no full layer."""
+    per_layer = hf.hf_model_config(str(mixed_model), moe_impl="chunked", expert_layout="per_layer")
+    model_config = per_layer.replace(expert_layout="stacked")
     layers, e, d, f = (model_config.num_moe_layers, model_config.num_experts, model_config.hidden_size,
                        model_config.expert_intermediate_size)
     mesh = sharding.make_mesh(4, 2)
@@ -163,6 +165,12 @@ def test_compiled_program_holds_only_its_experts(mixed_model):
     assert f"[{layers},{e // 2},{d},{f}]" in hlo and f"[{layers},{e // 2},{f},{d}]" in hlo
     for full in (f"[{layers},{e},{d},{f}]", f"[{layers},{e},{f},{d}]", f"[{e},{d},{f}]", f"[{e},{f},{d}]"):
         assert full not in hlo, f"a full expert stack {full} in the per-device program"
+    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          model_lib.param_shapes(per_layer), model_lib.param_shardings(per_layer, mesh))
+    hlo = make_extractor(per_layer, mesh).lower(shapes, tokens, tokens, tokens, tokens).compile().as_text()
+    assert f"[{e // 2},{f},{d}]" in hlo and f"[{e // 2},{d},{f}]" in hlo
+    for full in (f"[{e},{d},{f}]", f"[{e},{f},{d}]"):
+        assert full not in hlo, f"a layer's full experts {full} in the per-device program"
 
 
 def test_pipeline_end_to_end_and_cached_rerun(tmp_path, monkeypatch):

@@ -33,10 +33,11 @@ DEFAULT_SAMPLE_SIZE = 1 << 16
 
 
 def family_of(path: str) -> str:
-    """Family of a public parameter path such as "layers/moe/router" or "layers/attn/q_proj/kernel"."""
+    """Family of a public parameter path such as "layers/moe/router", "layers/attn/q_proj/kernel" or
+    (per-layer expert arrays) "experts/0/gate_proj"."""
     if path.endswith("moe/router"):
         return "router"
-    if "/moe/" in path:
+    if "/moe/" in path or path.startswith("experts/"):
         return "experts"
     if "/attn/" in path:
         return "attention"
@@ -57,7 +58,14 @@ def parameter_sample(params, sample_size: int = DEFAULT_SAMPLE_SIZE) -> dict[str
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = "/".join(str(getattr(k, "key", k)) for k in key_path)
         positions = _sample_positions(path, leaf.shape, sample_size)
-        values = leaf.reshape(-1) if positions is None else leaf[positions]
+        pick = (lambda a: a.reshape(-1)) if positions is None else (lambda a, p=positions: a[p])
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            # Split over several processes' devices (experts over "expert"): every process gets the
+            # whole sample, replicated over the array's mesh.
+            replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+            values = jax.jit(pick, out_shardings=replicated)(leaf)
+        else:
+            values = pick(leaf)
         out[path] = np.asarray(jax.device_get(values), np.float32)
         out[f"{path}#size"] = np.asarray(leaf.size, np.int64)
     return out

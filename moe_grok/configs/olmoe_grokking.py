@@ -15,7 +15,7 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.checkpoints = "allenai/OLMoE-1B-7B-0924@step245000-tokens1027B"  # comma-separated specs
     config.dtype = "bfloat16"  # parameter dtype: bfloat16 or float32
-    config.moe_impl = "auto"  # expert dispatch: auto (chunked on CPU, ragged on GPU/TPU), chunked, ragged, dense
+    config.moe_impl = "auto"  # expert dispatch: auto (CPU: batched; GPU/TPU: ragged), chunked, batched, ragged, dense
     config.out_dir = "runs/olmoe"  # cache/ (per-checkpoint stats) and report/
     config.plots = True  # draw the report's figures (False: its tables, CSVs and summary only)
     config.mesh = ml_collections.ConfigDict(dict(

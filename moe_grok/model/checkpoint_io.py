@@ -13,6 +13,12 @@ Restoring goes through orbax's public API (PyTreeCheckpointHandler, a partial re
 parameter straight into its mesh shards and dtype), one parameter at a time, so its transient
 buffers are at most about one parameter's size. Checkpoints in orbax's default layout restore
 the same way.
+
+Expert layout: moe_config.json's `expert_layout` says how params/ holds the experts
+(MoEConfig.expert_layout; a checkpoint written before the field existed holds "stacked":
+[L_moe, E, in, out] stacks at layers/moe/). `restore_params(..., expert_layout=...)` migrates
+while restoring: a stack is read whole (one parameter) and split into per-layer [E, out, in]
+arrays, or per-layer arrays are read one at a time into a stack.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from moe_grok import atomic_files, strict_json
@@ -28,7 +35,8 @@ from moe_grok.config import CONFIG_FILE, MoEConfig
 from moe_grok.locking import DirectoryLock
 from moe_grok.model import params as params_lib
 from moe_grok.model.errors import CheckpointError
-from moe_grok.model.hf import load_hf
+from moe_grok.model.hf import load_hf, page_aligned_empty
+from moe_grok.model.layers import EXPERT_WEIGHTS
 
 CHUNK_BYTES = 64 << 20  # bytes per stored chunk
 CONFIG_FILE_HF = "config.json"  # an HF checkpoint's config (a directory holding it is not ours to overwrite)
@@ -201,43 +209,96 @@ def _restore_one(checkpointer: ocp.Checkpointer, path: str, name: tuple[str, ...
     return restored
 
 
-def restore_params(directory: str, mesh: jax.sharding.Mesh | None = None, dtype=None) -> tuple[MoEConfig, dict]:
+def _leaves_by_name(model_config: MoEConfig, mesh: jax.sharding.Mesh | None
+                    ) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """Every parameter's path -> its jax.ShapeDtypeStruct with its sharding (mesh shards, or the default device)."""
+    shapes = params_lib.param_shapes(model_config)
+    shardings = params_lib.param_shardings(model_config, mesh)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: default, shapes)
+    flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings))[0]
+    return {tuple(k.key for k in key_path): leaf for key_path, leaf in flat}
+
+
+def _migrated_experts(checkpointer: ocp.Checkpointer, path: str, saved: MoEConfig,
+                      saved_leaves: dict, target_leaves: dict) -> dict[tuple[str, ...], jax.Array]:
+    """The expert weights of a checkpoint saved in `saved.expert_layout`, in the other layout
+    (`target_leaves`' paths, shapes and shardings). Stacked -> per-layer: each [L_moe, E, in, out]
+    stack read whole on the host (one parameter), its layers transposed into place one at a time;
+    per-layer -> stacked: each layer's array read and transposed into the stack being built."""
+    on_host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    out = {}
+    for name in EXPERT_WEIGHTS:
+        if saved.expert_layout == "stacked":
+            stack_path = ("layers", "moe", name)
+            leaf = saved_leaves[stack_path]
+            stack = np.asarray(_restore_one(checkpointer, path, stack_path, jax.ShapeDtypeStruct(
+                leaf.shape, target_leaves[("experts", "0", name)].dtype, sharding=on_host)))
+            for i in range(saved.num_moe_layers):
+                target = target_leaves[("experts", str(i), name)]
+                out[("experts", str(i), name)] = jax.make_array_from_callback(
+                    target.shape, target.sharding,
+                    lambda index, i=i, stack=stack: np.ascontiguousarray(np.swapaxes(stack[i], -1, -2)[index]))
+            del stack
+        else:
+            target = target_leaves[("layers", "moe", name)]
+            host = page_aligned_empty(target.shape, target.dtype)
+            for i in range(saved.num_moe_layers):
+                layer_path = ("experts", str(i), name)
+                leaf = saved_leaves[layer_path]
+                layer = _restore_one(checkpointer, path, layer_path,
+                                     jax.ShapeDtypeStruct(leaf.shape, target.dtype, sharding=on_host))
+                host[i] = np.swapaxes(np.asarray(layer), -1, -2)
+                del layer
+            out[("layers", "moe", name)] = jax.make_array_from_callback(target.shape, target.sharding,
+                                                                        lambda index, host=host: host[index])
+    return out
+
+
+def restore_params(directory: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
+                   expert_layout: str | None = None) -> tuple[MoEConfig, dict]:
     """Read back what save_params wrote, placing params in their mesh shards when given.
 
-    dtype: cast to this parameter dtype while restoring (default: as saved). Raises
+    dtype: cast to this parameter dtype while restoring (default: as saved). expert_layout:
+    the MoEConfig.expert_layout to return (default: as saved; a checkpoint written before the
+    field existed is "stacked"): another is migrated while restoring (module docstring). Raises
     CheckpointError naming the directory for a missing or unreadable checkpoint and for
     non-finite weights (naming the parameter, layer and expert).
     """
     directory = os.path.abspath(directory)
     if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
         raise CheckpointError(f"no {CONFIG_FILE} in {directory}: not a moe_grok checkpoint")
-    model_config = MoEConfig.load(directory)
+    saved = MoEConfig.load(directory)
     if dtype is not None:
-        model_config = model_config.replace(dtype=jax.numpy.dtype(dtype).name)
-    shapes = params_lib.param_shapes(model_config)
-    shardings = params_lib.param_shardings(model_config, mesh)
-    if shardings is not None:
-        shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        saved = saved.replace(dtype=jax.numpy.dtype(dtype).name)
+    model_config = saved if expert_layout is None else saved.replace(expert_layout=expert_layout)
+    saved_leaves = _leaves_by_name(saved, mesh)
+    target_leaves = _leaves_by_name(model_config, mesh)
     path = os.path.join(directory, "params")
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    flat, tree = jax.tree_util.tree_flatten_with_path(shapes)
     try:  # either layout: one zarr array per parameter (save_params) or orbax's default OCDBT store
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-            leaves = [_restore_one(checkpointer, path, tuple(k.key for k in key_path),
-                                   jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding or default))
-                      for key_path, leaf in flat]
+            restored = {name: _restore_one(checkpointer, path, name, leaf)
+                        for name, leaf in target_leaves.items() if name in saved_leaves}
+            if model_config.expert_layout != saved.expert_layout:
+                restored.update(_migrated_experts(checkpointer, path, saved, saved_leaves, target_leaves))
     except CheckpointError:
         raise
     except Exception as err:  # orbax / TensorStore raise many types, with pages of detail
         raise CheckpointError(f"{path}: cannot restore the moe_grok checkpoint ({type(err).__name__}: "
                               f"{_first_line(err)})") from None
-    params = jax.tree_util.tree_unflatten(tree, leaves)
+    tree = jax.tree.structure(params_lib.param_shapes(model_config))
+    params = jax.tree_util.tree_unflatten(tree, [restored[name] for name in target_leaves])
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = tuple(k.key for k in key_path)
-        lead = params_lib.stacked_axes(name)
-        bad = params_lib.first_nonfinite_cell(leaf, lead)
+        axes = params_lib.lead_axes(name)
+        bad = params_lib.first_nonfinite_cell(leaf, len(axes))
         if bad is not None:
-            where = ", ".join(f"{axis} {i}" for axis, i in zip(("layer", "expert"), bad, strict=False))
+            cell = dict(zip(axes, bad, strict=True))
+            if name[0] == params_lib.EXPERTS:
+                cell = {"layer": int(name[1]), **cell}
+            where = ", ".join(f"{axis} {i}" for axis, i in cell.items())
             raise CheckpointError(f"{directory}: non-finite (NaN/inf) weights in {'/'.join(name)}"
                                   + (f" ({where})" if where else ""))
     return model_config, params

@@ -191,9 +191,9 @@ def validate_keys(model_config: MoEConfig, reader: SafetensorsReader) -> None:
     mapping = families.key_map(model_config, keys)
     needed: dict[str, tuple] = {}
     for path, fn in mapping.items():
-        lead = shapes[path][:params_lib.stacked_axes(path)]
-        layers = range(lead[0]) if lead else [None]
-        experts = range(lead[1]) if len(lead) > 1 else [None]
+        sizes = dict(zip(params_lib.lead_axes(path), shapes[path], strict=False))
+        layers = range(sizes["layer"]) if "layer" in sizes else [None]
+        experts = range(sizes["expert"]) if "expert" in sizes else [None]
         cell = _cell_shape(path, shapes[path])
         for layer in layers:
             for expert in experts:
@@ -224,7 +224,7 @@ def validate_keys(model_config: MoEConfig, reader: SafetensorsReader) -> None:
                                 f"one of {'/'.join(WEIGHT_DTYPES)} (integer, bool and quantized tensors are not "
                                 f"converted)")
             got = info.shape
-            if src.index:  # fused expert tensors: check the whole tensor
+            if src.index:  # fused expert tensors: check the whole tensor, as stored
                 f, e, d = model_config.expert_intermediate_size, model_config.num_experts, model_config.hidden_size
                 want = (e, 2 * f, d) if key.endswith("gate_up_proj") else (e, d, f)
             if got != want:
@@ -244,6 +244,8 @@ def load_hf(path_or_repo: str, revision: str | None = None, dtype=jnp.float32,
     """Read an HF checkpoint of a supported model family into (MoEConfig, params) with params in `dtype`.
 
     path_or_repo: local directory, hub repo id or "repo@revision" (`resolve_checkpoint_dir`).
+    The experts come in MoEConfig.expert_layout "per_layer" (one [E, out, in] array per MoE
+    layer, filled straight from HF's [out, in] tensors) unless config_overrides name another.
     With a mesh, each parameter is created directly in its shards (experts over the
     "expert" axis); without one, on the default device. Raises CheckpointError for bad
     files, keys or config, and for non-finite weights (naming the checkpoint and the key);
@@ -251,7 +253,7 @@ def load_hf(path_or_repo: str, revision: str | None = None, dtype=jnp.float32,
     """
     ckpt_dir = resolve_checkpoint_dir(path_or_repo, revision)
     dtype = jnp.dtype(dtype)
-    model_config = hf_model_config(ckpt_dir, dtype=dtype.name, **config_overrides)
+    model_config = hf_model_config(ckpt_dir, dtype=dtype.name, **{"expert_layout": "per_layer", **config_overrides})
     reader = SafetensorsReader(ckpt_dir)
     validate_keys(model_config, reader)
     shardings = params_lib.param_shardings(model_config, mesh)

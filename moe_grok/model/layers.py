@@ -13,6 +13,12 @@ Parameters are a plain pytree; layers are stacked on a leading [L] axis (nn.scan
 weights [L, E, ...] are declared outside the scan, see ExpertStacks), every parameter carries
 logical axis names (see LOGICAL_RULES) for mesh sharding. With dense layers the MoE weights are
 stacked over the MoE layers only ([L_moe, ...]) and the dense MLPs over the dense ones.
+
+MoEConfig.expert_layout "per_layer" runs the same layers unrolled (a Python loop, modules
+layers_<i>) with one expert array per MoE layer stored [E, out, in] (PerLayerExperts): no layer's
+experts are sliced from a stack, which XLA's CPU backend would copy before every dot. Its
+parameters are built in the stacked form and split (`model.params`), so it is applied, never
+initialized, in this form.
 """
 from __future__ import annotations
 
@@ -221,10 +227,37 @@ class ExpertStacks(nn.Module):
                      for name, (axes, shape) in zip(EXPERT_WEIGHTS, axes_and_shapes, strict=True))
 
 
+class LayerExperts(nn.Module):
+    """One MoE layer's SwiGLU experts stored [E, out, in] as HF stores them: gate/up [E, F, D],
+    down [E, D, F] (MoEConfig.expert_layout "per_layer")."""
+
+    model_config: MoEConfig
+
+    @nn.compact
+    def __call__(self):
+        model_config, dtype = self.model_config, self.model_config.jnp_dtype
+        e, d, f = model_config.num_experts, model_config.hidden_size, model_config.expert_intermediate_size
+        axes_and_shapes = ((("mlp", "embed"), (f, d)), (("mlp", "embed"), (f, d)), (("embed", "mlp"), (d, f)))
+        return tuple(self.param(name, _init(model_config.init_std, "expert", *axes), (e, *shape), dtype)
+                     for name, (axes, shape) in zip(EXPERT_WEIGHTS, axes_and_shapes, strict=True))
+
+
+class PerLayerExperts(nn.Module):
+    """Every MoE layer's LayerExperts, named by the layer's index among the MoE layers ("0", "1",
+    ...): returns a tuple of L_moe (gate, up, down)."""
+
+    model_config: MoEConfig
+
+    @nn.compact
+    def __call__(self):
+        return tuple(LayerExperts(self.model_config, name=str(i))() for i in range(self.model_config.num_moe_layers))
+
+
 class SparseMoE(nn.Module):
     """Router + SwiGLU experts. Returns (output [B, S, D], router_logits [B, S, E] float32).
 
-    experts: ExpertStacks' (gate, up, down) of all layers; layer: this layer's index (scalar).
+    experts: ExpertStacks' (gate, up, down) of all layers and layer this layer's index (scalar),
+    or this layer's LayerExperts and layer None.
     mesh: dispatch expert-parallel over it (`dispatch.dispatch_experts`); None = one device.
     """
 
@@ -240,15 +273,18 @@ class SparseMoE(nn.Module):
 
 
 def sparse_moe(model_config: MoEConfig, mesh, x, router, experts, layer):
-    """The MoE block as a function: x [B, S, D], router [D, E], experts: ExpertStacks' stacks,
-    layer: the MoE layer's index into them. Returns (output [B, S, D], router_logits [B, S, E] float32)."""
+    """The MoE block as a function: x [B, S, D], router [D, E], experts: ExpertStacks' stacks and
+    layer the MoE layer's index into them, or ("per_layer") the layer's own arrays and layer None.
+    Returns (output [B, S, D], router_logits [B, S, E] float32)."""
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)
     router_logits = (tokens @ router).astype(jnp.float32)  # [T, E]
-    impl = dispatch.resolve_moe_impl(model_config.moe_impl)
-    kwargs = {}
-    if impl == "chunked":
-        kwargs = {"max_chunk": model_config.expert_chunk_size, "granule": model_config.expert_chunk_granule}
+    impl = dispatch.resolve_moe_impl(model_config.moe_impl, model_config.expert_layout)
+    kwargs = {"out_in": model_config.expert_layout == "per_layer"}
+    if impl in ("chunked", "batched"):
+        kwargs.update(max_chunk=model_config.expert_chunk_size, granule=model_config.expert_chunk_granule)
+    if impl == "batched":
+        kwargs["num_experts"] = model_config.num_experts
     select = functools.partial(select_experts, model_config=model_config)
     out = dispatch.dispatch_experts(tokens, jax.nn.softmax(router_logits, axis=-1), select, experts, layer, impl,
                                     mesh, **kwargs)
@@ -304,7 +340,9 @@ class MixedDecoderLayer(nn.Module):
     mlp the MoE block or the dense MLP as this layer's flag says (jax.lax.cond: only one runs).
 
     mlp_weights: MixedMLPStacks' (router, dense MLP stacks); layer_switch: (is_moe, moe index,
-    dense index) of this layer. Returns (x, router_logits [B, S, E], zeros on a dense layer)."""
+    dense index) of this layer, traced in the layer scan; Python values when the layers are
+    unrolled (then only this layer's branch is built, and experts are this layer's own arrays).
+    Returns (x, router_logits [B, S, E], zeros on a dense layer)."""
 
     model_config: MoEConfig
     mesh: jax.sharding.Mesh | None = None
@@ -318,14 +356,19 @@ class MixedDecoderLayer(nn.Module):
         x = x + Attention(model_config, name="attn")(RMSNorm(eps, dtype, name="input_norm")(x), positions, mask)
         h = RMSNorm(eps, dtype, name="post_attention_norm")(x)
 
+        unrolled = isinstance(is_moe, bool)
+
         def moe_branch(h):
-            return sparse_moe(model_config, self.mesh, h, routers[moe_index], experts, moe_index)
+            return sparse_moe(model_config, self.mesh, h, routers[moe_index], experts, None if unrolled else moe_index)
 
         def dense_branch(h):
             out = _dense_mlp(h, *(w[dense_index] for w in dense_mlps))
             return out, jnp.zeros((*h.shape[:2], model_config.num_experts), jnp.float32)
 
-        out, router_logits = jax.lax.cond(is_moe, moe_branch, dense_branch, h)
+        if unrolled:
+            out, router_logits = (moe_branch if is_moe else dense_branch)(h)
+        else:
+            out, router_logits = jax.lax.cond(is_moe, moe_branch, dense_branch, h)
         return x + out, router_logits
 
 
@@ -350,10 +393,13 @@ class MoETransformer(nn.Module):
         embed = nn.Embed(model_config.vocab_size, model_config.hidden_size, dtype=dtype, param_dtype=dtype,
                          embedding_init=_init(model_config.init_std, "vocab", "embed"), name="embed")
         x = embed(tokens)
-        experts = ExpertStacks(model_config, name="experts")()
-        if model_config.dense_layers:
+        if model_config.expert_layout == "per_layer":
+            x, router_logits = self._unrolled_layers(x, positions, mask)
+        elif model_config.dense_layers:
+            experts = ExpertStacks(model_config, name="experts")()
             x, router_logits = self._mixed_layers(x, positions, mask, experts)
         else:
+            experts = ExpertStacks(model_config, name="experts")()
             # remat_layers: the backward pass keeps only each layer's input and recomputes the rest. On
             # XLA's CPU backend this also makes a toy training step cheaper: the scan no longer fills
             # [L, ...] buffers with every intermediate (docs/benchmarks.md).
@@ -374,6 +420,31 @@ class MoETransformer(nn.Module):
                                      dot_general=_dot_general_float32_accumulate,
                                      kernel_init=_init(model_config.init_std, "embed", "vocab"), name="lm_head")(x)
         return ModelOutput(logits, router_logits, x)
+
+    def _unrolled_layers(self, x, positions, mask):
+        """The layers as a Python loop over modules layers_<i>, each MoE layer reading its own
+        PerLayerExperts arrays (expert_layout "per_layer") -> (x, router_logits [L_moe, B, S, E])."""
+        model_config = self.model_config
+        experts = PerLayerExperts(model_config, name="experts")()
+        mixed = MixedMLPStacks(model_config, name="mixed_mlp")() if model_config.dense_layers else None
+        moe_layers = set(model_config.moe_layers)
+        router_logits = []
+        for i in range(model_config.num_layers):
+            if mixed is None:
+                layer = nn.remat(DecoderLayer, prevent_cse=False) if model_config.remat_layers else DecoderLayer
+                x, logits = layer(model_config, self.mesh, name=f"layers_{i}")(x, positions, mask,
+                                                                                experts[len(router_logits)], None)
+            else:
+                is_moe, moe_index = i in moe_layers, len(router_logits)
+                switch = (is_moe, moe_index, i - moe_index)
+                layer = MixedDecoderLayer
+                if model_config.remat_layers:
+                    layer = nn.remat(MixedDecoderLayer, prevent_cse=False, static_argnums=(6,))
+                x, logits = layer(model_config, self.mesh, name=f"layers_{i}")(
+                    x, positions, mask, experts[moe_index] if is_moe else None, mixed, switch)
+            if i in moe_layers:
+                router_logits.append(logits)
+        return x, jnp.stack(router_logits)
 
     def _mixed_layers(self, x, positions, mask, experts):
         """The layer scan of a model with dense layers -> (x, router_logits [L_moe, B, S, E])."""

@@ -8,7 +8,17 @@ as HF nests them. The Flax module declares the expert stacks outside its layer s
 With dense layers (MoEConfig.dense_layers, Qwen3-MoE) everything under ``layers/moe/`` is
 stacked over the MoE layers only (router [L_moe, D, E], experts [L_moe, E, ...]) and the dense
 MLPs sit at ``layers/mlp/{gate,up,down}_proj`` [L_dense, ...]; the module keeps those stacks
-in ``mixed_mlp/``. `stacked_axes` says how many leading axes of a parameter are stacks.
+in ``mixed_mlp/``. `lead_axes` names the leading stack axes of a parameter.
+
+MoEConfig.expert_layout says where the experts are. "stacked" (above): [L_moe, E, in, out]
+stacks, read by the layer scan. "per_layer": no stacks at ``layers/moe/{gate,up,down}_proj``;
+instead ``experts/<i>/{gate,up}_proj`` [E, F, D] and ``experts/<i>/down_proj`` [E, D, F], one
+array per MoE layer i (its index among the MoE layers) stored [out, in] as HF stores them, and
+`forward` runs the layers unrolled (modules ``layers_<i>``, each given its slice of the other
+``layers/`` stacks, which are small): each layer's dot reads its experts where they lie, while
+XLA's CPU backend copies a slice of a stack before a dot (894 ms against 108 ms for one OLMoE
+layer's experts, docs/benchmarks.md). Loaders build the per-layer arrays directly (`hf.load_hf`,
+`checkpoint_io.restore_params`); `to_expert_layout` converts a tree in memory.
 """
 from __future__ import annotations
 
@@ -19,15 +29,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_grok.config import MoEConfig
-from moe_grok.model.layers import DENSE_MLP_WEIGHTS, EXPERT_WEIGHTS, LOGICAL_RULES, ModelOutput, MoETransformer
+from moe_grok.model.layers import (
+    DENSE_MLP_WEIGHTS,
+    EXPERT_WEIGHTS,
+    LOGICAL_RULES,
+    ModelOutput,
+    MoETransformer,
+    PerLayerExperts,
+)
+
+EXPERTS = "experts"  # the per-layer experts' subtree of the public tree: experts/<i>/<weight> ("per_layer")
+
+
+def lead_axes(path: tuple[str, ...]) -> tuple[str, ...]:
+    """The leading stack axes of the public parameter at `path`: ("layer", "expert") for expert
+    stacks (layers/moe/{gate,up,down}_proj), ("layer",) for the rest under layers/, ("expert",)
+    for one layer's experts (experts/<i>/...), else ()."""
+    if path[0] == EXPERTS:
+        return ("expert",)
+    if path[0] != "layers":
+        return ()
+    return ("layer", "expert") if path[1] == "moe" and path[-1] in EXPERT_WEIGHTS else ("layer",)
 
 
 def stacked_axes(path: tuple[str, ...]) -> int:
-    """How many leading axes of the public parameter at `path` are stacks: 2 for the experts
-    (layers/moe/{gate,up,down}_proj: [layer, expert]), 1 for the rest under layers/, else 0."""
-    if path[0] != "layers":
-        return 0
-    return 2 if path[1] == "moe" and path[-1] in EXPERT_WEIGHTS else 1
+    """How many leading axes of the public parameter at `path` are stacks (`lead_axes`)."""
+    return len(lead_axes(path))
 
 
 def _public_layout(module_params):
@@ -44,26 +71,73 @@ def _public_layout(module_params):
     return params
 
 
-def _module_layout(params):
+def _module_layout(model_config: MoEConfig, params):
     """The public tree -> the module's: layers/moe/{gate,up,down}_proj back to experts/ (and with
-    dense layers layers/moe/router and layers/mlp/ back to mixed_mlp/)."""
+    dense layers layers/moe/router and layers/mlp/ back to mixed_mlp/). "per_layer": experts/
+    as it is, and layer i's slice of every layers/ stack as layers_<i> (static slices of the
+    small stacks, taken inside the caller's jit)."""
     params = dict(params)
     layers = dict(params["layers"])
     moe = dict(layers.pop("moe"))
-    params["experts"] = {name: moe.pop(name) for name in EXPERT_WEIGHTS}
+    if model_config.expert_layout == "stacked":
+        params[EXPERTS] = {name: moe.pop(name) for name in EXPERT_WEIGHTS}
     if "mlp" in layers:
         params["mixed_mlp"] = {"router": moe.pop("router"), **layers.pop("mlp")}
     if moe:
         layers["moe"] = moe
+    if model_config.expert_layout == "stacked":
+        params["layers"] = layers
+        return params
+    del params["layers"]
+    for i in range(model_config.num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], layers)
+    return params
+
+
+def _stacked(model_config: MoEConfig) -> MoEConfig:
+    return model_config.replace(expert_layout="stacked")
+
+
+def _abstract_boxed_params(model_config: MoEConfig):
+    """The public tree of jax.ShapeDtypeStruct boxed with logical axis names. A "per_layer" tree is
+    the stacked one with the expert stacks replaced by PerLayerExperts' arrays."""
+    model = MoETransformer(_stacked(model_config))
+    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+    boxed = _public_layout(boxed)
+    if model_config.expert_layout == "per_layer":
+        boxed = _without_expert_stacks(boxed)
+        boxed[EXPERTS] = jax.eval_shape(lambda: PerLayerExperts(model_config).init(jax.random.key(0)))["params"]
+    return boxed
+
+
+def _without_expert_stacks(params):
+    """A shallow copy of a public tree without layers/moe/{gate,up,down}_proj."""
+    params, layers = dict(params), dict(params["layers"])
+    layers["moe"] = {name: value for name, value in layers["moe"].items() if name not in EXPERT_WEIGHTS}
     params["layers"] = layers
     return params
 
 
-def _abstract_boxed_params(model_config: MoEConfig):
-    model = MoETransformer(model_config)
-    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
-    return _public_layout(boxed)
+def to_expert_layout(model_config: MoEConfig, params, layout: str):
+    """(MoEConfig, params) with the experts in `layout` (MoEConfig.expert_layout): stacks
+    [L_moe, E, in, out] split into per-layer [E, out, in] arrays, or the other way. Holds both
+    forms of the experts until it returns (init and small models; the loaders build the
+    per-layer form directly)."""
+    if layout == model_config.expert_layout:
+        return model_config, params
+    if layout == "per_layer":
+        stacks = params["layers"]["moe"]
+        per_layer = {str(i): {name: jnp.swapaxes(stacks[name][i], -1, -2) for name in EXPERT_WEIGHTS}
+                     for i in range(model_config.num_moe_layers)}
+        return model_config.replace(expert_layout=layout), {**_without_expert_stacks(params), EXPERTS: per_layer}
+    out = {name: value for name, value in params.items() if name != EXPERTS}
+    out["layers"] = dict(out["layers"])
+    out["layers"]["moe"] = {**out["layers"]["moe"],
+                            **{name: jnp.stack([jnp.swapaxes(params[EXPERTS][str(i)][name], -1, -2)
+                                                for i in range(model_config.num_moe_layers)])
+                               for name in EXPERT_WEIGHTS}}
+    return model_config.replace(expert_layout=layout), out
 
 
 def param_shapes(model_config: MoEConfig):
@@ -82,10 +156,11 @@ def param_shardings(model_config: MoEConfig, mesh: jax.sharding.Mesh | None):
 
 def init_params(model_config: MoEConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None):
     """Random parameters (normal(init_std), norms at 1) as a plain pytree, sharded if a mesh is given."""
-    model = MoETransformer(model_config)
+    model = MoETransformer(_stacked(model_config))
 
-    def init(key):
-        return _public_layout(nn.meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
+    def init(key):  # "per_layer": the stacked model's values, split (the same model)
+        params = _public_layout(nn.meta.unbox(model.init(key, jnp.zeros((1, 2), jnp.int32))["params"]))
+        return to_expert_layout(_stacked(model_config), params, model_config.expert_layout)[1]
 
     return jax.jit(init, out_shardings=param_shardings(model_config, mesh))(rng)
 
@@ -128,5 +203,5 @@ def forward(model_config: MoEConfig, params, tokens, mask=None, with_lm_head: bo
     chex.assert_type(tokens, int)
     if mask is not None:
         chex.assert_equal_shape([tokens, mask])
-    return MoETransformer(model_config, mesh).apply({"params": _module_layout(params)}, tokens, mask,
+    return MoETransformer(model_config, mesh).apply({"params": _module_layout(model_config, params)}, tokens, mask,
                                                     with_lm_head=with_lm_head)

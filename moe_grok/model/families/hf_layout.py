@@ -1,7 +1,9 @@
 """The Hugging Face checkpoint layout OLMoE and Qwen3-MoE share, as a key map onto moe_grok's params.
 
 Every moe_grok parameter is a stack of HF tensors: over layers (params under ``layers/``), and
-over experts too (``layers/moe/{gate,up,down}_proj``). A key map gives, for each parameter path,
+over experts too (``layers/moe/{gate,up,down}_proj``; with MoEConfig.expert_layout "per_layer",
+``experts/<i>/{gate,up,down}_proj`` stack one MoE layer's experts, stored [out, in] as HF stores
+them: no transpose). A key map gives, for each parameter path,
 a function (stack index, expert) -> Source: which HF tensor (and which part of it) fills that cell.
 The stack index counts the parameter's own stack: all layers for attention and norms, the MoE
 layers (`MoEConfig.moe_layers`) for ``layers/moe/*``, the dense layers (`MoEConfig.dense_layers`)
@@ -45,16 +47,18 @@ def fused_expert_keys(layer: int) -> tuple[str, str]:
 
 
 def _expert_sources(model_config: MoEConfig, keys: set[str], layer: int) -> dict[str, Callable[[int], Source]]:
-    """Per-expert sources for gate/up/down of HF layer `layer` in whichever layout the checkpoint uses."""
+    """Per-expert sources for gate/up/down of HF layer `layer` in whichever layout the checkpoint uses,
+    transposed to [in, out] for the "stacked" expert layout, as stored for "per_layer"."""
     f = model_config.expert_intermediate_size
+    transpose = model_config.expert_layout == "stacked"
     fused, down = fused_expert_keys(layer)
     if fused in keys:
         return {  # fused tensors: [E, 2F, D] and [E, D, F]; expert e is row e of axis 0
-            "gate_proj": lambda e: Source(fused, index=(e, slice(0, f))),
-            "up_proj": lambda e: Source(fused, index=(e, slice(f, 2 * f))),
-            "down_proj": lambda e: Source(down, index=(e,)),
+            "gate_proj": lambda e: Source(fused, index=(e, slice(0, f)), transpose=transpose),
+            "up_proj": lambda e: Source(fused, index=(e, slice(f, 2 * f)), transpose=transpose),
+            "down_proj": lambda e: Source(down, index=(e,), transpose=transpose),
         }
-    return {name: (lambda e, name=name: Source(layer_key(layer, f"mlp.experts.{e}.{name}.weight")))
+    return {name: (lambda e, name=name: Source(layer_key(layer, f"mlp.experts.{e}.{name}.weight"), transpose=transpose))
             for name in EXPERT_WEIGHTS}
 
 
@@ -86,8 +90,13 @@ def decoder_key_map(model_config: MoEConfig, keys: set[str]) -> KeyMap:
             lambda i, e, name=name, t=path[-1] != "scale": Source(layer_key(i, name), transpose=t))
     mapping[("layers", "moe", "router")] = lambda i, e: Source(layer_key(moe_layers[i], "mlp.gate.weight"))
     for name in EXPERT_WEIGHTS:
-        mapping[("layers", "moe", name)] = (
-            lambda i, e, name=name: _expert_sources(model_config, keys, moe_layers[i])[name](e))
+        if model_config.expert_layout == "stacked":
+            mapping[("layers", "moe", name)] = (
+                lambda i, e, name=name: _expert_sources(model_config, keys, moe_layers[i])[name](e))
+        else:  # experts/<i>/<name>: one MoE layer's experts, the layer fixed by the path
+            for i, layer in enumerate(moe_layers):
+                mapping[("experts", str(i), name)] = (
+                    lambda _, e, name=name, layer=layer: _expert_sources(model_config, keys, layer)[name](e))
     if dense_layers:
         for name in DENSE_MLP_WEIGHTS:
             mapping[("layers", "mlp", name)] = (
