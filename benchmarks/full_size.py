@@ -36,6 +36,7 @@ and writes <workdir>/full_size.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -61,6 +62,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed forward calls after the fir
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights, the batch and the pipeline's data.")
 _KEEP_CONVERTED = flags.DEFINE_bool("keep_converted", False, "Keep the convert stage's 13 GB orbax output.")
 _MESH_SEQ = flags.DEFINE_integer("mesh_seq", 512, "mesh_memory: tokens per sample.")
+_EXPERT_LAYOUT = flags.DEFINE_enum("expert_layout", "per_layer", ["per_layer", "stacked"],
+                                   "load / extract: load_hf's expert layout (per_layer: its default).")
+_MOE_IMPL = flags.DEFINE_string("moe_impl", "auto", "extract: the expert dispatch (MoEConfig.moe_impl).")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one stage's body in this process.")
 _MESH = flags.DEFINE_string("mesh", None, "Internal (mesh_memory child): data x expert, e.g. 4x8.")
 
@@ -247,7 +251,7 @@ def child_load(ckpt: str) -> dict:
     from moe_grok.model.hf import load_hf
 
     started = time.perf_counter()
-    _, params = load_hf(ckpt, dtype=jnp.bfloat16)
+    _, params = load_hf(ckpt, dtype=jnp.bfloat16, expert_layout=_EXPERT_LAYOUT.value)
     jax.block_until_ready(params)
     return {"load_s": time.perf_counter() - started, "anon_after_load_bytes": _rss_anon_bytes()}
 
@@ -260,8 +264,9 @@ def child_extract(ckpt: str, workdir: str) -> dict:
     from moe_grok.model.hf import load_hf
 
     started = time.perf_counter()
-    model_config, params = load_hf(ckpt, dtype=jnp.bfloat16)
+    model_config, params = load_hf(ckpt, dtype=jnp.bfloat16, expert_layout=_EXPERT_LAYOUT.value)
     jax.block_until_ready(params)
+    model_config = dataclasses.replace(model_config, moe_impl=_MOE_IMPL.value)
     result = {"load_s": time.perf_counter() - started, "anon_after_load_bytes": _rss_anon_bytes()}
     tokens = batch_tokens(_SEED.value, _BATCH.value, _SEQ.value)
     extractor = make_extractor(model_config)
@@ -468,7 +473,8 @@ def stage_command(stage: str, workdir: str, dirs: list[str], data_paths: list[st
                 f"--config.data.seq_len={_SEQ.value}", f"--config.batch_size={_BATCH.value}",
                 f"--config.out_dir={os.path.join(workdir, 'pipeline')}"]
     return [python, os.path.abspath(__file__), f"--child={stage}", f"--workdir={workdir}",
-            f"--batch={_BATCH.value}", f"--seq={_SEQ.value}", f"--repeats={_REPEATS.value}", f"--seed={_SEED.value}"]
+            f"--batch={_BATCH.value}", f"--seq={_SEQ.value}", f"--repeats={_REPEATS.value}", f"--seed={_SEED.value}",
+            f"--expert_layout={_EXPERT_LAYOUT.value}", f"--moe_impl={_MOE_IMPL.value}"]
 
 
 def _gib(n: float) -> str:
