@@ -63,3 +63,15 @@ def test_embeddings_must_match_the_samples():
         groups.check_embeddings("split 'train'", np.zeros((3, 2)), 4)
     with pytest.raises(ValueError, match="finite"):
         groups.check_embeddings("split 'train'", np.full((2, 2), np.nan), 2)
+
+
+def test_no_pretrain_groups_pair_nothing_with_embeddings():
+    """A run with no sample memorized before the end (no Pretrain@t* group) pairs nothing, with
+    embeddings as without (round 4's cosine arm: the similarity had shape (0,) and pairing raised)."""
+    test = [groups.SampleGroup("Test@100", 100, np.array([0, 1]))]
+    embeddings = np.eye(3)
+    for train_embeddings, test_embeddings in ((embeddings, embeddings), (None, None)):
+        similarity = groups.similarity_matrix([], test, train_embeddings, test_embeddings)
+        assert similarity.shape == (0, 1)
+        assert groups.pair_groups(similarity) == []
+    assert groups.similarity_matrix(test, [], embeddings, embeddings).shape == (1, 0)

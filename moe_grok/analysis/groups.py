@@ -61,8 +61,9 @@ def similarity_matrix(pretrain: list[SampleGroup], test: list[SampleGroup], trai
     (the groups then share only their domain)."""
     if train_embeddings is None or test_embeddings is None:
         return np.ones((len(pretrain), len(test)))
+    # reshape: with no pretrain (or no test) groups the comprehension alone gives shape (0,), not [0, n_test]
     return np.array([[mean_cross_similarity(train_embeddings[p.rows], test_embeddings[q.rows]) for q in test]
-                     for p in pretrain])
+                     for p in pretrain], np.float64).reshape(len(pretrain), len(test))
 
 
 def pair_groups(similarity: np.ndarray) -> list[tuple[int, int]]:
