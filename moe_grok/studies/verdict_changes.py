@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from moe_grok.analysis import registry
+from moe_grok.studies import protocol_pages
+
 VIEWS = {"## Routing averaged over all tokens (the paper)": "all",
          "## Routing averaged over scored positions": "scored"}
 _VERDICT = re.compile(r"^- (?P<arm>[^:]+): (?P<name>.+): \*\*(?P<verdict>\w+)\*\*$")
 _NAME = re.compile(r"^(?P<hypothesis>H[123])(?P<unsigned> sign ignored)? \((?P<metric>[^)]+)\)$")
-# An earlier page's metric name -> the amended page's name for the same reading.
-SAME_READING = {"distance": "distance", "consistency": "consistency, as 1 - C"}
 
 
 def page_verdicts(page: str) -> dict[str, dict[tuple[str, str], str]]:
@@ -43,20 +44,24 @@ def page_verdicts(page: str) -> dict[str, dict[tuple[str, str], str]]:
 
 def _amended_names(name: str) -> tuple[str, list[str]]:
     """An earlier page's verdict name -> (the amended page's name for the same reading, the amended
-    page's other readings of that hypothesis and metric family)."""
+    page's other readings of that hypothesis and metric family). An earlier page names a protocol
+    metric as the code does ("distance", "consistency": consistency is 1 - C in both); the amended
+    page names it with its orientation (protocol_pages.verdict_name), and the family's other
+    oriented metrics (consistency read as C) are its other readings."""
     parts = _NAME.match(name)
-    if parts is None or parts["unsigned"]:
-        raise ValueError(f"{name!r} is not an earlier page's verdict name (H1-H3 (distance|consistency))")
-    hypothesis, metric = parts["hypothesis"], parts["metric"]
-    if metric not in SAME_READING:
-        raise ValueError(f"no amended reading of the metric {metric!r}; known: {sorted(SAME_READING)}")
-    metrics = [SAME_READING[metric]] + (["consistency, as C"] if metric == "consistency" else [])
+    metrics = {m.name: m for m in registry.protocol_metrics()}
+    if parts is None or parts["unsigned"] or parts["metric"] not in metrics:
+        raise ValueError(f"{name!r} is not an earlier page's verdict name (H1-H3 of one of {sorted(metrics)})")
+    hypothesis, metric = parts["hypothesis"], metrics[parts["metric"]]
+    readings = [protocol_pages.verdict_name(metric.name)] + [
+        protocol_pages.verdict_name(m.name) for m in metrics.values()
+        if m.name != metric.name and m.orientation and m.family == metric.family]
     if hypothesis == "H2":
-        same = f"H2 sign ignored ({SAME_READING[metric]})"
-        others = [f"H2 ({m})" for m in metrics] + [f"H2 sign ignored ({m})" for m in metrics[1:]]
+        same = f"H2 sign ignored ({readings[0]})"
+        others = [f"H2 ({m})" for m in readings] + [f"H2 sign ignored ({m})" for m in readings[1:]]
     else:
-        same = f"{hypothesis} ({SAME_READING[metric]})"
-        others = [f"{hypothesis} ({m})" for m in metrics[1:]]
+        same = f"{hypothesis} ({readings[0]})"
+        others = [f"{hypothesis} ({m})" for m in readings[1:]]
     return same, others
 
 
