@@ -345,8 +345,7 @@ def _combination_rows(config, base, structures, scale, top_k, kernels, mesh):
                 "kernels": list(kernels)}
     path = os.path.join(config.out, "cells", f"scale{scale:g}_topk{top_k}.json")
     if os.path.exists(path):
-        with open(path) as f:
-            saved = strict_json.loads(f.read())
+        saved = strict_json.load(path)
         if saved["settings"] == strict_json.loads(strict_json.dumps(settings)):
             return saved["runs"]
     rows = sweep_synthetic(base, structures, range(config.sweep.router_seeds), [scale], mesh=mesh, top_ks=[top_k],

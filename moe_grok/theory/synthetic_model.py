@@ -69,7 +69,6 @@ def init_moe(model: OneLayerMoE, dim: int, router_seed: int, expert_seed: int):
     return {"params": {"router": router, "experts": experts}}
 
 
-
 def _gated_neuron_factors(model: OneLayerMoE, params, x):
     """Per-neuron factors of the MoE's expert Jacobian. x [b, d] -> (x / sqrt(d) [b, d],
     hidden factor [b, E*m], output factor [b, E*m]), both factors divided by sqrt(m).
