@@ -83,7 +83,8 @@ def main(argv):
 
     def torch_layer_parts():
         with torch.no_grad():
-            return [linear(xt, p) for p in proj_t[:3]] + [linear(linear(xt, proj_t[0]), proj_t[3]), linear(xt, router_t)]
+            qkv = [linear(xt, p) for p in proj_t[:3]]
+            return qkv + [linear(qkv[0], proj_t[3]), linear(xt, router_t)]
 
     def torch_experts():
         with torch.no_grad():
