@@ -10,7 +10,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 PACKAGE = os.path.join(ROOT, "moe_grok")
 LAYERS = {  # module prefix -> layer; a module may import only modules of its own or a lower layer
     "moe_grok.sharding": 0, "moe_grok.config": 0, "moe_grok.locking": 0, "moe_grok.strict_json": 0,
-    "moe_grok.atomic_files": 0, "moe_grok.writers": 0,
+    "moe_grok.atomic_files": 0, "moe_grok.writers": 0, "moe_grok.npy_files": 0,
     "moe_grok.data": 1,
     "moe_grok.analysis": 2,
     "moe_grok.model": 3,

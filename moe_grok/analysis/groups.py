@@ -13,6 +13,7 @@ import os
 import numpy as np
 import scipy.optimize
 
+from moe_grok import npy_files
 from moe_grok.analysis.grokking import NEVER
 
 
@@ -105,4 +106,4 @@ def load_embeddings(path: str, split_name: str, n_samples: int) -> np.ndarray:
     check_embeddings; FileNotFoundError if there is no such file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"embeddings of split {split_name!r}: no such file {path}")
-    return check_embeddings(f"split {split_name!r} ({path})", np.load(path, allow_pickle=False), n_samples)
+    return check_embeddings(f"split {split_name!r} ({path})", npy_files.load_npy(path), n_samples)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from moe_grok import atomic_files, strict_json
+from moe_grok import atomic_files, npy_files, strict_json
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.param_dynamics import parameter_sample
 from moe_grok.checkpoints.sources import CheckpointSource
@@ -100,7 +100,7 @@ def _read_entry(path: str, key: dict[str, Any], source: CheckpointSource, split_
 
     Raises CorruptCacheEntry (or the zip / numpy error) for an unreadable or malformed entry.
     """
-    with np.load(path, allow_pickle=False) as data:
+    with npy_files.load_npz(path) as data:
         if "key" not in data.files:
             logging.warning("cache entry %s has an older format (no key); recomputing %s", path, source.name)
             return None

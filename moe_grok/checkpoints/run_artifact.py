@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_grok import atomic_files, strict_json
+from moe_grok import atomic_files, npy_files, strict_json
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.analysis.options import AnalysisOptions
 from moe_grok.checkpoints.cache import STAT_FIELDS
@@ -153,7 +153,7 @@ def write_artifact(path: str, stats: Sequence[CheckpointStats], splits: dict[str
 def read_artifact(path: str, option_overrides: dict[str, Any] | None = None) -> AnalysisInputs:
     """The analysis inputs stored at `path`, with `option_overrides` (AnalysisOptions field: value) applied.
     ValueError for another artifact format."""
-    with np.load(path, allow_pickle=False) as data:
+    with npy_files.load_npz(path) as data:
         meta = strict_json.loads(str(data["meta"]))
         if meta.get("format") != ARTIFACT_FORMAT:
             raise ValueError(f"{path}: artifact format {meta.get('format')!r}, this code reads {ARTIFACT_FORMAT}")

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from moe_grok import atomic_files, strict_json
+from moe_grok import atomic_files, npy_files, strict_json
 from moe_grok.analysis.checkpoint_stats import CheckpointStats
 from moe_grok.checkpoints.cache import STAT_FIELDS
 
@@ -98,7 +98,7 @@ class MonitorHistory:
         """The stored statistics of `step`; ValueError naming the file if it cannot be read."""
         path = self.step_path(step)
         try:
-            with np.load(path) as npz:
+            with npy_files.load_npz(path) as npz:
                 arrays = {name: npz[name] for name in npz.files}
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"monitor history file {path} cannot be read ({type(e).__name__}: {e})") from e

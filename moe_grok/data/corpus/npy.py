@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from moe_grok import npy_files
 from moe_grok.data.corpus.assemble import OLMOE_PAD_ID, assemble_split, check_loader_args
 from moe_grok.data.corpus.domains import PathLike, choose_samples
 
@@ -15,7 +16,7 @@ def load_npy_array(path: str, what: str) -> np.ndarray:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return npy_files.load_npy(path, mmap_mode="r")
     except ValueError as e:
         raise ValueError(f"{path}: cannot read {what} as a plain numeric .npy array ({e})") from None
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from moe_grok import npy_files
 from moe_grok.data.corpus.assemble import OLMOE_PAD_ID, assemble_split, check_loader_args
 from moe_grok.data.corpus.domains import PathLike, as_path_list, check_distinct_files, choose_samples, file_group_name
 from moe_grok.data.corpus.npy import load_npy_array
@@ -31,7 +32,7 @@ def open_token_file(path: PathLike, dtype=np.uint32) -> np.ndarray:
     with open(path, "rb") as f:
         head = f.read(len(_NPY_MAGIC))
     if head == _NPY_MAGIC:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = npy_files.load_npy(path, mmap_mode="r")
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise ValueError(f"{path}: a .npy token file must be a 1-D integer array, got {arr.dtype} {arr.shape}")
         if arr.size == 0:
