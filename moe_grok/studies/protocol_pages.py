@@ -279,14 +279,18 @@ def _effect_axis_label(key: str) -> str:
     return "mean across seeds"
 
 
+EFFECT_COLUMNS = 5  # panels per row of the effects figure
+
+
 def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> str:
     """The H1 and H2 quantities per arm with their 95% CIs (all-token routing), one panel per
     quantity so that each keeps its own scale; an arm without a value says "n/a". PNG at FIGURE_DPI."""
     keys = [(k, label) for k, label, side in quantities if side and not k.startswith("h3")]
     arms = {name: r["positions"]["all"]["summary"] for name, r in results["arms"].items() if "all" in r["positions"]}
-    columns = -(-len(keys) // 2)
-    fig = Figure(figsize=(4.0 * columns, 8.0))
-    axes = np.atleast_1d(fig.subplots(2, columns)).ravel()
+    columns = min(len(keys), EFFECT_COLUMNS)  # a grid rather than two long rows: readable when scaled to a page
+    rows = -(-len(keys) // columns)
+    fig = Figure(figsize=(4.0 * columns, 4.0 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     colors = [f"C{i}" for i in range(len(arms))]
     for ax in axes[len(keys):]:
         ax.set_visible(False)
