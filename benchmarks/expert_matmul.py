@@ -31,15 +31,15 @@ import os
 import numpy as np
 from absl import app, flags
 
+from olmoe_layer import EXPERTS, HIDDEN, INTERMEDIATE, TOP_K, balanced_experts_transposed, hf_experts_layer
 from timing import interleaved_times
 
 _TOKENS = flags.DEFINE_integer("tokens", 512, "Tokens through the layer.")
 _SKEW = flags.DEFINE_float("skew", 0.0, "Scale of per-expert offsets added to the router logits (0: balanced "
                            "on average; the balanced rows below stay balanced).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
-_HIDDEN, _INTERMEDIATE, _EXPERTS, _TOP_K = 2048, 1024, 64, 8
-flags.register_validator("tokens", lambda t: t > 0 and t * _TOP_K % _EXPERTS == 0,
-                         f"--tokens must be positive with tokens * {_TOP_K} a multiple of {_EXPERTS} (balanced rows)")
+flags.register_validator("tokens", lambda t: t > 0 and t * TOP_K % EXPERTS == 0,
+                         f"--tokens must be positive with tokens * {TOP_K} a multiple of {EXPERTS} (balanced rows)")
 
 
 def main(argv):
@@ -47,11 +47,10 @@ def main(argv):
     import jax
     import jax.numpy as jnp
     import torch
-    from transformers import OlmoeConfig, OlmoeModel
 
     from moe_grok.model.dispatch import experts_batched, experts_chunked
 
-    t, k, e, d, f = _TOKENS.value, _TOP_K, _EXPERTS, _HIDDEN, _INTERMEDIATE
+    t, k, e, d, f = _TOKENS.value, TOP_K, EXPERTS, HIDDEN, INTERMEDIATE
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)
     top_idx = np.argsort(-(rng.normal(size=(t, e)) + _SKEW.value * rng.normal(size=e)), axis=1)[:, :k]
@@ -59,10 +58,7 @@ def main(argv):
     x = (rng.normal(size=(t, d)) * 0.1).astype(np.float32)
     top_w = np.full((t, k), 1.0 / k, np.float32)
 
-    config = OlmoeConfig(hidden_size=d, intermediate_size=f, num_experts=e, num_experts_per_tok=k,
-                         num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16, vocab_size=128,
-                         pad_token_id=1, eos_token_id=None, bos_token_id=None)
-    hf_experts = OlmoeModel(config).to(torch.bfloat16).eval().layers[0].mlp.experts
+    hf_experts = hf_experts_layer()
     implementation = hf_experts.config._experts_implementation
     xt, it, wt = torch.as_tensor(x).bfloat16(), torch.as_tensor(top_idx), torch.as_tensor(top_w).bfloat16()
 
@@ -103,18 +99,13 @@ def main(argv):
                                                                                                   slice(f, None)))
     w_down_t = jnp.asarray(hf_experts.down_proj.detach().float().numpy(), jnp.bfloat16)
 
-    def swiglu_transposed(rows, gate, up, down):
-        gate_t = bf16_matmul(gate, rows, "efd,erd->efr")
-        up_t = bf16_matmul(up, rows, "efd,erd->efr")
-        return bf16_matmul(down, jax.nn.silu(gate_t) * up_t, "edf,efr->edr")
-
-    transposed = jax.jit(swiglu_transposed)
+    transposed = jax.jit(balanced_experts_transposed)
     run_transposed = lambda: transposed(balanced_rows, w_gate_t, w_up_t, w_down_t).block_until_ready()
     np.testing.assert_allclose(np.asarray(run_transposed(), np.float32).transpose(0, 2, 1),
                                np.asarray(run_balanced(), np.float32), atol=2e-2)
     # The same, each weight sliced from a 4-layer [L, E, out, in] stack (as a layer scan reads it).
     stacks = tuple(jnp.stack([w] * 4) for w in (w_gate_t, w_up_t, w_down_t))
-    from_stack = jax.jit(lambda r, layer, g, u, dn: swiglu_transposed(r, g[layer], u[layer], dn[layer]))
+    from_stack = jax.jit(lambda r, layer, g, u, dn: balanced_experts_transposed(r, g[layer], u[layer], dn[layer]))
     run_from_stack = lambda: from_stack(balanced_rows, jnp.int32(2), *stacks).block_until_ready()
     flat_rows = balanced_rows.reshape(t * k, d)
     plain = jax.jit(lambda r, g, u, dn: swiglu(r, g[0, 0], u[0, 0], dn[0, 0], "rd,df->rf"))

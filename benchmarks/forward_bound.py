@@ -26,13 +26,21 @@ import time
 import numpy as np
 from absl import app, flags
 
+from olmoe_layer import (
+    EXPERTS,
+    HIDDEN,
+    INTERMEDIATE,
+    LAYERS,
+    TOP_K,
+    VOCAB,
+    balanced_experts_transposed,
+    hf_experts_layer,
+)
 from timing import interleaved_times
 
 _TOKENS = flags.DEFINE_integer("tokens", 512, "Tokens through the forward (batch x sequence).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An OLMoE-1B-7B HF checkpoint: also time HF's whole forward.")
-# OLMoE-1B-7B-0924's config.json.
-_HIDDEN, _INTERMEDIATE, _EXPERTS, _TOP_K, _LAYERS, _VOCAB = 2048, 1024, 64, 8, 16, 50304
 
 
 def main(argv):
@@ -40,9 +48,8 @@ def main(argv):
     import jax
     import jax.numpy as jnp
     import torch
-    from transformers import OlmoeConfig, OlmoeModel
 
-    t, k, e, d, f, n_layers, v = _TOKENS.value, _TOP_K, _EXPERTS, _HIDDEN, _INTERMEDIATE, _LAYERS, _VOCAB
+    t, k, e, d, f, n_layers, v = _TOKENS.value, TOP_K, EXPERTS, HIDDEN, INTERMEDIATE, LAYERS, VOCAB
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)
     bf16 = lambda shape, scale=0.02: jnp.asarray(rng.normal(size=shape) * scale, jnp.bfloat16)
@@ -59,24 +66,14 @@ def main(argv):
                                                        xla_matmul(xla_matmul(a, q), o), xla_matmul(a, r)))
     head = jax.jit(xla_matmul)
 
-    def expert_matmul(spec, w, rows):
-        return jnp.einsum(spec, w, rows, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-
-    def balanced_experts(rows, gate, up, down):  # rows [E, R, D]; gate, up [E, F, D]; down [E, D, F]
-        hidden = jax.nn.silu(expert_matmul("efd,erd->efr", gate, rows)) * expert_matmul("efd,erd->efr", up, rows)
-        return expert_matmul("edf,efr->edr", down, hidden)  # [E, D, R]
-
     rows = bf16((e, t * k // e, d), 1.0)
     w_gate, w_up, w_down = bf16((e, f, d)), bf16((e, f, d)), bf16((e, d, f))
-    experts = jax.jit(balanced_experts)
+    experts = jax.jit(balanced_experts_transposed)
 
     # torch: the same parts as HF computes them.
     to_torch = lambda a: torch.as_tensor(np.asarray(a, np.float32)).bfloat16()
     xt, proj_t, router_t, head_t = to_torch(x), [to_torch(p) for p in projections], to_torch(router), to_torch(lm_head)
-    config = OlmoeConfig(hidden_size=d, intermediate_size=f, num_experts=e, num_experts_per_tok=k,
-                         num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16, vocab_size=128,
-                         pad_token_id=1, eos_token_id=None, bos_token_id=None)
-    hf_experts = OlmoeModel(config).to(torch.bfloat16).eval().layers[0].mlp.experts
+    hf_experts = hf_experts_layer()
     top_idx = torch.as_tensor(np.argsort(-rng.normal(size=(t, e)), axis=1)[:, :k])
     top_w = torch.full((t, k), 1.0 / k).bfloat16()
     linear = torch.nn.functional.linear
