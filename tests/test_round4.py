@@ -224,3 +224,13 @@ def test_the_theory_sweep_crosses_router_scales_and_top_k_gates(monkeypatch):
     assert per["K=8 spread=0.3 scale=16.0 top_k=2"]["r"] == pytest.approx(1.0)
     assert per["K=8 spread=0.3 scale=1.0"]["r"] == pytest.approx(-1.0)  # soft routing keeps its old label
     assert tuple(load_config("verify_theory").sweep.top_ks) == (0,)
+
+
+def test_window_sizes_count_only_partial_correlations_with_a_value():
+    # a growing memorized set empty inside the window: n = 0, df = -4, r NaN (null once written as JSON)
+    partials = {"distance": {"r": 0.3, "n": 12, "df": 8}, "consistency": {"r": float("nan"), "n": 0, "df": -4},
+                "complexity": {"r": None, "n": 1, "df": -3}}
+    report = {"domains": {"d": {"window": {"n": 12}, "partial_correlations": {"memorized": partials}}}}
+    assert protocol_stats.window_sizes([report]) == {"window_n": [12, 12], "partial_df": [8, 8]}
+    partials["distance"]["r"] = float("nan")
+    assert protocol_stats.window_sizes([report])["partial_df"] == []

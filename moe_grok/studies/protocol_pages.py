@@ -182,7 +182,8 @@ def _window_sizes(results: dict[str, Any], positions: str, arms: list[str]) -> l
     if not any(sizes.values()):
         return []
     lines = ["Window sizes (min-max over seeds and domains): checkpoints n in the correlation window, and the "
-             "degrees of freedom of the partial correlations (n - 4):", "",
+             "degrees of freedom of the partial correlations that have a value (n - 4, n the window's checkpoints "
+             "where the memorized set has values):", "",
              "| | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for key, label in (("window_n", "window n"), ("partial_df", "partial r df")):
         lines.append(f"| {label} | " + " | ".join(span((sizes[a] or {}).get(key, [])) for a in arms) + " |")

@@ -248,11 +248,13 @@ def h4_verdict(margins: dict[str, str], grokking_arms, control_arms) -> str:
 
 def window_sizes(reports: list[dict[str, Any]]) -> dict[str, list[int]]:
     """[min, max] over seeds and domains of the correlation window's checkpoints ("window_n") and of the
-    memorized set's partial correlations' degrees of freedom ("partial_df"; n - 4: two controls);
-    [] where no report has one."""
+    memorized set's partial correlations' degrees of freedom ("partial_df"; n - 4: two controls, n the
+    window's checkpoints where the set has values), over the partial correlations that have a value (a
+    set empty inside the window has none: its n - 4 would be negative); [] where no report has one."""
     window_n = [d["window"]["n"] for r in reports for d in r["domains"].values() if "window" in d]
     partial_df = [p["df"] for r in reports for d in r["domains"].values()
-                  for p in d.get("partial_correlations", {}).get("memorized", {}).values() if "df" in p]
+                  for p in d.get("partial_correlations", {}).get("memorized", {}).values()
+                  if "df" in p and p.get("r") is not None and np.isfinite(p["r"])]
     return {"window_n": [min(window_n), max(window_n)] if window_n else [],
             "partial_df": [min(partial_df), max(partial_df)] if partial_df else []}
 
