@@ -21,7 +21,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 FLAGS = {
     "toy": ["--config", "--workdir", "--[no]skip_training"],
     "protocol": ["--config", "--workdir"],
-    "rederive": ["--from_dir", "--workdir", "--docs_dir", "--analysis"],
+    "rederive": ["--from_dir", "--workdir", "--docs_dir", "--analysis", "--arms"],
     "olmoe": ["--config"],
     "convert": ["--hf_path", "--revision", "--out", "--dtype", "--[no]overwrite"],
     "theory": ["--config"],
@@ -205,3 +205,23 @@ def test_toy_keeps_its_artifact_and_rederive_derives_each_seed_again(tmp_path, c
     assert code == 0
     assert derived == [(str(workdir / "artifacts" / "seed_3.npz"), str(tmp_path / "again" / "seed_3" / "analysis"),
                         {"tau": 0.6})]
+
+
+def test_rederive_passes_its_arms_to_a_protocol_and_refuses_them_for_a_toy_run(tmp_path, capsys, monkeypatch):
+    """--arms reaches protocol.rederive (the wiring; the function is tested in test_protocol); a toy
+    run's artifacts have no arms, and saying so beats deriving every seed silently."""
+    from moe_grok.checkpoints import run_artifact
+    from moe_grok.studies import protocol, protocol_pages
+
+    calls = []
+    monkeypatch.setattr(run_artifact, "verify_manifest", lambda source: {"record": {"kind": "protocol"}})
+    monkeypatch.setattr(protocol, "rederive", lambda *args, arms=None: calls.append((args, arms)) or {})
+    monkeypatch.setattr(protocol_pages, "markdown", lambda results, quantities: "page")
+    code, out, _ = _run(["rederive", "--from_dir=a", f"--workdir={tmp_path}", "--arms=grokking,late"], capsys)
+    assert code == 0 and out.strip() == "page"
+    assert calls == [(("a", str(tmp_path), {}, ""), ["grokking", "late"])]
+    code, _, _ = _run(["rederive", "--from_dir=a", f"--workdir={tmp_path}"], capsys)
+    assert code == 0 and calls[-1][1] is None
+    monkeypatch.setattr(run_artifact, "verify_manifest", lambda source: {"record": {"kind": "run"}})
+    with pytest.raises(ValueError, match="--arms selects a protocol run's arms"):
+        _run(["rederive", "--from_dir=a", f"--workdir={tmp_path}", "--arms=grokking"], capsys)

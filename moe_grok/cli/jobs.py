@@ -263,6 +263,8 @@ def _rederive_flags(flag_values, argv):
                         flag_values=flag_values)
     flags.DEFINE_multi_string("analysis", [], "KEY=VALUE: an analysis option (AnalysisOptions field) changed for "
                               "every seed; VALUE as JSON, else a string (repeatable).", flag_values=flag_values)
+    flags.DEFINE_list("arms", None, "A protocol run's arms to derive (comma-separated; default every arm).",
+                      flag_values=flag_values)
 
 
 def parse_option_overrides(items: list[str]) -> dict:
@@ -290,9 +292,11 @@ def _rederive_run(flag_values, args, command):
     overrides = parse_option_overrides(flag_values.analysis)
     record = run_artifact.verify_manifest(source)["record"] or {}
     if record.get("kind") == "protocol":
-        results = protocol.rederive(source, workdir, overrides, flag_values.docs_dir)
+        results = protocol.rederive(source, workdir, overrides, flag_values.docs_dir, arms=flag_values.arms)
         print(protocol_pages.markdown(results, protocol.QUANTITIES))
         return
+    if flag_values.arms is not None:
+        raise ValueError(f"--arms selects a protocol run's arms; {source} holds a toy run's artifacts")
     for name in run_artifact.artifact_files(source):
         out_dir = os.path.join(workdir, name.removesuffix(".npz"), "analysis")
         pipeline.rederive(os.path.join(source, name), out_dir, overrides)
@@ -307,6 +311,7 @@ changes an analysis option for every seed.
 
   moe-grok rederive --from_dir=runs/protocol/artifacts --workdir=runs/protocol_again
   moe-grok rederive --from_dir=runs/protocol/artifacts --workdir=runs/fixed --analysis=memorized_set=fixed
+  moe-grok rederive --from_dir=runs/protocol/artifacts --workdir=runs/two_arms --arms=grokking,random_labels
   moe-grok rederive --from_dir=runs/toy/artifacts --workdir=runs/toy_again""", _rederive_flags, _rederive_run)
 
 
