@@ -193,11 +193,19 @@ def test_h4_needs_every_grokking_arm_and_no_control():
     verdicts = {"A": "confirmed", "A2": "confirmed", "B1": "inconclusive", "B2": "refuted", "B1-2": "inconclusive",
                 "B2-2": "inconclusive"}
     assert protocol_stats.h4_verdict(verdicts, grokking, controls) == "confirmed"
-    assert protocol_stats.h4_verdict({**verdicts, "B2": "confirmed"}, grokking, controls) == "inconclusive"
+    # anything but a confirmation names the arms that decided it (the registered rule asks for it)
+    assert protocol_stats.h4_verdict({**verdicts, "B2": "confirmed"}, grokking, controls) == (
+        "inconclusive (control B2: confirmed)")
     two_controls = {**verdicts, "B2": "confirmed", "B1": "confirmed"}
-    assert protocol_stats.h4_verdict(two_controls, grokking, controls) == "refuted"
-    assert protocol_stats.h4_verdict({**verdicts, "A2": "inconclusive"}, grokking, controls) == "inconclusive"
-    assert protocol_stats.h4_verdict({**verdicts, "A2": "refuted"}, grokking, controls) == "refuted"
+    assert protocol_stats.h4_verdict(two_controls, grokking, controls) == (
+        "refuted (controls B1: confirmed; B2: confirmed)")
+    no_value = {**verdicts, "A": "inconclusive (too few seeds with a value)", "A2": "inconclusive"}
+    assert protocol_stats.h4_verdict(no_value, grokking, controls) == (
+        "inconclusive (grokking arm A: inconclusive (too few seeds with a value); A2: inconclusive)")
+    assert protocol_stats.h4_verdict({**verdicts, "A2": "refuted"}, grokking, controls) == (
+        "refuted (grokking arm A2: refuted)")
+    assert protocol_stats.h4_verdict({k: v for k, v in verdicts.items() if k != "A"}, grokking, controls) == (
+        "inconclusive (grokking arm A: inconclusive (no value))")
     per_seed = [{"groks": 1.0}] * 6 + [{"groks": 0.0}] * 2
     arm = {"positions": {"all": {"verdicts": {f"h2_{m}_signed_margin_over_loss": "confirmed"
                                               for m in ("distance_char_normalized", "answer_aligned")},

@@ -234,16 +234,25 @@ def h4_verdict(margins: dict[str, str], grokking_arms, control_arms) -> str:
     """Round 4's primary criterion (docs/protocol.md, "Round 4") from each arm's verdict of its signed
     margin over training loss (`margins`: arm -> "confirmed" / "refuted" / "inconclusive..."):
     confirmed if it is confirmed in every grokking arm and in no control; refuted if it is refuted in
-    a grokking arm or confirmed in two or more controls; otherwise inconclusive."""
-    grokking = [margins.get(a, "inconclusive") for a in grokking_arms]
-    controls = [margins.get(a, "inconclusive") for a in control_arms]
+    a grokking arm or confirmed in two or more controls; otherwise inconclusive. A verdict other than
+    "confirmed" names, in parentheses, the arms that decided it, with their own verdicts."""
+    grokking = {a: margins.get(a, "inconclusive (no value)") for a in grokking_arms}
+    controls = {a: margins.get(a, "inconclusive (no value)") for a in control_arms}
     if not grokking:
         return "inconclusive (no grokking arm)"
-    if "refuted" in grokking or controls.count("confirmed") >= 2:
-        return "refuted"
-    if all(v == "confirmed" for v in grokking) and "confirmed" not in controls:
+    named = lambda arms: "; ".join(f"{a}: {v}" for a, v in arms.items())
+    refuting = {a: v for a, v in grokking.items() if v == "refuted"}
+    confirmed_controls = {a: v for a, v in controls.items() if v == "confirmed"}
+    if refuting:
+        return f"refuted (grokking arm {named(refuting)})"
+    if len(confirmed_controls) >= 2:
+        return f"refuted (controls {named(confirmed_controls)})"
+    unconfirmed = {a: v for a, v in grokking.items() if v != "confirmed"}
+    if not unconfirmed and not confirmed_controls:
         return "confirmed"
-    return "inconclusive"
+    if unconfirmed:
+        return f"inconclusive (grokking arm {named(unconfirmed)})"
+    return f"inconclusive (control {named(confirmed_controls)})"
 
 
 def window_sizes(reports: list[dict[str, Any]]) -> dict[str, list[int]]:
