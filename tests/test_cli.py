@@ -20,7 +20,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 # Each subcommand's flags, as the experiments/ launchers took them before the command existed.
 FLAGS = {
     "toy": ["--config", "--workdir", "--[no]skip_training"],
-    "protocol": ["--config", "--workdir"],
+    "protocol": ["--config", "--workdir", "--[no]summarize_only"],
     "rederive": ["--from_dir", "--workdir", "--docs_dir", "--analysis", "--arms"],
     "olmoe": ["--config"],
     "convert": ["--hf_path", "--revision", "--out", "--dtype", "--[no]overwrite"],

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moe_grok import pipeline
+from moe_grok.analysis import statistics
 from moe_grok.checkpoints import run_artifact
 from moe_grok.studies import protocol, protocol_pages, protocol_stats, toy_run
 from moe_grok.training import run_dir
@@ -106,6 +107,38 @@ def test_rederiving_from_the_artifacts_gives_the_runs_own_results_byte_for_byte(
         f.write(b"x")
     with pytest.raises(ValueError, match="seed_0.npz: size or sha256 differs"):
         protocol.rederive(str(tampered), str(root / "not_written"))
+
+
+def test_resummarize_gives_the_runs_results_back_and_adds_a_registered_schedule_contrast(protocol_run, monkeypatch,
+                                                                                           tmp_path):
+    """resummarize aggregates a finished run's per-seed reports again (no training, analysis or checkpoint
+    read): unchanged, results.json and the page equal the run's; a registration with a schedule pair adds
+    that pair's Table 1 contrasts (difference of mean Fisher z) to the page."""
+    config, root, results = protocol_run
+    _no_checkpoint_read(monkeypatch)
+    _no_effects_figure(monkeypatch)
+    monkeypatch.setattr(toy_run, "analyze_run", lambda *a, **k: pytest.fail("resummarize analysed a seed"))
+    kept, work = root / "kept", tmp_path / "work"
+    for arm in results["arms"].values():
+        for seed_dir in arm["seed_dirs"]:
+            shutil.copytree(kept / seed_dir / "report", work / seed_dir / "analysis" / "report")
+    shutil.copy(kept / "results.json", work / "results.json")
+    protocol.resummarize(str(work), docs_dir=str(tmp_path / "docs"))
+    assert (work / "results.json").read_bytes() == (kept / "results.json").read_bytes()
+    assert (tmp_path / "docs" / "protocol_results.md").read_bytes() == (kept / "protocol_results.md").read_bytes()
+    registered = {"metrics": ["distance_char_normalized"], "grokking_arms": ["grokking"], "late_arms": [],
+                  "control_arms": ["random_labels"], "schedule_pairs": [["mixture", "grokking"]]}
+    again = protocol.resummarize(str(work), registered)
+    page = (work / "protocol_results.md").read_text()
+    assert again["registered"] == registered and "Schedule contrast, mixture minus grokking" in page
+    table1 = {a: again["arms"][a]["positions"]["all"]["table1"] for a in ("mixture", "grokking")}
+    expected = statistics.fisher_z_difference(table1["mixture"]["training loss"]["per_seed_pearson_r"],
+                                              table1["grokking"]["training loss"]["per_seed_pearson_r"])
+    contrast = protocol_stats.schedule_contrasts(table1["mixture"], table1["grokking"])["training loss"]
+    np.testing.assert_equal(contrast, expected)  # NaN here (this tiny run has no window); numbers: test_round4
+    assert "| training loss | " in page.split("Schedule contrast, mixture minus grokking")[1]
+    with pytest.raises(FileNotFoundError, match="no finished protocol run"):
+        protocol.resummarize(str(tmp_path / "empty"))
 
 
 def test_rederiving_with_another_analysis_option_changes_the_tables_without_training(protocol_run, monkeypatch):

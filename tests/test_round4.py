@@ -242,3 +242,18 @@ def test_window_sizes_count_only_partial_correlations_with_a_value():
     assert protocol_stats.window_sizes([report]) == {"window_n": [12, 12], "partial_df": [8, 8]}
     partials["distance"]["r"] = float("nan")
     assert protocol_stats.window_sizes([report])["partial_df"] == []
+
+
+def test_schedule_contrasts_subtract_mean_fisher_z_per_row_both_arms_hold():
+    from moe_grok.analysis import statistics
+
+    cosine = {"training step": {"per_seed_pearson_r": [0.9, 0.8, 0.85]},
+              "training loss": {"per_seed_pearson_r": [-0.9, -0.95, float("nan"), -0.7]},
+              "only here": {"per_seed_pearson_r": [0.1, 0.2]}}
+    constant = {"training step": {"per_seed_pearson_r": [0.9, 0.8, 0.85]},
+                "training loss": {"per_seed_pearson_r": [-0.5, -0.6, -0.4]}}
+    contrasts = protocol_stats.schedule_contrasts(cosine, constant)
+    assert set(contrasts) == {"training step", "training loss"}
+    assert contrasts["training step"]["mean"] == pytest.approx(0.0) and contrasts["training step"]["n"] == [3, 3]
+    assert contrasts["training loss"] == statistics.fisher_z_difference([-0.9, -0.95, -0.7], [-0.5, -0.6, -0.4])
+    assert contrasts["training loss"]["mean"] < 0  # the loss tracks accuracy more tightly in the first arm

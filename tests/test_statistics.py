@@ -97,3 +97,17 @@ def test_intervals_across_seeds_stay_in_their_range():
     signed = protocol_stats.summarize("h2_distance_signed_margin_over_loss", [-1.9, -1.95, -0.1])
     assert signed["ci95"][0] == -2.0
     assert protocol_stats.summarize("h1_distance_slope", [1.0, 2.0])["interval"] == "t"
+
+
+def test_fisher_z_difference_is_welchs_interval_on_the_z_values():
+    a, b = [0.9, 0.8, 0.95, np.nan, 0.7], [0.2, -0.1, 0.4, 0.3, None, 0.5, 0.1]
+    za, zb = np.arctanh([0.9, 0.8, 0.95, 0.7]), np.arctanh([0.2, -0.1, 0.4, 0.3, 0.5, 0.1])
+    welch = scipy.stats.ttest_ind(za, zb, equal_var=False)
+    result = statistics.fisher_z_difference(a, b)
+    assert result["n"] == [4, 6] and result["mean"] == pytest.approx(za.mean() - zb.mean())
+    assert result["ci95"] == pytest.approx(list(welch.confidence_interval(0.95)))
+    assert statistics.fisher_z_difference(a, b, 0.9)["ci95"][1] < result["ci95"][1]
+    one = statistics.fisher_z_difference([0.5], b)
+    assert one["n"] == [1, 6] and np.isnan(one["mean"]) and all(np.isnan(one["ci95"]))
+    # r = +-1 stays finite (clipped), as in fisher_mean_ci
+    assert np.isfinite(statistics.fisher_z_difference([1.0, 0.9], [-1.0, 0.0])["mean"])

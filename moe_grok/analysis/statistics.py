@@ -119,6 +119,26 @@ def fisher_mean_ci(correlations, confidence: float = 0.95) -> dict[str, Any]:
             "n": summary["n"], "interval": "fisher_z_t"}
 
 
+def fisher_z_difference(correlations_a, correlations_b, confidence: float = 0.95) -> dict[str, Any]:
+    """Difference of two groups' mean Fisher z (z = arctanh r, r clipped to +-(1 - 1e-12); e.g. one
+    Pearson r per seed in two arms), mean z_a - mean z_b, with Welch's t interval (Welch-Satterthwaite
+    degrees of freedom). In z units (unbounded: no back-transform, as a difference of z is no
+    correlation). None and NaN skipped. {"mean", "ci95", "n": [n_a, n_b], "interval": "fisher_z_welch_t"};
+    NaN where a group has fewer than 2 values."""
+    z_a, z_b = (np.arctanh(np.clip(_finite(r), -1.0 + 1e-12, 1.0 - 1e-12)) for r in (correlations_a, correlations_b))
+    result = {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": [int(z_a.size), int(z_b.size)],
+              "interval": "fisher_z_welch_t"}
+    if z_a.size < 2 or z_b.size < 2:
+        return result
+    var_a, var_b = z_a.var(ddof=1) / z_a.size, z_b.var(ddof=1) / z_b.size
+    difference = float(z_a.mean() - z_b.mean())
+    if var_a + var_b == 0:
+        return {**result, "mean": difference}
+    dof = (var_a + var_b) ** 2 / (var_a ** 2 / (z_a.size - 1) + var_b ** 2 / (z_b.size - 1))
+    half = float(scipy.stats.t.ppf(0.5 + confidence / 2, dof) * np.sqrt(var_a + var_b))
+    return {**result, "mean": difference, "ci95": [difference - half, difference + half]}
+
+
 def share_ci(values, confidence: float = 0.95) -> dict[str, Any]:
     """Share with its Wilson score interval (`wilson_interval`) from per-unit values in [0, 1]
     (1 = yes; a unit's own share, e.g. of its domains, counts fractionally), n = units with a value.

@@ -87,12 +87,20 @@ def _protocol_flags(flag_values, argv):
     define_config_flag(flag_values, argv, "toy_protocol", "Protocol config")
     flags.DEFINE_string("workdir", "runs/protocol", "Directory of every arm's runs and the results.",
                         flag_values=flag_values)
+    flags.DEFINE_bool("summarize_only", False, "Aggregate a finished run's per-seed reports again (results.json, "
+                      "page, figures; the config's `registered` block replaces the run's): no training or "
+                      "analysis.", flag_values=flag_values)
 
 
 def _protocol_run(flag_values, args, command):
     from moe_grok.studies import protocol, protocol_pages
 
-    results = protocol.run(_config(flag_values), flag_values.workdir, command=command)
+    config = _config(flag_values)
+    if flag_values.summarize_only:
+        registered = config.registered.to_dict() if "registered" in config else None
+        results = protocol.resummarize(flag_values.workdir, registered, config.docs_dir)
+    else:
+        results = protocol.run(config, flag_values.workdir, command=command)
     print(protocol_pages.markdown(results, protocol.QUANTITIES))
 
 
@@ -104,7 +112,8 @@ The toy protocol of docs/protocol.md: every arm, every seed (trained together), 
 
 Writes results.json, <name>_results.md and figures to the workdir, and the page and figures to
 config.docs_dir (default docs/results, relative to the current directory; --config.docs_dir= for
-the workdir only). Re-running resumes: finished training and cached analyses are reused.""",
+the workdir only). Re-running resumes: finished training and cached analyses are reused.
+--summarize_only aggregates a finished run's per-seed reports again with the current code.""",
                _protocol_flags, _protocol_run)
 
 

@@ -50,5 +50,6 @@ def get_config():
         late_arms=("late",),  # grokking arms too when >= 6 of their seeds grok
         control_arms=("random_labels", "no_weight_decay", "random_labels_round2",
                       "no_weight_decay_round2"),  # ... and confirmed in none of these
+        schedule_pairs=(("cosine_round2", "grokking_round2"),),  # (arm, reference): Table 1's schedule contrast
     ))
     return config

@@ -233,6 +233,28 @@ def _run_record(results: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "protocol", "results": record}
 
 
+def resummarize(workdir: str, registered: dict[str, Any] | None = None, docs_dir: str = "") -> dict:
+    """results.json and the page with its figures aggregated again from a finished run's per-seed reports
+    on disk (workdir/<arm>/seed_<k>/analysis/report: nothing is trained or analysed), by the current
+    aggregation and page code; the run's facts (command, date, timings) are the run's. registered:
+    replaces the run's registration (the config's `registered` block, e.g. with a key the run predates).
+    Returns the results."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no finished protocol run in {workdir} (its results.json is written "
+                                "when every arm is analysed)")
+    results = strict_json.load(path)
+    if registered is not None:
+        results["registered"] = registered
+    for arm in results["arms"].values():
+        seed_dirs = [os.path.join(workdir, d) for d in arm["seed_dirs"]]
+        arm["positions"] = summarize_arm(tuple(arm["positions"]), seed_dirs, arm["analysis_seconds"],
+                                         arm["analysis_processes"], arm["analysis_shares"])["positions"]
+    strict_json.dump(results, path, indent=1)
+    protocol_pages.write_pages(results, QUANTITIES, workdir, results["name"], docs_dir)
+    return results
+
+
 def rederive(artifacts_dir: str, workdir: str, option_overrides: dict[str, Any] | None = None,
              docs_dir: str = "", arms: list[str] | None = None) -> dict:
     """results.json, <name>_results.md with its figures, and every seed's report (workdir/<arm>/seed_<k>/

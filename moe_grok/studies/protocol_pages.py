@@ -163,6 +163,7 @@ def markdown(results: dict[str, Any], quantities: Quantities) -> str:
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
         lines += _window_sizes(results, positions, arms)
+        lines += _schedule_contrasts(results, positions)
     lines += _per_seed_tables(results)
     overlapped = (", in separate processes beside the next arm's training if any"
                   if results.get("analysis_process") else "")
@@ -188,6 +189,28 @@ def _window_sizes(results: dict[str, Any], positions: str, arms: list[str]) -> l
     for key, label in (("window_n", "window n"), ("partial_df", "partial r df")):
         lines.append(f"| {label} | " + " | ".join(span((sizes[a] or {}).get(key, [])) for a in arms) + " |")
     return lines + [""]
+
+
+def _schedule_contrasts(results: dict[str, Any], positions: str) -> list[str]:
+    """For each registered schedule pair (arm, its reference: round 4's A2-cos and A2), every Table 1 row's
+    difference of mean Fisher z, with Welch's interval; nothing when the run registers none."""
+    lines = []
+    for arm, reference in (results.get("registered") or {}).get("schedule_pairs", ()):
+        if not all(positions in results["arms"].get(a, {}).get("positions", {}) for a in (arm, reference)):
+            continue
+        contrasts = protocol_stats.schedule_contrasts(results["arms"][arm]["positions"][positions]["table1"],
+                                                      results["arms"][reference]["positions"][positions]["table1"])
+        lines += [f"Schedule contrast, {arm} minus {reference}: mean Fisher z of the windowed r minus the other "
+                  "arm's (z units; Welch's 95% interval; n = seeds with a value in each arm). A metric whose r "
+                  "moves while the training-step row's does not follows the schedule:", "",
+                  "| row | z difference [95% CI] | n |", "|---|---|---|"]
+        for row, c in contrasts.items():
+            cell = "n/a" if not np.isfinite(c["mean"]) else (
+                f"{c['mean']:+.3g}" + ("" if not np.isfinite(c["ci95"][0]) else
+                                       f" [{c['ci95'][0]:+.3g}, {c['ci95'][1]:+.3g}]"))
+            lines.append(f"| {row} | {cell} | {c['n'][0]}, {c['n'][1]} |")
+        lines.append("")
+    return lines
 
 
 def _per_seed_tables(results: dict[str, Any]) -> list[str]:

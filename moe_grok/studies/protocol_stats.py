@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from moe_grok.analysis import grokking, registry, statistics
-from moe_grok.analysis.statistics import bounded_mean_ci, fisher_mean_ci, mean_ci, share_ci
+from moe_grok.analysis.statistics import bounded_mean_ci, fisher_mean_ci, fisher_z_difference, mean_ci, share_ci
 from moe_grok.report.files import table1_rows
 
 GROK_ACCURACY = grokking.GROK_ACCURACY  # a domain groks when its test accuracy stays above this (grokking.grok_onset)
@@ -212,11 +212,22 @@ def table1_across_seeds(reports: list[dict[str, Any]]) -> dict[str, dict]:
             values = [_mean([d["table1"][key]["window"][stat] for d in r["domains"].values()
                              if key in d.get("table1", {})]) for r in reports]
             rows.setdefault(label, {})[stat] = fisher_mean_ci(values)
+            rows[label][f"per_seed_{stat}"] = values  # for contrasts between arms (schedule_contrasts)
     for metric in METRICS:
         values = [_mean([d.get("partial_correlations", {}).get("memorized", {}).get(metric, {}).get("r", np.nan)
                          for d in r["domains"].values()]) for r in reports]
         rows[f"partial r({metric} | entropy, length)"] = {"pearson_r": fisher_mean_ci(values)}
     return rows
+
+
+def schedule_contrasts(table1_a: dict[str, dict], table1_b: dict[str, dict]) -> dict[str, dict]:
+    """Per Table 1 row both arms hold with per-seed values (table1_across_seeds), arm a's mean Fisher z of
+    the windowed Pearson r minus arm b's, with Welch's interval (statistics.fisher_z_difference). Round 4
+    reads it for A2 with a cosine schedule against A2: a metric whose r moves while the training-step
+    baseline's does not follows the schedule (docs/protocol.md, "Round 4")."""
+    return {row: fisher_z_difference(table1_a[row]["per_seed_pearson_r"], table1_b[row]["per_seed_pearson_r"])
+            for row in table1_a if "per_seed_pearson_r" in table1_a[row]
+            and "per_seed_pearson_r" in table1_b.get(row, {})}
 
 
 LATE_PILOT_GROKKED = 6  # round 4's late-grokking pilot: seeds (of 8) that must grok ...
