@@ -65,3 +65,15 @@ def test_a_mapped_arm_the_amended_page_lacks_is_named():
             {"random_labels": "random_labels_round2"})
     with pytest.raises(ValueError, match="no verdicts"):
         verdict_changes.page_verdicts("# not a page\n")
+
+
+def test_a_verdict_with_its_reason_is_read_and_the_reason_alone_is_no_change():
+    reasons = lambda metric, criterion: ("inconclusive (too few seeds with a value)"
+                                         if criterion == "margin_over_loss" else "inconclusive")
+    earlier = "\n".join(["# round 1", "", ALL, "", "- grokking: H2 (distance): **inconclusive**",
+                         "- grokking: H1 (distance): **inconclusive (too few seeds with a value)**", ""])
+    rows = verdict_changes.verdict_changes(earlier, _amended_page(reasons), {"grokking": "grokking_round2"})
+    by_name = {r["verdict"]: r for r in rows}
+    assert by_name["H2 (distance)"]["amended"] == "inconclusive (too few seeds with a value)"
+    assert by_name["H1 (distance)"]["earlier"] == "inconclusive (too few seeds with a value)"
+    assert not any(r["changed"] for r in rows)

@@ -18,7 +18,8 @@ from moe_grok.studies import protocol_pages
 
 VIEWS = {"## Routing averaged over all tokens (the paper)": "all",
          "## Routing averaged over scored positions": "scored"}
-_VERDICT = re.compile(r"^- (?P<arm>[^:]+): (?P<name>.+): \*\*(?P<verdict>\w+)\*\*$")
+# a verdict is a word, at times with its reason: "inconclusive (too few seeds with a value)"
+_VERDICT = re.compile(r"^- (?P<arm>[^:]+): (?P<name>.+): \*\*(?P<verdict>\w+(?: \([^*]+\))?)\*\*$")
 _NAME = re.compile(r"^(?P<hypothesis>H[123])(?P<unsigned> sign ignored)? \((?P<metric>[^)]+)\)$")
 
 
@@ -81,8 +82,10 @@ def verdict_changes(earlier: str, amended: str, arms: dict[str, str]) -> list[di
             new = after.get(view, {})
             if (new_arm, same) not in new:
                 raise ValueError(f"the amended page has no verdict {new_arm}: {same} ({view} tokens)")
+            # changed: the verdict's word (a reason in parentheses is no change of verdict)
+            changed = verdict.split(" (")[0] != new[(new_arm, same)].split(" (")[0]
             rows.append({"view": view, "arm": arm, "amended_arm": new_arm, "verdict": name, "earlier": verdict,
-                         "amended": new[(new_arm, same)], "changed": verdict != new[(new_arm, same)],
+                         "amended": new[(new_arm, same)], "changed": changed,
                          "other_readings": {o: new[(new_arm, o)] for o in others if (new_arm, o) in new}})
     return rows
 
