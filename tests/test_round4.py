@@ -257,3 +257,29 @@ def test_schedule_contrasts_subtract_mean_fisher_z_per_row_both_arms_hold():
     assert contrasts["training step"]["mean"] == pytest.approx(0.0) and contrasts["training step"]["n"] == [3, 3]
     assert contrasts["training loss"] == statistics.fisher_z_difference([-0.9, -0.95, -0.7], [-0.5, -0.6, -0.4])
     assert contrasts["training loss"]["mean"] < 0  # the loss tracks accuracy more tightly in the first arm
+
+
+def test_an_artifact_keeps_the_answers_so_answer_aligned_routing_rederives(round4_report, tmp_path):
+    """A run that measured answer-aligned routing stores each sample's answer in its artifact; the
+    re-derived report's answer-aligned curves equal the run's. An artifact without answers names the
+    way out (round 4's artifacts were written before answers were kept)."""
+    from moe_grok import pipeline
+    from moe_grok.checkpoints import run_artifact
+
+    stats, splits, _, report = round4_report
+    roles = {"train_split": "train", "test_split": "test", "held_out_split": "test", "validation_split": None}
+    base = dict(eps=0.5, max_pairs=None, tau_sweep=(0.7,), delta_sweep=(0.05,), eps_sweep=(1.0,))
+    options = AnalysisOptions(**base, answer_aligned=True, step_baseline=True)
+    run_artifact.write_artifact(str(tmp_path / "with.npz"), stats, splits, roles, options)
+    inputs = run_artifact.read_artifact(str(tmp_path / "with.npz"))
+    for name, split in splits.items():
+        np.testing.assert_array_equal(inputs.splits[name].answers(), split.answers())
+    again = pipeline.analyze_stats(inputs.stats, inputs.splits, "train", None, "test", "test",
+                                   options=inputs.options)[0]
+    for name in ("memorized", "held_out", "random_train"):
+        np.testing.assert_array_equal(again["domains"]["a"]["sets"][name]["curves"]["answer_aligned"],
+                                      report["domains"]["a"]["sets"][name]["curves"]["answer_aligned"])
+    run_artifact.write_artifact(str(tmp_path / "without.npz"), stats, splits, roles, AnalysisOptions(**base))
+    without = run_artifact.read_artifact(str(tmp_path / "without.npz"), {"answer_aligned": True})
+    with pytest.raises(ValueError, match="stores no answers.*answer_aligned=false"):
+        without.splits["train"].answers()

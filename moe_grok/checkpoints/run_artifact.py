@@ -9,6 +9,7 @@ One artifact (an .npz, written whole) holds, for C checkpoints in step order:
   router                    [C, L, E, D] float32: the router matrices (pathway consistency)
   params/<path>             [C, k] float32 / params/<path>#size [C] int64: the parameter sample (param_dynamics)
   groups/<split>            [N] int32: each sample's group index (one copy: the labels do not change)
+  answers/<split>           [N] int64: each sample's answer, when the analysis measured answer-aligned routing
   embeddings/<split>        [N, F]: the pairing embeddings the analysis was given, when it was given any
   meta                      strict JSON text: the format, checkpoint names, group names, the split roles, the
                             analysis options, data notes and the run's resolved configuration
@@ -45,14 +46,23 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: no write ti
 class SplitLabels:
     """A split as the analysis reads it back from an artifact: each sample's group, no tokens.
 
-    groups: [N] int32 index into group_names. Offers what analyze_stats uses of an EvalSplit
-    (group_names, groups, rows, len)."""
+    groups: [N] int32 index into group_names; sample_answers: [N] int64 each sample's answer, or None
+    where the artifact stores none. Offers what analyze_stats uses of an EvalSplit (group_names,
+    groups, rows, len, answers)."""
 
     groups: np.ndarray
     group_names: tuple[str, ...]
+    sample_answers: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.groups)
+
+    def answers(self) -> np.ndarray:
+        """[N] int64 every sample's answer (EvalSplit.answers); ValueError where the artifact stores none."""
+        if self.sample_answers is None:
+            raise ValueError("this artifact stores no answers (written by a run without answer_aligned, or before "
+                             "artifacts kept them): re-derive with --analysis=answer_aligned=false")
+        return self.sample_answers
 
     def rows(self, group: str) -> np.ndarray:
         """Indices of the samples of `group` (ValueError naming the known groups otherwise)."""
@@ -136,6 +146,8 @@ def write_artifact(path: str, stats: Sequence[CheckpointStats], splits: dict[str
         arrays[f"params/{key}"] = np.stack([s.param_sample[key] for s in stats])
     for name, split in splits.items():
         arrays[f"groups/{name}"] = np.asarray(split.groups, np.int32)
+        if options.answer_aligned:  # the answers the analysis read (answer-aligned routing)
+            arrays[f"answers/{name}"] = np.asarray(split.answers(), np.int64)
     for name, value in (embeddings or {}).items():
         if value is not None:
             arrays[f"embeddings/{name}"] = np.asarray(value)
@@ -170,7 +182,7 @@ def read_artifact(path: str, option_overrides: dict[str, Any] | None = None) -> 
                              {s: {f: arrays[f"stats/{s}/{f}"][c] for f in fields} for s, fields in stored.items()},
                              arrays["router"][c], {key: arrays[f"params/{key}"][c] for key in params})
              for c, step in enumerate(steps)]
-    splits = {name: SplitLabels(arrays[f"groups/{name}"], tuple(group_names))
+    splits = {name: SplitLabels(arrays[f"groups/{name}"], tuple(group_names), arrays.get(f"answers/{name}"))
               for name, group_names in meta["group_names"].items()}
     embeddings = {name: arrays.get(f"embeddings/{name}") for name in ("train", "test")}
     options = options_from_json(meta["options"], option_overrides)
