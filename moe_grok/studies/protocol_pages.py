@@ -268,9 +268,13 @@ def plot_accuracy(results: dict[str, Any], path: str) -> str:
     """Test accuracy per arm over training: per domain the mean over seeds (line) and the min-max
     range over seeds (band), against the 0.9 accuracy that counts as grokked. PNG at FIGURE_DPI."""
     arms = results["arms"]
-    fig = Figure(figsize=(4.6 * len(arms), 5.4))
-    axes = np.atleast_1d(fig.subplots(1, len(arms), sharey=True))
-    for ax, (name, arm) in zip(axes, arms.items(), strict=True):
+    columns = min(len(arms), ACCURACY_COLUMNS)
+    rows = -(-len(arms) // columns)
+    fig = Figure(figsize=(4.6 * columns, 5.4 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns, sharey=True)).ravel()
+    for ax in axes[len(arms):]:
+        ax.set_visible(False)
+    for ax, (name, arm) in zip(axes, arms.items(), strict=False):
         steps = np.asarray(_accuracy_view(arm)["steps"])
         for k, (domain, curves) in enumerate(accuracy_by_domain(arm).items()):
             color = f"C{k}"
@@ -285,7 +289,8 @@ def plot_accuracy(results: dict[str, Any], path: str) -> str:
         ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
-    axes[0].set_ylabel("test accuracy", fontsize=10)
+    for ax in axes[::columns]:
+        ax.set_ylabel("test accuracy", fontsize=10)
     fig.suptitle("Test accuracy during training, per arm (every seed)", fontsize=11)
     fig.tight_layout()
     with atomic_files.writing(path) as tmp:
@@ -303,7 +308,8 @@ def _effect_axis_label(key: str) -> str:
     return "mean across seeds"
 
 
-EFFECT_COLUMNS = 5  # panels per row of the effects figure
+EFFECT_COLUMNS = 5  # panels per row of the effects figure (4 with more than 5 arms: wider panels)
+ACCURACY_COLUMNS = 4  # panels (arms) per row of the accuracy figure
 
 
 def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> str:
@@ -311,9 +317,10 @@ def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> 
     quantity so that each keeps its own scale; an arm without a value says "n/a". PNG at FIGURE_DPI."""
     keys = [(k, label) for k, label, side in quantities if side and not k.startswith("h3")]
     arms = {name: r["positions"]["all"]["summary"] for name, r in results["arms"].items() if "all" in r["positions"]}
-    columns = min(len(keys), EFFECT_COLUMNS)  # a grid rather than two long rows: readable when scaled to a page
+    # a grid rather than two long rows: readable when scaled to a page; panels widen with the arms
+    columns = min(len(keys), EFFECT_COLUMNS if len(arms) <= 5 else EFFECT_COLUMNS - 1)
     rows = -(-len(keys) // columns)
-    fig = Figure(figsize=(4.0 * columns, 4.0 * rows))
+    fig = Figure(figsize=(max(4.0, 0.6 * len(arms) + 1.4) * columns, 4.6 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     colors = [f"C{i}" for i in range(len(arms))]
     for ax in axes[len(keys):]:
@@ -329,7 +336,7 @@ def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> 
         ax.axhline(0, color="k", lw=0.8)
         for i in np.flatnonzero(~np.isfinite(means)):
             ax.text(x[i], 0, "n/a", ha="center", va="bottom", fontsize=9)
-        ax.set_xticks(x, [f"{arm}\n(n={n})" for arm, n in zip(arms, counts, strict=True)], fontsize=9, rotation=30,
+        ax.set_xticks(x, [f"{arm} (n={n})" for arm, n in zip(arms, counts, strict=True)], fontsize=8, rotation=50,
                       ha="right", rotation_mode="anchor")
         ax.tick_params(axis="y", labelsize=9)
         ax.set_title(textwrap.fill(label, 34), fontsize=9)
@@ -337,7 +344,7 @@ def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> 
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("H1 / H2 quantities per arm: mean and 95% CI across seeds (n = seeds with a value), "
                  "all-token routing", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above the top row
     with atomic_files.writing(path) as tmp:
         fig.savefig(tmp, dpi=FIGURE_DPI, format="png")
     return path
