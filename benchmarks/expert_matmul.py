@@ -31,7 +31,15 @@ import os
 import numpy as np
 from absl import app, flags
 
-from olmoe_layer import EXPERTS, HIDDEN, INTERMEDIATE, TOP_K, balanced_experts_transposed, hf_experts_layer
+from olmoe_layer import (
+    EXPERTS,
+    HIDDEN,
+    INTERMEDIATE,
+    TOP_K,
+    balanced_experts_transposed,
+    bf16_product,
+    hf_experts_layer,
+)
 from timing import interleaved_times
 
 _TOKENS = flags.DEFINE_integer("tokens", 512, "Tokens through the layer.")
@@ -85,11 +93,8 @@ def main(argv):
     for run in (run_chunked_per_layer, run_batched_per_layer):
         np.testing.assert_allclose(np.asarray(run(), np.float32), run_hf().float().numpy(), atol=2e-2)
 
-    def bf16_matmul(a, w, spec):
-        return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-
     def swiglu(rows, gate, up, down, spec):
-        return bf16_matmul(jax.nn.silu(bf16_matmul(rows, gate, spec)) * bf16_matmul(rows, up, spec), down, spec)
+        return bf16_product(spec, jax.nn.silu(bf16_product(spec, rows, gate)) * bf16_product(spec, rows, up), down)
 
     balanced_rows = jnp.asarray(rng.normal(size=(e, t * k // e, d)) * 0.1, jnp.bfloat16)
     balanced = jax.jit(lambda r, g, u, dn: swiglu(r, g[0], u[0], dn[0], "erd,edf->erf"))

@@ -107,14 +107,17 @@ def _finite(values) -> np.ndarray:
     return np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
 
 
+def _fisher_z(correlations) -> np.ndarray:
+    """arctanh of the finite correlations (None and NaN skipped), r clipped to +-(1 - 1e-12): +-1 stays finite."""
+    return np.arctanh(np.clip(_finite(correlations), -1.0 + 1e-12, 1.0 - 1e-12))
+
+
 def fisher_mean_ci(correlations, confidence: float = 0.95) -> dict[str, Any]:
     """Mean of correlations (e.g. one Pearson r per seed) through Fisher's z: z = arctanh(r) (r
     clipped to +-(1 - 1e-12)), the t interval of the mean z (n - 1 degrees of freedom), both
     back-transformed with tanh, so mean and interval stay inside [-1, 1]. None and NaN skipped.
     {"mean", "ci95": [low, high], "n", "interval": "fisher_z_t"}; the interval is NaN with fewer than 2 values."""
-    r = _finite(correlations)
-    z = np.arctanh(np.clip(r, -1.0 + 1e-12, 1.0 - 1e-12))
-    summary = mean_ci(z, confidence)
+    summary = mean_ci(_fisher_z(correlations), confidence)
     return {"mean": float(np.tanh(summary["mean"])), "ci95": [float(np.tanh(b)) for b in summary["ci95"]],
             "n": summary["n"], "interval": "fisher_z_t"}
 
@@ -125,7 +128,7 @@ def fisher_z_difference(correlations_a, correlations_b, confidence: float = 0.95
     degrees of freedom). In z units (unbounded: no back-transform, as a difference of z is no
     correlation). None and NaN skipped. {"mean", "ci95", "n": [n_a, n_b], "interval": "fisher_z_welch_t"};
     NaN where a group has fewer than 2 values."""
-    z_a, z_b = (np.arctanh(np.clip(_finite(r), -1.0 + 1e-12, 1.0 - 1e-12)) for r in (correlations_a, correlations_b))
+    z_a, z_b = _fisher_z(correlations_a), _fisher_z(correlations_b)
     result = {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": [int(z_a.size), int(z_b.size)],
               "interval": "fisher_z_welch_t"}
     if z_a.size < 2 or z_b.size < 2:

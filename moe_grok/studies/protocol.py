@@ -233,6 +233,14 @@ def _run_record(results: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "protocol", "results": record}
 
 
+def _summarize_from_disk(arm: dict[str, Any], positions: tuple[str, ...], workdir: str) -> dict[str, Any]:
+    """An arm's "positions" in results.json, from its seeds' reports under workdir (summarize_arm) with the
+    run's recorded timings and analysis shares."""
+    seed_dirs = [os.path.join(workdir, d) for d in arm["seed_dirs"]]
+    return summarize_arm(positions, seed_dirs, arm["analysis_seconds"], arm["analysis_processes"],
+                         arm["analysis_shares"])["positions"]
+
+
 def resummarize(workdir: str, registered: dict[str, Any] | None = None, docs_dir: str = "") -> dict:
     """results.json and the page with its figures aggregated again from a finished run's per-seed reports
     on disk (workdir/<arm>/seed_<k>/analysis/report: nothing is trained or analysed), by the current
@@ -247,9 +255,7 @@ def resummarize(workdir: str, registered: dict[str, Any] | None = None, docs_dir
     if registered is not None:
         results["registered"] = registered
     for arm in results["arms"].values():
-        seed_dirs = [os.path.join(workdir, d) for d in arm["seed_dirs"]]
-        arm["positions"] = summarize_arm(tuple(arm["positions"]), seed_dirs, arm["analysis_seconds"],
-                                         arm["analysis_processes"], arm["analysis_shares"])["positions"]
+        arm["positions"] = _summarize_from_disk(arm, tuple(arm["positions"]), workdir)
     strict_json.dump(results, path, indent=1)
     protocol_pages.write_pages(results, QUANTITIES, workdir, results["name"], docs_dir)
     return results
@@ -278,8 +284,7 @@ def rederive(artifacts_dir: str, workdir: str, option_overrides: dict[str, Any] 
         reports = [pipeline.rederive(toy_run.artifact_path(os.path.join(artifacts_dir, name), seed),
                                      os.path.join(seed_dir, toy_run.ANALYSIS_DIR), option_overrides)
                    for seed, seed_dir in zip(arm["seeds"], seed_dirs, strict=True)]
-        arm["positions"] = summarize_arm(tuple(reports[0]), seed_dirs, arm["analysis_seconds"],
-                                         arm["analysis_processes"], arm["analysis_shares"])["positions"]
+        arm["positions"] = _summarize_from_disk(arm, tuple(reports[0]), workdir)
     strict_json.dump(results, os.path.join(workdir, RESULTS_FILE), indent=1)
     protocol_pages.write_pages(results, QUANTITIES, workdir, results["name"], docs_dir)
     return results

@@ -267,16 +267,23 @@ def accuracy_by_domain(arm: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+def _panel_grid(panels: int, max_columns: int, panel_size: tuple[float, float], **subplots):
+    """A figure of `panels` axes in rows of at most max_columns (inches per panel: panel_size), the grid's
+    unused axes hidden. Returns (figure, the axes as a flat array, columns)."""
+    columns = min(panels, max_columns)
+    rows = -(-panels // columns)
+    fig = Figure(figsize=(panel_size[0] * columns, panel_size[1] * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns, **subplots)).ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes, columns
+
+
 def plot_accuracy(results: dict[str, Any], path: str) -> str:
     """Test accuracy per arm over training: per domain the mean over seeds (line) and the min-max
     range over seeds (band), against the 0.9 accuracy that counts as grokked. PNG at FIGURE_DPI."""
     arms = results["arms"]
-    columns = min(len(arms), ACCURACY_COLUMNS)
-    rows = -(-len(arms) // columns)
-    fig = Figure(figsize=(4.6 * columns, 5.4 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, columns, sharey=True)).ravel()
-    for ax in axes[len(arms):]:
-        ax.set_visible(False)
+    fig, axes, columns = _panel_grid(len(arms), ACCURACY_COLUMNS, (4.6, 5.4), sharey=True)
     for ax, (name, arm) in zip(axes, arms.items(), strict=False):
         steps = np.asarray(_accuracy_view(arm)["steps"])
         for k, (domain, curves) in enumerate(accuracy_by_domain(arm).items()):
@@ -321,13 +328,9 @@ def plot_effects(results: dict[str, Any], quantities: Quantities, path: str) -> 
     keys = [(k, label) for k, label, side in quantities if side and not k.startswith("h3")]
     arms = {name: r["positions"]["all"]["summary"] for name, r in results["arms"].items() if "all" in r["positions"]}
     # a grid rather than two long rows: readable when scaled to a page; panels widen with the arms
-    columns = min(len(keys), EFFECT_COLUMNS if len(arms) <= 5 else EFFECT_COLUMNS - 1)
-    rows = -(-len(keys) // columns)
-    fig = Figure(figsize=(max(4.0, 0.6 * len(arms) + 1.4) * columns, 4.6 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    fig, axes, _ = _panel_grid(len(keys), EFFECT_COLUMNS if len(arms) <= 5 else EFFECT_COLUMNS - 1,
+                               (max(4.0, 0.6 * len(arms) + 1.4), 4.6))
     colors = [f"C{i}" for i in range(len(arms))]
-    for ax in axes[len(keys):]:
-        ax.set_visible(False)
     for ax, (key, label) in zip(axes, keys, strict=False):
         means = np.array([summary[key]["mean"] for summary in arms.values()], float)
         ci = np.array([summary[key]["ci95"] for summary in arms.values()], float).reshape(-1, 2)
